@@ -1,0 +1,231 @@
+//! `kpay bench`: the whole pipeline in embedded mode with durable
+//! acknowledgement, driven in-process through the same ingest path as HTTP.
+//!
+//! Phase 1 (throughput): submit `--payments` as fast as `--concurrency`
+//! submitters can and time until every one is terminal. Phase 2 (latency):
+//! offer `--rate` payments/s for `--latency-seconds` and measure submit →
+//! terminal per payment. Then peak RSS and disk used after retention.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::Rng;
+
+use crate::config::Config;
+use crate::model::{now_ms, Event, PaymentRef};
+use crate::runtime::{open_backends, Runtime};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Payments in the throughput phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub payments: u64,
+    /// Accounts opened before the run.
+    #[arg(long, default_value_t = 10_000)]
+    pub accounts: u32,
+    /// Concurrent submitters in the throughput phase.
+    #[arg(long, default_value_t = 1_024)]
+    pub concurrency: u64,
+    /// Offered payments per second in the latency phase (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Length of the latency phase.
+    #[arg(long, default_value_t = 10)]
+    pub latency_seconds: u64,
+    /// Keep the benchmark's data directory afterwards.
+    #[arg(long)]
+    pub keep_data: bool,
+}
+
+/// Opening balance of every benchmark account: large enough that no payment
+/// is rejected for funds, so the run measures the full debit/credit path.
+const BENCH_BALANCE_CENTS: i64 = 1_000_000_000_000;
+
+pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    let dir = config.data.dir.join(format!("bench-{}", now_ms()));
+    config.data.dir = dir.clone();
+    config.demo.accounts = 0;
+    let (log, store) = open_backends(&config)?;
+    let runtime = Arc::new(Runtime::start(config, log, store).await?);
+    open_accounts(&runtime, args.accounts).await?;
+    println!("accounts: {} opened", args.accounts);
+
+    let started = Instant::now();
+    let submitted = throughput_phase(&runtime, &args).await?;
+    wait_terminal(&runtime, submitted).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "sustained: {:.0} payments/s ({} payments in {:.2} s, {} partitions)",
+        submitted as f64 / elapsed,
+        submitted,
+        elapsed,
+        runtime.shared.config.log.partitions
+    );
+    if args.rate > 0 {
+        latency_phase(&runtime, &args, submitted).await?;
+    }
+    let ledger = crate::instrument::Integrity::from(&runtime.ledger());
+    println!("ledger integrity ok: {}", ledger.ok);
+    let total = submitted + args.rate * args.latency_seconds;
+    report_resources(&runtime, total).await;
+    runtime.shutdown().await?;
+    if !args.keep_data {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+async fn open_accounts(runtime: &Runtime, count: u32) -> anyhow::Result<()> {
+    for chunk in (0..count).collect::<Vec<_>>().chunks(10_000) {
+        let events = chunk
+            .iter()
+            .map(|n| Event::OpenAccount {
+                account: account_id(*n),
+                opening_balance_cents: BENCH_BALANCE_CENTS,
+                at_ms: now_ms(),
+            })
+            .collect();
+        runtime.append_account_events(events).await?;
+    }
+    while runtime.ledger().account_count < u64::from(count) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn account_id(n: u32) -> String {
+    format!("acct-{n:07}")
+}
+
+fn random_payment(id: String, accounts: u32) -> PaymentRef {
+    let mut rng = rand::thread_rng();
+    let from = rng.gen_range(0..accounts);
+    let to = (from + rng.gen_range(1..accounts.max(2))) % accounts.max(2);
+    PaymentRef {
+        id,
+        from: account_id(from),
+        to: account_id(to),
+        amount_cents: rng.gen_range(100..100_000),
+        accepted_at_ms: 0,
+    }
+}
+
+async fn throughput_phase(runtime: &Arc<Runtime>, args: &BenchArgs) -> anyhow::Result<u64> {
+    let per_worker = args.payments / args.concurrency;
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..args.concurrency {
+        let runtime = runtime.clone();
+        let accounts = args.accounts;
+        workers.spawn(async move {
+            for n in 0..per_worker {
+                let payment = random_payment(format!("t{worker}-{n}"), accounts);
+                loop {
+                    match runtime.ingest.submit(payment.clone()).await {
+                        Ok(_) => break,
+                        Err(crate::runtime::ingest::IngestError::Busy(_)) => {
+                            tokio::time::sleep(Duration::from_millis(1)).await
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+            Ok(per_worker)
+        });
+    }
+    let mut submitted = 0;
+    while let Some(done) = workers.join_next().await {
+        submitted += done??;
+    }
+    Ok(submitted)
+}
+
+/// Waits until `expected` payments have reached a terminal state.
+async fn wait_terminal(runtime: &Runtime, expected: u64) {
+    loop {
+        let t = runtime.confirmed_totals();
+        if t.confirmed_count + t.rejected_count + t.reversed_count >= expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn latency_phase(
+    runtime: &Arc<Runtime>,
+    args: &BenchArgs,
+    before: u64,
+) -> anyhow::Result<()> {
+    let total = args.rate * args.latency_seconds;
+    let tick = Duration::from_millis(10);
+    let per_tick = (args.rate / 100).max(1);
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = Vec::with_capacity(total as usize);
+    let mut inflight = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    while (sent.len() as u64) < total {
+        interval.tick().await;
+        for _ in 0..per_tick.min(total - sent.len() as u64) {
+            let payment = random_payment(format!("l{}", sent.len()), args.accounts);
+            sent.push((payment.id.clone(), epoch_ms_f64()));
+            let runtime = runtime.clone();
+            inflight.spawn(async move { runtime.ingest.submit(payment).await });
+        }
+    }
+    while let Some(result) = inflight.join_next().await {
+        result??;
+    }
+    let offered_s = started.elapsed().as_secs_f64();
+    wait_terminal(runtime, before + total).await;
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for (id, start_ms) in &sent {
+        let partition = crate::model::partition_for(id, runtime.shared.config.log.partitions);
+        let row = runtime.shared.inflight[partition as usize].get(&runtime.shared, id)?;
+        let done_ms = row.and_then(|r| r.completed_at_ms).unwrap_or(0) as f64;
+        histogram.record(((done_ms - start_ms).max(0.0) * 1000.0) as u64)?;
+    }
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "latency at {} payments/s offered ({:.0}/s achieved, {} payments): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        args.rate,
+        total as f64 / offered_s,
+        total,
+        ms(0.50),
+        ms(0.95),
+        ms(0.99),
+        histogram.max() as f64 / 1000.0
+    );
+    Ok(())
+}
+
+fn epoch_ms_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+async fn report_resources(runtime: &Runtime, payments: u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: unknown")
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .to_owned();
+    println!("peak RSS: {peak}");
+    // Let two flush cycles run so retention has applied the final offsets.
+    let flush = runtime.shared.config.pipeline.flush_interval_ms;
+    let commit = runtime.shared.config.pipeline.commit_interval_ms;
+    tokio::time::sleep(Duration::from_millis(2 * (flush + commit))).await;
+    let log_bytes = runtime.shared.log.disk_bytes();
+    let state_bytes = runtime.shared.store.disk_bytes();
+    let per_million = |b: u64| b as f64 * 1e6 / payments.max(1) as f64 / (1 << 20) as f64;
+    println!(
+        "disk after retention: log {:.1} MiB, state {:.1} MiB per million payments",
+        per_million(log_bytes),
+        per_million(state_bytes)
+    );
+}

@@ -1,0 +1,268 @@
+//! Settings, layered: built-in defaults ← `config/kpay.toml` (or `--config`)
+//! ← `KPAY_*` environment variables (`KPAY_SERVER__LISTEN`, section and key
+//! joined by a double underscore) ← command-line flags. Every key is documented
+//! in `config/kpay.toml`. Unknown keys and bad values stop the start with an
+//! error that names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub data: DataConfig,
+    pub log: LogConfig,
+    pub topics: TopicsConfig,
+    pub pipeline: PipelineConfig,
+    pub limits: LimitsConfig,
+    pub demo: DemoConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP server binds.
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Directory of the web UI's static files.
+    pub static_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory holding the embedded log (`log/`) and the state store (`state/`).
+    pub dir: PathBuf,
+    /// Bound of sled's page cache.
+    pub state_cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `embedded` (default) or `kafka`.
+    pub backend: String,
+    /// Partitions of every topic: the unit of parallelism and ordering.
+    pub partitions: u32,
+    /// Size at which the embedded log starts a new segment file.
+    pub segment_bytes: u64,
+    /// Appends fail (503) once the embedded log retains this many bytes.
+    pub max_retained_bytes: u64,
+    /// Records kept per partition of topics nothing in kpay reads (`payment.confirmed`, `payment.dlq`).
+    pub sink_retain_records: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    pub incoming: String,
+    pub inflight: String,
+    pub complete: String,
+    pub confirmed: String,
+    pub dlq: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Most records a task reads from one input per batch.
+    pub batch_records: usize,
+    /// How often a task writes its state and offsets to the store.
+    pub commit_interval_ms: u64,
+    /// How often the store is flushed to disk (and retention runs).
+    pub flush_interval_ms: u64,
+    /// Rows a task keeps in memory; clean rows beyond it are dropped.
+    pub cache_rows_per_task: usize,
+    /// Submissions waiting per ingest partition before 503.
+    pub ingest_queue: usize,
+    /// Most submissions in one ingest group commit.
+    pub ingest_batch: usize,
+    /// How long shutdown waits for in-flight payments to finish.
+    pub shutdown_drain_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest amount of one payment, deposit or opening balance.
+    pub max_amount_cents: i64,
+    /// Most payments in one `POST /payments/batch`.
+    pub max_batch_payments: usize,
+    /// Most items one page of a list endpoint returns.
+    pub max_page_items: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoConfig {
+    /// Accounts `demo-0000`… opened on the first start (0 = none).
+    pub accounts: u32,
+    /// Opening balance of each demo account.
+    pub opening_balance_cents: i64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            max_body_bytes: 1 << 20,
+            static_dir: PathBuf::from("static"),
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data"),
+            state_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            backend: "embedded".into(),
+            partitions: 8,
+            segment_bytes: 64 << 20,
+            max_retained_bytes: 8 << 30,
+            sink_retain_records: 100_000,
+        }
+    }
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            incoming: "payment.incoming".into(),
+            inflight: "payment.inflight".into(),
+            complete: "payment.complete".into(),
+            confirmed: "payment.confirmed".into(),
+            dlq: "payment.dlq".into(),
+        }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            batch_records: 4_096,
+            commit_interval_ms: 1_000,
+            flush_interval_ms: 500,
+            cache_rows_per_task: 100_000,
+            ingest_queue: 16_384,
+            ingest_batch: 4_096,
+            shutdown_drain_ms: 10_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_amount_cents: 100_000_000_000,
+            max_batch_payments: 1_000,
+            max_page_items: 1_000,
+        }
+    }
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            accounts: 100,
+            opening_balance_cents: 1_000_000,
+        }
+    }
+}
+
+/// Settings given on the command line; they win over every other layer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Parse(Box<figment::Error>),
+    #[error("config key {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Loads the layers. `file` is read if given (it must then exist), else
+    /// `config/kpay.toml` if present.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let default_file = Path::new("config/kpay.toml");
+        match file {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::Invalid {
+                    key: "--config",
+                    message: format!("file {} does not exist", path.display()),
+                })
+            }
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if default_file.exists() => {
+                figment = figment.merge(Toml::file_exact(default_file))
+            }
+            None => {}
+        }
+        figment = figment.merge(Env::prefixed("KPAY_").split("__"));
+        if let Some(listen) = overrides.listen {
+            figment = figment.merge(("server.listen", listen.to_string()));
+        }
+        if let Some(dir) = &overrides.data_dir {
+            figment = figment.merge(("data.dir", dir.display().to_string()));
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if !(1..=256).contains(&self.log.partitions) {
+            return invalid("log.partitions", "must be between 1 and 256");
+        }
+        if self.log.backend != "embedded" {
+            return invalid("log.backend", "only \"embedded\" is built in this version");
+        }
+        if self.log.segment_bytes < 1 << 20 {
+            return invalid("log.segment_bytes", "must be at least 1 MiB");
+        }
+        if self.pipeline.batch_records == 0 || self.pipeline.ingest_batch == 0 {
+            return invalid("pipeline.batch_records", "batch sizes must be at least 1");
+        }
+        if self.pipeline.ingest_queue == 0 {
+            return invalid("pipeline.ingest_queue", "must be at least 1");
+        }
+        if self.limits.max_amount_cents <= 0 {
+            return invalid("limits.max_amount_cents", "must be > 0");
+        }
+        if self.limits.max_batch_payments == 0 || self.limits.max_page_items == 0 {
+            return invalid("limits.max_batch_payments", "limits must be at least 1");
+        }
+        if self.demo.opening_balance_cents < 0 {
+            return invalid("demo.opening_balance_cents", "must be >= 0");
+        }
+        Ok(())
+    }
+}

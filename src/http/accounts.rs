@@ -1,0 +1,254 @@
+//! `/api/v1/accounts`: open, deposit, close, look up and list. Changes are
+//! events appended to `payment.inflight`; the account processor applies them.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State as Extract};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::error::{ApiError, ErrorBody, JsonBody};
+use super::State;
+use crate::model::{now_ms, validate_id, Event};
+use crate::pipeline::account::{Account, AccountStatus};
+
+/// How long `POST /accounts` waits for the account processor to apply the open.
+const OPEN_WAIT: Duration = Duration::from_secs(5);
+
+pub fn router() -> OpenApiRouter<State> {
+    OpenApiRouter::new()
+        .routes(routes!(open_account, list_accounts))
+        .routes(routes!(get_account))
+        .routes(routes!(deposit))
+        .routes(routes!(close_account))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAccountRequest {
+    /// 1–64 characters of `[A-Za-z0-9_.:-]`.
+    #[schema(example = "alice")]
+    pub id: String,
+    /// Opening balance in cents (≥ 0).
+    #[schema(example = 100000)]
+    pub opening_balance: i64,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DepositRequest {
+    /// Amount in cents (> 0).
+    #[schema(example = 2500)]
+    pub amount: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountView {
+    #[schema(example = "alice")]
+    pub id: String,
+    /// Balance in cents.
+    #[schema(example = 100000)]
+    pub balance: i64,
+    /// `open` or `closed`.
+    #[schema(example = "open")]
+    pub status: String,
+    /// Opening time, ms since the epoch.
+    pub opened_at: i64,
+    /// Last change, ms since the epoch.
+    pub updated_at: i64,
+    /// The last payment that moved its money.
+    pub last_payment_id: Option<String>,
+}
+
+impl From<Account> for AccountView {
+    fn from(account: Account) -> Self {
+        Self {
+            id: account.id,
+            balance: account.balance_cents,
+            status: match account.status {
+                AccountStatus::Open => "open".into(),
+                AccountStatus::Closed => "closed".into(),
+            },
+            opened_at: account.opened_at_ms,
+            updated_at: account.updated_at_ms,
+            last_payment_id: account.last_payment_id,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountPage {
+    pub items: Vec<AccountView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountChange {
+    #[schema(example = "alice")]
+    pub account: String,
+    /// `accepted`: durable in the log, applied shortly.
+    #[schema(example = "accepted")]
+    pub status: String,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Page size (default 100, at most the configured page limit).
+    pub limit: Option<usize>,
+    /// Return accounts with ids after this one.
+    pub after: Option<String>,
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    validate_id(id).map_err(|e| ApiError::BadRequest(format!("account id {e}")))
+}
+
+fn check_amount(state: &State, amount: i64, what: &str, min: i64) -> Result<(), ApiError> {
+    let max = state.runtime.shared.config.limits.max_amount_cents;
+    if amount < min || amount > max {
+        return Err(ApiError::BadRequest(format!(
+            "{what} must be between {min} and {max} cents, got {amount}"
+        )));
+    }
+    Ok(())
+}
+
+fn existing(state: &State, id: &str) -> Result<Account, ApiError> {
+    check_id(id)?;
+    state
+        .runtime
+        .account(id)?
+        .ok_or_else(|| ApiError::NotFound(format!("account {id} does not exist")))
+}
+
+/// Open an account with an opening balance.
+#[utoipa::path(post, path = "/api/v1/accounts", tag = "accounts", request_body = OpenAccountRequest,
+    responses((status = 201, body = AccountView), (status = 202, body = AccountChange),
+              (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn open_account(
+    Extract(state): Extract<State>,
+    JsonBody(request): JsonBody<OpenAccountRequest>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    check_id(&request.id)?;
+    check_amount(&state, request.opening_balance, "opening_balance", 0)?;
+    if state.runtime.account(&request.id)?.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "account {} already exists",
+            request.id
+        )));
+    }
+    let event = Event::OpenAccount {
+        account: request.id.clone(),
+        opening_balance_cents: request.opening_balance,
+        at_ms: now_ms(),
+    };
+    state.runtime.append_account_events(vec![event]).await?;
+    let deadline = tokio::time::Instant::now() + OPEN_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(account) = state.runtime.account(&request.id)? {
+            let view = serde_json::to_value(AccountView::from(account)).expect("serializable");
+            return Ok((StatusCode::CREATED, Json(view)));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let change = AccountChange {
+        account: request.id,
+        status: "accepted".into(),
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::to_value(change).expect("serializable")),
+    ))
+}
+
+/// One account.
+#[utoipa::path(get, path = "/api/v1/accounts/{id}", tag = "accounts",
+    params(("id" = String, Path, description = "Account id")),
+    responses((status = 200, body = AccountView), (status = 404, body = ErrorBody)))]
+async fn get_account(
+    Extract(state): Extract<State>,
+    Path(id): Path<String>,
+) -> Result<Json<AccountView>, ApiError> {
+    Ok(Json(existing(&state, &id)?.into()))
+}
+
+/// Accounts in id order, across all partitions.
+#[utoipa::path(get, path = "/api/v1/accounts", tag = "accounts", params(PageQuery),
+    responses((status = 200, body = AccountPage), (status = 400, body = ErrorBody)))]
+async fn list_accounts(
+    Extract(state): Extract<State>,
+    Query(query): Query<PageQuery>,
+) -> Result<Json<AccountPage>, ApiError> {
+    let max = state.runtime.shared.config.limits.max_page_items;
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > max {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {max}"
+        )));
+    }
+    let accounts = state
+        .runtime
+        .accounts_page(query.after.as_deref(), limit + 1)?;
+    let more = accounts.len() > limit;
+    let items: Vec<AccountView> = accounts.into_iter().take(limit).map(Into::into).collect();
+    let next = more.then(|| items.last().map(|a| a.id.clone())).flatten();
+    Ok(Json(AccountPage { items, next }))
+}
+
+/// Add money to an open account.
+#[utoipa::path(post, path = "/api/v1/accounts/{id}/deposit", tag = "accounts",
+    params(("id" = String, Path, description = "Account id")), request_body = DepositRequest,
+    responses((status = 202, body = AccountChange), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn deposit(
+    Extract(state): Extract<State>,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<DepositRequest>,
+) -> Result<(StatusCode, Json<AccountChange>), ApiError> {
+    check_amount(&state, request.amount, "amount", 1)?;
+    if existing(&state, &id)?.status == AccountStatus::Closed {
+        return Err(ApiError::Conflict(format!("account {id} is closed")));
+    }
+    let event = Event::Deposit {
+        account: id.clone(),
+        amount_cents: request.amount,
+        at_ms: now_ms(),
+    };
+    state.runtime.append_account_events(vec![event]).await?;
+    let change = AccountChange {
+        account: id,
+        status: "accepted".into(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(change)))
+}
+
+/// Close an account: later payments from it are rejected, to it reversed.
+#[utoipa::path(post, path = "/api/v1/accounts/{id}/close", tag = "accounts",
+    params(("id" = String, Path, description = "Account id")),
+    responses((status = 202, body = AccountChange), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+async fn close_account(
+    Extract(state): Extract<State>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<AccountChange>), ApiError> {
+    if existing(&state, &id)?.status == AccountStatus::Closed {
+        return Err(ApiError::Conflict(format!(
+            "account {id} is already closed"
+        )));
+    }
+    let event = Event::CloseAccount {
+        account: id.clone(),
+        at_ms: now_ms(),
+    };
+    state.runtime.append_account_events(vec![event]).await?;
+    let change = AccountChange {
+        account: id,
+        status: "accepted".into(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(change)))
+}

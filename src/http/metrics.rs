@@ -1,0 +1,32 @@
+//! Business metrics and the ledger check (pillar 2's first answers).
+
+use axum::extract::State as Extract;
+use axum::Json;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::State;
+use crate::instrument::{Integrity, PipelineMetrics};
+
+pub fn router() -> OpenApiRouter<State> {
+    OpenApiRouter::new()
+        .routes(routes!(pipeline))
+        .routes(routes!(integrity))
+}
+
+/// Money inflight and confirmed, rejections and reversals.
+#[utoipa::path(get, path = "/api/v1/metrics/pipeline", tag = "metrics",
+    responses((status = 200, body = PipelineMetrics)))]
+async fn pipeline(Extract(state): Extract<State>) -> Json<PipelineMetrics> {
+    let runtime = &state.runtime;
+    Json(PipelineMetrics::new(
+        &runtime.inflight_totals(),
+        &runtime.confirmed_totals(),
+    ))
+}
+
+/// Conservation of money: balances + money in transit = money funded.
+#[utoipa::path(get, path = "/api/v1/ledger/integrity", tag = "metrics",
+    responses((status = 200, body = Integrity)))]
+async fn integrity(Extract(state): Extract<State>) -> Json<Integrity> {
+    Json(Integrity::from(&state.runtime.ledger()))
+}

@@ -1,0 +1,120 @@
+//! The embedded axum server: REST API under `/api/v1` (one router per
+//! resource), OpenAPI document and Swagger UI, health probes and the web UI.
+
+pub mod accounts;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod payments;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use tower_http::services::ServeDir;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::runtime::Runtime;
+
+/// Most payment ids remembered for `GET /payments` (recent payments).
+pub const RECENT_PAYMENTS: usize = 10_000;
+
+/// What every handler can reach.
+pub struct AppState {
+    /// The running pipeline.
+    pub runtime: Runtime,
+    /// Ids of recently accepted payments, newest last, for the recent list.
+    pub recent_payments: Mutex<VecDeque<String>>,
+}
+
+pub type State = Arc<AppState>;
+
+impl AppState {
+    pub fn new(runtime: Runtime) -> State {
+        Arc::new(Self {
+            runtime,
+            recent_payments: Mutex::new(VecDeque::with_capacity(RECENT_PAYMENTS)),
+        })
+    }
+
+    pub fn remember_payment(&self, id: &str) {
+        let mut recent = self.recent_payments.lock().expect("recent lock");
+        if recent.len() == RECENT_PAYMENTS {
+            recent.pop_front();
+        }
+        recent.push_back(id.to_owned());
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "kpay",
+        description = "Payments as event-streaming microservices. Money is integer cents.",
+        version = "1"
+    ),
+    tags(
+        (name = "accounts", description = "Open, fund, close and look up accounts"),
+        (name = "payments", description = "Submit payments and follow them"),
+        (name = "metrics", description = "Business metrics and the ledger check"),
+        (name = "health", description = "Liveness and readiness")
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI document and the API router, built from the handlers' annotations.
+pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(accounts::router())
+        .merge(payments::router())
+        .merge(metrics::router())
+        .merge(health::router())
+        .split_for_parts();
+    let max_body = state.runtime.shared.config.server.max_body_bytes;
+    (
+        router
+            .layer(DefaultBodyLimit::max(max_body))
+            .with_state(state),
+        api,
+    )
+}
+
+/// The whole application: API, Swagger UI and the static web UI.
+pub fn app(state: State, static_dir: PathBuf) -> Router {
+    let (router, api) = api(state);
+    router
+        .merge(SwaggerUi::new("/swagger-ui").url("/api-docs/openapi.json", api))
+        .fallback_service(ServeDir::new(static_dir))
+}
+
+/// Runs the whole system on `listener` until `stop` resolves, then shuts
+/// down in order: HTTP intake, drain, processors, store.
+pub async fn serve(
+    config: crate::config::Config,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (log, store) = crate::runtime::open_backends(&config)?;
+    let static_dir = config.server.static_dir.clone();
+    let runtime = Runtime::start(config, log, store).await?;
+    let state = AppState::new(runtime);
+    let router = app(state.clone(), static_dir);
+    tracing::info!(address = %listener.local_addr()?, "kpay listening");
+    let intake = state.runtime.shared.shutdown.clone();
+    let stop = async move {
+        tokio::select! {
+            () = stop => {}
+            () = intake.cancelled() => {}
+        }
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop)
+        .await?;
+    state.runtime.shutdown().await?;
+    tracing::info!("kpay stopped cleanly");
+    Ok(())
+}

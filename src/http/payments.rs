@@ -1,0 +1,304 @@
+//! `/api/v1/payments`: submit (one or a batch) and follow payments. HTTP types
+//! are translated to events here; events never leak into responses.
+
+use axum::extract::{Path, Query, State as Extract};
+use axum::http::StatusCode;
+use axum::Json;
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::error::{ApiError, ErrorBody, JsonBody};
+use super::State;
+use crate::model::{new_payment_id, validate_id, Hop, PaymentRef, PaymentStatus};
+use crate::pipeline::inflight::validate_payment;
+use crate::runtime::ingest::Admission;
+
+pub fn router() -> OpenApiRouter<State> {
+    OpenApiRouter::new()
+        .routes(routes!(submit, list_payments))
+        .routes(routes!(submit_batch))
+        .routes(routes!(get_payment))
+}
+
+#[derive(Deserialize, Serialize, ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentRequest {
+    /// Idempotency key; generated (UUID v7) when absent.
+    #[schema(example = "order-1001")]
+    pub id: Option<String>,
+    #[schema(example = "demo-0001")]
+    pub from: String,
+    #[schema(example = "demo-0002")]
+    pub to: String,
+    /// Amount in cents (> 0, at most the configured maximum).
+    #[schema(example = 1250)]
+    pub amount: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PaymentAccepted {
+    #[schema(example = "order-1001")]
+    pub id: String,
+    /// `accepted` for a new payment, the current status for a repeat.
+    #[schema(example = "accepted")]
+    pub status: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub payments: Vec<PaymentRequest>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BatchItem {
+    /// HTTP status this payment would have had alone (202, 400, 409, 503).
+    pub status_code: u16,
+    pub id: Option<String>,
+    pub status: Option<String>,
+    pub error: Option<super::error::ErrorDetail>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BatchResponse {
+    /// One result per submitted payment, in order.
+    pub results: Vec<BatchItem>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct HopView {
+    /// `admitted`, `debited`, `credited`, `rejected`, `refunded`, `completed`.
+    #[schema(example = "debited")]
+    pub stage: String,
+    pub partition: u32,
+    pub offset: u64,
+    /// ms since the epoch.
+    pub timestamp: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PaymentView {
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    /// Cents.
+    pub amount: i64,
+    /// `accepted`, `inflight`, `confirmed`, `rejected` or `reversed`.
+    #[schema(example = "confirmed")]
+    pub status: String,
+    /// For `rejected` and `reversed`: `insufficient_funds`, `unknown_account`, …
+    pub reason: Option<String>,
+    /// When it was accepted, ms since the epoch.
+    pub accepted_at: i64,
+    /// When it reached its terminal state.
+    pub completed_at: Option<i64>,
+    pub lineage: Vec<HopView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PaymentList {
+    pub items: Vec<PaymentView>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only payments in this status.
+    pub status: Option<String>,
+    /// At most this many (default 50).
+    pub limit: Option<usize>,
+}
+
+/// Checks a request and turns it into the payment to submit.
+fn to_payment(state: &State, request: PaymentRequest) -> Result<PaymentRef, ApiError> {
+    let id = match request.id {
+        Some(id) => {
+            validate_id(&id).map_err(|e| ApiError::BadRequest(format!("id {e}")))?;
+            id
+        }
+        None => new_payment_id(),
+    };
+    let payment = PaymentRef {
+        id,
+        from: request.from,
+        to: request.to,
+        amount_cents: request.amount,
+        accepted_at_ms: 0,
+    };
+    validate_payment(&payment).map_err(ApiError::BadRequest)?;
+    let max = state.runtime.shared.config.limits.max_amount_cents;
+    if payment.amount_cents > max {
+        return Err(ApiError::BadRequest(format!(
+            "amount {} is above the limit of {max} cents",
+            payment.amount_cents
+        )));
+    }
+    Ok(payment)
+}
+
+async fn submit_one(state: &State, request: PaymentRequest) -> Result<PaymentAccepted, ApiError> {
+    let payment = to_payment(state, request)?;
+    let admission = state.runtime.ingest.submit(payment).await?;
+    Ok(match admission {
+        Admission::Accepted(payment) => {
+            state.remember_payment(&payment.id);
+            PaymentAccepted {
+                id: payment.id,
+                status: PaymentStatus::Accepted.as_str().into(),
+            }
+        }
+        Admission::Duplicate(payment, status) => PaymentAccepted {
+            id: payment.id,
+            status: status.as_str().into(),
+        },
+    })
+}
+
+/// Submit a payment. 202 means it is durable in the log.
+#[utoipa::path(post, path = "/api/v1/payments", tag = "payments", request_body = PaymentRequest,
+    responses((status = 202, body = PaymentAccepted), (status = 400, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+async fn submit(
+    Extract(state): Extract<State>,
+    JsonBody(request): JsonBody<PaymentRequest>,
+) -> Result<(StatusCode, Json<PaymentAccepted>), ApiError> {
+    let accepted = submit_one(&state, request).await?;
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+/// Submit many payments; each gets its own result.
+#[utoipa::path(post, path = "/api/v1/payments/batch", tag = "payments", request_body = BatchRequest,
+    responses((status = 200, body = BatchResponse), (status = 400, body = ErrorBody),
+              (status = 413, body = ErrorBody)))]
+async fn submit_batch(
+    Extract(state): Extract<State>,
+    JsonBody(request): JsonBody<BatchRequest>,
+) -> Result<Json<BatchResponse>, ApiError> {
+    let max = state.runtime.shared.config.limits.max_batch_payments;
+    if request.payments.is_empty() || request.payments.len() > max {
+        return Err(ApiError::BadRequest(format!(
+            "a batch holds 1 to {max} payments, got {}",
+            request.payments.len()
+        )));
+    }
+    let answers = join_all(request.payments.into_iter().map(|p| submit_one(&state, p))).await;
+    let results = answers
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(accepted) => BatchItem {
+                status_code: 202,
+                id: Some(accepted.id),
+                status: Some(accepted.status),
+                error: None,
+            },
+            Err(error) => BatchItem {
+                status_code: error.status().as_u16(),
+                id: None,
+                status: None,
+                error: Some(error.body().error),
+            },
+        })
+        .collect();
+    Ok(Json(BatchResponse { results }))
+}
+
+fn hop_view(hop: Hop) -> HopView {
+    let stage = serde_json::to_value(hop.stage)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    HopView {
+        stage,
+        partition: hop.partition,
+        offset: hop.offset,
+        timestamp: hop.at_ms,
+    }
+}
+
+fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
+    let runtime = &state.runtime;
+    let partition = crate::model::partition_for(id, runtime.shared.config.log.partitions);
+    let row = runtime.shared.inflight[partition as usize].get(&runtime.shared, id)?;
+    if let Some(row) = row {
+        return Ok(Some(PaymentView {
+            id: row.payment.id,
+            from: row.payment.from,
+            to: row.payment.to,
+            amount: row.payment.amount_cents,
+            status: row.status.as_str().into(),
+            reason: row.reason.map(|r| r.as_str().into()),
+            accepted_at: row.payment.accepted_at_ms,
+            completed_at: row.completed_at_ms,
+            lineage: row.lineage.into_iter().map(hop_view).collect(),
+        }));
+    }
+    Ok(runtime.ingest.accepted(id).map(|payment| PaymentView {
+        id: payment.id,
+        from: payment.from,
+        to: payment.to,
+        amount: payment.amount_cents,
+        status: PaymentStatus::Accepted.as_str().into(),
+        reason: None,
+        accepted_at: payment.accepted_at_ms,
+        completed_at: None,
+        lineage: Vec::new(),
+    }))
+}
+
+/// A payment's status, reason and lineage (one entry per hop).
+#[utoipa::path(get, path = "/api/v1/payments/{id}", tag = "payments",
+    params(("id" = String, Path, description = "Payment id")),
+    responses((status = 200, body = PaymentView), (status = 404, body = ErrorBody)))]
+async fn get_payment(
+    Extract(state): Extract<State>,
+    Path(id): Path<String>,
+) -> Result<Json<PaymentView>, ApiError> {
+    validate_id(&id).map_err(|e| ApiError::BadRequest(format!("id {e}")))?;
+    find(&state, &id)?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("payment {id} not found")))
+}
+
+/// Recently accepted payments (since start), newest first.
+#[utoipa::path(get, path = "/api/v1/payments", tag = "payments", params(ListQuery),
+    responses((status = 200, body = PaymentList), (status = 400, body = ErrorBody)))]
+async fn list_payments(
+    Extract(state): Extract<State>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<PaymentList>, ApiError> {
+    let max = state.runtime.shared.config.limits.max_page_items;
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > max {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {max}"
+        )));
+    }
+    let wanted = match query.status.as_deref() {
+        None => None,
+        Some(text) => Some(PaymentStatus::parse(text).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "status {text:?} is not one of accepted, inflight, confirmed, rejected, reversed"
+            ))
+        })?),
+    };
+    let ids: Vec<String> = {
+        let recent = state.recent_payments.lock().expect("recent lock");
+        recent.iter().rev().cloned().collect()
+    };
+    let mut items = Vec::new();
+    for id in ids {
+        let Some(view) = find(&state, &id)? else {
+            continue;
+        };
+        if wanted.is_none_or(|w| w.as_str() == view.status) {
+            items.push(view);
+            if items.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(Json(PaymentList { items }))
+}

@@ -1,0 +1,45 @@
+//! kpay: a payment system built as event-streaming microservices, in one binary.
+//!
+//! # Layout
+//!
+//! A payment's path, module by module:
+//!
+//! 1. `http::payments` validates `POST /api/v1/payments` and hands it to
+//!    `runtime::ingest`, whose per-partition sequencer checks the id and
+//!    appends it durably to `payment.incoming` (group commit) before the 202.
+//! 2. `runtime::task` runs `pipeline::inflight` per partition: dedup, status,
+//!    inflight totals; it emits a DEBIT keyed by `from` to `payment.inflight`.
+//! 3. `pipeline::account` debits `from` and emits a CREDIT keyed by `to`
+//!    (or completes the payment as rejected); the CREDIT credits `to` and
+//!    emits the completion to `payment.complete` (or a REFUND back to `from`,
+//!    which completes it as reversed).
+//! 4. `pipeline::inflight` records the terminal state; `pipeline::confirmed`
+//!    counts it and forwards confirmed payments to `payment.confirmed`.
+//!
+//! Modules:
+//! - [`config`]: layered settings (defaults ← file ← `KPAY_*` env ← flags).
+//! - [`model`]: money, ids, events and their byte codec.
+//! - [`log`]: the `Log` trait and the embedded durable log.
+//! - [`store`]: sled-backed state tables and task checkpoints.
+//! - [`runtime`]: tasks per (processor, partition), ingest, flush, retention, shutdown.
+//! - [`pipeline`]: pillar 1, the processors as pure logic.
+//! - [`instrument`]: pillar 2, business metrics.
+//! - [`control`]: pillar 3, the control plane.
+//! - [`ops`]: pillar 4, dead letters and operations.
+//! - [`http`]: the axum server, REST API, OpenAPI, Swagger UI and web UI.
+//! - [`bench`]: the end-to-end benchmark behind `kpay bench`.
+
+#![forbid(unsafe_code)]
+#![warn(clippy::all)]
+
+pub mod bench;
+pub mod config;
+pub mod control;
+pub mod http;
+pub mod instrument;
+pub mod log;
+pub mod model;
+pub mod ops;
+pub mod pipeline;
+pub mod runtime;
+pub mod store;

@@ -1,0 +1,1661 @@
+//! The embedded log: every topic-partition in one shared write-ahead file set.
+//!
+//! # Files
+//!
+//! The directory holds numbered segment files (`00000000000000000001.wal`,
+//! `00000000000000000002.wal`, ...), `topics.json` (topic name to partition
+//! count) and, once retention has removed something, `log_starts.json` (topic
+//! name to the first retained offset of each partition). All topics and
+//! partitions share the segments, like a database write-ahead log, so that a
+//! single `fdatasync` makes a whole group of appends durable whatever
+//! partitions they went to.
+//!
+//! A segment is a plain sequence of frames, little endian:
+//!
+//! ```text
+//! [body_len u32][crc32 u32 of the body]
+//! body = [topic_len u8][topic][partition u32][offset u64][timestamp_ms i64]
+//!        [key_len u32][key][value_len u32][value]
+//! ```
+//!
+//! The length field counts the body only, so a frame takes `8 + body_len` bytes.
+//!
+//! # Group commit
+//!
+//! Appends go to one writer thread through a queue bounded by a semaphore (so
+//! a full queue suspends the producing task instead of blocking a runtime
+//! thread). The thread blocks for the first request, then takes whatever else
+//! is queued, assigns offsets per partition, encodes all frames into one
+//! buffer, writes it with one positioned write and calls `sync_data` once.
+//! Only then does it publish: it extends each partition's index and tail
+//! cache, moves the high-water mark and answers every producer. While one
+//! fsync runs, new appends queue up and ride along in the next one, so the
+//! number of fsyncs grows with time, not with the number of appends.
+//!
+//! Readers never see a record before it is on disk: the high-water mark only
+//! moves after `sync_data` returned.
+//!
+//! # Recovery
+//!
+//! On open every segment is scanned in order to rebuild the indexes. A torn
+//! tail of the last segment (what a crash during a write leaves) is cut off;
+//! anything else that does not decode is reported as [`LogError::Corrupt`],
+//! because silently skipping it could drop acknowledged records.
+//!
+//! # Retention
+//!
+//! Consumers call `release_before`; closed segments are deleted from the
+//! oldest on, as long as every record they hold is released. Deleting only a
+//! prefix keeps each partition's retained offsets contiguous, which both the
+//! in-memory index and recovery rely on.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch, Semaphore};
+
+use super::{Log, LogError, Record, StoredRecord, TopicPartition};
+
+/// Bytes of the frame header: body length and crc.
+const FRAME_HEADER_BYTES: usize = 8;
+/// Bytes of the body besides topic, key and value.
+const BODY_FIXED_BYTES: usize = 1 + 4 + 8 + 8 + 4 + 4;
+/// Longest topic name, bounded by its one-byte length field.
+const MAX_TOPIC_BYTES: usize = 255;
+/// Smallest body a frame can have (topic names are never empty).
+const MIN_BODY_BYTES: usize = BODY_FIXED_BYTES + 1;
+/// Soft cap on the bytes of one group commit, so a burst of large records
+/// cannot make the writer build a buffer of gigabytes.
+const MAX_GROUP_BYTES: usize = 64 << 20;
+/// Size of the window read at once when scanning a segment on open.
+const RECOVERY_CHUNK_BYTES: usize = 1 << 20;
+/// Size of the window read at once when serving reads from disk.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Name of the file listing the topics.
+const TOPICS_FILE: &str = "topics.json";
+/// Name of the file recording each partition's log start after retention.
+const LOG_STARTS_FILE: &str = "log_starts.json";
+/// Extension of segment files.
+const SEGMENT_EXTENSION: &str = "wal";
+
+/// Settings of an [`EmbeddedLog`].
+#[derive(Debug, Clone)]
+pub struct EmbeddedLogConfig {
+    /// Directory holding the segment files (created if missing).
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started past this size.
+    pub segment_bytes: u64,
+    /// Appends fail with LogError::Full beyond this many retained bytes.
+    pub max_retained_bytes: u64,
+    /// Largest single record (key+value) accepted.
+    pub max_record_bytes: usize,
+    /// Most records the writer thread takes into one group commit.
+    pub max_group_records: usize,
+    /// Recent records kept in memory per partition so consumers at the tail never touch disk.
+    pub tail_cache_records: usize,
+    /// Bound of the queue of appends waiting for the writer.
+    pub queue_depth: usize,
+}
+
+impl Default for EmbeddedLogConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data/log"),
+            segment_bytes: 64 << 20,
+            max_retained_bytes: 8 << 30,
+            max_record_bytes: 1 << 20,
+            max_group_records: 65_536,
+            tail_cache_records: 8192,
+            queue_depth: 4096,
+        }
+    }
+}
+
+impl EmbeddedLogConfig {
+    /// The defaults with another directory.
+    pub fn with_dir(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Largest frame body a record within the limits can produce.
+    fn max_body_bytes(&self) -> usize {
+        BODY_FIXED_BYTES + MAX_TOPIC_BYTES + self.max_record_bytes
+    }
+
+    /// Rejects settings the log cannot work with.
+    fn validate(&self) -> Result<(), LogError> {
+        let problem = if self.segment_bytes == 0 {
+            Some("segment_bytes must be above 0")
+        } else if self.max_group_records == 0 {
+            Some("max_group_records must be above 0")
+        } else if self.queue_depth == 0 || self.queue_depth > Semaphore::MAX_PERMITS {
+            Some("queue_depth must be above 0 and below 2^61")
+        } else if self.max_body_bytes() > u32::MAX as usize {
+            Some("max_record_bytes must leave room for the frame header within 4 GiB")
+        } else {
+            None
+        };
+        match problem {
+            Some(reason) => Err(LogError::Backend(format!(
+                "invalid embedded log config: {reason}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where one record sits on disk.
+#[derive(Debug, Clone, Copy)]
+struct RecordPosition {
+    /// Number of the segment file holding the record.
+    segment: u64,
+    /// Byte position of the record's frame in that file.
+    pos: u64,
+}
+
+/// Mutable state of one partition; guarded by [`Partition::state`].
+#[derive(Debug)]
+struct PartitionState {
+    /// First retained offset; `positions[0]` belongs to it.
+    log_start: u64,
+    /// Offset the next record will get; everything below is durable.
+    high_watermark: u64,
+    /// Consumers are done with offsets below this; retention may drop them.
+    released: u64,
+    /// Disk position of every retained record, offset `log_start + index`.
+    positions: VecDeque<RecordPosition>,
+    /// The newest records, so readers at the tail are served from memory.
+    tail: VecDeque<StoredRecord>,
+}
+
+/// One topic-partition of the log.
+#[derive(Debug)]
+struct Partition {
+    /// Index into [`Registry::by_id`]; segments refer to partitions by it.
+    id: usize,
+    /// Name of the partition, written into each of its frames.
+    tp: TopicPartition,
+    /// Index, high-water mark and tail cache.
+    state: Mutex<PartitionState>,
+    /// Publishes the high-water mark so `wait_for` can sleep until it moves.
+    hwm: watch::Sender<u64>,
+}
+
+impl Partition {
+    fn new(id: usize, tp: TopicPartition, log_start: u64) -> Self {
+        Self {
+            id,
+            tp,
+            state: Mutex::new(PartitionState {
+                log_start,
+                high_watermark: log_start,
+                released: log_start,
+                positions: VecDeque::new(),
+                tail: VecDeque::new(),
+            }),
+            hwm: watch::Sender::new(log_start),
+        }
+    }
+}
+
+/// A topic's place in the registry.
+#[derive(Debug, Clone, Copy)]
+struct TopicEntry {
+    /// Id of partition 0; partition `p` has id `first_id + p`.
+    first_id: usize,
+    /// Number of partitions of the topic.
+    partitions: u32,
+}
+
+/// Every known topic and partition.
+#[derive(Debug, Default)]
+struct Registry {
+    /// Topic name to its partitions, to resolve names from appends and frames.
+    topics: BTreeMap<String, TopicEntry>,
+    /// All partitions by id, for retention which walks segments by id.
+    by_id: Vec<Arc<Partition>>,
+}
+
+impl Registry {
+    /// Registers a topic; `starts` gives each partition's log start, if known.
+    fn add_topic(&mut self, topic: &str, partitions: u32, starts: Option<&Vec<u64>>) {
+        let first_id = self.by_id.len();
+        for partition in 0..partitions {
+            let log_start = starts
+                .and_then(|starts| starts.get(partition as usize))
+                .copied()
+                .unwrap_or(0);
+            let tp = TopicPartition::new(topic, partition);
+            self.by_id.push(Arc::new(Partition::new(
+                first_id + partition as usize,
+                tp,
+                log_start,
+            )));
+        }
+        let entry = TopicEntry {
+            first_id,
+            partitions,
+        };
+        self.topics.insert(topic.to_owned(), entry);
+    }
+
+    fn lookup(&self, topic: &str, partition: u32) -> Option<&Arc<Partition>> {
+        let entry = self.topics.get(topic)?;
+        if partition >= entry.partitions {
+            return None;
+        }
+        self.by_id.get(entry.first_id + partition as usize)
+    }
+
+    /// Topic name to partition count, as stored in `topics.json`.
+    fn topic_counts(&self) -> BTreeMap<String, u32> {
+        self.topics
+            .iter()
+            .map(|(name, entry)| (name.clone(), entry.partitions))
+            .collect()
+    }
+}
+
+/// What the log knows about one segment file.
+#[derive(Debug)]
+struct SegmentInfo {
+    /// Path, for error messages and deletion.
+    path: PathBuf,
+    /// Shared handle for positioned reads (and the writer's positioned writes).
+    file: Arc<File>,
+    /// Bytes of valid frames; reads never go past it.
+    bytes: u64,
+    /// Highest offset each partition (by id) has in this segment, for retention.
+    max_offsets: HashMap<usize, u64>,
+}
+
+/// The live segments, oldest first.
+#[derive(Debug, Default)]
+struct SegmentTable {
+    /// Segment number to its description.
+    segments: BTreeMap<u64, SegmentInfo>,
+    /// Number of the segment being appended to; never deleted.
+    active: u64,
+}
+
+/// State shared by the handle, the writer thread and readers.
+#[derive(Debug)]
+struct Shared {
+    /// The settings the log was opened with.
+    config: EmbeddedLogConfig,
+    /// Topics and partitions.
+    registry: RwLock<Registry>,
+    /// Serialises `ensure_topic` so `topics.json` is rewritten by one at a time.
+    topics_lock: Mutex<()>,
+    /// Live segment files.
+    segments: Mutex<SegmentTable>,
+    /// Serialises retention passes, which do file IO outside the other locks.
+    retention_lock: Mutex<()>,
+    /// Sum of the live segment sizes, for `Full` and `disk_bytes`.
+    retained_bytes: AtomicU64,
+    /// Number of `sync_data` calls on segments, to check group commit works.
+    sync_count: AtomicU64,
+}
+
+/// One append on its way to the writer thread.
+struct AppendRequest {
+    /// Partition to append to.
+    partition: Arc<Partition>,
+    /// Records in order.
+    records: Vec<Record>,
+    /// Receives the first offset, once the records are durable.
+    reply: oneshot::Sender<Result<u64, LogError>>,
+}
+
+/// The embedded, durable log; see the module documentation.
+#[derive(Debug)]
+pub struct EmbeddedLog {
+    /// State shared with the writer thread.
+    shared: Arc<Shared>,
+    /// Channel to the writer; `None` once closed.
+    sender: RwLock<Option<mpsc::Sender<AppendRequest>>>,
+    /// Bounds the appends in flight (the writer's queue); closed on close.
+    queue_slots: Semaphore,
+    /// The writer thread, joined on close.
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Locks a mutex; a panic elsewhere does not make the data unusable here,
+/// since every critical section leaves its data consistent before any call
+/// that could panic.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn io_error(context: impl Into<String>, source: io::Error) -> LogError {
+    LogError::Io {
+        context: context.into(),
+        source,
+    }
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> LogError {
+    LogError::Corrupt {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:020}.{SEGMENT_EXTENSION}"))
+}
+
+/// Makes file creations, renames and deletions in `dir` durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Replaces `dir/name` with `contents` so that a crash leaves either the old
+/// or the new version, never a mix.
+fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<(), LogError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let context = || format!("writing {}", path.display());
+    let mut file = File::create(&tmp).map_err(|e| io_error(context(), e))?;
+    file.write_all(contents)
+        .map_err(|e| io_error(context(), e))?;
+    file.sync_all().map_err(|e| io_error(context(), e))?;
+    fs::rename(&tmp, &path).map_err(|e| io_error(context(), e))?;
+    sync_dir(dir).map_err(|e| io_error(context(), e))
+}
+
+/// Reads and parses a JSON file; a missing file yields the default.
+fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T, LogError> {
+    let text = match fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(T::default()),
+        Err(e) => return Err(io_error(format!("reading {}", path.display()), e)),
+    };
+    serde_json::from_slice(&text).map_err(|e| {
+        corrupt(
+            path,
+            format!("not valid JSON ({e}); restore it from a backup or fix it by hand"),
+        )
+    })
+}
+
+/// Checks a topic name fits in a frame.
+fn validate_topic_name(topic: &str) -> Result<(), LogError> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES {
+        return Err(LogError::Backend(format!(
+            "topic name {topic:?} must be 1 to {MAX_TOPIC_BYTES} bytes long"
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes the frame of `record` takes on disk.
+fn frame_bytes(topic: &str, record: &Record) -> usize {
+    FRAME_HEADER_BYTES + BODY_FIXED_BYTES + topic.len() + record.key.len() + record.value.len()
+}
+
+/// Appends the frame of one record to `buf`.
+fn encode_frame(buf: &mut Vec<u8>, tp: &TopicPartition, offset: u64, record: &Record) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    // Topic names are checked to fit in a byte when topics are registered.
+    buf.push(tp.topic.len() as u8);
+    buf.extend_from_slice(tp.topic.as_bytes());
+    buf.extend_from_slice(&tp.partition.to_le_bytes());
+    buf.extend_from_slice(&offset.to_le_bytes());
+    buf.extend_from_slice(&record.timestamp_ms.to_le_bytes());
+    // Record sizes are checked against max_record_bytes, which fits in u32.
+    buf.extend_from_slice(&(record.key.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&record.key);
+    buf.extend_from_slice(&(record.value.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&record.value);
+    let body_len = (buf.len() - start - FRAME_HEADER_BYTES) as u32;
+    let crc = crc32fast::hash(&buf[start + FRAME_HEADER_BYTES..]);
+    buf[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A decoded frame body, borrowing from the read buffer.
+#[derive(Debug)]
+struct FrameView<'a> {
+    /// Topic the record belongs to.
+    topic: &'a str,
+    /// Partition the record belongs to.
+    partition: u32,
+    /// Offset the writer gave the record.
+    offset: u64,
+    /// Producer's timestamp.
+    timestamp_ms: i64,
+    /// Record key.
+    key: &'a [u8],
+    /// Record value.
+    value: &'a [u8],
+}
+
+impl FrameView<'_> {
+    fn to_stored(&self) -> StoredRecord {
+        StoredRecord {
+            offset: self.offset,
+            record: Record {
+                key: Bytes::copy_from_slice(self.key),
+                value: Bytes::copy_from_slice(self.value),
+                timestamp_ms: self.timestamp_ms,
+            },
+        }
+    }
+}
+
+/// Bounds-checked reader over a frame body.
+struct BodyCursor<'a> {
+    /// The whole body.
+    bytes: &'a [u8],
+    /// Next byte to read.
+    pos: usize,
+}
+
+impl<'a> BodyCursor<'a> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or_else(|| {
+                format!(
+                    "field of {len} bytes at body byte {} runs past the body",
+                    self.pos
+                )
+            })?;
+        let field = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(field)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut array = [0; N];
+        array.copy_from_slice(self.take(N)?);
+        Ok(array)
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        self.array().map(u32::from_le_bytes)
+    }
+}
+
+/// Decodes a frame body whose crc already matched.
+fn decode_body(body: &[u8]) -> Result<FrameView<'_>, String> {
+    let mut cursor = BodyCursor {
+        bytes: body,
+        pos: 0,
+    };
+    let [topic_len] = cursor.array::<1>()?;
+    let topic = std::str::from_utf8(cursor.take(topic_len as usize)?)
+        .map_err(|_| "topic name is not UTF-8".to_owned())?;
+    let partition = cursor.u32()?;
+    let offset = cursor.array().map(u64::from_le_bytes)?;
+    let timestamp_ms = cursor.array().map(i64::from_le_bytes)?;
+    let key_len = cursor.u32()? as usize;
+    let key = cursor.take(key_len)?;
+    let value_len = cursor.u32()? as usize;
+    let value = cursor.take(value_len)?;
+    if cursor.pos != body.len() {
+        return Err(format!(
+            "{} bytes left over after the value",
+            body.len() - cursor.pos
+        ));
+    }
+    Ok(FrameView {
+        topic,
+        partition,
+        offset,
+        timestamp_ms,
+        key,
+        value,
+    })
+}
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+enum FrameError {
+    /// The frame runs past the end of the file.
+    Truncated,
+    /// The length field is below the smallest frame (zeros, for instance).
+    BadLength(u32),
+    /// The length field is above the largest frame the settings allow.
+    TooLarge(u32),
+    /// The crc does not match; `next_pos` is where the next frame would start.
+    BadCrc { next_pos: u64 },
+    /// Reading the file failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Truncated => write!(f, "the frame runs past the end of the file"),
+            FrameError::BadLength(len) => write!(f, "impossible frame length {len}"),
+            FrameError::TooLarge(len) => write!(
+                f,
+                "frame body of {len} bytes is larger than max_record_bytes allows \
+                 (if max_record_bytes was lowered, raise it back)"
+            ),
+            FrameError::BadCrc { .. } => write!(f, "checksum mismatch"),
+            FrameError::Io(e) => write!(f, "read failed: {e}"),
+        }
+    }
+}
+
+/// Reads frames of one segment through a window buffer, so that neighbouring
+/// frames cost one positioned read instead of two each.
+struct FrameReader<'a> {
+    /// The segment file.
+    file: &'a File,
+    /// Bytes of the file that may hold frames.
+    file_len: u64,
+    /// Longest body accepted, checked before anything is allocated.
+    max_body_bytes: usize,
+    /// Least number of bytes read at once.
+    chunk_bytes: usize,
+    /// Bytes of the file starting at `window_pos`.
+    window: Vec<u8>,
+    /// File position of `window[0]`.
+    window_pos: u64,
+}
+
+impl<'a> FrameReader<'a> {
+    fn new(file: &'a File, file_len: u64, max_body_bytes: usize, chunk_bytes: usize) -> Self {
+        Self {
+            file,
+            file_len,
+            max_body_bytes,
+            chunk_bytes,
+            window: Vec::new(),
+            window_pos: 0,
+        }
+    }
+
+    /// Makes `len` bytes at `pos` available in the window; false if they lie
+    /// past the end of the file.
+    fn load(&mut self, pos: u64, len: usize) -> io::Result<bool> {
+        let end = pos.saturating_add(len as u64);
+        if end > self.file_len {
+            return Ok(false);
+        }
+        let window_end = self.window_pos + self.window.len() as u64;
+        if pos >= self.window_pos && end <= window_end {
+            return Ok(true);
+        }
+        let want_bytes = (len.max(self.chunk_bytes) as u64).min(self.file_len - pos);
+        self.window.resize(want_bytes as usize, 0);
+        self.window_pos = pos;
+        self.file.read_exact_at(&mut self.window, pos)?;
+        Ok(true)
+    }
+
+    /// Returns the crc-checked body of the frame at `pos` and where the next
+    /// frame starts.
+    fn frame_at(&mut self, pos: u64) -> Result<(&[u8], u64), FrameError> {
+        if !self.load(pos, FRAME_HEADER_BYTES).map_err(FrameError::Io)? {
+            return Err(FrameError::Truncated);
+        }
+        let at = (pos - self.window_pos) as usize;
+        let mut header = [0; FRAME_HEADER_BYTES];
+        header.copy_from_slice(&self.window[at..at + FRAME_HEADER_BYTES]);
+        let body_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let body_pos = pos + FRAME_HEADER_BYTES as u64;
+        let next_pos = body_pos + u64::from(body_len);
+        if next_pos > self.file_len {
+            return Err(FrameError::Truncated);
+        }
+        let body_bytes = body_len as usize;
+        if body_bytes < MIN_BODY_BYTES {
+            return Err(FrameError::BadLength(body_len));
+        }
+        if body_bytes > self.max_body_bytes {
+            return Err(FrameError::TooLarge(body_len));
+        }
+        if !self.load(body_pos, body_bytes).map_err(FrameError::Io)? {
+            return Err(FrameError::Truncated);
+        }
+        let at = (body_pos - self.window_pos) as usize;
+        let body = &self.window[at..at + body_bytes];
+        if crc32fast::hash(body) != crc {
+            return Err(FrameError::BadCrc { next_pos });
+        }
+        Ok((body, next_pos))
+    }
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the log in `config.dir`, recovers it and starts the
+    /// writer thread.
+    pub fn open(config: EmbeddedLogConfig) -> Result<Arc<EmbeddedLog>, LogError> {
+        config.validate()?;
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).map_err(|e| io_error(format!("creating {}", dir.display()), e))?;
+        let registry = load_registry(&dir)?;
+        let mut recovery = Recovery {
+            config: &config,
+            registry: &registry,
+            seen: vec![false; registry.by_id.len()],
+            table: SegmentTable::default(),
+        };
+        let numbers = list_segments(&dir)?;
+        for (index, number) in numbers.iter().enumerate() {
+            recovery.scan_segment(*number, index + 1 == numbers.len())?;
+        }
+        let mut table = recovery.table;
+        if table.segments.is_empty() {
+            let info = create_segment(&dir, 1)?;
+            table.segments.insert(1, info);
+            table.active = 1;
+        }
+        finish_partitions(&registry);
+        let retained_bytes = table.segments.values().map(|info| info.bytes).sum();
+        tracing::info!(
+            dir = %dir.display(),
+            segments = table.segments.len(),
+            partitions = registry.by_id.len(),
+            retained_bytes,
+            "embedded log opened"
+        );
+        let shared = Arc::new(Shared {
+            registry: RwLock::new(registry),
+            topics_lock: Mutex::new(()),
+            segments: Mutex::new(table),
+            retention_lock: Mutex::new(()),
+            retained_bytes: AtomicU64::new(retained_bytes),
+            sync_count: AtomicU64::new(0),
+            config,
+        });
+        Self::start(shared)
+    }
+
+    /// Spawns the writer thread over recovered state.
+    fn start(shared: Arc<Shared>) -> Result<Arc<EmbeddedLog>, LogError> {
+        let (active, file, active_bytes) = {
+            let table = lock(&shared.segments);
+            match table.segments.get(&table.active) {
+                Some(info) => (table.active, Arc::clone(&info.file), info.bytes),
+                None => return Err(LogError::Backend("no active segment after recovery".into())),
+            }
+        };
+        let (sender, receiver) = mpsc::channel();
+        let writer = Writer {
+            shared: Arc::clone(&shared),
+            receiver,
+            active,
+            active_file: file,
+            active_bytes,
+            buf: Vec::new(),
+            failure: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("kpay-log-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| io_error("spawning the log writer thread", e))?;
+        Ok(Arc::new(EmbeddedLog {
+            queue_slots: Semaphore::new(shared.config.queue_depth),
+            shared,
+            sender: RwLock::new(Some(sender)),
+            writer: Mutex::new(Some(handle)),
+        }))
+    }
+
+    /// Stops the writer thread once it has committed everything queued; later
+    /// appends return [`LogError::Closed`]. Reads keep working.
+    pub fn close(&self) {
+        self.queue_slots.close();
+        // Dropping the only sender lets the writer drain the queue and stop.
+        drop(write_lock(&self.sender).take());
+        if let Some(handle) = lock(&self.writer).take() {
+            if handle.join().is_err() {
+                tracing::error!("the log writer thread panicked");
+            }
+        }
+    }
+
+    /// Number of `fdatasync` calls on segment files since open; with group
+    /// commit it stays far below the number of appends.
+    pub fn sync_count(&self) -> u64 {
+        self.shared.sync_count.load(Ordering::Relaxed)
+    }
+
+    fn partition(&self, tp: &TopicPartition) -> Result<Arc<Partition>, LogError> {
+        read_lock(&self.shared.registry)
+            .lookup(&tp.topic, tp.partition)
+            .cloned()
+            .ok_or_else(|| LogError::UnknownPartition(tp.clone()))
+    }
+
+    /// Checks sizes and space before an append is queued.
+    fn check_append(&self, tp: &TopicPartition, records: &[Record]) -> Result<(), LogError> {
+        let limit_bytes = self.shared.config.max_record_bytes;
+        let mut total_bytes: u64 = 0;
+        for record in records {
+            let size_bytes = record.key.len() + record.value.len();
+            if size_bytes > limit_bytes {
+                return Err(LogError::RecordTooLarge {
+                    size_bytes,
+                    limit_bytes,
+                });
+            }
+            total_bytes += frame_bytes(&tp.topic, record) as u64;
+        }
+        let used_bytes = self.shared.retained_bytes.load(Ordering::Relaxed);
+        let limit_bytes = self.shared.config.max_retained_bytes;
+        if used_bytes.saturating_add(total_bytes) > limit_bytes {
+            return Err(LogError::Full {
+                used_bytes,
+                limit_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Hands an append to the writer and waits for its group commit.
+    async fn submit(
+        &self,
+        partition: Arc<Partition>,
+        records: Vec<Record>,
+    ) -> Result<u64, LogError> {
+        // The permit is held until the writer answered; that bounds the queue.
+        let _permit = self
+            .queue_slots
+            .acquire()
+            .await
+            .map_err(|_| LogError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            partition,
+            records,
+            reply,
+        };
+        {
+            let sender = read_lock(&self.sender);
+            let sender = sender.as_ref().ok_or(LogError::Closed)?;
+            sender.send(request).map_err(|_| LogError::Closed)?;
+        }
+        answer.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Serves a read from the index, the tail cache and the segment files.
+    fn read_records(
+        &self,
+        tp: &TopicPartition,
+        offset: u64,
+        max_records: usize,
+    ) -> Result<Vec<StoredRecord>, LogError> {
+        let partition = self.partition(tp)?;
+        let (positions, cached) = {
+            let state = lock(&partition.state);
+            if offset < state.log_start {
+                return Err(LogError::OffsetOutOfRange {
+                    tp: tp.clone(),
+                    offset,
+                    log_start: state.log_start,
+                });
+            }
+            if offset >= state.high_watermark || max_records == 0 {
+                return Ok(Vec::new());
+            }
+            let available = state.high_watermark - offset;
+            let end = offset + available.min(max_records as u64);
+            let cache_start = state
+                .tail
+                .front()
+                .map_or(state.high_watermark, |r| r.offset);
+            let disk_end = end.min(cache_start.max(offset));
+            let first_index = (offset - state.log_start) as usize;
+            let disk_count = (disk_end - offset) as usize;
+            let positions: Vec<RecordPosition> = state
+                .positions
+                .range(first_index..first_index + disk_count)
+                .copied()
+                .collect();
+            let cache_from = disk_end.saturating_sub(cache_start) as usize;
+            let cached: Vec<StoredRecord> = state
+                .tail
+                .range(cache_from..)
+                .take((end - disk_end) as usize)
+                .cloned()
+                .collect();
+            (positions, cached)
+        };
+        let mut records = self.read_from_disk(&partition, offset, &positions)?;
+        records.extend(cached);
+        Ok(records)
+    }
+
+    /// Reads the frames at `positions`, which hold offsets from `offset` on.
+    fn read_from_disk(
+        &self,
+        partition: &Partition,
+        offset: u64,
+        positions: &[RecordPosition],
+    ) -> Result<Vec<StoredRecord>, LogError> {
+        let mut records = Vec::with_capacity(positions.len());
+        let mut next = 0;
+        while next < positions.len() {
+            let segment = positions[next].segment;
+            let run = positions[next..]
+                .iter()
+                .take_while(|p| p.segment == segment)
+                .count();
+            let Some((path, file, bytes)) = self.segment_handle(segment) else {
+                // Retention deleted the segment after the index was read.
+                let log_start = lock(&partition.state).log_start;
+                return Err(LogError::OffsetOutOfRange {
+                    tp: partition.tp.clone(),
+                    offset,
+                    log_start,
+                });
+            };
+            let max_body_bytes = self.shared.config.max_body_bytes();
+            let mut reader = FrameReader::new(&file, bytes, max_body_bytes, READ_CHUNK_BYTES);
+            for (index, position) in positions[next..next + run].iter().enumerate() {
+                let expected = offset + (next + index) as u64;
+                records.push(read_one(
+                    &mut reader,
+                    &path,
+                    position.pos,
+                    &partition.tp,
+                    expected,
+                )?);
+            }
+            next += run;
+        }
+        Ok(records)
+    }
+
+    fn segment_handle(&self, number: u64) -> Option<(PathBuf, Arc<File>, u64)> {
+        let table = lock(&self.shared.segments);
+        let info = table.segments.get(&number)?;
+        Some((info.path.clone(), Arc::clone(&info.file), info.bytes))
+    }
+
+    /// Registers a topic, persisting the topic list first.
+    fn ensure_topic_sync(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
+        validate_topic_name(topic)?;
+        if partitions == 0 {
+            return Err(LogError::Backend(format!(
+                "topic {topic} needs at least one partition"
+            )));
+        }
+        let _guard = lock(&self.shared.topics_lock);
+        let mut counts = {
+            let registry = read_lock(&self.shared.registry);
+            if let Some(entry) = registry.topics.get(topic) {
+                return check_partition_count(topic, entry.partitions, partitions);
+            }
+            registry.topic_counts()
+        };
+        counts.insert(topic.to_owned(), partitions);
+        let json = serde_json::to_vec_pretty(&counts)
+            .map_err(|e| LogError::Backend(format!("encoding {TOPICS_FILE}: {e}")))?;
+        write_atomically(&self.shared.config.dir, TOPICS_FILE, &json)?;
+        write_lock(&self.shared.registry).add_topic(topic, partitions, None);
+        tracing::info!(topic, partitions, "topic created");
+        Ok(())
+    }
+
+    /// Records a release and deletes what it made deletable.
+    fn release_sync(&self, tp: &TopicPartition, offset: u64) -> Result<(), LogError> {
+        let partition = self.partition(tp)?;
+        {
+            let mut state = lock(&partition.state);
+            // Releasing past the high-water mark would release records not
+            // written yet, so it is capped; a smaller value than before is a no-op.
+            let target = offset.min(state.high_watermark);
+            if target <= state.released {
+                return Ok(());
+            }
+            state.released = target;
+        }
+        self.shared.collect_garbage()
+    }
+}
+
+fn check_partition_count(topic: &str, existing: u32, wanted: u32) -> Result<(), LogError> {
+    if existing == wanted {
+        return Ok(());
+    }
+    Err(LogError::Backend(format!(
+        "topic {topic} has {existing} partitions, config asks for {wanted}; \
+         partition counts cannot change, because keys would move to other partitions"
+    )))
+}
+
+/// Reads and checks the frame of one expected record.
+fn read_one(
+    reader: &mut FrameReader<'_>,
+    path: &Path,
+    pos: u64,
+    tp: &TopicPartition,
+    expected_offset: u64,
+) -> Result<StoredRecord, LogError> {
+    let (body, _) = reader.frame_at(pos).map_err(|e| match e {
+        FrameError::Io(source) => {
+            io_error(format!("reading {} at byte {pos}", path.display()), source)
+        }
+        other => corrupt(path, format!("frame at byte {pos}: {other}")),
+    })?;
+    let frame =
+        decode_body(body).map_err(|e| corrupt(path, format!("frame at byte {pos}: {e}")))?;
+    if frame.topic != tp.topic || frame.partition != tp.partition || frame.offset != expected_offset
+    {
+        return Err(corrupt(
+            path,
+            format!(
+                "frame at byte {pos} holds {}/{} offset {}, the index expected {tp} offset {expected_offset}",
+                frame.topic, frame.partition, frame.offset
+            ),
+        ));
+    }
+    Ok(frame.to_stored())
+}
+
+/// Loads `topics.json` and `log_starts.json` into a registry.
+fn load_registry(dir: &Path) -> Result<Registry, LogError> {
+    let topics_path = dir.join(TOPICS_FILE);
+    let topics: BTreeMap<String, u32> = read_json(&topics_path)?;
+    let starts: BTreeMap<String, Vec<u64>> = read_json(&dir.join(LOG_STARTS_FILE))?;
+    let mut registry = Registry::default();
+    for (topic, partitions) in &topics {
+        if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES || *partitions == 0 {
+            return Err(corrupt(
+                &topics_path,
+                format!("topic {topic:?} with {partitions} partitions is not valid"),
+            ));
+        }
+        registry.add_topic(topic, *partitions, starts.get(topic));
+    }
+    Ok(registry)
+}
+
+/// Numbers of the segment files in `dir`, ascending and without gaps.
+fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+    let context = || format!("listing {}", dir.display());
+    let mut numbers = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| io_error(context(), e))? {
+        let path = entry.map_err(|e| io_error(context(), e))?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some(SEGMENT_EXTENSION) {
+            continue;
+        }
+        let number = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok());
+        match number {
+            Some(number) => numbers.push(number),
+            None => return Err(corrupt(&path, "segment file name is not a number")),
+        }
+    }
+    numbers.sort_unstable();
+    for pair in numbers.windows(2) {
+        if pair[1] != pair[0] + 1 {
+            let missing = segment_path(dir, pair[0] + 1);
+            return Err(corrupt(
+                &missing,
+                "segment file is missing between two others; restore it from a backup",
+            ));
+        }
+    }
+    Ok(numbers)
+}
+
+/// Creates an empty segment file and makes its directory entry durable.
+fn create_segment(dir: &Path, number: u64) -> Result<SegmentInfo, LogError> {
+    let path = segment_path(dir, number);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| io_error(format!("creating {}", path.display()), e))?;
+    sync_dir(dir).map_err(|e| io_error(format!("syncing {}", dir.display()), e))?;
+    Ok(SegmentInfo {
+        path,
+        file: Arc::new(file),
+        bytes: 0,
+        max_offsets: HashMap::new(),
+    })
+}
+
+/// After recovery, marks everything below each log start as released and
+/// publishes the high-water marks.
+fn finish_partitions(registry: &Registry) {
+    for partition in &registry.by_id {
+        let mut state = lock(&partition.state);
+        state.released = state.log_start;
+        partition.hwm.send_replace(state.high_watermark);
+    }
+}
+
+/// Rebuilds indexes from the segment files on open.
+struct Recovery<'a> {
+    /// Settings, for the frame size limit and the tail cache size.
+    config: &'a EmbeddedLogConfig,
+    /// Partitions whose states are rebuilt.
+    registry: &'a Registry,
+    /// Whether a record of each partition (by id) has been seen yet.
+    seen: Vec<bool>,
+    /// Segments scanned so far.
+    table: SegmentTable,
+}
+
+impl Recovery<'_> {
+    /// Scans one segment, adding its records to the partitions.
+    fn scan_segment(&mut self, number: u64, is_last: bool) -> Result<(), LogError> {
+        let path = segment_path(&self.config.dir, number);
+        let context = || format!("opening {}", path.display());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error(context(), e))?;
+        let file_len = file.metadata().map_err(|e| io_error(context(), e))?.len();
+        let mut info = SegmentInfo {
+            path: path.clone(),
+            file: Arc::new(file),
+            bytes: file_len,
+            max_offsets: HashMap::new(),
+        };
+        let file = Arc::clone(&info.file);
+        let max_body_bytes = self.config.max_body_bytes();
+        let mut reader = FrameReader::new(&file, file_len, max_body_bytes, RECOVERY_CHUNK_BYTES);
+        let mut pos = 0;
+        while pos < file_len {
+            match reader.frame_at(pos) {
+                Ok((body, next_pos)) => {
+                    let frame = decode_body(body).map_err(|e| corrupt(&path, format!("frame at byte {pos} has a valid checksum but does not decode ({e})")))?;
+                    self.add_frame(number, &path, pos, &frame, &mut info)?;
+                    pos = next_pos;
+                }
+                Err(FrameError::Io(e)) => {
+                    return Err(io_error(
+                        format!("reading {} at byte {pos}", path.display()),
+                        e,
+                    ))
+                }
+                Err(error) if !is_last => {
+                    return Err(corrupt(&path, format!("bad frame at byte {pos} ({error}) in a segment that is not the last one, so it is not a torn write; restore this file from a backup or move the log directory aside")));
+                }
+                Err(error) => {
+                    cut_torn_tail(&mut reader, &info, pos, &error)?;
+                    info.bytes = pos;
+                    break;
+                }
+            }
+        }
+        self.table.active = number;
+        self.table.segments.insert(number, info);
+        Ok(())
+    }
+
+    /// Adds one recovered record to its partition, checking offsets are dense.
+    fn add_frame(
+        &mut self,
+        number: u64,
+        path: &Path,
+        pos: u64,
+        frame: &FrameView<'_>,
+        info: &mut SegmentInfo,
+    ) -> Result<(), LogError> {
+        let Some(partition) = self.registry.lookup(frame.topic, frame.partition) else {
+            return Err(corrupt(path, format!("record at byte {pos} belongs to {}/{}, which {TOPICS_FILE} does not list; restore {TOPICS_FILE} from a backup", frame.topic, frame.partition)));
+        };
+        let mut state = lock(&partition.state);
+        if self.seen[partition.id] {
+            if frame.offset != state.high_watermark {
+                return Err(corrupt(path, format!("record at byte {pos} of {} has offset {} where {} was expected; offsets must be dense, so records are missing or duplicated", partition.tp, frame.offset, state.high_watermark)));
+            }
+        } else {
+            // Retention records the log start before it deletes segments, so
+            // the first surviving record may be older (deletion was cut
+            // short) but never newer than it.
+            if frame.offset > state.log_start {
+                return Err(corrupt(path, format!("first retained record of {} has offset {} but the log start is {}; the records in between are missing", partition.tp, frame.offset, state.log_start)));
+            }
+            self.seen[partition.id] = true;
+            state.log_start = frame.offset;
+        }
+        state.high_watermark = frame.offset + 1;
+        state.positions.push_back(RecordPosition {
+            segment: number,
+            pos,
+        });
+        if self.config.tail_cache_records > 0 {
+            if state.tail.len() == self.config.tail_cache_records {
+                state.tail.pop_front();
+            }
+            state.tail.push_back(frame.to_stored());
+        }
+        info.max_offsets.insert(partition.id, frame.offset);
+        Ok(())
+    }
+}
+
+/// Truncates a torn tail at `pos` of the last segment, unless valid data
+/// follows the bad frame, which a torn write cannot produce.
+fn cut_torn_tail(
+    reader: &mut FrameReader<'_>,
+    info: &SegmentInfo,
+    pos: u64,
+    error: &FrameError,
+) -> Result<(), LogError> {
+    if let FrameError::TooLarge(_) = error {
+        // A torn write leaves missing or zeroed bytes, not a long length
+        // that still fits in the file; cutting here could drop good records.
+        return Err(corrupt(&info.path, format!("frame at byte {pos}: {error}")));
+    }
+    if let FrameError::BadCrc { next_pos } = error {
+        if *next_pos < reader.file_len && reader.frame_at(*next_pos).is_ok() {
+            return Err(corrupt(&info.path, format!("bad frame at byte {pos} ({error}) is followed by a valid frame at byte {next_pos}, so this is not a torn write; restore the file from a backup, or if losing the records from byte {pos} on is acceptable, truncate the file to {pos} bytes")));
+        }
+    }
+    let context = || format!("truncating the torn tail of {}", info.path.display());
+    info.file.set_len(pos).map_err(|e| io_error(context(), e))?;
+    info.file.sync_data().map_err(|e| io_error(context(), e))?;
+    tracing::warn!(
+        path = %info.path.display(),
+        valid_bytes = pos,
+        dropped_bytes = reader.file_len - pos,
+        reason = %error,
+        "cut a torn tail off the last log segment (records never acknowledged)"
+    );
+    Ok(())
+}
+
+/// A segment chosen for deletion.
+struct DoomedSegment {
+    /// Segment number.
+    number: u64,
+    /// Path of the file to delete.
+    path: PathBuf,
+    /// Highest offset each partition (by id) has in it.
+    max_offsets: HashMap<usize, u64>,
+}
+
+impl Shared {
+    /// Deletes the closed segments at the front whose records are all
+    /// released, recording the new log starts first.
+    fn collect_garbage(&self) -> Result<(), LogError> {
+        let _guard = lock(&self.retention_lock);
+        let doomed = self.deletable_prefix();
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let new_starts = self.log_starts_after(&doomed);
+        self.write_log_starts(&new_starts)?;
+        self.advance_log_starts(&new_starts);
+        self.drop_segments(&doomed);
+        Ok(())
+    }
+
+    /// The oldest closed segments that hold only released records. Only a
+    /// prefix is taken, so every partition's retained offsets stay contiguous.
+    fn deletable_prefix(&self) -> Vec<DoomedSegment> {
+        let registry = read_lock(&self.registry);
+        let table = lock(&self.segments);
+        let mut doomed = Vec::new();
+        for (number, info) in &table.segments {
+            if *number == table.active {
+                break;
+            }
+            let all_released = info.max_offsets.iter().all(|(id, max_offset)| {
+                registry
+                    .by_id
+                    .get(*id)
+                    .is_some_and(|p| *max_offset < lock(&p.state).released)
+            });
+            if !all_released {
+                break;
+            }
+            doomed.push(DoomedSegment {
+                number: *number,
+                path: info.path.clone(),
+                max_offsets: info.max_offsets.clone(),
+            });
+        }
+        doomed
+    }
+
+    /// Each affected partition's first offset left after the deletion.
+    fn log_starts_after(&self, doomed: &[DoomedSegment]) -> HashMap<usize, u64> {
+        let mut starts: HashMap<usize, u64> = HashMap::new();
+        for segment in doomed {
+            for (id, max_offset) in &segment.max_offsets {
+                let start = starts.entry(*id).or_insert(0);
+                *start = (*start).max(max_offset + 1);
+            }
+        }
+        starts
+    }
+
+    /// Persists every partition's log start, so that reopening after the
+    /// deletion neither reuses offsets nor mistakes deleted records for lost ones.
+    fn write_log_starts(&self, new_starts: &HashMap<usize, u64>) -> Result<(), LogError> {
+        let starts: BTreeMap<String, Vec<u64>> = {
+            let registry = read_lock(&self.registry);
+            registry
+                .topics
+                .iter()
+                .map(|(topic, entry)| {
+                    let ids = entry.first_id..entry.first_id + entry.partitions as usize;
+                    let starts = registry.by_id[ids]
+                        .iter()
+                        .map(|p| {
+                            let current = lock(&p.state).log_start;
+                            new_starts.get(&p.id).map_or(current, |s| current.max(*s))
+                        })
+                        .collect();
+                    (topic.clone(), starts)
+                })
+                .collect()
+        };
+        let json = serde_json::to_vec_pretty(&starts)
+            .map_err(|e| LogError::Backend(format!("encoding {LOG_STARTS_FILE}: {e}")))?;
+        write_atomically(&self.config.dir, LOG_STARTS_FILE, &json)
+    }
+
+    /// Moves log starts forward and forgets the index entries below them.
+    fn advance_log_starts(&self, new_starts: &HashMap<usize, u64>) {
+        let registry = read_lock(&self.registry);
+        for (id, new_start) in new_starts {
+            let Some(partition) = registry.by_id.get(*id) else {
+                continue;
+            };
+            let mut state = lock(&partition.state);
+            if *new_start <= state.log_start {
+                continue;
+            }
+            let dropped = ((new_start - state.log_start) as usize).min(state.positions.len());
+            state.positions.drain(..dropped);
+            state.log_start = *new_start;
+            while state.tail.front().is_some_and(|r| r.offset < *new_start) {
+                state.tail.pop_front();
+            }
+        }
+    }
+
+    /// Forgets and deletes the segment files.
+    fn drop_segments(&self, doomed: &[DoomedSegment]) {
+        {
+            let mut table = lock(&self.segments);
+            for segment in doomed {
+                if let Some(info) = table.segments.remove(&segment.number) {
+                    self.retained_bytes.fetch_sub(info.bytes, Ordering::Relaxed);
+                }
+            }
+        }
+        for segment in doomed {
+            // A file left behind is harmless: log_starts.json already says its
+            // records are gone, and the next open takes it back in.
+            match fs::remove_file(&segment.path) {
+                Ok(()) => tracing::debug!(path = %segment.path.display(), "deleted log segment"),
+                Err(e) => {
+                    tracing::warn!(path = %segment.path.display(), error = %e, "could not delete log segment")
+                }
+            }
+        }
+        if let Err(e) = sync_dir(&self.config.dir) {
+            tracing::warn!(error = %e, "could not sync the log directory after deleting segments");
+        }
+    }
+}
+
+/// An append accepted into the current group, waiting for the fsync.
+struct Accepted {
+    /// The append itself.
+    request: AppendRequest,
+    /// Offset given to its first record.
+    first_offset: u64,
+    /// Byte position of each record's frame in the active segment.
+    positions: Vec<u64>,
+}
+
+/// The writer thread: sole owner of offsets and of the active segment.
+struct Writer {
+    /// State shared with the handle and readers.
+    shared: Arc<Shared>,
+    /// Incoming appends.
+    receiver: mpsc::Receiver<AppendRequest>,
+    /// Number of the active segment.
+    active: u64,
+    /// Handle of the active segment.
+    active_file: Arc<File>,
+    /// Bytes written to the active segment.
+    active_bytes: u64,
+    /// Encoding buffer, reused across groups.
+    buf: Vec<u8>,
+    /// Set after an IO error; from then on every append fails, because
+    /// after a failed fsync nobody knows what is on disk.
+    failure: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut carried: Option<AppendRequest> = None;
+        loop {
+            let first = match carried.take() {
+                Some(request) => request,
+                None => match self.receiver.recv() {
+                    Ok(request) => request,
+                    // Every sender is gone and the queue is drained: closed.
+                    Err(mpsc::RecvError) => break,
+                },
+            };
+            let group = self.collect_group(first, &mut carried);
+            self.commit_group(group);
+        }
+        tracing::debug!("log writer stopped");
+    }
+
+    /// Takes what is queued behind `first`, up to the group limits; a request
+    /// that does not fit is carried into the next group.
+    fn collect_group(
+        &mut self,
+        first: AppendRequest,
+        carried: &mut Option<AppendRequest>,
+    ) -> Vec<AppendRequest> {
+        let max_records = self.shared.config.max_group_records;
+        let mut records = first.records.len();
+        let mut bytes = first
+            .records
+            .iter()
+            .map(|r| r.key.len() + r.value.len())
+            .sum::<usize>();
+        let mut group = vec![first];
+        while records < max_records && bytes < MAX_GROUP_BYTES {
+            let Ok(request) = self.receiver.try_recv() else {
+                break;
+            };
+            let request_bytes: usize = request
+                .records
+                .iter()
+                .map(|r| r.key.len() + r.value.len())
+                .sum();
+            if records + request.records.len() > max_records
+                || bytes + request_bytes > MAX_GROUP_BYTES
+            {
+                *carried = Some(request);
+                break;
+            }
+            records += request.records.len();
+            bytes += request_bytes;
+            group.push(request);
+        }
+        group
+    }
+
+    /// Writes, syncs and publishes one group.
+    fn commit_group(&mut self, group: Vec<AppendRequest>) {
+        if let Some(failure) = &self.failure {
+            for request in group {
+                let message = format!("the log writer stopped after an IO error ({failure}); restart the process to recover");
+                let _ = request.reply.send(Err(LogError::Backend(message)));
+            }
+            return;
+        }
+        if let Err((context, error)) = self.roll_if_full() {
+            self.fail(group, context, error);
+            return;
+        }
+        let accepted = self.encode_group(group);
+        if accepted.is_empty() {
+            return;
+        }
+        if let Err((context, error)) = self.write_and_sync() {
+            self.fail(
+                accepted.into_iter().map(|a| a.request).collect(),
+                context,
+                error,
+            );
+            return;
+        }
+        self.record_segment_usage(&accepted);
+        for entry in accepted {
+            self.publish(entry);
+        }
+        // A buffer grown by a burst of large records is not kept forever.
+        if self.buf.capacity() > 2 * MAX_GROUP_BYTES {
+            self.buf = Vec::new();
+        }
+    }
+
+    /// Starts a new segment once the active one has passed `segment_bytes`.
+    /// The old one needs no extra sync: every group ended with `sync_data`.
+    fn roll_if_full(&mut self) -> Result<(), (String, io::Error)> {
+        if self.active_bytes < self.shared.config.segment_bytes {
+            return Ok(());
+        }
+        let number = self.active + 1;
+        let info = create_segment(&self.shared.config.dir, number).map_err(|e| match e {
+            LogError::Io { context, source } => (context, source),
+            other => (
+                format!("creating segment {number}"),
+                io::Error::other(other.to_string()),
+            ),
+        })?;
+        self.active_file = Arc::clone(&info.file);
+        self.active = number;
+        self.active_bytes = 0;
+        let mut table = lock(&self.shared.segments);
+        table.segments.insert(number, info);
+        table.active = number;
+        tracing::debug!(segment = number, "rolled to a new log segment");
+        Ok(())
+    }
+
+    /// Assigns offsets and encodes the frames of every request that fits in
+    /// the retention limit; the others are answered with `Full` right away.
+    fn encode_group(&mut self, group: Vec<AppendRequest>) -> Vec<Accepted> {
+        let retained_bytes = self.shared.retained_bytes.load(Ordering::Relaxed);
+        let limit_bytes = self.shared.config.max_retained_bytes;
+        let mut next_offsets: HashMap<usize, u64> = HashMap::new();
+        let mut accepted = Vec::with_capacity(group.len());
+        self.buf.clear();
+        for request in group {
+            let tp = &request.partition.tp;
+            let request_bytes: u64 = request
+                .records
+                .iter()
+                .map(|r| frame_bytes(&tp.topic, r) as u64)
+                .sum();
+            let used_bytes = retained_bytes + self.buf.len() as u64;
+            if used_bytes + request_bytes > limit_bytes {
+                let _ = request.reply.send(Err(LogError::Full {
+                    used_bytes,
+                    limit_bytes,
+                }));
+                continue;
+            }
+            let next = next_offsets
+                .entry(request.partition.id)
+                .or_insert_with(|| lock(&request.partition.state).high_watermark);
+            let first_offset = *next;
+            let mut positions = Vec::with_capacity(request.records.len());
+            for (index, record) in request.records.iter().enumerate() {
+                positions.push(self.active_bytes + self.buf.len() as u64);
+                encode_frame(&mut self.buf, tp, first_offset + index as u64, record);
+            }
+            *next += request.records.len() as u64;
+            accepted.push(Accepted {
+                request,
+                first_offset,
+                positions,
+            });
+        }
+        accepted
+    }
+
+    /// The group commit proper: one write and one `fdatasync`.
+    fn write_and_sync(&mut self) -> Result<(), (String, io::Error)> {
+        let context = || format!("writing segment {}", self.active);
+        self.active_file
+            .write_all_at(&self.buf, self.active_bytes)
+            .map_err(|e| (context(), e))?;
+        self.active_file.sync_data().map_err(|e| (context(), e))?;
+        self.shared.sync_count.fetch_add(1, Ordering::Relaxed);
+        self.active_bytes += self.buf.len() as u64;
+        self.shared
+            .retained_bytes
+            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Updates the active segment's size and per-partition highest offsets.
+    fn record_segment_usage(&self, accepted: &[Accepted]) {
+        let mut table = lock(&self.shared.segments);
+        let Some(info) = table.segments.get_mut(&self.active) else {
+            return;
+        };
+        info.bytes = self.active_bytes;
+        for entry in accepted {
+            let last_offset = entry.first_offset + entry.positions.len() as u64 - 1;
+            let max_offset = info
+                .max_offsets
+                .entry(entry.request.partition.id)
+                .or_insert(last_offset);
+            *max_offset = (*max_offset).max(last_offset);
+        }
+    }
+
+    /// Makes one durable append visible and answers its producer.
+    fn publish(&self, entry: Accepted) {
+        let Accepted {
+            request,
+            first_offset,
+            positions,
+        } = entry;
+        let partition = request.partition;
+        let count = request.records.len();
+        let high_watermark = first_offset + count as u64;
+        let cache_records = self.shared.config.tail_cache_records;
+        {
+            let mut state = lock(&partition.state);
+            let segment = self.active;
+            state.positions.extend(
+                positions
+                    .into_iter()
+                    .map(|pos| RecordPosition { segment, pos }),
+            );
+            // Records that would be evicted at once are not cached at all.
+            let skip = count.saturating_sub(cache_records);
+            let records = request.records.into_iter().enumerate().skip(skip);
+            state
+                .tail
+                .extend(records.map(|(index, record)| StoredRecord {
+                    offset: first_offset + index as u64,
+                    record,
+                }));
+            let excess = state.tail.len().saturating_sub(cache_records);
+            state.tail.drain(..excess);
+            state.high_watermark = high_watermark;
+        }
+        partition.hwm.send_replace(high_watermark);
+        let _ = request.reply.send(Ok(first_offset));
+    }
+
+    /// Fails a group after an IO error and stops accepting appends.
+    fn fail(&mut self, requests: Vec<AppendRequest>, context: String, error: io::Error) {
+        tracing::error!(context = %context, error = %error, "log writer failed; appends are refused until restart");
+        // Best effort: cut partial frames so a restart does not see records
+        // whose producers were told they failed.
+        let _ = self.active_file.set_len(self.active_bytes);
+        for request in requests {
+            let source = io::Error::new(error.kind(), error.to_string());
+            let _ = request.reply.send(Err(io_error(context.clone(), source)));
+        }
+        self.failure = Some(format!("{context}: {error}"));
+    }
+}
+
+impl Drop for EmbeddedLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[async_trait]
+impl Log for EmbeddedLog {
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
+        self.ensure_topic_sync(topic, partitions)
+    }
+
+    async fn append(&self, tp: &TopicPartition, records: Vec<Record>) -> Result<u64, LogError> {
+        let partition = self.partition(tp)?;
+        if records.is_empty() {
+            let high_watermark = lock(&partition.state).high_watermark;
+            return Ok(high_watermark);
+        }
+        self.check_append(tp, &records)?;
+        self.submit(partition, records).await
+    }
+
+    async fn read(
+        &self,
+        tp: &TopicPartition,
+        offset: u64,
+        max_records: usize,
+    ) -> Result<Vec<StoredRecord>, LogError> {
+        self.read_records(tp, offset, max_records)
+    }
+
+    async fn high_watermark(&self, tp: &TopicPartition) -> Result<u64, LogError> {
+        let partition = self.partition(tp)?;
+        let high_watermark = lock(&partition.state).high_watermark;
+        Ok(high_watermark)
+    }
+
+    async fn log_start(&self, tp: &TopicPartition) -> Result<u64, LogError> {
+        let partition = self.partition(tp)?;
+        let log_start = lock(&partition.state).log_start;
+        Ok(log_start)
+    }
+
+    async fn wait_for(
+        &self,
+        tp: &TopicPartition,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<u64, LogError> {
+        let partition = self.partition(tp)?;
+        let mut receiver = partition.hwm.subscribe();
+        // The watch holds the latest high-water mark, so a mark published
+        // between subscribing and waiting is not missed.
+        let _ = tokio::time::timeout(timeout, receiver.wait_for(|hwm| *hwm > offset)).await;
+        let high_watermark = *partition.hwm.borrow();
+        Ok(high_watermark)
+    }
+
+    async fn release_before(&self, tp: &TopicPartition, offset: u64) -> Result<(), LogError> {
+        self.release_sync(tp, offset)
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.shared.retained_bytes.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,137 @@
+//! The log: partitioned, ordered, durable topics.
+//!
+//! A [`Log`] is what Kafka is to Kafka Streams: topic-partitions addressed by
+//! explicit offsets, with no consumer groups (offsets are kept by each task next
+//! to its state, see `store`). Two backends implement it: [`embedded::EmbeddedLog`]
+//! (the default, one write-ahead file set under the data directory) and Kafka.
+
+pub mod embedded;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// One topic-partition, the unit of ordering and of parallelism.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// Topic name, e.g. `payment.incoming`.
+    pub topic: String,
+    /// Partition index, `0..partitions`.
+    pub partition: u32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: impl Into<String>, partition: u32) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// A record as a producer hands it to the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Partitioning key (payment id or account id); kept for consumers and tools.
+    pub key: Bytes,
+    /// Encoded event (see `model::codec`).
+    pub value: Bytes,
+    /// Producer's wall-clock time in milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+}
+
+/// A record as a consumer reads it back, with the offset the log gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Position in its topic-partition; dense and strictly increasing.
+    pub offset: u64,
+    /// The record as appended.
+    pub record: Record,
+}
+
+/// Errors of the log layer; each carries the topic-partition it concerns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    #[error("unknown topic-partition {0}")]
+    UnknownPartition(TopicPartition),
+    #[error("offset {offset} of {tp} is below the log start {log_start} (removed by retention)")]
+    OffsetOutOfRange {
+        tp: TopicPartition,
+        offset: u64,
+        log_start: u64,
+    },
+    #[error("log is full: {used_bytes} bytes retained, limit {limit_bytes}")]
+    Full { used_bytes: u64, limit_bytes: u64 },
+    #[error("record of {size_bytes} bytes exceeds the limit of {limit_bytes} bytes")]
+    RecordTooLarge {
+        size_bytes: usize,
+        limit_bytes: usize,
+    },
+    #[error("log is closed")]
+    Closed,
+    #[error("corrupt log at {path}: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("log io error at {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("log backend error: {0}")]
+    Backend(String),
+}
+
+/// A partitioned, durable, ordered log of records.
+///
+/// Shaped after what rskafka offers (one client per partition, explicit
+/// offsets, no groups) so that Kafka and the embedded log are interchangeable.
+#[async_trait]
+pub trait Log: Send + Sync + 'static {
+    /// Creates the topic with `partitions` partitions if it does not exist yet.
+    /// Fails if it exists with a different partition count.
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), LogError>;
+
+    /// Appends `records` in order to one partition and returns the offset of the
+    /// first; it returns only once every record is durable (group-committed).
+    async fn append(&self, tp: &TopicPartition, records: Vec<Record>) -> Result<u64, LogError>;
+
+    /// Reads up to `max_records` durable records starting at `offset`.
+    /// Returns an empty vector at the high-water mark.
+    async fn read(
+        &self,
+        tp: &TopicPartition,
+        offset: u64,
+        max_records: usize,
+    ) -> Result<Vec<StoredRecord>, LogError>;
+
+    /// The offset the next durable record will get (Kafka's high-water mark).
+    async fn high_watermark(&self, tp: &TopicPartition) -> Result<u64, LogError>;
+
+    /// The first offset still retained.
+    async fn log_start(&self, tp: &TopicPartition) -> Result<u64, LogError>;
+
+    /// Waits until the high-water mark is above `offset` or `timeout` passes;
+    /// returns the high-water mark seen.
+    async fn wait_for(
+        &self,
+        tp: &TopicPartition,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<u64, LogError>;
+
+    /// Tells the log every consumer is done with records below `offset`, so it
+    /// may drop them (retention). Backends may keep more than asked.
+    async fn release_before(&self, tp: &TopicPartition, offset: u64) -> Result<(), LogError>;
+
+    /// Bytes the log keeps on disk (for metrics and the benchmark).
+    fn disk_bytes(&self) -> u64;
+}

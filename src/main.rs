@@ -1,0 +1,70 @@
+//! `kpay`: parses the command line, loads the config and runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kpay::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "kpay",
+    version,
+    about = "Payments as event-streaming microservices"
+)]
+struct Cli {
+    /// Settings file (default: config/kpay.toml when present).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Directory for the log and the state store.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8080.
+    #[arg(long, global = true)]
+    listen: Option<SocketAddr>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Run the end-to-end benchmark in embedded mode and print the results.
+    Bench(kpay::bench::BenchArgs),
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KPAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    let overrides = Overrides {
+        listen: cli.listen,
+        data_dir: cli.data_dir,
+    };
+    let config = Config::load(cli.config.as_deref(), &overrides)?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let listener = tokio::net::TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+            kpay::http::serve(config, listener, kpay::control::shutdown_signal()).await
+        }
+        Command::Bench(args) => kpay::bench::run(config, args).await,
+    }
+}

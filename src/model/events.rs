@@ -1,0 +1,180 @@
+//! Events: what processors tell each other through topics.
+
+use serde::{Deserialize, Serialize};
+
+use super::Reason;
+
+/// The processing step that read a record; names hops in lineage and the
+/// sources of derived records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Durable append to `payment.incoming` by the ingest path.
+    Submitted,
+    /// The inflight processor admitted the payment and asked for the debit.
+    Admitted,
+    /// The account processor debited `from`.
+    Debited,
+    /// The account processor credited `to`.
+    Credited,
+    /// The account processor credited the debit back to `from`.
+    Refunded,
+    /// The account processor refused the debit.
+    Rejected,
+    /// The inflight processor recorded the terminal state.
+    Completed,
+}
+
+/// Which input topic a derived record came from; with partition and offset it
+/// names the record exactly, so consumers can skip copies after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum SourceTopic {
+    Incoming,
+    Inflight,
+    Complete,
+}
+
+/// The input record an output record was derived from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Source {
+    /// Topic of the input record.
+    pub topic: SourceTopic,
+    /// Partition of the input record.
+    pub partition: u32,
+    /// Offset of the input record; a producer emits in increasing offset order.
+    pub offset: u64,
+}
+
+/// One step of a payment's path through the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hop {
+    /// What happened at this step.
+    pub stage: Stage,
+    /// Partition of the record that was processed.
+    pub partition: u32,
+    /// Offset of the record that was processed.
+    pub offset: u64,
+    /// Wall-clock time of processing, ms since the epoch.
+    pub at_ms: i64,
+}
+
+/// The facts of a payment that every stage needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRef {
+    /// Idempotency key chosen by the client or generated (UUID v7).
+    pub id: String,
+    /// Account debited.
+    pub from: String,
+    /// Account credited.
+    pub to: String,
+    /// Amount in minor units; always > 0 once admitted.
+    pub amount_cents: i64,
+    /// When the ingest path made it durable; latency is measured from here.
+    pub accepted_at_ms: i64,
+}
+
+impl PaymentRef {
+    /// The parts a client chose; two submissions with one id must agree on these.
+    pub fn same_request(&self, other: &PaymentRef) -> bool {
+        self.id == other.id
+            && self.from == other.from
+            && self.to == other.to
+            && self.amount_cents == other.amount_cents
+    }
+}
+
+/// How a payment ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Confirmed,
+    Rejected(Reason),
+    Reversed(Reason),
+}
+
+impl Outcome {
+    pub fn status(self) -> super::PaymentStatus {
+        match self {
+            Self::Confirmed => super::PaymentStatus::Confirmed,
+            Self::Rejected(_) => super::PaymentStatus::Rejected,
+            Self::Reversed(_) => super::PaymentStatus::Reversed,
+        }
+    }
+
+    pub fn reason(self) -> Option<Reason> {
+        match self {
+            Self::Confirmed => None,
+            Self::Rejected(reason) | Self::Reversed(reason) => Some(reason),
+        }
+    }
+}
+
+/// Every event of the pipeline. New variants go at the end: the variant index
+/// is part of the wire format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// `payment.incoming`: a client's payment, durable and acknowledged.
+    PaymentSubmitted(PaymentRef),
+    /// `payment.inflight`: open an account with an opening balance.
+    OpenAccount {
+        account: String,
+        opening_balance_cents: i64,
+        at_ms: i64,
+    },
+    /// `payment.inflight`: add money from outside the system.
+    Deposit {
+        account: String,
+        amount_cents: i64,
+        at_ms: i64,
+    },
+    /// `payment.inflight`: close an account; later debits and credits fail.
+    CloseAccount { account: String, at_ms: i64 },
+    /// `payment.inflight`, keyed by `from`: take the money.
+    Debit {
+        payment: PaymentRef,
+        lineage: Vec<Hop>,
+    },
+    /// `payment.inflight`, keyed by `to`: give the money.
+    Credit {
+        payment: PaymentRef,
+        lineage: Vec<Hop>,
+    },
+    /// `payment.inflight`, keyed by `from`: the credit failed, give it back.
+    Refund {
+        payment: PaymentRef,
+        reason: Reason,
+        lineage: Vec<Hop>,
+    },
+    /// `payment.complete` and `payment.confirmed`, keyed by payment id.
+    Completed {
+        payment: PaymentRef,
+        outcome: Outcome,
+        completed_at_ms: i64,
+        lineage: Vec<Hop>,
+    },
+}
+
+impl Event {
+    /// A short name for logs, the DLQ and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::PaymentSubmitted(_) => "payment_submitted",
+            Self::OpenAccount { .. } => "open_account",
+            Self::Deposit { .. } => "deposit",
+            Self::CloseAccount { .. } => "close_account",
+            Self::Debit { .. } => "debit",
+            Self::Credit { .. } => "credit",
+            Self::Refund { .. } => "refund",
+            Self::Completed { .. } => "completed",
+        }
+    }
+}
+
+/// What travels in a record's value: the event and, for derived records,
+/// the input it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// `None` for records from outside the pipeline (HTTP, tools).
+    pub source: Option<Source>,
+    /// The event itself.
+    pub event: Event,
+}

@@ -1,0 +1,435 @@
+//! The account processor: owns balances. Reads `payment.inflight`, keyed by
+//! account id. DEBIT checks and takes the money and asks for the CREDIT; CREDIT
+//! gives it and completes the payment; a CREDIT that cannot land asks for a
+//! REFUND to `from` (the saga), which gives the money back and completes the
+//! payment as reversed. A balance never goes below zero.
+
+use serde::{Deserialize, Serialize};
+
+use super::{checked_add, checked_sub, Ctx, Emit, OutTopic, ProcessError, Processor};
+use crate::model::{Event, Hop, Outcome, PaymentRef, Reason, Stage};
+
+/// Whether an account can move money.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountStatus {
+    Open,
+    Closed,
+}
+
+/// One row of the `accounts` state table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// The account id, also the row key.
+    pub id: String,
+    /// Money held, in cents; never negative.
+    pub balance_cents: i64,
+    /// Open accounts send and receive; closed ones refuse both.
+    pub status: AccountStatus,
+    /// When the account was opened.
+    pub opened_at_ms: i64,
+    /// When its balance or status last changed.
+    pub updated_at_ms: i64,
+    /// The last payment that debited or credited it.
+    pub last_payment_id: Option<String>,
+}
+
+/// Money totals of one partition; with all partitions they prove conservation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountStats {
+    /// Accounts opened on this partition.
+    pub account_count: u64,
+    /// Money that entered the system here: opening balances and deposits.
+    pub funded_cents: i64,
+    /// Sum of this partition's balances.
+    pub balance_sum_cents: i64,
+    /// Money taken by debits here.
+    pub debited_cents: i64,
+    /// Money given by credits here.
+    pub credited_cents: i64,
+    /// Money given back by refunds here.
+    pub refunded_cents: i64,
+}
+
+pub struct Accounts;
+
+impl Processor for Accounts {
+    type State = Account;
+    type Stats = AccountStats;
+    const NAME: &'static str = "account";
+    const TABLE: &'static str = "a";
+
+    fn state_key(event: &Event) -> Option<&str> {
+        match event {
+            Event::OpenAccount { account, .. }
+            | Event::Deposit { account, .. }
+            | Event::CloseAccount { account, .. } => Some(account),
+            Event::Debit { payment, .. } | Event::Refund { payment, .. } => Some(&payment.from),
+            Event::Credit { payment, .. } => Some(&payment.to),
+            _ => None,
+        }
+    }
+
+    fn handle(
+        state: &mut Option<Account>,
+        stats: &mut AccountStats,
+        event: Event,
+        ctx: &Ctx,
+    ) -> Result<Option<Emit>, ProcessError> {
+        match event {
+            Event::OpenAccount {
+                account,
+                opening_balance_cents,
+                ..
+            } => open(state, stats, account, opening_balance_cents, ctx).map(|()| None),
+            Event::Deposit { amount_cents, .. } => deposit(state, stats, amount_cents, ctx),
+            Event::CloseAccount { .. } => {
+                if let Some(account) = state {
+                    account.status = AccountStatus::Closed;
+                    account.updated_at_ms = ctx.now_ms;
+                }
+                Ok(None)
+            }
+            Event::Debit { payment, lineage } => debit(state, stats, payment, lineage, ctx),
+            Event::Credit { payment, lineage } => credit(state, stats, payment, lineage, ctx),
+            Event::Refund {
+                payment,
+                reason,
+                lineage,
+            } => refund(state, stats, payment, reason, lineage, ctx),
+            other => Err(ProcessError::UnexpectedEvent { kind: other.kind() }),
+        }
+    }
+}
+
+fn open(
+    state: &mut Option<Account>,
+    stats: &mut AccountStats,
+    id: String,
+    opening_balance_cents: i64,
+    ctx: &Ctx,
+) -> Result<(), ProcessError> {
+    if state.is_some() {
+        // Opening is idempotent: a second open changes nothing.
+        return Ok(());
+    }
+    if opening_balance_cents < 0 {
+        return Err(ProcessError::ImpossibleState(format!(
+            "account {id} opened with negative balance {opening_balance_cents}"
+        )));
+    }
+    let funded = checked_add(stats.funded_cents, opening_balance_cents, "funded")?;
+    let sum = checked_add(stats.balance_sum_cents, opening_balance_cents, "balances")?;
+    stats.funded_cents = funded;
+    stats.balance_sum_cents = sum;
+    stats.account_count += 1;
+    *state = Some(Account {
+        id,
+        balance_cents: opening_balance_cents,
+        status: AccountStatus::Open,
+        opened_at_ms: ctx.now_ms,
+        updated_at_ms: ctx.now_ms,
+        last_payment_id: None,
+    });
+    Ok(())
+}
+
+fn deposit(
+    state: &mut Option<Account>,
+    stats: &mut AccountStats,
+    amount_cents: i64,
+    ctx: &Ctx,
+) -> Result<Option<Emit>, ProcessError> {
+    let Some(account) = state.as_mut().filter(|a| a.status == AccountStatus::Open) else {
+        return Err(ProcessError::ImpossibleState(
+            "deposit to a missing or closed account".into(),
+        ));
+    };
+    if amount_cents <= 0 {
+        return Err(ProcessError::ImpossibleState(format!(
+            "deposit of {amount_cents} cents"
+        )));
+    }
+    let balance = checked_add(account.balance_cents, amount_cents, "balance")?;
+    let funded = checked_add(stats.funded_cents, amount_cents, "funded")?;
+    let sum = checked_add(stats.balance_sum_cents, amount_cents, "balances")?;
+    account.balance_cents = balance;
+    account.updated_at_ms = ctx.now_ms;
+    stats.funded_cents = funded;
+    stats.balance_sum_cents = sum;
+    Ok(None)
+}
+
+fn hop(stage: Stage, ctx: &Ctx) -> Hop {
+    Hop {
+        stage,
+        partition: ctx.partition,
+        offset: ctx.offset,
+        at_ms: ctx.now_ms,
+    }
+}
+
+fn completed(payment: PaymentRef, outcome: Outcome, lineage: Vec<Hop>, ctx: &Ctx) -> Emit {
+    Emit {
+        topic: OutTopic::Complete,
+        key: payment.id.clone(),
+        event: Event::Completed {
+            payment,
+            outcome,
+            completed_at_ms: ctx.now_ms,
+            lineage,
+        },
+    }
+}
+
+fn debit(
+    state: &mut Option<Account>,
+    stats: &mut AccountStats,
+    payment: PaymentRef,
+    mut lineage: Vec<Hop>,
+    ctx: &Ctx,
+) -> Result<Option<Emit>, ProcessError> {
+    let refusal = match state {
+        None => Some(Reason::UnknownAccount),
+        Some(a) if a.status == AccountStatus::Closed => Some(Reason::AccountClosed),
+        Some(a) if a.balance_cents < payment.amount_cents => Some(Reason::InsufficientFunds),
+        Some(_) => None,
+    };
+    if let Some(reason) = refusal.or((payment.amount_cents <= 0).then_some(Reason::Invalid)) {
+        lineage.push(hop(Stage::Rejected, ctx));
+        let outcome = Outcome::Rejected(reason);
+        return Ok(Some(completed(payment, outcome, lineage, ctx)));
+    }
+    let account = state.as_mut().expect("checked above");
+    let debited = checked_add(stats.debited_cents, payment.amount_cents, "debited")?;
+    stats.balance_sum_cents = checked_sub(stats.balance_sum_cents, payment.amount_cents, "sum")?;
+    stats.debited_cents = debited;
+    account.balance_cents -= payment.amount_cents;
+    assert!(account.balance_cents >= 0, "balance below zero after debit");
+    account.updated_at_ms = ctx.now_ms;
+    account.last_payment_id = Some(payment.id.clone());
+    lineage.push(hop(Stage::Debited, ctx));
+    Ok(Some(Emit {
+        topic: OutTopic::Inflight,
+        key: payment.to.clone(),
+        event: Event::Credit { payment, lineage },
+    }))
+}
+
+fn credit(
+    state: &mut Option<Account>,
+    stats: &mut AccountStats,
+    payment: PaymentRef,
+    mut lineage: Vec<Hop>,
+    ctx: &Ctx,
+) -> Result<Option<Emit>, ProcessError> {
+    let amount = payment.amount_cents;
+    let landing = match state {
+        None => Err(Reason::UnknownAccount),
+        Some(a) if a.status == AccountStatus::Closed => Err(Reason::AccountClosed),
+        Some(a) => a
+            .balance_cents
+            .checked_add(amount)
+            .ok_or(Reason::BalanceOverflow),
+    };
+    let balance = match landing {
+        Ok(balance) => balance,
+        Err(reason) => {
+            // The saga's compensation: the money goes back to `from`.
+            lineage.push(hop(Stage::Rejected, ctx));
+            return Ok(Some(Emit {
+                topic: OutTopic::Inflight,
+                key: payment.from.clone(),
+                event: Event::Refund {
+                    payment,
+                    reason,
+                    lineage,
+                },
+            }));
+        }
+    };
+    let credited = checked_add(stats.credited_cents, amount, "credited")?;
+    let sum = checked_add(stats.balance_sum_cents, amount, "balances")?;
+    let account = state.as_mut().expect("checked above");
+    stats.credited_cents = credited;
+    stats.balance_sum_cents = sum;
+    account.balance_cents = balance;
+    account.updated_at_ms = ctx.now_ms;
+    account.last_payment_id = Some(payment.id.clone());
+    lineage.push(hop(Stage::Credited, ctx));
+    Ok(Some(completed(payment, Outcome::Confirmed, lineage, ctx)))
+}
+
+fn refund(
+    state: &mut Option<Account>,
+    stats: &mut AccountStats,
+    payment: PaymentRef,
+    reason: Reason,
+    mut lineage: Vec<Hop>,
+    ctx: &Ctx,
+) -> Result<Option<Emit>, ProcessError> {
+    // The refund goes to the account that was debited, open or closed since:
+    // money is never dropped.
+    let Some(account) = state.as_mut() else {
+        return Err(ProcessError::ImpossibleState(format!(
+            "refund of payment {} to missing account {}",
+            payment.id, payment.from
+        )));
+    };
+    let balance = checked_add(account.balance_cents, payment.amount_cents, "balance")?;
+    let refunded = checked_add(stats.refunded_cents, payment.amount_cents, "refunded")?;
+    let sum = checked_add(stats.balance_sum_cents, payment.amount_cents, "balances")?;
+    account.balance_cents = balance;
+    account.updated_at_ms = ctx.now_ms;
+    stats.refunded_cents = refunded;
+    stats.balance_sum_cents = sum;
+    lineage.push(hop(Stage::Refunded, ctx));
+    Ok(Some(completed(
+        payment,
+        Outcome::Reversed(reason),
+        lineage,
+        ctx,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SourceTopic;
+
+    fn ctx() -> Ctx {
+        Ctx {
+            topic: SourceTopic::Inflight,
+            partition: 1,
+            offset: 9,
+            now_ms: 5,
+        }
+    }
+
+    fn pay(amount_cents: i64) -> PaymentRef {
+        PaymentRef {
+            id: "p".into(),
+            from: "a".into(),
+            to: "b".into(),
+            amount_cents,
+            accepted_at_ms: 1,
+        }
+    }
+
+    fn opened(balance_cents: i64) -> (Option<Account>, AccountStats) {
+        let (mut state, mut stats) = (None, AccountStats::default());
+        let open = Event::OpenAccount {
+            account: "a".into(),
+            opening_balance_cents: balance_cents,
+            at_ms: 0,
+        };
+        Accounts::handle(&mut state, &mut stats, open, &ctx()).unwrap();
+        (state, stats)
+    }
+
+    fn outcome(emit: Option<Emit>) -> Outcome {
+        match emit.unwrap().event {
+            Event::Completed { outcome, .. } => outcome,
+            other => panic!("expected a completion, got {other:?}"),
+        }
+    }
+
+    // A debit with funds takes the money and asks for the credit keyed by `to`.
+    #[test]
+    fn debit_moves_money_and_asks_for_credit() {
+        let (mut state, mut stats) = opened(1_000);
+        let debit = Event::Debit {
+            payment: pay(400),
+            lineage: vec![],
+        };
+        let emit = Accounts::handle(&mut state, &mut stats, debit, &ctx())
+            .unwrap()
+            .unwrap();
+        assert_eq!((emit.topic, emit.key.as_str()), (OutTopic::Inflight, "b"));
+        assert_eq!(state.unwrap().balance_cents, 600);
+        assert_eq!((stats.debited_cents, stats.balance_sum_cents), (400, 600));
+    }
+
+    // Insufficient funds, unknown and closed accounts are rejections, and no money moves.
+    #[test]
+    fn debit_refusals() {
+        let (mut state, mut stats) = opened(100);
+        let debit = |cents| Event::Debit {
+            payment: pay(cents),
+            lineage: vec![],
+        };
+        let got = Accounts::handle(&mut state, &mut stats, debit(101), &ctx()).unwrap();
+        assert_eq!(outcome(got), Outcome::Rejected(Reason::InsufficientFunds));
+        assert_eq!(state.as_ref().unwrap().balance_cents, 100);
+        let got = Accounts::handle(&mut None, &mut stats, debit(1), &ctx()).unwrap();
+        assert_eq!(outcome(got), Outcome::Rejected(Reason::UnknownAccount));
+        state.as_mut().unwrap().status = AccountStatus::Closed;
+        let got = Accounts::handle(&mut state, &mut stats, debit(1), &ctx()).unwrap();
+        assert_eq!(outcome(got), Outcome::Rejected(Reason::AccountClosed));
+        assert_eq!(stats.debited_cents, 0);
+    }
+
+    // A credit to a missing account becomes a refund to `from`, which completes as reversed.
+    #[test]
+    fn failed_credit_is_refunded() {
+        let mut stats = AccountStats::default();
+        let credit = Event::Credit {
+            payment: pay(50),
+            lineage: vec![],
+        };
+        let emit = Accounts::handle(&mut None, &mut stats, credit, &ctx())
+            .unwrap()
+            .unwrap();
+        assert_eq!((emit.topic, emit.key.as_str()), (OutTopic::Inflight, "a"));
+        let (mut state, mut stats) = opened(0);
+        let got = Accounts::handle(&mut state, &mut stats, emit.event, &ctx()).unwrap();
+        assert_eq!(outcome(got), Outcome::Reversed(Reason::UnknownAccount));
+        assert_eq!(state.unwrap().balance_cents, 50);
+        assert_eq!(stats.refunded_cents, 50);
+    }
+
+    // Opening twice changes nothing; a deposit adds to balance and funded money.
+    #[test]
+    fn open_is_idempotent_and_deposit_funds() {
+        let (mut state, mut stats) = opened(10);
+        let again = Event::OpenAccount {
+            account: "a".into(),
+            opening_balance_cents: 99,
+            at_ms: 0,
+        };
+        Accounts::handle(&mut state, &mut stats, again, &ctx()).unwrap();
+        let deposit = Event::Deposit {
+            account: "a".into(),
+            amount_cents: 5,
+            at_ms: 0,
+        };
+        Accounts::handle(&mut state, &mut stats, deposit, &ctx()).unwrap();
+        assert_eq!(state.unwrap().balance_cents, 15);
+        assert_eq!((stats.funded_cents, stats.account_count), (15, 1));
+    }
+
+    // A credit that would overflow the balance is refunded, not wrapped.
+    #[test]
+    fn overflowing_credit_is_refunded() {
+        let (mut state, mut stats) = opened(i64::MAX);
+        let credit = Event::Credit {
+            payment: PaymentRef {
+                to: "a".into(),
+                from: "x".into(),
+                ..pay(1)
+            },
+            lineage: vec![],
+        };
+        let emit = Accounts::handle(&mut state, &mut stats, credit, &ctx())
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            emit.event,
+            Event::Refund {
+                reason: Reason::BalanceOverflow,
+                ..
+            }
+        ));
+        assert_eq!(state.unwrap().balance_cents, i64::MAX);
+    }
+}

@@ -1,0 +1,155 @@
+//! Property tests over the three processors wired together in memory: any
+//! sequence of opens, deposits, closes and payments, delivered in any
+//! interleaving, conserves money and never drives a balance negative.
+
+use std::collections::{HashMap, VecDeque};
+
+use proptest::prelude::*;
+
+use super::account::{Account, AccountStats, Accounts};
+use super::confirmed::{Confirmed, ConfirmedStats};
+use super::inflight::{Inflight, InflightStats, PaymentState};
+use super::{Ctx, Emit, OutTopic, Processor};
+use crate::model::{partition_for, Event, PaymentRef, PaymentStatus, SourceTopic};
+
+const PARTITIONS: u32 = 3;
+
+#[derive(Default)]
+struct World {
+    accounts: HashMap<String, Account>,
+    account_stats: Vec<AccountStats>,
+    payments: HashMap<String, PaymentState>,
+    inflight_stats: Vec<InflightStats>,
+    confirmed_stats: ConfirmedStats,
+    /// Records waiting on each topic, in the order they were emitted.
+    queues: HashMap<SourceTopic, VecDeque<(String, Event)>>,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            account_stats: vec![AccountStats::default(); PARTITIONS as usize],
+            inflight_stats: vec![InflightStats::default(); PARTITIONS as usize],
+            ..Self::default()
+        }
+    }
+
+    fn push(&mut self, emit: Emit) {
+        let topic = match emit.topic {
+            OutTopic::Inflight => SourceTopic::Inflight,
+            OutTopic::Complete => SourceTopic::Complete,
+            OutTopic::Confirmed => return,
+        };
+        self.queues
+            .entry(topic)
+            .or_default()
+            .push_back((emit.key, emit.event));
+    }
+
+    /// Delivers the oldest record of `topic` to its processor(s).
+    fn step(&mut self, topic: SourceTopic) {
+        let Some((key, event)) = self.queues.get_mut(&topic).and_then(|q| q.pop_front()) else {
+            return;
+        };
+        let partition = partition_for(&key, PARTITIONS);
+        let ctx = Ctx {
+            topic,
+            partition,
+            offset: 0,
+            now_ms: 1,
+        };
+        let p = partition as usize;
+        match topic {
+            SourceTopic::Inflight => {
+                let id = Accounts::state_key(&event).unwrap().to_owned();
+                let mut row = self.accounts.remove(&id);
+                let out =
+                    Accounts::handle(&mut row, &mut self.account_stats[p], event, &ctx).unwrap();
+                if let Some(row) = row {
+                    assert!(row.balance_cents >= 0, "negative balance");
+                    self.accounts.insert(id, row);
+                }
+                out.into_iter().for_each(|e| self.push(e));
+            }
+            SourceTopic::Incoming | SourceTopic::Complete => {
+                if topic == SourceTopic::Complete {
+                    Confirmed::handle(&mut None, &mut self.confirmed_stats, event.clone(), &ctx)
+                        .unwrap();
+                }
+                let id = Inflight::state_key(&event).unwrap().to_owned();
+                let mut row = self.payments.remove(&id);
+                let out =
+                    Inflight::handle(&mut row, &mut self.inflight_stats[p], event, &ctx).unwrap();
+                self.payments.extend(row.map(|r| (id, r)));
+                out.into_iter().for_each(|e| self.push(e));
+            }
+        }
+    }
+
+    fn assert_conserved(&self) {
+        let sum = |f: fn(&AccountStats) -> i64| self.account_stats.iter().map(f).sum::<i64>();
+        let balances: i64 = self.accounts.values().map(|a| a.balance_cents).sum();
+        assert_eq!(balances, sum(|s| s.balance_sum_cents));
+        let in_transit =
+            sum(|s| s.debited_cents) - sum(|s| s.credited_cents) - sum(|s| s.refunded_cents);
+        assert!(in_transit >= 0);
+        assert_eq!(
+            balances + in_transit,
+            sum(|s| s.funded_cents),
+            "money not conserved"
+        );
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Open(u8, i64),
+    Close(u8),
+    Pay(u8, u8, i64),
+    Deliver(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..6, 0i64..1_000).prop_map(|(a, b)| Op::Open(a, b)),
+        (0u8..6).prop_map(Op::Close),
+        (0u8..7, 0u8..7, -5i64..600).prop_map(|(f, t, c)| Op::Pay(f, t, c)),
+        (0u8..3).prop_map(Op::Deliver),
+    ]
+}
+
+proptest! {
+    // Any sequence of events, in any interleaving across topics, conserves money and
+    // ends every payment in exactly one terminal state once all records are delivered.
+    #[test]
+    fn money_is_conserved(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut world = World::new();
+        let topics = [SourceTopic::Incoming, SourceTopic::Inflight, SourceTopic::Complete];
+        for (n, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Open(a, cents) => world.push(Emit { topic: OutTopic::Inflight, key: format!("a{a}"),
+                    event: Event::OpenAccount { account: format!("a{a}"), opening_balance_cents: cents, at_ms: 0 } }),
+                Op::Close(a) => world.push(Emit { topic: OutTopic::Inflight, key: format!("a{a}"),
+                    event: Event::CloseAccount { account: format!("a{a}"), at_ms: 0 } }),
+                Op::Pay(from, to, cents) => {
+                    let payment = PaymentRef { id: format!("p{n}"), from: format!("a{from}"),
+                        to: format!("a{to}"), amount_cents: cents, accepted_at_ms: 0 };
+                    world.queues.entry(SourceTopic::Incoming).or_default()
+                        .push_back((payment.id.clone(), Event::PaymentSubmitted(payment)));
+                }
+                Op::Deliver(t) => world.step(topics[t as usize]),
+            }
+            world.assert_conserved();
+        }
+        while world.queues.values().any(|q| !q.is_empty()) {
+            for topic in topics { world.step(topic); }
+            world.assert_conserved();
+        }
+        let terminal = world.payments.values().filter(|p| p.status.is_terminal()).count();
+        prop_assert_eq!(terminal, world.payments.len());
+        prop_assert!(world.payments.values().all(|p| p.status != PaymentStatus::Inflight));
+        let s = &world.confirmed_stats;
+        prop_assert_eq!((s.confirmed_count + s.rejected_count + s.reversed_count) as usize, world.payments.len());
+        prop_assert_eq!(world.inflight_stats.iter().map(|s| s.inflight_count).sum::<u64>(), 0);
+    }
+}

@@ -1,0 +1,343 @@
+//! The inflight processor: owns each payment's state (dedup, status, lineage)
+//! and the inflight count and value. Reads `payment.incoming` (admits new
+//! payments, emits DEBIT keyed by `from`) and `payment.complete` (records the
+//! terminal state).
+
+use serde::{Deserialize, Serialize};
+
+use super::{checked_add, checked_sub, Ctx, Emit, OutTopic, ProcessError, Processor};
+use crate::model::{
+    validate_id, Event, Hop, Outcome, PaymentRef, PaymentStatus, Reason, SourceTopic, Stage,
+};
+
+/// A payment as the inflight processor knows it: the `payments` state table row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentState {
+    /// The request as accepted.
+    pub payment: PaymentRef,
+    /// Where it is now.
+    pub status: PaymentStatus,
+    /// Why it was rejected or reversed.
+    pub reason: Option<Reason>,
+    /// When it reached its terminal state.
+    pub completed_at_ms: Option<i64>,
+    /// Every hop it took, in order.
+    pub lineage: Vec<Hop>,
+}
+
+/// Inflight statistics of one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InflightStats {
+    /// Payments admitted and not yet terminal.
+    pub inflight_count: u64,
+    /// Their total amount.
+    pub inflight_amount_cents: i64,
+    /// Payments admitted since the start of the log.
+    pub admitted_count: u64,
+    /// Copies of an already known payment id that were ignored.
+    pub duplicate_count: u64,
+}
+
+pub struct Inflight;
+
+impl Processor for Inflight {
+    type State = PaymentState;
+    type Stats = InflightStats;
+    const NAME: &'static str = "inflight";
+    const TABLE: &'static str = "p";
+
+    fn state_key(event: &Event) -> Option<&str> {
+        match event {
+            Event::PaymentSubmitted(payment) | Event::Completed { payment, .. } => {
+                Some(&payment.id)
+            }
+            _ => None,
+        }
+    }
+
+    fn handle(
+        state: &mut Option<PaymentState>,
+        stats: &mut InflightStats,
+        event: Event,
+        ctx: &Ctx,
+    ) -> Result<Option<Emit>, ProcessError> {
+        match (ctx.topic, event) {
+            (SourceTopic::Incoming, Event::PaymentSubmitted(payment)) => {
+                admit(state, stats, payment, ctx)
+            }
+            (
+                SourceTopic::Complete,
+                Event::Completed {
+                    payment,
+                    outcome,
+                    completed_at_ms,
+                    lineage,
+                },
+            ) => {
+                let completion = Completion {
+                    payment,
+                    outcome,
+                    completed_at_ms,
+                    lineage,
+                };
+                complete(state, stats, completion, ctx).map(|()| None)
+            }
+            (_, other) => Err(ProcessError::UnexpectedEvent { kind: other.kind() }),
+        }
+    }
+}
+
+/// Whether a payment may move money at all: the checks that need no balance.
+pub fn validate_payment(payment: &PaymentRef) -> Result<(), String> {
+    validate_id(&payment.id).map_err(|e| format!("id {e}"))?;
+    validate_id(&payment.from).map_err(|e| format!("from {e}"))?;
+    validate_id(&payment.to).map_err(|e| format!("to {e}"))?;
+    if payment.amount_cents <= 0 {
+        return Err(format!("amount {} must be > 0", payment.amount_cents));
+    }
+    if payment.from == payment.to {
+        return Err("from and to are the same account".into());
+    }
+    Ok(())
+}
+
+fn admit(
+    state: &mut Option<PaymentState>,
+    stats: &mut InflightStats,
+    payment: PaymentRef,
+    ctx: &Ctx,
+) -> Result<Option<Emit>, ProcessError> {
+    if let Some(existing) = state {
+        // Every copy of an id lands on this partition, so this is the safety
+        // net behind the ingest path's own dedup.
+        if existing.payment.same_request(&payment) {
+            stats.duplicate_count += 1;
+            return Ok(None);
+        }
+        return Err(ProcessError::ImpossibleState(format!(
+            "payment {} submitted again with a different body",
+            payment.id
+        )));
+    }
+    let hop = Hop {
+        stage: Stage::Admitted,
+        partition: ctx.partition,
+        offset: ctx.offset,
+        at_ms: ctx.now_ms,
+    };
+    if validate_payment(&payment).is_err() {
+        // Records written by other producers skip the HTTP checks; they end
+        // as a business rejection, not a dead letter.
+        let outcome = Outcome::Rejected(Reason::Invalid);
+        *state = Some(PaymentState {
+            payment: payment.clone(),
+            status: PaymentStatus::Rejected,
+            reason: Some(Reason::Invalid),
+            completed_at_ms: Some(ctx.now_ms),
+            lineage: vec![hop.clone()],
+        });
+        return Ok(Some(Emit {
+            topic: OutTopic::Complete,
+            key: payment.id.clone(),
+            event: Event::Completed {
+                payment,
+                outcome,
+                completed_at_ms: ctx.now_ms,
+                lineage: vec![hop],
+            },
+        }));
+    }
+    let amount = checked_add(
+        stats.inflight_amount_cents,
+        payment.amount_cents,
+        "inflight",
+    )?;
+    stats.inflight_amount_cents = amount;
+    stats.inflight_count += 1;
+    stats.admitted_count += 1;
+    *state = Some(PaymentState {
+        payment: payment.clone(),
+        status: PaymentStatus::Inflight,
+        reason: None,
+        completed_at_ms: None,
+        lineage: vec![hop.clone()],
+    });
+    Ok(Some(Emit {
+        topic: OutTopic::Inflight,
+        key: payment.from.clone(),
+        event: Event::Debit {
+            payment,
+            lineage: vec![hop],
+        },
+    }))
+}
+
+/// The parts of a `Completed` event.
+struct Completion {
+    payment: PaymentRef,
+    outcome: Outcome,
+    completed_at_ms: i64,
+    lineage: Vec<Hop>,
+}
+
+fn complete(
+    state: &mut Option<PaymentState>,
+    stats: &mut InflightStats,
+    completion: Completion,
+    ctx: &Ctx,
+) -> Result<(), ProcessError> {
+    let id = &completion.payment.id;
+    let Some(current) = state else {
+        return Err(ProcessError::ImpossibleState(format!(
+            "completion for unknown payment {id}"
+        )));
+    };
+    if !current.payment.same_request(&completion.payment) {
+        return Err(ProcessError::ImpossibleState(format!(
+            "completion for payment {id} disagrees with the admitted payment"
+        )));
+    }
+    if current.status.is_terminal() {
+        // Invalid payments are terminal at admission; their completion only
+        // feeds the confirmed processor's counts.
+        return Ok(());
+    }
+    let amount = checked_sub(
+        stats.inflight_amount_cents,
+        current.payment.amount_cents,
+        "inflight",
+    )?;
+    assert!(stats.inflight_count > 0, "inflight count below zero");
+    stats.inflight_count -= 1;
+    stats.inflight_amount_cents = amount;
+    current.status = completion.outcome.status();
+    current.reason = completion.outcome.reason();
+    current.completed_at_ms = Some(completion.completed_at_ms);
+    current.lineage = completion.lineage;
+    current.lineage.push(Hop {
+        stage: Stage::Completed,
+        partition: ctx.partition,
+        offset: ctx.offset,
+        at_ms: ctx.now_ms,
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payment(id: &str, amount_cents: i64) -> PaymentRef {
+        PaymentRef {
+            id: id.into(),
+            from: "a".into(),
+            to: "b".into(),
+            amount_cents,
+            accepted_at_ms: 1,
+        }
+    }
+
+    fn ctx(topic: SourceTopic, offset: u64) -> Ctx {
+        Ctx {
+            topic,
+            partition: 0,
+            offset,
+            now_ms: 10,
+        }
+    }
+
+    // Admission emits one DEBIT keyed by `from` and counts the payment inflight.
+    #[test]
+    fn admits_and_debits() {
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let emit = Inflight::handle(
+            &mut state,
+            &mut stats,
+            Event::PaymentSubmitted(payment("p1", 500)),
+            &ctx(SourceTopic::Incoming, 3),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((emit.topic, emit.key.as_str()), (OutTopic::Inflight, "a"));
+        assert!(matches!(emit.event, Event::Debit { .. }));
+        assert_eq!(state.unwrap().status, PaymentStatus::Inflight);
+        assert_eq!(
+            (stats.inflight_count, stats.inflight_amount_cents),
+            (1, 500)
+        );
+    }
+
+    // A second copy of the same payment is ignored; a different body under the same id is dead-lettered.
+    #[test]
+    fn dedups_copies() {
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let c = ctx(SourceTopic::Incoming, 0);
+        let submit = |p| Event::PaymentSubmitted(p);
+        Inflight::handle(&mut state, &mut stats, submit(payment("p1", 5)), &c).unwrap();
+        let again = Inflight::handle(&mut state, &mut stats, submit(payment("p1", 5)), &c);
+        assert_eq!(again, Ok(None));
+        let before = (state.clone(), stats.clone());
+        let other = Inflight::handle(&mut state, &mut stats, submit(payment("p1", 6)), &c);
+        assert!(matches!(other, Err(ProcessError::ImpossibleState(_))));
+        assert_eq!((state, stats.clone()), before);
+        assert_eq!(stats.inflight_count, 1);
+    }
+
+    // Invalid payments from other producers end as rejected(invalid), never inflight.
+    #[test]
+    fn invalid_payment_is_rejected() {
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let emit = Inflight::handle(
+            &mut state,
+            &mut stats,
+            Event::PaymentSubmitted(payment("p1", -5)),
+            &ctx(SourceTopic::Incoming, 0),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(emit.topic, OutTopic::Complete);
+        assert_eq!(state.unwrap().reason, Some(Reason::Invalid));
+        assert_eq!(stats.inflight_count, 0);
+    }
+
+    // Completion sets the terminal state once and releases the inflight value.
+    #[test]
+    fn completion_is_terminal_once() {
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let p = payment("p1", 700);
+        Inflight::handle(
+            &mut state,
+            &mut stats,
+            Event::PaymentSubmitted(p.clone()),
+            &ctx(SourceTopic::Incoming, 0),
+        )
+        .unwrap();
+        let done = Event::Completed {
+            payment: p,
+            outcome: Outcome::Reversed(Reason::UnknownAccount),
+            completed_at_ms: 20,
+            lineage: vec![],
+        };
+        let c = ctx(SourceTopic::Complete, 4);
+        Inflight::handle(&mut state, &mut stats, done.clone(), &c).unwrap();
+        Inflight::handle(&mut state, &mut stats, done, &c).unwrap();
+        let row = state.unwrap();
+        assert_eq!(row.status, PaymentStatus::Reversed);
+        assert_eq!(row.lineage.last().unwrap().stage, Stage::Completed);
+        assert_eq!((stats.inflight_count, stats.inflight_amount_cents), (0, 0));
+    }
+
+    // A completion for a payment never admitted is an impossible state.
+    #[test]
+    fn unknown_completion_is_an_error() {
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let done = Event::Completed {
+            payment: payment("nope", 1),
+            outcome: Outcome::Confirmed,
+            completed_at_ms: 1,
+            lineage: vec![],
+        };
+        let result = Inflight::handle(&mut state, &mut stats, done, &ctx(SourceTopic::Complete, 0));
+        assert!(matches!(result, Err(ProcessError::ImpossibleState(_))));
+    }
+}

@@ -1,0 +1,94 @@
+//! Pillar 1, the business function: three stream processors as pure logic.
+//!
+//! A processor sees one decoded event at a time with the state of the one key
+//! that event touches and its partition's statistics; it returns at most one
+//! event to emit. It never sees a channel, a socket, sled or the log: the
+//! runtime (`runtime::task`) owns those, so these rules test in microseconds.
+
+pub mod account;
+pub mod confirmed;
+pub mod inflight;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::model::{Event, SourceTopic};
+
+/// Topics a processor writes to (names come from config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OutTopic {
+    Inflight,
+    Complete,
+    Confirmed,
+}
+
+/// One record a processor wants appended, keyed for partitioning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emit {
+    /// Where it goes.
+    pub topic: OutTopic,
+    /// Partitioning key: account id on `payment.inflight`, payment id elsewhere.
+    pub key: String,
+    /// What it says.
+    pub event: Event,
+}
+
+/// Where the record being handled sits, and the time the runtime read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ctx {
+    pub topic: SourceTopic,
+    pub partition: u32,
+    pub offset: u64,
+    pub now_ms: i64,
+}
+
+/// A record the processor cannot act on. The runtime dead-letters it and goes
+/// on; a business refusal is never one of these (it is an `Outcome`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessError {
+    #[error("event {kind} does not belong on this processor's input")]
+    UnexpectedEvent { kind: &'static str },
+    #[error("impossible transition: {0}")]
+    ImpossibleState(String),
+    #[error("arithmetic overflow: {0}")]
+    Overflow(String),
+}
+
+/// The contract between pure logic and the runtime.
+pub trait Processor: Send + Sync + 'static {
+    /// Per-key state (a row of a state table).
+    type State: Clone + Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// Per-partition statistics, kept in memory and checkpointed with offsets.
+    type Stats: Clone + Default + Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    /// Name used for task ids, metrics and the DLQ.
+    const NAME: &'static str;
+    /// Prefix of this processor's state rows in the store.
+    const TABLE: &'static str;
+
+    /// The state key `event` reads and writes, if any.
+    fn state_key(event: &Event) -> Option<&str>;
+
+    /// Applies `event`. On `Err`, `state` and `stats` must be left unchanged.
+    fn handle(
+        state: &mut Option<Self::State>,
+        stats: &mut Self::Stats,
+        event: Event,
+        ctx: &Ctx,
+    ) -> Result<Option<Emit>, ProcessError>;
+}
+
+/// Adds with overflow as an error naming what overflowed.
+pub(crate) fn checked_add(left: i64, right: i64, what: &str) -> Result<i64, ProcessError> {
+    left.checked_add(right)
+        .ok_or_else(|| ProcessError::Overflow(format!("{what}: {left} + {right}")))
+}
+
+/// Subtracts with overflow as an error naming what overflowed.
+pub(crate) fn checked_sub(left: i64, right: i64, what: &str) -> Result<i64, ProcessError> {
+    left.checked_sub(right)
+        .ok_or_else(|| ProcessError::Overflow(format!("{what}: {left} - {right}")))
+}
+
+#[cfg(test)]
+mod conservation_tests;

@@ -1,0 +1,301 @@
+//! The ingest path: one sequencer per `payment.incoming` partition checks a
+//! payment id against everything already accepted and appends the new ones in
+//! one durable group commit. Check and append are one sequenced step, so two
+//! submissions of one id can never both be appended as new.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{RuntimeError, Shared};
+use crate::log::{LogError, Record, TopicPartition};
+use crate::model::{codec, now_ms, partition_for, Envelope, Event, PaymentRef, PaymentStatus};
+
+/// The answer to one submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Durable in `payment.incoming` now.
+    Accepted(PaymentRef),
+    /// Already accepted earlier with the same body; its current status.
+    Duplicate(PaymentRef, PaymentStatus),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    #[error("payment {0} was already submitted with a different body")]
+    Conflict(String),
+    #[error("ingest queue of partition {0} is full; retry later")]
+    Busy(u32),
+    #[error("the server is shutting down")]
+    Closed,
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+struct Submission {
+    payment: PaymentRef,
+    reply: oneshot::Sender<Result<Admission, IngestError>>,
+}
+
+/// Payments appended but maybe not yet in the store, by id and by offset.
+#[derive(Default)]
+pub struct Recent {
+    by_id: HashMap<String, (PaymentRef, u64)>,
+    by_offset: BTreeMap<u64, String>,
+}
+
+impl Recent {
+    fn insert(&mut self, payment: PaymentRef, offset: u64) {
+        self.by_offset.insert(offset, payment.id.clone());
+        self.by_id.insert(payment.id.clone(), (payment, offset));
+    }
+
+    /// Forgets payments below `offset`: the inflight processor's durable
+    /// checkpoint holds them.
+    fn forget_below(&mut self, offset: u64) {
+        while let Some(entry) = self.by_offset.first_entry() {
+            if *entry.key() >= offset {
+                break;
+            }
+            let id = entry.remove();
+            self.by_id.remove(&id);
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&PaymentRef> {
+        self.by_id.get(id).map(|(payment, _)| payment)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// Handles to the sequencers.
+pub struct Ingest {
+    queues: Vec<mpsc::Sender<Submission>>,
+    /// Per partition: what was appended and is not yet durable in the store.
+    pub recent: Vec<Arc<Mutex<Recent>>>,
+}
+
+impl Ingest {
+    /// Submits one payment; returns once it is durable (or refused).
+    pub async fn submit(&self, payment: PaymentRef) -> Result<Admission, IngestError> {
+        let partition = partition_for(&payment.id, self.queues.len() as u32);
+        let (reply, answer) = oneshot::channel();
+        self.queues[partition as usize]
+            .try_send(Submission { payment, reply })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => IngestError::Busy(partition),
+                mpsc::error::TrySendError::Closed(_) => IngestError::Closed,
+            })?;
+        answer.await.map_err(|_| IngestError::Closed)?
+    }
+
+    /// A payment accepted but not yet admitted by the inflight processor.
+    pub fn accepted(&self, id: &str) -> Option<PaymentRef> {
+        let partition = partition_for(id, self.queues.len() as u32) as usize;
+        let recent = self.recent[partition].lock().expect("recent lock");
+        recent.get(id).cloned()
+    }
+
+    /// Payments accepted and not yet in the store, over all partitions.
+    pub fn pending(&self) -> usize {
+        self.recent
+            .iter()
+            .map(|r| r.lock().expect("recent lock").len())
+            .sum()
+    }
+}
+
+/// Starts one sequencer per partition; `recent` is rebuilt from the log
+/// between the inflight processor's checkpoint and the high-water mark.
+pub async fn start(shared: &Arc<Shared>) -> Result<Ingest, RuntimeError> {
+    let partitions = shared.config.log.partitions;
+    let mut queues = Vec::new();
+    let mut recents = Vec::new();
+    for partition in 0..partitions {
+        let tp = TopicPartition::new(shared.topics.incoming.clone(), partition);
+        let recent = Arc::new(Mutex::new(recover(shared, &tp).await?));
+        let (sender, receiver) = mpsc::channel(shared.config.pipeline.ingest_queue);
+        let sequencer = Sequencer {
+            shared: shared.clone(),
+            tp,
+            recent: recent.clone(),
+        };
+        shared.tracker.spawn(sequencer.run(receiver));
+        queues.push(sender);
+        recents.push(recent);
+    }
+    Ok(Ingest {
+        queues,
+        recent: recents,
+    })
+}
+
+async fn recover(shared: &Shared, tp: &TopicPartition) -> Result<Recent, RuntimeError> {
+    let inflight = &shared.inflight[tp.partition as usize];
+    let mut offset = inflight.durable_offset((crate::model::SourceTopic::Incoming, tp.partition));
+    offset = offset.max(shared.log.log_start(tp).await?);
+    let end = shared.log.high_watermark(tp).await?;
+    let mut recent = Recent::default();
+    while offset < end {
+        let records = shared.log.read(tp, offset, 4_096).await?;
+        let Some(last) = records.last() else { break };
+        offset = last.offset + 1;
+        for stored in records {
+            if let Ok(Envelope {
+                event: Event::PaymentSubmitted(payment),
+                ..
+            }) = codec::decode(&stored.record.value)
+            {
+                recent.insert(payment, stored.offset);
+            }
+        }
+    }
+    Ok(recent)
+}
+
+struct Sequencer {
+    shared: Arc<Shared>,
+    tp: TopicPartition,
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// What the sequencer decided for one submission before the append.
+enum Verdict {
+    New(PaymentRef),
+    Answer(Result<Admission, IngestError>),
+}
+
+impl Sequencer {
+    async fn run(self, mut queue: mpsc::Receiver<Submission>) {
+        let max = self.shared.config.pipeline.ingest_batch;
+        let mut batch = Vec::with_capacity(max);
+        loop {
+            let received = tokio::select! {
+                n = queue.recv_many(&mut batch, max) => n,
+                () = self.shared.shutdown.cancelled() => 0,
+            };
+            if received == 0 {
+                break;
+            }
+            self.commit(std::mem::take(&mut batch)).await;
+        }
+        queue.close();
+        while let Ok(submission) = queue.try_recv() {
+            let _ = submission.reply.send(Err(IngestError::Closed));
+        }
+    }
+
+    /// Decides, appends and answers one group of submissions.
+    async fn commit(&self, batch: Vec<Submission>) {
+        let accepted_at_ms = now_ms();
+        let durable = self.shared.inflight[self.tp.partition as usize]
+            .durable_offset((crate::model::SourceTopic::Incoming, self.tp.partition));
+        let mut fresh: HashMap<String, PaymentRef> = HashMap::new();
+        let mut verdicts = Vec::with_capacity(batch.len());
+        {
+            let mut recent = self.recent.lock().expect("recent lock");
+            recent.forget_below(durable);
+            for submission in &batch {
+                let mut payment = submission.payment.clone();
+                payment.accepted_at_ms = accepted_at_ms;
+                verdicts.push(self.decide(&recent, &fresh, payment.clone()));
+                if let Verdict::New(_) = verdicts.last().expect("just pushed") {
+                    fresh.insert(payment.id.clone(), payment);
+                }
+            }
+        }
+        let records: Vec<Record> = verdicts
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::New(payment) => Some(to_record(payment)),
+                Verdict::Answer(_) => None,
+            })
+            .collect();
+        let appended = self.shared.log.append(&self.tp, records).await;
+        let mut offset = match &appended {
+            Ok(first) => *first,
+            Err(_) => 0,
+        };
+        let mut recent = self.recent.lock().expect("recent lock");
+        for (submission, verdict) in batch.into_iter().zip(verdicts) {
+            let answer = match (verdict, &appended) {
+                (Verdict::Answer(answer), _) => answer,
+                (Verdict::New(payment), Ok(_)) => {
+                    recent.insert(payment.clone(), offset);
+                    offset += 1;
+                    Ok(Admission::Accepted(payment))
+                }
+                (Verdict::New(_), Err(error)) => Err(IngestError::Log(clone_log_error(error))),
+            };
+            let _ = submission.reply.send(answer);
+        }
+    }
+
+    fn decide(
+        &self,
+        recent: &Recent,
+        fresh: &HashMap<String, PaymentRef>,
+        payment: PaymentRef,
+    ) -> Verdict {
+        let known = recent
+            .get(&payment.id)
+            .or_else(|| fresh.get(&payment.id))
+            .map(|p| (p.clone(), PaymentStatus::Accepted));
+        let known = match known {
+            Some(known) => Some(known),
+            None => match self.shared.inflight[self.tp.partition as usize]
+                .get(&self.shared, &payment.id)
+            {
+                Ok(state) => state.map(|s| (s.payment, s.status)),
+                Err(error) => return Verdict::Answer(Err(error.into())),
+            },
+        };
+        match known {
+            None => Verdict::New(payment),
+            Some((earlier, status)) if earlier.same_request(&payment) => {
+                Verdict::Answer(Ok(Admission::Duplicate(earlier, status)))
+            }
+            Some(_) => Verdict::Answer(Err(IngestError::Conflict(payment.id))),
+        }
+    }
+}
+
+fn to_record(payment: &PaymentRef) -> Record {
+    let envelope = Envelope {
+        source: None,
+        event: Event::PaymentSubmitted(payment.clone()),
+    };
+    Record {
+        key: Bytes::from(payment.id.clone().into_bytes()),
+        value: Bytes::from(codec::encode(&envelope)),
+        timestamp_ms: payment.accepted_at_ms,
+    }
+}
+
+/// Log errors are not `Clone` (they may hold an io::Error); one append's error
+/// is reported to every submission of the group by message.
+fn clone_log_error(error: &LogError) -> LogError {
+    match error {
+        LogError::Full {
+            used_bytes,
+            limit_bytes,
+        } => LogError::Full {
+            used_bytes: *used_bytes,
+            limit_bytes: *limit_bytes,
+        },
+        LogError::Closed => LogError::Closed,
+        other => LogError::Backend(other.to_string()),
+    }
+}

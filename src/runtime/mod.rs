@@ -1,0 +1,413 @@
+//! The runtime owns every piece of IO: it opens the log and the store, starts
+//! one task per (processor, partition) and one ingest sequencer per partition,
+//! flushes the store and applies retention, and shuts everything down in order.
+
+pub mod ingest;
+pub mod task;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, TopicsConfig};
+use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
+use crate::log::{Log, LogError, Record, TopicPartition};
+use crate::model::{codec, now_ms, partition_for, Envelope, Event, SourceTopic};
+use crate::pipeline::account::{Account, AccountStats, Accounts};
+use crate::pipeline::confirmed::{Confirmed, ConfirmedStats};
+use crate::pipeline::inflight::{Inflight, InflightStats};
+use crate::pipeline::Processor;
+use crate::store::{checkpoint_key, Checkpoint, Store, StoreError};
+use task::TaskShared;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Startup(String),
+}
+
+impl TopicsConfig {
+    pub fn name(&self, kind: SourceTopic) -> &str {
+        match kind {
+            SourceTopic::Incoming => &self.incoming,
+            SourceTopic::Inflight => &self.inflight,
+            SourceTopic::Complete => &self.complete,
+        }
+    }
+
+    pub fn all(&self) -> [&str; 5] {
+        [
+            &self.incoming,
+            &self.inflight,
+            &self.complete,
+            &self.confirmed,
+            &self.dlq,
+        ]
+    }
+}
+
+/// Inputs of the inflight processor: new payments and completions.
+const INFLIGHT_INPUTS: &[SourceTopic] = &[SourceTopic::Incoming, SourceTopic::Complete];
+
+/// Everything tasks, sequencers and HTTP handlers share.
+pub struct Shared {
+    pub config: Config,
+    /// Topic names, from config.
+    pub topics: TopicsConfig,
+    pub log: Arc<dyn Log>,
+    pub store: Store,
+    /// Per partition, the tasks' shared views (index = partition).
+    pub inflight: Vec<Arc<TaskShared<Inflight>>>,
+    pub accounts: Vec<Arc<TaskShared<Accounts>>>,
+    pub confirmed: Vec<Arc<TaskShared<Confirmed>>>,
+    /// Tasks hold it shared while applying a batch; readers that need one
+    /// consistent view across partitions (the ledger check) hold it exclusively.
+    pub apply_gate: RwLock<()>,
+    /// Cancelled first: stop intake (HTTP submissions, sequencers).
+    pub shutdown: CancellationToken,
+    /// Cancelled after the drain: processors checkpoint and stop.
+    pub processors_stop: CancellationToken,
+    /// Every spawned task, so shutdown can wait for all of them.
+    pub tracker: TaskTracker,
+}
+
+/// The running system: shared state plus the ingest handles.
+pub struct Runtime {
+    pub shared: Arc<Shared>,
+    pub ingest: ingest::Ingest,
+}
+
+fn load_checkpoint<P: Processor>(
+    store: &Store,
+    partition: u32,
+) -> Result<Checkpoint<P::Stats>, StoreError> {
+    Ok(store
+        .get(&checkpoint_key(P::NAME, partition))?
+        .unwrap_or_default())
+}
+
+/// Opens the backends named by `config`.
+pub fn open_backends(config: &Config) -> Result<(Arc<dyn Log>, Store), RuntimeError> {
+    let dir = &config.data.dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| RuntimeError::Startup(format!("cannot create {}: {e}", dir.display())))?;
+    let log_config = EmbeddedLogConfig {
+        segment_bytes: config.log.segment_bytes,
+        max_retained_bytes: config.log.max_retained_bytes,
+        ..EmbeddedLogConfig::with_dir(dir.join("log"))
+    };
+    let log: Arc<dyn Log> = EmbeddedLog::open(log_config)?;
+    let store = Store::open(&dir.join("state"), config.data.state_cache_bytes)?;
+    Ok((log, store))
+}
+
+impl Runtime {
+    /// Starts every task and sequencer over the given backends.
+    pub async fn start(
+        config: Config,
+        log: Arc<dyn Log>,
+        store: Store,
+    ) -> Result<Self, RuntimeError> {
+        let partitions = config.log.partitions;
+        for topic in config.topics.all() {
+            log.ensure_topic(topic, partitions).await?;
+        }
+        let mut checkpoints = (Vec::new(), Vec::new(), Vec::new());
+        for p in 0..partitions {
+            checkpoints.0.push(load_checkpoint::<Inflight>(&store, p)?);
+            checkpoints.1.push(load_checkpoint::<Accounts>(&store, p)?);
+            checkpoints.2.push(load_checkpoint::<Confirmed>(&store, p)?);
+        }
+        let shared = Arc::new(Shared {
+            topics: config.topics.clone(),
+            inflight: shared_views::<Inflight>(&checkpoints.0),
+            accounts: shared_views::<Accounts>(&checkpoints.1),
+            confirmed: shared_views::<Confirmed>(&checkpoints.2),
+            config,
+            log,
+            store,
+            apply_gate: RwLock::new(()),
+            shutdown: CancellationToken::new(),
+            processors_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        for (p, ((a, b), c)) in checkpoints
+            .0
+            .into_iter()
+            .zip(checkpoints.1)
+            .zip(checkpoints.2)
+            .enumerate()
+        {
+            spawn_task(&shared, shared.inflight[p].clone(), a, INFLIGHT_INPUTS);
+            spawn_task(
+                &shared,
+                shared.accounts[p].clone(),
+                b,
+                &[SourceTopic::Inflight],
+            );
+            spawn_task(
+                &shared,
+                shared.confirmed[p].clone(),
+                c,
+                &[SourceTopic::Complete],
+            );
+        }
+        let ingest = ingest::start(&shared).await?;
+        shared.tracker.spawn(flusher(shared.clone()));
+        let runtime = Self { shared, ingest };
+        runtime.seed_demo_accounts().await?;
+        Ok(runtime)
+    }
+
+    /// Opens the configured demo accounts once, on the first start.
+    async fn seed_demo_accounts(&self) -> Result<(), RuntimeError> {
+        let demo = &self.shared.config.demo;
+        const MARKER: &str = "m/demo_seeded";
+        if demo.accounts == 0 || self.shared.store.get::<u32>(MARKER)?.is_some() {
+            return Ok(());
+        }
+        let events = (0..demo.accounts).map(|n| Event::OpenAccount {
+            account: format!("demo-{n:04}"),
+            opening_balance_cents: demo.opening_balance_cents,
+            at_ms: now_ms(),
+        });
+        self.append_account_events(events.collect()).await?;
+        self.shared.store.put(MARKER, &demo.accounts)?;
+        Ok(())
+    }
+
+    /// Appends account events (open, deposit, close) to `payment.inflight`,
+    /// each keyed and partitioned by its account.
+    pub async fn append_account_events(&self, events: Vec<Event>) -> Result<(), RuntimeError> {
+        let partitions = self.shared.config.log.partitions;
+        let mut groups: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+        for event in events {
+            let account = Accounts::state_key(&event)
+                .expect("account events have an account")
+                .to_owned();
+            let envelope = Envelope {
+                source: None,
+                event,
+            };
+            groups
+                .entry(partition_for(&account, partitions))
+                .or_default()
+                .push(Record {
+                    key: Bytes::from(account.into_bytes()),
+                    value: Bytes::from(codec::encode(&envelope)),
+                    timestamp_ms: now_ms(),
+                });
+        }
+        for (partition, records) in groups {
+            let tp = TopicPartition::new(self.shared.topics.inflight.clone(), partition);
+            self.shared.log.append(&tp, records).await?;
+        }
+        Ok(())
+    }
+
+    /// True once every task has caught up with the log as it was at start.
+    pub fn ready(&self) -> bool {
+        let s = &self.shared;
+        s.inflight
+            .iter()
+            .all(|t| t.caught_up.load(Ordering::Relaxed))
+            && s.accounts
+                .iter()
+                .all(|t| t.caught_up.load(Ordering::Relaxed))
+            && s.confirmed
+                .iter()
+                .all(|t| t.caught_up.load(Ordering::Relaxed))
+    }
+
+    pub fn inflight_totals(&self) -> InflightStats {
+        let mut total = InflightStats::default();
+        for task in &self.shared.inflight {
+            let stats = task.stats.read().expect("stats lock");
+            total.inflight_count += stats.inflight_count;
+            total.inflight_amount_cents += stats.inflight_amount_cents;
+            total.admitted_count += stats.admitted_count;
+            total.duplicate_count += stats.duplicate_count;
+        }
+        total
+    }
+
+    pub fn confirmed_totals(&self) -> ConfirmedStats {
+        let mut total = ConfirmedStats::default();
+        let today = now_ms().div_euclid(crate::pipeline::confirmed::MS_PER_DAY);
+        for task in &self.shared.confirmed {
+            let stats = task.stats.read().expect("stats lock");
+            total.confirmed_count += stats.confirmed_count;
+            total.confirmed_amount_cents += stats.confirmed_amount_cents;
+            if stats.today_day == today {
+                total.today_count += stats.today_count;
+                total.today_amount_cents += stats.today_amount_cents;
+            }
+            total.rejected_count += stats.rejected_count;
+            total.reversed_count += stats.reversed_count;
+            for (reason, n) in &stats.rejected_by_reason {
+                *total.rejected_by_reason.entry(reason.clone()).or_default() += n;
+            }
+            for (reason, n) in &stats.reversed_by_reason {
+                *total.reversed_by_reason.entry(reason.clone()).or_default() += n;
+            }
+        }
+        total.today_day = today;
+        total
+    }
+
+    /// Account totals over all partitions, read as one consistent snapshot.
+    pub fn ledger(&self) -> AccountStats {
+        let _exclusive = self.shared.apply_gate.write().expect("apply gate");
+        let mut total = AccountStats::default();
+        for task in &self.shared.accounts {
+            let s = task.stats.read().expect("stats lock");
+            total.account_count += s.account_count;
+            total.funded_cents += s.funded_cents;
+            total.balance_sum_cents += s.balance_sum_cents;
+            total.debited_cents += s.debited_cents;
+            total.credited_cents += s.credited_cents;
+            total.refunded_cents += s.refunded_cents;
+        }
+        total
+    }
+
+    pub fn account(&self, id: &str) -> Result<Option<Account>, RuntimeError> {
+        let partition = partition_for(id, self.shared.config.log.partitions) as usize;
+        self.shared.accounts[partition].get(&self.shared, id)
+    }
+
+    /// A page of accounts in id order across all partitions.
+    pub fn accounts_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Account>, RuntimeError> {
+        let mut page: BTreeMap<String, Account> = self
+            .shared
+            .store
+            .scan::<Account>(Accounts::TABLE, after, limit)?
+            .into_iter()
+            .collect();
+        for task in &self.shared.accounts {
+            page.extend(task.dirty_rows_after(after));
+        }
+        Ok(page.into_values().take(limit).collect())
+    }
+
+    /// Stops intake, lets in-flight payments finish (bounded), stops the
+    /// processors after a final checkpoint, and flushes the store.
+    pub async fn shutdown(&self) -> Result<(), RuntimeError> {
+        self.shared.shutdown.cancel();
+        let drain = Duration::from_millis(self.shared.config.pipeline.shutdown_drain_ms);
+        let deadline = tokio::time::Instant::now() + drain;
+        while self.inflight_totals().inflight_count > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.inflight_totals().inflight_count;
+        if left > 0 {
+            tracing::warn!(left, "drain timed out; the rest resumes after restart");
+        }
+        self.shared.processors_stop.cancel();
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
+        self.shared.store.flush().await?;
+        Ok(())
+    }
+}
+
+fn shared_views<P: Processor>(checkpoints: &[Checkpoint<P::Stats>]) -> Vec<Arc<TaskShared<P>>> {
+    checkpoints
+        .iter()
+        .enumerate()
+        .map(|(p, c)| Arc::new(TaskShared::new(p as u32, c)))
+        .collect()
+}
+
+fn spawn_task<P: Processor>(
+    shared: &Arc<Shared>,
+    task: Arc<TaskShared<P>>,
+    checkpoint: Checkpoint<P::Stats>,
+    inputs: &'static [SourceTopic],
+) {
+    let shared = shared.clone();
+    let tracker = shared.tracker.clone();
+    tracker.spawn(async move {
+        let partition = task.partition;
+        if let Err(error) = task::run(shared.clone(), task, checkpoint, inputs).await {
+            // A task that cannot go on stops the whole pipeline rather than
+            // let the others run ahead of it.
+            tracing::error!(processor = P::NAME, partition, %error, "task failed; shutting down");
+            shared.shutdown.cancel();
+            shared.processors_stop.cancel();
+        }
+    });
+}
+
+/// Flushes the store on a timer, then marks the flushed checkpoints durable
+/// and lets the log drop what every consumer has durably passed.
+async fn flusher(shared: Arc<Shared>) {
+    let every = Duration::from_millis(shared.config.pipeline.flush_interval_ms);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shared.processors_stop.cancelled() => break,
+        }
+        if let Err(error) = flush_once(&shared).await {
+            tracing::error!(%error, "store flush failed");
+        }
+    }
+}
+
+async fn flush_once(shared: &Shared) -> Result<(), RuntimeError> {
+    let snapshot: Vec<_> = (shared.inflight.iter().map(|t| (&t.committed, &t.durable)))
+        .chain(shared.accounts.iter().map(|t| (&t.committed, &t.durable)))
+        .chain(shared.confirmed.iter().map(|t| (&t.committed, &t.durable)))
+        .map(|(committed, durable)| (committed.lock().expect("lock").clone(), durable))
+        .collect();
+    shared.store.flush().await?;
+    for (committed, durable) in snapshot {
+        *durable.lock().expect("lock") = committed;
+    }
+    retention(shared).await
+}
+
+async fn retention(shared: &Shared) -> Result<(), RuntimeError> {
+    let topics = &shared.topics;
+    for p in 0..shared.config.log.partitions {
+        let i = p as usize;
+        let incoming = shared.inflight[i].durable_offset((SourceTopic::Incoming, p));
+        let inflight = shared.accounts[i].durable_offset((SourceTopic::Inflight, p));
+        let complete = shared.inflight[i]
+            .durable_offset((SourceTopic::Complete, p))
+            .min(shared.confirmed[i].durable_offset((SourceTopic::Complete, p)));
+        let releases = [
+            (&topics.incoming, incoming),
+            (&topics.inflight, inflight),
+            (&topics.complete, complete),
+        ];
+        for (topic, offset) in releases {
+            let tp = TopicPartition::new(topic.clone(), p);
+            shared.log.release_before(&tp, offset).await?;
+        }
+        for topic in [&topics.confirmed, &topics.dlq] {
+            let tp = TopicPartition::new(topic.clone(), p);
+            let end = shared.log.high_watermark(&tp).await?;
+            let keep = shared.config.log.sink_retain_records;
+            shared
+                .log
+                .release_before(&tp, end.saturating_sub(keep))
+                .await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! One task per (processor, partition): read a batch from each input, apply it
+//! through the pure processor, append the outputs (durably), and every commit
+//! interval write changed rows, dead letters, input offsets and statistics to
+//! the store in one atomic batch.
+//!
+//! Exactly-once effect: after a crash a task restarts from its last checkpoint
+//! and reprocesses what followed, emitting copies of outputs it already wrote.
+//! Every output carries its source (topic, partition, offset), and every task
+//! checkpoints the highest source offset it applied per upstream partition, so
+//! a copy is recognised and skipped. Processing is deterministic given the
+//! state and the input order, so the skipped copy says what the first did.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::{select_all, try_join_all};
+
+use super::{RuntimeError, Shared};
+use crate::log::{Record, StoredRecord, TopicPartition};
+use crate::model::{codec, now_ms, partition_for, Envelope, Source, SourceTopic};
+use crate::ops::dlq::DeadLetter;
+use crate::pipeline::{Ctx, Emit, OutTopic, Processor};
+use crate::store::{checkpoint_key, encode_row, row_key, Batch, Checkpoint};
+
+/// A cached state row; `dirty` rows are newer than the store.
+struct Row<S> {
+    value: S,
+    dirty: bool,
+}
+
+/// What a task shares with the HTTP layer and the flusher.
+pub struct TaskShared<P: Processor> {
+    /// The partition this task owns.
+    pub partition: u32,
+    /// Rows read or written recently; the store has the rest.
+    rows: RwLock<HashMap<String, Row<P::State>>>,
+    /// Live statistics (checkpointed with the offsets).
+    pub stats: RwLock<P::Stats>,
+    /// Input offsets of the last checkpoint applied to the store.
+    pub committed: Mutex<BTreeMap<(SourceTopic, u32), u64>>,
+    /// Input offsets of the last checkpoint the store has flushed to disk;
+    /// retention and the ingest dedup index trust only these.
+    pub durable: Mutex<BTreeMap<(SourceTopic, u32), u64>>,
+    /// Set once the task has read up to the high-water mark seen at start.
+    pub caught_up: AtomicBool,
+    /// Records this task has handled since start.
+    pub processed_records: AtomicU64,
+}
+
+impl<P: Processor> TaskShared<P> {
+    pub fn new(partition: u32, checkpoint: &Checkpoint<P::Stats>) -> Self {
+        Self {
+            partition,
+            rows: RwLock::new(HashMap::new()),
+            stats: RwLock::new(checkpoint.stats.clone()),
+            committed: Mutex::new(checkpoint.next_offsets.clone()),
+            durable: Mutex::new(checkpoint.next_offsets.clone()),
+            caught_up: AtomicBool::new(false),
+            processed_records: AtomicU64::new(0),
+        }
+    }
+
+    /// The freshest value of a row: the task's cache, else the store.
+    pub fn get(&self, shared: &Shared, key: &str) -> Result<Option<P::State>, RuntimeError> {
+        if let Some(row) = self.rows.read().expect("rows lock").get(key) {
+            return Ok(Some(row.value.clone()));
+        }
+        Ok(shared.store.get(&row_key(P::TABLE, key))?)
+    }
+
+    /// Rows in the cache newer than the store, with keys after `after` (for listings).
+    pub fn dirty_rows_after(&self, after: Option<&str>) -> Vec<(String, P::State)> {
+        let rows = self.rows.read().expect("rows lock");
+        rows.iter()
+            .filter(|(key, row)| row.dirty && after.is_none_or(|a| key.as_str() > a))
+            .map(|(key, row)| (key.clone(), row.value.clone()))
+            .collect()
+    }
+
+    pub fn durable_offset(&self, input: (SourceTopic, u32)) -> u64 {
+        self.durable
+            .lock()
+            .expect("durable lock")
+            .get(&input)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// The running state of one task, owned by its loop.
+struct TaskLoop<P: Processor> {
+    shared: Arc<Shared>,
+    task: Arc<TaskShared<P>>,
+    /// Each input: kind, topic-partition and the next offset to read.
+    inputs: Vec<(SourceTopic, TopicPartition, u64)>,
+    /// Highest source offset applied per upstream partition.
+    applied_sources: BTreeMap<(SourceTopic, u32), u64>,
+    /// Dead letters waiting for the next checkpoint.
+    dead_letters: Vec<DeadLetter>,
+    /// When the last checkpoint was written.
+    last_commit: Instant,
+    /// Whether anything changed since the last checkpoint.
+    uncommitted: bool,
+}
+
+/// Runs one task until shutdown; writes a final checkpoint on the way out.
+pub async fn run<P: Processor>(
+    shared: Arc<Shared>,
+    task: Arc<TaskShared<P>>,
+    checkpoint: Checkpoint<P::Stats>,
+    input_kinds: &[SourceTopic],
+) -> Result<(), RuntimeError> {
+    let partition = task.partition;
+    let inputs = input_kinds
+        .iter()
+        .map(|&kind| {
+            let tp = TopicPartition::new(shared.topics.name(kind), partition);
+            let next = checkpoint.next_offsets.get(&(kind, partition)).copied();
+            (kind, tp, next.unwrap_or(0))
+        })
+        .collect();
+    let mut state = TaskLoop {
+        shared: shared.clone(),
+        task,
+        inputs,
+        applied_sources: checkpoint.applied_sources,
+        dead_letters: Vec::new(),
+        last_commit: Instant::now(),
+        uncommitted: false,
+    };
+    state.start_positions().await?;
+    let start_hw = state.high_watermarks().await?;
+    let commit_every = Duration::from_millis(shared.config.pipeline.commit_interval_ms);
+    loop {
+        if shared.processors_stop.is_cancelled() {
+            break;
+        }
+        let batch = state.read_batch().await?;
+        if !state.task.caught_up.load(Ordering::Relaxed) && state.reached(&start_hw) {
+            state.task.caught_up.store(true, Ordering::Relaxed);
+        }
+        if batch.is_empty() {
+            if state.uncommitted {
+                state.checkpoint()?;
+            }
+            state.wait_for_input(commit_every).await?;
+            continue;
+        }
+        let outputs = state.apply(batch)?;
+        state.produce(outputs).await?;
+        if state.last_commit.elapsed() >= commit_every {
+            state.checkpoint()?;
+        }
+    }
+    state.checkpoint()
+}
+
+impl<P: Processor> TaskLoop<P> {
+    /// Moves a start position below the log start up to it (records removed
+    /// by retention were consumed by a checkpoint that a crash may have lost
+    /// only if retention ran ahead of the store, which it never does).
+    async fn start_positions(&mut self) -> Result<(), RuntimeError> {
+        for (_, tp, next) in &mut self.inputs {
+            let start = self.shared.log.log_start(tp).await?;
+            if *next < start {
+                tracing::warn!(%tp, next = *next, start, "start offset below log start");
+                *next = start;
+            }
+        }
+        Ok(())
+    }
+
+    async fn high_watermarks(&self) -> Result<Vec<u64>, RuntimeError> {
+        let mut marks = Vec::with_capacity(self.inputs.len());
+        for (_, tp, _) in &self.inputs {
+            marks.push(self.shared.log.high_watermark(tp).await?);
+        }
+        Ok(marks)
+    }
+
+    fn reached(&self, marks: &[u64]) -> bool {
+        self.inputs
+            .iter()
+            .zip(marks)
+            .all(|((_, _, next), mark)| next >= mark)
+    }
+
+    async fn read_batch(&self) -> Result<Vec<(usize, StoredRecord)>, RuntimeError> {
+        let max = self.shared.config.pipeline.batch_records;
+        let mut batch = Vec::new();
+        for (index, (_, tp, next)) in self.inputs.iter().enumerate() {
+            let records = self.shared.log.read(tp, *next, max).await?;
+            batch.extend(records.into_iter().map(|record| (index, record)));
+        }
+        Ok(batch)
+    }
+
+    async fn wait_for_input(&self, timeout: Duration) -> Result<(), RuntimeError> {
+        let log = &self.shared.log;
+        let waits = self
+            .inputs
+            .iter()
+            .map(|(_, tp, next)| Box::pin(log.wait_for(tp, *next, timeout)));
+        tokio::select! {
+            (result, _, _) = select_all(waits) => { result?; }
+            () = self.shared.processors_stop.cancelled() => {}
+        }
+        Ok(())
+    }
+
+    /// Applies a batch to the state; returns the records to append.
+    fn apply(
+        &mut self,
+        batch: Vec<(usize, StoredRecord)>,
+    ) -> Result<Vec<(Emit, Source)>, RuntimeError> {
+        let gate = self.shared.apply_gate.read().expect("apply gate");
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut rows = self.task.rows.write().expect("rows lock");
+        let mut stats = self.task.stats.write().expect("stats lock");
+        let now = now_ms();
+        let count = batch.len() as u64;
+        for (index, stored) in batch {
+            let (kind, tp, next) = &mut self.inputs[index];
+            debug_assert!(stored.offset >= *next, "offsets only move forward");
+            *next = stored.offset + 1;
+            let source = Source {
+                topic: *kind,
+                partition: tp.partition,
+                offset: stored.offset,
+            };
+            let ctx = Ctx {
+                topic: *kind,
+                partition: tp.partition,
+                offset: stored.offset,
+                now_ms: now,
+            };
+            let envelope = match codec::decode(&stored.record.value) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    let letter = DeadLetter::new(P::NAME, tp, &stored, "decode", error.to_string());
+                    self.dead_letters.push(letter);
+                    continue;
+                }
+            };
+            if let Some(upstream) = envelope.source {
+                let key = (upstream.topic, upstream.partition);
+                match self.applied_sources.get(&key) {
+                    Some(&applied) if upstream.offset <= applied => continue,
+                    _ => self.applied_sources.insert(key, upstream.offset),
+                };
+            }
+            let key = P::state_key(&envelope.event).map(str::to_owned);
+            let mut state = match &key {
+                Some(key) => match rows.get(key) {
+                    Some(row) => Some(row.value.clone()),
+                    None => self.shared.store.get(&row_key(P::TABLE, key))?,
+                },
+                None => None,
+            };
+            match P::handle(&mut state, &mut stats, envelope.event, &ctx) {
+                Ok(emit) => {
+                    if let (Some(key), Some(value)) = (key, state) {
+                        rows.insert(key, Row { value, dirty: true });
+                    }
+                    outputs.extend(emit.map(|emit| (emit, source)));
+                }
+                Err(error) => {
+                    let class = error_class(&error);
+                    let letter = DeadLetter::new(P::NAME, tp, &stored, class, error.to_string());
+                    tracing::warn!(processor = P::NAME, %tp, offset = stored.offset, %error, "dead-lettered");
+                    self.dead_letters.push(letter);
+                }
+            }
+        }
+        drop((rows, stats, gate));
+        self.task
+            .processed_records
+            .fetch_add(count, Ordering::Relaxed);
+        self.uncommitted = true;
+        Ok(outputs)
+    }
+
+    /// Appends outputs and dead letters, grouped per topic-partition in emit
+    /// order, and returns once all are durable.
+    async fn produce(&mut self, outputs: Vec<(Emit, Source)>) -> Result<(), RuntimeError> {
+        let topics = &self.shared.topics;
+        let partitions = self.shared.config.log.partitions;
+        let mut groups: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
+        let now = now_ms();
+        for (emit, source) in outputs {
+            let topic = match emit.topic {
+                OutTopic::Inflight => &topics.inflight,
+                OutTopic::Complete => &topics.complete,
+                OutTopic::Confirmed => &topics.confirmed,
+            };
+            let tp = TopicPartition::new(topic.clone(), partition_for(&emit.key, partitions));
+            let envelope = Envelope {
+                source: Some(source),
+                event: emit.event,
+            };
+            groups.entry(tp).or_default().push(Record {
+                key: Bytes::from(emit.key.into_bytes()),
+                value: Bytes::from(codec::encode(&envelope)),
+                timestamp_ms: now,
+            });
+        }
+        for letter in self.dead_letters.iter().filter(|l| !l.published) {
+            let tp = TopicPartition::new(topics.dlq.clone(), letter.source_partition % partitions);
+            groups.entry(tp).or_default().push(letter.to_record(now));
+        }
+        let log = &self.shared.log;
+        try_join_all(
+            groups
+                .iter()
+                .map(|(tp, records)| log.append(tp, records.clone())),
+        )
+        .await?;
+        self.dead_letters
+            .iter_mut()
+            .for_each(|l| l.published = true);
+        Ok(())
+    }
+
+    /// Writes changed rows, dead letters, offsets and statistics atomically.
+    fn checkpoint(&mut self) -> Result<(), RuntimeError> {
+        let mut batch = Batch::default();
+        {
+            let mut rows = self.task.rows.write().expect("rows lock");
+            for (key, row) in rows.iter_mut().filter(|(_, row)| row.dirty) {
+                batch.insert(row_key(P::TABLE, key).as_bytes(), encode_row(&row.value));
+                row.dirty = false;
+            }
+        }
+        for letter in self.dead_letters.drain(..) {
+            batch.insert(letter.store_key().as_bytes(), encode_row(&letter));
+        }
+        let next_offsets: BTreeMap<_, _> = self
+            .inputs
+            .iter()
+            .map(|(kind, tp, next)| ((*kind, tp.partition), *next))
+            .collect();
+        let checkpoint = Checkpoint {
+            next_offsets: next_offsets.clone(),
+            applied_sources: self.applied_sources.clone(),
+            stats: self.task.stats.read().expect("stats lock").clone(),
+        };
+        let key = checkpoint_key(P::NAME, self.task.partition);
+        batch.insert(key.as_bytes(), encode_row(&checkpoint));
+        self.shared.store.apply(batch)?;
+        *self.task.committed.lock().expect("committed lock") = next_offsets;
+        // Evict only after the rows are in the store, so readers always find them.
+        let limit = self.shared.config.pipeline.cache_rows_per_task;
+        let mut rows = self.task.rows.write().expect("rows lock");
+        if rows.len() > limit {
+            rows.retain(|_, row| row.dirty);
+        }
+        self.last_commit = Instant::now();
+        self.uncommitted = false;
+        Ok(())
+    }
+}
+
+fn error_class(error: &crate::pipeline::ProcessError) -> &'static str {
+    use crate::pipeline::ProcessError;
+    match error {
+        ProcessError::UnexpectedEvent { .. } => "unexpected_event",
+        ProcessError::ImpossibleState(_) => "impossible_state",
+        ProcessError::Overflow(_) => "overflow",
+    }
+}
