@@ -133,7 +133,7 @@ impl Default for LogConfig {
             partitions: 8,
             segment_bytes: 64 << 20,
             max_retained_bytes: 8 << 30,
-            sink_retain_records: 100_000,
+            sink_retain_records: 10_000,
         }
     }
 }

@@ -249,18 +249,18 @@ impl Sequencer {
         fresh: &HashMap<String, PaymentRef>,
         payment: PaymentRef,
     ) -> Verdict {
-        let known = recent
-            .get(&payment.id)
-            .or_else(|| fresh.get(&payment.id))
-            .map(|p| (p.clone(), PaymentStatus::Accepted));
-        let known = match known {
-            Some(known) => Some(known),
-            None => match self.shared.inflight[self.tp.partition as usize]
-                .get(&self.shared, &payment.id)
-            {
-                Ok(state) => state.map(|s| (s.payment, s.status)),
-                Err(error) => return Verdict::Answer(Err(error.into())),
-            },
+        // The processor's row knows the real status, so it is asked first;
+        // the recent index covers what the processor has not admitted yet.
+        let processed = self.shared.inflight[self.tp.partition as usize]
+            .get(&self.shared, &payment.id)
+            .map(|row| row.map(|s| (s.payment, s.status)));
+        let known = match processed {
+            Ok(Some(known)) => Some(known),
+            Ok(None) => recent
+                .get(&payment.id)
+                .or_else(|| fresh.get(&payment.id))
+                .map(|p| (p.clone(), PaymentStatus::Accepted)),
+            Err(error) => return Verdict::Answer(Err(error.into())),
         };
         match known {
             None => Verdict::New(payment),

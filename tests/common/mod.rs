@@ -1,0 +1,215 @@
+//! Helpers shared by the integration tests: an in-process server on
+//! 127.0.0.1:0 over a temporary data directory, the real `kpay` binary for
+//! crash tests, and small HTTP conveniences.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kpay::config::Config;
+use kpay::http::{AppState, State};
+use kpay::runtime::{open_backends, Runtime};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// A test configuration: small and fast, no demo accounts unless asked.
+pub fn test_config(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.data.dir = dir.to_path_buf();
+    config.demo.accounts = 0;
+    config.log.partitions = 4;
+    config.log.segment_bytes = 1 << 20;
+    config.pipeline.commit_interval_ms = 100;
+    config.pipeline.flush_interval_ms = 100;
+    config.server.max_body_bytes = 64 * 1024;
+    config
+}
+
+/// A server running in this process.
+pub struct TestServer {
+    pub base: String,
+    pub state: State,
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let (log, store) = open_backends(&config).expect("open backends");
+        let runtime = Runtime::start(config, log, store).await.expect("start");
+        let state = AppState::new(runtime);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = kpay::http::app(state.clone(), PathBuf::from("static"));
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let handle = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.cancelled().await })
+                .await
+                .unwrap();
+        });
+        let server = Self {
+            base,
+            state,
+            stop,
+            handle,
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        wait_until(Duration::from_secs(10), || async {
+            let url = format!("{}/readyz", self.base);
+            matches!(client.get(url).send().await, Ok(r) if r.status() == 200)
+        })
+        .await;
+    }
+
+    /// Stops HTTP, drains and checkpoints, as SIGTERM does.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.handle.await.unwrap();
+        self.state.runtime.shutdown().await.unwrap();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.state.runtime
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; panics after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn post(client: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let response = client.post(url).json(&body).send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn get(client: &reqwest::Client, url: &str) -> (u16, Value) {
+    let response = client.get(url).send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn open_account(client: &reqwest::Client, base: &str, id: &str, cents: i64) {
+    let (status, body) = post(
+        client,
+        &format!("{base}/api/v1/accounts"),
+        json!({"id": id, "opening_balance": cents}),
+    )
+    .await;
+    assert_eq!(status, 201, "open {id}: {body}");
+}
+
+/// Waits until a payment reaches a terminal state and returns it.
+pub async fn terminal(client: &reqwest::Client, base: &str, id: &str) -> Value {
+    let url = format!("{base}/api/v1/payments/{id}");
+    let start = Instant::now();
+    loop {
+        let (status, body) = get(client, &url).await;
+        if status == 200
+            && ["confirmed", "rejected", "reversed"]
+                .contains(&body["status"].as_str().unwrap_or(""))
+        {
+            return body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "payment {id} not terminal: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The real `kpay` binary, started on a fixed port over a data directory.
+pub struct Binary {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Binary {
+    pub fn spawn(dir: &Path, port: u16, extra_env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kpay"));
+        command
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("KPAY_DEMO__ACCOUNTS", "0")
+            .env("KPAY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn kpay");
+        Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let url = format!("{}/readyz", self.base);
+        wait_until(Duration::from_secs(30), || async {
+            matches!(client.get(&url).send().await, Ok(r) if r.status() == 200)
+        })
+        .await;
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        self.child.wait().expect("reap")
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub type Shared = Arc<kpay::runtime::Shared>;

@@ -1,0 +1,431 @@
+//! The REST surface: validation, business rules, idempotency, accounts,
+//! batches, queries and the OpenAPI document, against a real in-process server
+//! over the embedded log and sled.
+
+mod common;
+
+use common::{get, open_account, post, terminal, test_config, TestServer};
+use kpay::log::TopicPartition;
+use serde_json::{json, Value};
+
+async fn incoming_records(server: &TestServer) -> u64 {
+    let shared = &server.runtime().shared;
+    let mut total = 0;
+    for p in 0..shared.config.log.partitions {
+        let tp = TopicPartition::new(shared.topics.incoming.clone(), p);
+        total += shared.log.high_watermark(&tp).await.unwrap();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_a_reason_and_write_nothing() {
+    // Each kind of bad payment gets a 4xx with a clear message and nothing reaches the log.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let client = reqwest::Client::new();
+    open_account(&client, &server.base, "a", 1_000).await;
+    open_account(&client, &server.base, "b", 0).await;
+    let url = server.url("/api/v1/payments");
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (
+            json!({"from":"a","to":"b","amount":0}),
+            400,
+            "amount 0 must be > 0",
+        ),
+        (json!({"from":"a","to":"b","amount":-5}), 400, "must be > 0"),
+        (
+            json!({"from":"a","to":"b","amount":12.5}),
+            400,
+            "invalid type",
+        ),
+        (
+            json!({"from":"a","to":"b","amount":"12"}),
+            400,
+            "invalid type",
+        ),
+        (
+            json!({"from":"a","to":"b","amount":200_000_000_000i64}),
+            400,
+            "above the limit",
+        ),
+        (json!({"from":"a","to":"a","amount":5}), 400, "same account"),
+        (
+            json!({"from":"a","to":"b","amount":5,"memo":"x"}),
+            400,
+            "unknown field",
+        ),
+        (
+            json!({"from":"a b","to":"b","amount":5}),
+            400,
+            "from contains",
+        ),
+        (
+            json!({"id":"","from":"a","to":"b","amount":5}),
+            400,
+            "id must not be empty",
+        ),
+        (
+            json!({"id":"x".repeat(65),"from":"a","to":"b","amount":5}),
+            400,
+            "limit is 64",
+        ),
+        (json!({"to":"b","amount":5}), 400, "missing field"),
+    ];
+    for (body, status, needle) in cases {
+        let (got, answer) = post(&client, &url, body.clone()).await;
+        assert_eq!(got, status, "{body} → {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{body}: {message:?} lacks {needle:?}"
+        );
+        assert_eq!(answer["error"]["code"], "invalid_request");
+    }
+    let raw = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{\"from\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    let text = client.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(text.status(), 415);
+    let huge = json!({"payments": vec![json!({"from":"a","to":"b","amount":1}); 5_000]});
+    let (status, body) = post(&client, &server.url("/api/v1/payments/batch"), huge).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(
+        incoming_records(&server).await,
+        0,
+        "a refused request reached the log"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn business_rules_end_in_the_right_terminal_state() {
+    // Confirmed, rejected (funds, unknown, closed) and reversed (unknown or closed `to`) payments, with balances never negative.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    let base = server.base.clone();
+    open_account(&c, &base, "alice", 10_000).await;
+    open_account(&c, &base, "bob", 500).await;
+    open_account(&c, &base, "carol", 0).await;
+    let (status, _) = post(
+        &c,
+        &format!("{base}/api/v1/accounts/carol/close"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    common::wait_until(std::time::Duration::from_secs(5), || async {
+        get(&c, &format!("{base}/api/v1/accounts/carol")).await.1["status"] == "closed"
+    })
+    .await;
+    let pay = |id: &str, from: &str, to: &str, amount: i64| json!({"id": id, "from": from, "to": to, "amount": amount});
+    let cases = [
+        (pay("ok", "alice", "bob", 2_500), "confirmed", None),
+        (
+            pay("poor", "bob", "alice", 5_000),
+            "rejected",
+            Some("insufficient_funds"),
+        ),
+        (
+            pay("ghost-from", "nobody", "alice", 1),
+            "rejected",
+            Some("unknown_account"),
+        ),
+        (
+            pay("closed-from", "carol", "alice", 1),
+            "rejected",
+            Some("account_closed"),
+        ),
+        (
+            pay("ghost-to", "alice", "nobody", 700),
+            "reversed",
+            Some("unknown_account"),
+        ),
+        (
+            pay("closed-to", "alice", "carol", 300),
+            "reversed",
+            Some("account_closed"),
+        ),
+    ];
+    for (body, _, _) in &cases {
+        let (status, answer) = post(&c, &format!("{base}/api/v1/payments"), body.clone()).await;
+        assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["status"], "accepted");
+    }
+    for (body, status, reason) in &cases {
+        let id = body["id"].as_str().unwrap();
+        let payment = terminal(&c, &base, id).await;
+        assert_eq!(payment["status"], *status, "{payment}");
+        assert_eq!(payment["reason"].as_str(), *reason, "{payment}");
+        let stages: Vec<&str> = payment["lineage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["stage"].as_str().unwrap())
+            .collect();
+        assert_eq!(stages.first(), Some(&"admitted"));
+        assert_eq!(stages.last(), Some(&"completed"));
+        if *status == "reversed" {
+            assert!(stages.contains(&"refunded"), "{stages:?}");
+        }
+    }
+    let balance = |v: Value| v["balance"].as_i64().unwrap();
+    assert_eq!(
+        balance(get(&c, &format!("{base}/api/v1/accounts/alice")).await.1),
+        7_500
+    );
+    assert_eq!(
+        balance(get(&c, &format!("{base}/api/v1/accounts/bob")).await.1),
+        3_000
+    );
+    assert_eq!(
+        balance(get(&c, &format!("{base}/api/v1/accounts/carol")).await.1),
+        0
+    );
+    let (_, metrics) = get(&c, &format!("{base}/api/v1/metrics/pipeline")).await;
+    assert_eq!(metrics["confirmed"]["count"], 1);
+    assert_eq!(metrics["confirmed"]["amount"], 2_500);
+    assert_eq!(metrics["confirmed"]["today_count"], 1);
+    assert_eq!(metrics["rejected"]["count"], 3);
+    assert_eq!(metrics["rejected"]["by_reason"]["insufficient_funds"], 1);
+    assert_eq!(metrics["reversed"]["count"], 2);
+    assert_eq!(metrics["inflight"]["count"], 0);
+    let (_, ledger) = get(&c, &format!("{base}/api/v1/ledger/integrity")).await;
+    assert_eq!(ledger["ok"], true, "{ledger}");
+    assert_eq!(ledger["total_funded"], 10_500);
+    assert_eq!(ledger["sum_of_balances"], 10_500);
+    let (_, confirmed) = get(&c, &format!("{base}/api/v1/payments?status=confirmed")).await;
+    assert_eq!(confirmed["items"].as_array().unwrap().len(), 1);
+    assert_eq!(confirmed["items"][0]["id"], "ok");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_same_body_same_answer_other_body_conflict() {
+    // A repeated id with the same body is accepted once; with another body it is refused with 409, even when raced.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    let base = server.base.clone();
+    open_account(&c, &base, "a", 1_000).await;
+    open_account(&c, &base, "b", 0).await;
+    let url = format!("{base}/api/v1/payments");
+    let body = json!({"id": "dup", "from": "a", "to": "b", "amount": 100});
+    let racers = (0..20).map(|_| post(&c, &url, body.clone()));
+    let answers = futures::future::join_all(racers).await;
+    assert!(answers.iter().all(|(s, b)| *s == 202 && b["id"] == "dup"));
+    let fresh = answers
+        .iter()
+        .filter(|(_, b)| b["status"] == "accepted")
+        .count();
+    assert!(fresh >= 1);
+    terminal(&c, &base, "dup").await;
+    let (status, again) = post(&c, &url, body.clone()).await;
+    assert_eq!((status, again["status"].as_str()), (202, Some("confirmed")));
+    let (status, conflict) = post(
+        &c,
+        &url,
+        json!({"id":"dup","from":"a","to":"b","amount":101}),
+    )
+    .await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["error"]["code"], "conflict");
+    let (_, account) = get(&c, &format!("{base}/api/v1/accounts/b")).await;
+    assert_eq!(account["balance"], 100, "money moved more than once");
+    assert_eq!(
+        incoming_records(&server).await,
+        1,
+        "the id was appended more than once"
+    );
+    let (_, generated) = post(&c, &url, json!({"from":"a","to":"b","amount":1})).await;
+    assert_eq!(
+        generated["id"].as_str().unwrap().len(),
+        36,
+        "UUID v7 expected: {generated}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_open_deposit_close_and_page() {
+    // Accounts open once (409 after), take deposits, close, and list in id order across partitions.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    let base = server.base.clone();
+    for n in 0..25 {
+        open_account(&c, &base, &format!("acct-{n:02}"), n * 100).await;
+    }
+    let (status, body) = post(
+        &c,
+        &format!("{base}/api/v1/accounts"),
+        json!({"id":"acct-00","opening_balance":1}),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = post(
+        &c,
+        &format!("{base}/api/v1/accounts"),
+        json!({"id":"neg","opening_balance":-1}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = post(
+        &c,
+        &format!("{base}/api/v1/accounts/acct-01/deposit"),
+        json!({"amount":50}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let (status, _) = post(
+        &c,
+        &format!("{base}/api/v1/accounts/nobody/deposit"),
+        json!({"amount":50}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = post(
+        &c,
+        &format!("{base}/api/v1/accounts/acct-01/deposit"),
+        json!({"amount":0}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    common::wait_until(std::time::Duration::from_secs(5), || async {
+        get(&c, &format!("{base}/api/v1/accounts/acct-01")).await.1["balance"] == 150
+    })
+    .await;
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let query = match &after {
+            Some(a) => format!("{base}/api/v1/accounts?limit=7&after={a}"),
+            None => format!("{base}/api/v1/accounts?limit=7"),
+        };
+        let (status, page) = get(&c, &query).await;
+        assert_eq!(status, 200);
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).map(|n| format!("acct-{n:02}")).collect();
+    assert_eq!(seen, expected);
+    let (status, _) = get(&c, &format!("{base}/api/v1/accounts?limit=0")).await;
+    assert_eq!(status, 400);
+    let (status, _) = get(&c, &format!("{base}/api/v1/accounts/missing")).await;
+    assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_reports_each_item() {
+    // A batch answers per payment: accepted ones are durable, bad ones carry their own error.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    let base = server.base.clone();
+    open_account(&c, &base, "a", 1_000).await;
+    open_account(&c, &base, "b", 0).await;
+    let batch = json!({"payments": [
+        {"id": "b1", "from": "a", "to": "b", "amount": 10},
+        {"id": "b2", "from": "a", "to": "a", "amount": 10},
+        {"id": "b3", "from": "a", "to": "b", "amount": 20},
+    ]});
+    let (status, body) = post(&c, &format!("{base}/api/v1/payments/batch"), batch).await;
+    assert_eq!(status, 200, "{body}");
+    let codes: Vec<i64> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status_code"].as_i64().unwrap())
+        .collect();
+    assert_eq!(codes, vec![202, 400, 202]);
+    terminal(&c, &base, "b1").await;
+    terminal(&c, &base, "b3").await;
+    let (status, _) = post(
+        &c,
+        &format!("{base}/api/v1/payments/batch"),
+        json!({"payments": []}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_a_clean_restart() {
+    // After a graceful stop and a restart on the same data, balances, payments and totals are all still there.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    open_account(&c, &server.base, "a", 1_000).await;
+    open_account(&c, &server.base, "b", 0).await;
+    for n in 0..20 {
+        let body = json!({"id": format!("r{n}"), "from": "a", "to": "b", "amount": 10});
+        assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
+    }
+    terminal(&c, &server.base, "r19").await;
+    server.stop().await;
+    let server = TestServer::start(test_config(dir.path())).await;
+    for n in 0..20 {
+        assert_eq!(
+            terminal(&c, &server.base, &format!("r{n}")).await["status"],
+            "confirmed"
+        );
+    }
+    assert_eq!(
+        get(&c, &server.url("/api/v1/accounts/b")).await.1["balance"],
+        200
+    );
+    let (_, metrics) = get(&c, &server.url("/api/v1/metrics/pipeline")).await;
+    assert_eq!(metrics["confirmed"]["count"], 20);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_every_endpoint_and_swagger_serves() {
+    // The OpenAPI document lists every route and Swagger UI and the health probes answer.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    let (status, doc) = get(&c, &server.url("/api-docs/openapi.json")).await;
+    assert_eq!(status, 200);
+    for path in [
+        "/api/v1/accounts",
+        "/api/v1/accounts/{id}",
+        "/api/v1/accounts/{id}/deposit",
+        "/api/v1/accounts/{id}/close",
+        "/api/v1/payments",
+        "/api/v1/payments/batch",
+        "/api/v1/payments/{id}",
+        "/api/v1/metrics/pipeline",
+        "/api/v1/ledger/integrity",
+        "/healthz",
+        "/readyz",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    let swagger = c.get(server.url("/swagger-ui/")).send().await.unwrap();
+    assert_eq!(swagger.status(), 200);
+    assert_eq!(get(&c, &server.url("/healthz")).await.0, 200);
+    assert_eq!(get(&c, &server.url("/readyz")).await.0, 200);
+    assert_eq!(get(&c, &server.url("/api/v1/payments/nope")).await.0, 404);
+    server.stop().await;
+}
