@@ -159,7 +159,7 @@ impl Binary {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .env("KPAY_DEMO__ACCOUNTS", "0")
-            .env("KPAY_LOG", "warn")
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         for (key, value) in extra_env {
