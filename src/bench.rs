@@ -33,6 +33,12 @@ pub struct BenchArgs {
     /// Length of the latency phase.
     #[arg(long, default_value_t = 10)]
     pub latency_seconds: u64,
+    /// Seconds of single-payment HTTP POSTs over keep-alive connections (0 skips it).
+    #[arg(long, default_value_t = 5)]
+    pub http_seconds: u64,
+    /// Keep-alive connections in the HTTP phase.
+    #[arg(long, default_value_t = 64)]
+    pub http_connections: u64,
     /// Keep the benchmark's data directory afterwards.
     #[arg(long)]
     pub keep_data: bool,
@@ -69,6 +75,12 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     println!("ledger integrity ok: {}", ledger.ok);
     let total = submitted + args.rate * args.latency_seconds;
     report_resources(&runtime, total).await;
+    let runtime = Arc::into_inner(runtime).expect("bench tasks finished");
+    let runtime = if args.http_seconds > 0 {
+        http_phase(runtime, &args).await?
+    } else {
+        runtime
+    };
     runtime.shutdown().await?;
     if !args.keep_data {
         let _ = std::fs::remove_dir_all(&dir);
@@ -228,4 +240,86 @@ async fn report_resources(runtime: &Runtime, payments: u64) {
         per_million(log_bytes),
         per_million(state_bytes)
     );
+}
+
+/// Serves the API on a loopback port and posts single payments over
+/// keep-alive connections with a minimal HTTP/1.1 client.
+async fn http_phase(runtime: Runtime, args: &BenchArgs) -> anyhow::Result<Runtime> {
+    let state = crate::http::AppState::new(runtime);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let app = crate::http::app(state.clone(), std::path::PathBuf::from("static"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stopped.cancelled().await })
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(args.http_seconds);
+    let mut clients = tokio::task::JoinSet::new();
+    for connection in 0..args.http_connections {
+        let accounts = args.accounts;
+        clients.spawn(post_loop(address, connection, accounts, deadline));
+    }
+    let mut accepted = 0u64;
+    while let Some(done) = clients.join_next().await {
+        accepted += done??;
+    }
+    println!(
+        "http: {:.0} payments/s accepted (single POSTs, {} keep-alive connections, {} s)",
+        accepted as f64 / args.http_seconds as f64,
+        args.http_connections,
+        args.http_seconds
+    );
+    stop.cancel();
+    server.await??;
+    let state = Arc::into_inner(state).expect("server stopped");
+    Ok(state.runtime)
+}
+
+async fn post_loop(
+    address: std::net::SocketAddr,
+    connection: u64,
+    accounts: u32,
+    deadline: Instant,
+) -> anyhow::Result<u64> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let mut stream = BufReader::new(stream);
+    let mut accepted = 0;
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        n += 1;
+        let payment = random_payment(format!("h{connection}-{n}"), accounts);
+        let body = format!(
+            r#"{{"id":"{}","from":"{}","to":"{}","amount":{}}}"#,
+            payment.id, payment.from, payment.to, payment.amount_cents
+        );
+        let request = format!(
+            "POST /api/v1/payments HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.get_mut().write_all(request.as_bytes()).await?;
+        let mut status_line = String::new();
+        stream.read_line(&mut status_line).await?;
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            stream.read_line(&mut header).await?;
+            if header == "\r\n" || header.is_empty() {
+                break;
+            }
+            if let Some(value) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse()?;
+            }
+        }
+        let mut response = vec![0; length];
+        stream.read_exact(&mut response).await?;
+        if status_line.contains(" 202 ") {
+            accepted += 1;
+        }
+    }
+    Ok(accepted)
 }

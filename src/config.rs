@@ -54,6 +54,9 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// Appends fail (503) once the embedded log retains this many bytes.
     pub max_retained_bytes: u64,
+    /// Newest records per partition the embedded log keeps in memory, so
+    /// consumers at the tail never read the disk.
+    pub tail_cache_records: usize,
     /// Records kept per partition of topics nothing in kpay reads (`payment.confirmed`, `payment.dlq`).
     pub sink_retain_records: u64,
 }
@@ -79,6 +82,9 @@ pub struct PipelineConfig {
     pub flush_interval_ms: u64,
     /// Rows a task keeps in memory; clean rows beyond it are dropped.
     pub cache_rows_per_task: usize,
+    /// Keys per task the presence filter is sized for (1% false positives
+    /// up to it); beyond it the filter still works, with more store reads.
+    pub presence_filter_items: usize,
     /// Submissions waiting per ingest partition before 503.
     pub ingest_queue: usize,
     /// Most submissions in one ingest group commit.
@@ -133,6 +139,7 @@ impl Default for LogConfig {
             partitions: 8,
             segment_bytes: 64 << 20,
             max_retained_bytes: 8 << 30,
+            tail_cache_records: 4_096,
             sink_retain_records: 10_000,
         }
     }
@@ -156,7 +163,8 @@ impl Default for PipelineConfig {
             batch_records: 4_096,
             commit_interval_ms: 1_000,
             flush_interval_ms: 500,
-            cache_rows_per_task: 100_000,
+            cache_rows_per_task: 20_000,
+            presence_filter_items: 1_000_000,
             ingest_queue: 16_384,
             ingest_batch: 4_096,
             shutdown_drain_ms: 10_000,

@@ -139,7 +139,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_moves_money_once() {
     );
 
     let mut statuses: BTreeMap<String, String> = BTreeMap::new();
-    let mut balances = vec![OPENING_CENTS; ACCOUNTS];
+    let mut balances = [OPENING_CENTS; ACCOUNTS];
     let everything = ledger
         .acknowledged
         .iter()

@@ -55,6 +55,10 @@ impl Processor for Inflight {
         }
     }
 
+    fn is_settled(state: &PaymentState) -> bool {
+        state.status.is_terminal()
+    }
+
     fn handle(
         state: &mut Option<PaymentState>,
         stats: &mut InflightStats,

@@ -69,6 +69,12 @@ pub trait Processor: Send + Sync + 'static {
     /// The state key `event` reads and writes, if any.
     fn state_key(event: &Event) -> Option<&str>;
 
+    /// Whether a row is unlikely to be touched again, so the runtime may drop
+    /// it from memory as soon as the store has it (a terminal payment).
+    fn is_settled(_state: &Self::State) -> bool {
+        false
+    }
+
     /// Applies `event`. On `Err`, `state` and `stats` must be left unchanged.
     fn handle(
         state: &mut Option<Self::State>,

@@ -104,6 +104,7 @@ pub fn open_backends(config: &Config) -> Result<(Arc<dyn Log>, Store), RuntimeEr
     let log_config = EmbeddedLogConfig {
         segment_bytes: config.log.segment_bytes,
         max_retained_bytes: config.log.max_retained_bytes,
+        tail_cache_records: config.log.tail_cache_records,
         ..EmbeddedLogConfig::with_dir(dir.join("log"))
     };
     let log: Arc<dyn Log> = EmbeddedLog::open(log_config)?;
@@ -130,9 +131,9 @@ impl Runtime {
         }
         let shared = Arc::new(Shared {
             topics: config.topics.clone(),
-            inflight: shared_views::<Inflight>(&checkpoints.0),
-            accounts: shared_views::<Accounts>(&checkpoints.1),
-            confirmed: shared_views::<Confirmed>(&checkpoints.2),
+            inflight: shared_views::<Inflight>(&checkpoints.0, &config),
+            accounts: shared_views::<Accounts>(&checkpoints.1, &config),
+            confirmed: shared_views::<Confirmed>(&checkpoints.2, &config),
             config,
             log,
             store,
@@ -141,6 +142,8 @@ impl Runtime {
             processors_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });
+        note_stored_keys(&shared.store, &shared.inflight)?;
+        note_stored_keys(&shared.store, &shared.accounts)?;
         for (p, ((a, b), c)) in checkpoints
             .0
             .into_iter()
@@ -325,12 +328,30 @@ impl Runtime {
     }
 }
 
-fn shared_views<P: Processor>(checkpoints: &[Checkpoint<P::Stats>]) -> Vec<Arc<TaskShared<P>>> {
+fn shared_views<P: Processor>(
+    checkpoints: &[Checkpoint<P::Stats>],
+    config: &Config,
+) -> Vec<Arc<TaskShared<P>>> {
+    let items = match P::TABLE {
+        "-" => 1,
+        _ => config.pipeline.presence_filter_items,
+    };
     checkpoints
         .iter()
         .enumerate()
-        .map(|(p, c)| Arc::new(TaskShared::new(p as u32, c)))
+        .map(|(p, c)| Arc::new(TaskShared::new(p as u32, c, items)))
         .collect()
+}
+
+/// Fills each task's presence filter with the keys already in the store.
+fn note_stored_keys<P: Processor>(
+    store: &Store,
+    views: &[Arc<TaskShared<P>>],
+) -> Result<(), StoreError> {
+    let partitions = views.len() as u32;
+    store.for_each_key(P::TABLE, |key| {
+        views[partition_for(key, partitions) as usize].note_present(key);
+    })
 }
 
 fn spawn_task<P: Processor>(

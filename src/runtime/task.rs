@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fastbloom::AtomicBloomFilter;
 use futures::future::{select_all, try_join_all};
 
 use super::{RuntimeError, Shared};
@@ -48,11 +49,16 @@ pub struct TaskShared<P: Processor> {
     pub caught_up: AtomicBool,
     /// Records this task has handled since start.
     pub processed_records: AtomicU64,
+    /// Every key this task has ever stored (with rare false positives): a
+    /// miss here skips the store lookup, which most new payment ids would
+    /// otherwise pay twice (ingest dedup and admission).
+    presence: AtomicBloomFilter,
 }
 
 impl<P: Processor> TaskShared<P> {
-    pub fn new(partition: u32, checkpoint: &Checkpoint<P::Stats>) -> Self {
+    pub fn new(partition: u32, checkpoint: &Checkpoint<P::Stats>, filter_items: usize) -> Self {
         Self {
+            presence: AtomicBloomFilter::with_false_pos(0.01).expected_items(filter_items.max(1)),
             partition,
             rows: RwLock::new(HashMap::new()),
             stats: RwLock::new(checkpoint.stats.clone()),
@@ -68,7 +74,20 @@ impl<P: Processor> TaskShared<P> {
         if let Some(row) = self.rows.read().expect("rows lock").get(key) {
             return Ok(Some(row.value.clone()));
         }
+        self.load(shared, key)
+    }
+
+    /// Reads a row from the store, unless the presence filter knows it is absent.
+    fn load(&self, shared: &Shared, key: &str) -> Result<Option<P::State>, RuntimeError> {
+        if !self.presence.contains(key) {
+            return Ok(None);
+        }
         Ok(shared.store.get(&row_key(P::TABLE, key))?)
+    }
+
+    /// Records that `key` exists in the store (called for rows found at start).
+    pub fn note_present(&self, key: &str) {
+        self.presence.insert(key);
     }
 
     /// Rows in the cache newer than the store, with keys after `after` (for listings).
@@ -256,13 +275,14 @@ impl<P: Processor> TaskLoop<P> {
             let mut state = match &key {
                 Some(key) => match rows.get(key) {
                     Some(row) => Some(row.value.clone()),
-                    None => self.shared.store.get(&row_key(P::TABLE, key))?,
+                    None => self.task.load(&self.shared, key)?,
                 },
                 None => None,
             };
             match P::handle(&mut state, &mut stats, envelope.event, &ctx) {
                 Ok(emit) => {
                     if let (Some(key), Some(value)) = (key, state) {
+                        self.task.presence.insert(key.as_str());
                         rows.insert(key, Row { value, dirty: true });
                     }
                     outputs.extend(emit.map(|emit| (emit, source)));
@@ -314,8 +334,8 @@ impl<P: Processor> TaskLoop<P> {
         let log = &self.shared.log;
         try_join_all(
             groups
-                .iter()
-                .map(|(tp, records)| log.append(tp, records.clone())),
+                .into_iter()
+                .map(|(tp, records)| async move { log.append(&tp, records).await }),
         )
         .await?;
         self.dead_letters
@@ -354,8 +374,12 @@ impl<P: Processor> TaskLoop<P> {
         // Evict only after the rows are in the store, so readers always find them.
         let limit = self.shared.config.pipeline.cache_rows_per_task;
         let mut rows = self.task.rows.write().expect("rows lock");
+        rows.retain(|_, row| row.dirty || !P::is_settled(&row.value));
         if rows.len() > limit {
             rows.retain(|_, row| row.dirty);
+        }
+        if rows.capacity() > 4 * rows.len().max(1024) {
+            rows.shrink_to_fit();
         }
         self.last_commit = Instant::now();
         self.uncommitted = false;

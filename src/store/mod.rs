@@ -127,6 +127,16 @@ impl Store {
         Ok(rows)
     }
 
+    /// Calls `f` with every key of `table` (without the prefix).
+    pub fn for_each_key(&self, table: &str, mut f: impl FnMut(&str)) -> Result<(), StoreError> {
+        let prefix = format!("{table}/");
+        for item in self.db.scan_prefix(prefix.as_bytes()) {
+            let (key, _) = item.map_err(sled_error(format!("scan {table}")))?;
+            f(&String::from_utf8_lossy(&key[prefix.len()..]));
+        }
+        Ok(())
+    }
+
     pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         self.db
             .apply_batch(batch)
