@@ -135,9 +135,10 @@ async fn throughput_phase(runtime: &Arc<Runtime>, args: &BenchArgs) -> anyhow::R
                 loop {
                     match runtime.ingest.submit(payment.clone()).await {
                         Ok(_) => break,
-                        Err(crate::runtime::ingest::IngestError::Busy(_)) => {
-                            tokio::time::sleep(Duration::from_millis(1)).await
-                        }
+                        Err(
+                            crate::runtime::ingest::IngestError::Busy(_)
+                            | crate::runtime::ingest::IngestError::Backlog { .. },
+                        ) => tokio::time::sleep(Duration::from_millis(2)).await,
                         Err(error) => return Err(error),
                     }
                 }

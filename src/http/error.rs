@@ -96,9 +96,10 @@ impl From<IngestError> for ApiError {
     fn from(error: IngestError) -> Self {
         match error {
             IngestError::Conflict(_) => Self::Conflict(error.to_string()),
-            IngestError::Busy(_) | IngestError::Closed | IngestError::Log(_) => {
-                Self::Unavailable(error.to_string())
-            }
+            IngestError::Busy(_)
+            | IngestError::Backlog { .. }
+            | IngestError::Closed
+            | IngestError::Log(_) => Self::Unavailable(error.to_string()),
             IngestError::Runtime(runtime) => runtime.into(),
         }
     }

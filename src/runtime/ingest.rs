@@ -29,6 +29,12 @@ pub enum IngestError {
     Conflict(String),
     #[error("ingest queue of partition {0} is full; retry later")]
     Busy(u32),
+    #[error("{pending} payments of partition {partition} wait for processing (limit {limit}); retry later")]
+    Backlog {
+        partition: u32,
+        pending: usize,
+        limit: usize,
+    },
     #[error("the server is shutting down")]
     Closed,
     #[error(transparent)]
@@ -207,7 +213,16 @@ impl Sequencer {
         {
             let mut recent = self.recent.lock().expect("recent lock");
             recent.forget_below(durable);
+            let limit = self.shared.config.pipeline.max_pending_payments;
             for submission in &batch {
+                if recent.len() + fresh.len() >= limit {
+                    verdicts.push(Verdict::Answer(Err(IngestError::Backlog {
+                        partition: self.tp.partition,
+                        pending: recent.len() + fresh.len(),
+                        limit,
+                    })));
+                    continue;
+                }
                 let mut payment = submission.payment.clone();
                 payment.accepted_at_ms = accepted_at_ms;
                 verdicts.push(self.decide(&recent, &fresh, payment.clone()));

@@ -123,6 +123,8 @@ struct TaskLoop<P: Processor> {
     last_commit: Instant,
     /// Whether anything changed since the last checkpoint.
     uncommitted: bool,
+    /// Rows changed since the last checkpoint (upper bound).
+    dirty_rows: usize,
 }
 
 /// Runs one task until shutdown; writes a final checkpoint on the way out.
@@ -149,6 +151,7 @@ pub async fn run<P: Processor>(
         dead_letters: Vec::new(),
         last_commit: Instant::now(),
         uncommitted: false,
+        dirty_rows: 0,
     };
     state.start_positions().await?;
     let start_hw = state.high_watermarks().await?;
@@ -170,7 +173,10 @@ pub async fn run<P: Processor>(
         }
         let outputs = state.apply(batch)?;
         state.produce(outputs).await?;
-        if state.last_commit.elapsed() >= commit_every {
+        let rows = state.dirty_rows;
+        if rows >= shared.config.pipeline.checkpoint_rows
+            || state.last_commit.elapsed() >= commit_every
+        {
             state.checkpoint()?;
         }
     }
@@ -208,7 +214,7 @@ impl<P: Processor> TaskLoop<P> {
     }
 
     async fn read_batch(&self) -> Result<Vec<(usize, StoredRecord)>, RuntimeError> {
-        let max = self.shared.config.pipeline.batch_records;
+        let max = (self.shared.config.pipeline.batch_records / self.inputs.len()).max(1);
         let mut batch = Vec::new();
         for (index, (_, tp, next)) in self.inputs.iter().enumerate() {
             let records = self.shared.log.read(tp, *next, max).await?;
@@ -283,6 +289,7 @@ impl<P: Processor> TaskLoop<P> {
                 Ok(emit) => {
                     if let (Some(key), Some(value)) = (key, state) {
                         self.task.presence.insert(key.as_str());
+                        self.dirty_rows += 1;
                         rows.insert(key, Row { value, dirty: true });
                     }
                     outputs.extend(emit.map(|emit| (emit, source)));
@@ -383,6 +390,7 @@ impl<P: Processor> TaskLoop<P> {
         }
         self.last_commit = Instant::now();
         self.uncommitted = false;
+        self.dirty_rows = 0;
         Ok(())
     }
 }
