@@ -2,7 +2,7 @@
 # Multi-stage build: compile in the Rust image, run in a slim Debian image as
 # a non-root user with the data directory on a volume.
 
-FROM rust:1.85-bookworm AS build
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Build dependencies first so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./

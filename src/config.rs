@@ -286,3 +286,65 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("kpay.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    // The shipped config/kpay.toml parses and equals the built-in defaults, so it documents them truthfully.
+    #[test]
+    fn shipped_file_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kpay.toml");
+        let loaded: Config = Figment::from(Toml::file_exact(path)).extract().unwrap();
+        assert_eq!(loaded, Config::default());
+    }
+
+    // A file overrides defaults and flags override the file.
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "[server]\nlisten = \"127.0.0.1:9000\"\n[log]\npartitions = 4\n",
+        );
+        let config = Config::load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!(config.server.listen.port(), 9000);
+        assert_eq!(config.log.partitions, 4);
+        let flags = Overrides {
+            listen: Some("127.0.0.1:9100".parse().unwrap()),
+            data_dir: Some(PathBuf::from("/tmp/elsewhere")),
+        };
+        let config = Config::load(Some(&path), &flags).unwrap();
+        assert_eq!(config.server.listen.port(), 9100);
+        assert_eq!(config.data.dir, PathBuf::from("/tmp/elsewhere"));
+    }
+
+    // Unknown keys, wrong types and out-of-range values are errors that name the key.
+    #[test]
+    fn bad_config_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("[log]\npartiitons = 4\n", "partiitons"),
+            ("[log]\npartitions = \"many\"\n", "partitions"),
+            ("[log]\npartitions = 0\n", "log.partitions"),
+            (
+                "[limits]\nmax_amount_cents = -1\n",
+                "limits.max_amount_cents",
+            ),
+            ("[server]\nlisten = \"nowhere\"\n", "listen"),
+        ];
+        for (text, key) in cases {
+            let path = write(dir.path(), text);
+            let error = Config::load(Some(&path), &Overrides::default()).unwrap_err();
+            assert!(error.to_string().contains(key), "{text:?}: {error}");
+        }
+        let missing = Config::load(Some(Path::new("/no/such.toml")), &Overrides::default());
+        assert!(missing.unwrap_err().to_string().contains("does not exist"));
+    }
+}

@@ -9,6 +9,7 @@ use kpay::config::{Config, Overrides};
 
 /// mimalloc: the pipeline allocates many small, short-lived buffers per
 /// record; glibc's allocator spent ~30% of benchmark CPU on them.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

