@@ -41,6 +41,9 @@ pub struct DataConfig {
     pub dir: PathBuf,
     /// Bound of sled's page cache.
     pub state_cache_bytes: u64,
+    /// Rows per store batch; bigger checkpoints are written in chunks under
+    /// an undo record (1–256).
+    pub store_batch_rows: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,10 +79,9 @@ pub struct TopicsConfig {
 pub struct PipelineConfig {
     /// Most records a task reads per batch, over all its inputs.
     pub batch_records: usize,
-    /// A task checkpoints as soon as this many rows changed. sled's memory
-    /// grew to gigabytes with atomic batches of 1,000+ random keys (measured),
-    /// so checkpoints stay small and frequent.
-    pub checkpoint_rows: usize,
+    /// A task checkpoints once this many rows changed, or every
+    /// `commit_interval_ms`, whichever comes first.
+    pub checkpoint_max_rows: usize,
     /// How often a task writes its state and offsets to the store.
     pub commit_interval_ms: u64,
     /// How often the store is flushed to disk (and retention runs).
@@ -135,6 +137,7 @@ impl Default for DataConfig {
         Self {
             dir: PathBuf::from("data"),
             state_cache_bytes: 64 << 20,
+            store_batch_rows: 256,
         }
     }
 }
@@ -168,8 +171,8 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             batch_records: 1_024,
-            checkpoint_rows: 512,
-            commit_interval_ms: 1_000,
+            checkpoint_max_rows: 4_096,
+            commit_interval_ms: 500,
             flush_interval_ms: 500,
             cache_rows_per_task: 20_000,
             presence_filter_items: 1_000_000,
@@ -262,11 +265,17 @@ impl Config {
         if self.log.backend != "embedded" {
             return invalid("log.backend", "only \"embedded\" is built in this version");
         }
+        if !(1..=crate::store::MAX_BATCH_ROWS).contains(&self.data.store_batch_rows) {
+            return invalid("data.store_batch_rows", "must be between 1 and 256");
+        }
         if self.log.segment_bytes < 1 << 20 {
             return invalid("log.segment_bytes", "must be at least 1 MiB");
         }
-        if !(1..=4_096).contains(&self.pipeline.checkpoint_rows) {
-            return invalid("pipeline.checkpoint_rows", "must be between 1 and 4096");
+        if !(1..=1_000_000).contains(&self.pipeline.checkpoint_max_rows) {
+            return invalid(
+                "pipeline.checkpoint_max_rows",
+                "must be between 1 and 1000000",
+            );
         }
         if self.pipeline.batch_records == 0 || self.pipeline.ingest_batch == 0 {
             return invalid("pipeline.batch_records", "batch sizes must be at least 1");

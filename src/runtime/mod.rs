@@ -108,7 +108,8 @@ pub fn open_backends(config: &Config) -> Result<(Arc<dyn Log>, Store), RuntimeEr
         ..EmbeddedLogConfig::with_dir(dir.join("log"))
     };
     let log: Arc<dyn Log> = EmbeddedLog::open(log_config)?;
-    let store = Store::open(&dir.join("state"), config.data.state_cache_bytes)?;
+    let store = Store::open(&dir.join("state"), config.data.state_cache_bytes)?
+        .with_batch_rows(config.data.store_batch_rows);
     Ok((log, store))
 }
 
@@ -122,6 +123,10 @@ impl Runtime {
         let partitions = config.log.partitions;
         for topic in config.topics.all() {
             log.ensure_topic(topic, partitions).await?;
+        }
+        let restored = store.roll_back_partial()?;
+        if restored > 0 {
+            tracing::warn!(restored, "rolled back a checkpoint a crash interrupted");
         }
         let mut checkpoints = (Vec::new(), Vec::new(), Vec::new());
         for p in 0..partitions {

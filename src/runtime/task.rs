@@ -24,12 +24,17 @@ use crate::log::{Record, StoredRecord, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Source, SourceTopic};
 use crate::ops::dlq::DeadLetter;
 use crate::pipeline::{Ctx, Emit, OutTopic, Processor};
-use crate::store::{checkpoint_key, encode_row, row_key, Batch, Checkpoint};
+use crate::store::{
+    checkpoint_key, encode_row, row_key, undo_key, Checkpoint, RowWrite, StoredBytes,
+};
 
 /// A cached state row; `dirty` rows are newer than the store.
 struct Row<S> {
     value: S,
     dirty: bool,
+    /// The row's bytes in the store (`None`: not stored yet), kept so a
+    /// chunked checkpoint can be undone without reading the store again.
+    stored: Option<StoredBytes>,
 }
 
 /// What a task shares with the HTTP layer and the flusher.
@@ -79,10 +84,18 @@ impl<P: Processor> TaskShared<P> {
 
     /// Reads a row from the store, unless the presence filter knows it is absent.
     fn load(&self, shared: &Shared, key: &str) -> Result<Option<P::State>, RuntimeError> {
+        Ok(self.load_raw(shared, key)?.map(|(value, _)| value))
+    }
+
+    fn load_raw(
+        &self,
+        shared: &Shared,
+        key: &str,
+    ) -> Result<Option<(P::State, StoredBytes)>, RuntimeError> {
         if !self.presence.contains(key) {
             return Ok(None);
         }
-        Ok(shared.store.get(&row_key(P::TABLE, key))?)
+        Ok(shared.store.get_raw(&row_key(P::TABLE, key))?)
     }
 
     /// Records that `key` exists in the store (called for rows found at start).
@@ -174,7 +187,7 @@ pub async fn run<P: Processor>(
         let outputs = state.apply(batch)?;
         state.produce(outputs).await?;
         let rows = state.dirty_rows;
-        if rows >= shared.config.pipeline.checkpoint_rows
+        if rows >= shared.config.pipeline.checkpoint_max_rows
             || state.last_commit.elapsed() >= commit_every
         {
             state.checkpoint()?;
@@ -278,19 +291,27 @@ impl<P: Processor> TaskLoop<P> {
                 };
             }
             let key = P::state_key(&envelope.event).map(str::to_owned);
-            let mut state = match &key {
+            let (mut state, stored_bytes) = match &key {
                 Some(key) => match rows.get(key) {
-                    Some(row) => Some(row.value.clone()),
-                    None => self.task.load(&self.shared, key)?,
+                    Some(row) => (Some(row.value.clone()), row.stored.clone()),
+                    None => match self.task.load_raw(&self.shared, key)? {
+                        Some((value, bytes)) => (Some(value), Some(bytes)),
+                        None => (None, None),
+                    },
                 },
-                None => None,
+                None => (None, None),
             };
             match P::handle(&mut state, &mut stats, envelope.event, &ctx) {
                 Ok(emit) => {
                     if let (Some(key), Some(value)) = (key, state) {
                         self.task.presence.insert(key.as_str());
                         self.dirty_rows += 1;
-                        rows.insert(key, Row { value, dirty: true });
+                        let row = Row {
+                            value,
+                            dirty: true,
+                            stored: stored_bytes,
+                        };
+                        rows.insert(key, row);
                     }
                     outputs.extend(emit.map(|emit| (emit, source)));
                 }
@@ -351,19 +372,21 @@ impl<P: Processor> TaskLoop<P> {
         Ok(())
     }
 
-    /// Writes changed rows, dead letters, offsets and statistics atomically.
+    /// Writes changed rows, dead letters, offsets and statistics atomically
+    /// (in chunks under an undo record when there are many rows).
     fn checkpoint(&mut self) -> Result<(), RuntimeError> {
-        let mut batch = Batch::default();
-        {
-            let mut rows = self.task.rows.write().expect("rows lock");
-            for (key, row) in rows.iter_mut().filter(|(_, row)| row.dirty) {
-                batch.insert(row_key(P::TABLE, key).as_bytes(), encode_row(&row.value));
-                row.dirty = false;
-            }
-        }
-        for letter in self.dead_letters.drain(..) {
-            batch.insert(letter.store_key().as_bytes(), encode_row(&letter));
-        }
+        let writes: Vec<RowWrite> = {
+            let rows = self.task.rows.read().expect("rows lock");
+            rows.iter()
+                .filter(|(_, row)| row.dirty)
+                .map(|(key, row)| (key.clone(), encode_row(&row.value), row.stored.clone()))
+                .collect()
+        };
+        let mut last: Vec<(String, Vec<u8>)> = self
+            .dead_letters
+            .drain(..)
+            .map(|letter| (letter.store_key(), encode_row(&letter)))
+            .collect();
         let next_offsets: BTreeMap<_, _> = self
             .inputs
             .iter()
@@ -374,13 +397,35 @@ impl<P: Processor> TaskLoop<P> {
             applied_sources: self.applied_sources.clone(),
             stats: self.task.stats.read().expect("stats lock").clone(),
         };
-        let key = checkpoint_key(P::NAME, self.task.partition);
-        batch.insert(key.as_bytes(), encode_row(&checkpoint));
-        self.shared.store.apply(batch)?;
+        last.push((
+            checkpoint_key(P::NAME, self.task.partition),
+            encode_row(&checkpoint),
+        ));
+        let store_rows: Vec<RowWrite> = writes
+            .iter()
+            .map(|(key, bytes, old)| (row_key(P::TABLE, key), bytes.clone(), old.clone()))
+            .collect();
+        let undo = undo_key(P::NAME, self.task.partition);
+        self.shared.store.commit(&undo, &store_rows, last)?;
         *self.task.committed.lock().expect("committed lock") = next_offsets;
-        // Evict only after the rows are in the store, so readers always find them.
+        self.settle_rows(writes);
+        self.last_commit = Instant::now();
+        self.uncommitted = false;
+        self.dirty_rows = 0;
+        Ok(())
+    }
+
+    /// Marks written rows clean and drops rows memory no longer needs; only
+    /// after the store has them, so readers always find every row.
+    fn settle_rows(&self, writes: Vec<RowWrite>) {
         let limit = self.shared.config.pipeline.cache_rows_per_task;
         let mut rows = self.task.rows.write().expect("rows lock");
+        for (key, bytes, _) in writes {
+            if let Some(row) = rows.get_mut(&key) {
+                row.dirty = false;
+                row.stored = Some(StoredBytes::from(bytes));
+            }
+        }
         rows.retain(|_, row| row.dirty || !P::is_settled(&row.value));
         if rows.len() > limit {
             rows.retain(|_, row| row.dirty);
@@ -388,10 +433,6 @@ impl<P: Processor> TaskLoop<P> {
         if rows.capacity() > 4 * rows.len().max(1024) {
             rows.shrink_to_fit();
         }
-        self.last_commit = Instant::now();
-        self.uncommitted = false;
-        self.dirty_rows = 0;
-        Ok(())
     }
 }
 
