@@ -136,7 +136,7 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("data"),
-            state_cache_bytes: 64 << 20,
+            state_cache_bytes: 32 << 20,
             store_batch_rows: 256,
         }
     }
