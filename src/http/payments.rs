@@ -206,12 +206,8 @@ async fn submit_batch(
 }
 
 fn hop_view(hop: Hop) -> HopView {
-    let stage = serde_json::to_value(hop.stage)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
     HopView {
-        stage,
+        stage: hop.stage.as_str().to_owned(),
         partition: hop.partition,
         offset: hop.offset,
         timestamp: hop.at_ms,

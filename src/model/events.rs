@@ -25,6 +25,20 @@ pub enum Stage {
     Completed,
 }
 
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Submitted => "submitted",
+            Self::Admitted => "admitted",
+            Self::Debited => "debited",
+            Self::Credited => "credited",
+            Self::Refunded => "refunded",
+            Self::Rejected => "rejected",
+            Self::Completed => "completed",
+        }
+    }
+}
+
 /// Which input topic a derived record came from; with partition and offset it
 /// names the record exactly, so consumers can skip copies after a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -113,14 +113,6 @@ impl Ingest {
         let recent = self.recent[partition].lock().expect("recent lock");
         recent.get(id).cloned()
     }
-
-    /// Payments accepted and not yet in the store, over all partitions.
-    pub fn pending(&self) -> usize {
-        self.recent
-            .iter()
-            .map(|r| r.lock().expect("recent lock").len())
-            .sum()
-    }
 }
 
 /// Starts one sequencer per partition; `recent` is rebuilt from the log
