@@ -285,3 +285,21 @@ async fn sigterm_drains_inflight_payments_and_exits_zero() {
     let (_, integrity) = get(&client, &format!("{}/api/v1/ledger/integrity", server.base)).await;
     assert_eq!(integrity["ok"], true, "{integrity}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_refuses_to_start() {
+    // Two processes on one data directory would corrupt it; the second exits with an error instead.
+    let dir = tempfile::tempdir().unwrap();
+    let first = Binary::spawn(dir.path(), free_port(), &[]);
+    first.wait_ready().await;
+    let mut second = Binary::spawn(dir.path(), free_port(), &[]);
+    let exit = tokio::task::spawn_blocking(move || second.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !exit.success(),
+        "second server started on the same data: {exit:?}"
+    );
+    let client = reqwest::Client::new();
+    assert_eq!(get(&client, &format!("{}/readyz", first.base)).await.0, 200);
+}

@@ -107,9 +107,11 @@ pub fn open_backends(config: &Config) -> Result<(Arc<dyn Log>, Store), RuntimeEr
         tail_cache_records: config.log.tail_cache_records,
         ..EmbeddedLogConfig::with_dir(dir.join("log"))
     };
-    let log: Arc<dyn Log> = EmbeddedLog::open(log_config)?;
+    // The store first: sled holds an exclusive lock on its directory, so a
+    // second kpay on the same data stops here, before it touches the log.
     let store = Store::open(&dir.join("state"), config.data.state_cache_bytes)?
         .with_batch_rows(config.data.store_batch_rows);
+    let log: Arc<dyn Log> = EmbeddedLog::open(log_config)?;
     Ok((log, store))
 }
 

@@ -254,21 +254,18 @@ impl<P: Processor> TaskLoop<P> {
         &mut self,
         batch: Vec<(usize, StoredRecord)>,
     ) -> Result<Vec<(Emit, Source)>, RuntimeError> {
-        let gate = self.shared.apply_gate.read().expect("apply gate");
+        // Guards borrow local handles, so the loop may call `&mut self` helpers.
+        let (shared, task) = (self.shared.clone(), self.task.clone());
+        let gate = shared.apply_gate.read().expect("apply gate");
         let mut outputs = Vec::with_capacity(batch.len());
-        let mut rows = self.task.rows.write().expect("rows lock");
-        let mut stats = self.task.stats.write().expect("stats lock");
+        let mut rows = task.rows.write().expect("rows lock");
+        let mut stats = task.stats.write().expect("stats lock");
         let now = now_ms();
         let count = batch.len() as u64;
         for (index, stored) in batch {
             let (kind, tp, next) = &mut self.inputs[index];
             debug_assert!(stored.offset >= *next, "offsets only move forward");
             *next = stored.offset + 1;
-            let source = Source {
-                topic: *kind,
-                partition: tp.partition,
-                offset: stored.offset,
-            };
             let ctx = Ctx {
                 topic: *kind,
                 partition: tp.partition,
@@ -278,33 +275,19 @@ impl<P: Processor> TaskLoop<P> {
             let envelope = match codec::decode(&stored.record.value) {
                 Ok(envelope) => envelope,
                 Err(error) => {
-                    let letter = DeadLetter::new(P::NAME, tp, &stored, "decode", error.to_string());
-                    self.dead_letters.push(letter);
+                    self.dead_letter(index, &stored, "decode", error.to_string());
                     continue;
                 }
             };
-            if let Some(upstream) = envelope.source {
-                let key = (upstream.topic, upstream.partition);
-                match self.applied_sources.get(&key) {
-                    Some(&applied) if upstream.offset <= applied => continue,
-                    _ => self.applied_sources.insert(key, upstream.offset),
-                };
+            if self.already_applied(envelope.source) {
+                continue;
             }
             let key = P::state_key(&envelope.event).map(str::to_owned);
-            let (mut state, stored_bytes) = match &key {
-                Some(key) => match rows.get(key) {
-                    Some(row) => (Some(row.value.clone()), row.stored.clone()),
-                    None => match self.task.load_raw(&self.shared, key)? {
-                        Some((value, bytes)) => (Some(value), Some(bytes)),
-                        None => (None, None),
-                    },
-                },
-                None => (None, None),
-            };
+            let (mut state, stored_bytes) = self.load_state(&rows, key.as_deref())?;
             match P::handle(&mut state, &mut stats, envelope.event, &ctx) {
                 Ok(emit) => {
                     if let (Some(key), Some(value)) = (key, state) {
-                        self.task.presence.insert(key.as_str());
+                        task.presence.insert(key.as_str());
                         self.dirty_rows += 1;
                         let row = Row {
                             value,
@@ -313,13 +296,15 @@ impl<P: Processor> TaskLoop<P> {
                         };
                         rows.insert(key, row);
                     }
+                    let source = Source {
+                        topic: ctx.topic,
+                        partition: ctx.partition,
+                        offset: ctx.offset,
+                    };
                     outputs.extend(emit.map(|emit| (emit, source)));
                 }
                 Err(error) => {
-                    let class = error_class(&error);
-                    let letter = DeadLetter::new(P::NAME, tp, &stored, class, error.to_string());
-                    tracing::warn!(processor = P::NAME, %tp, offset = stored.offset, %error, "dead-lettered");
-                    self.dead_letters.push(letter);
+                    self.dead_letter(index, &stored, error_class(&error), error.to_string())
                 }
             }
         }
@@ -329,6 +314,48 @@ impl<P: Processor> TaskLoop<P> {
             .fetch_add(count, Ordering::Relaxed);
         self.uncommitted = true;
         Ok(outputs)
+    }
+
+    /// True for a copy of a record already applied (re-emitted by an upstream
+    /// task replaying after a crash); otherwise records it as applied.
+    fn already_applied(&mut self, source: Option<Source>) -> bool {
+        let Some(upstream) = source else {
+            return false;
+        };
+        let key = (upstream.topic, upstream.partition);
+        match self.applied_sources.get(&key) {
+            Some(&applied) if upstream.offset <= applied => true,
+            _ => {
+                self.applied_sources.insert(key, upstream.offset);
+                false
+            }
+        }
+    }
+
+    /// The current row for `key` and its stored bytes: cache, else store.
+    fn load_state(
+        &self,
+        rows: &HashMap<String, Row<P::State>>,
+        key: Option<&str>,
+    ) -> Result<(Option<P::State>, Option<StoredBytes>), RuntimeError> {
+        let Some(key) = key else {
+            return Ok((None, None));
+        };
+        if let Some(row) = rows.get(key) {
+            return Ok((Some(row.value.clone()), row.stored.clone()));
+        }
+        Ok(match self.task.load_raw(&self.shared, key)? {
+            Some((value, bytes)) => (Some(value), Some(bytes)),
+            None => (None, None),
+        })
+    }
+
+    /// Keeps a record the processor cannot act on for the DLQ and goes on.
+    fn dead_letter(&mut self, input: usize, stored: &StoredRecord, class: &str, reason: String) {
+        let tp = &self.inputs[input].1;
+        tracing::warn!(processor = P::NAME, %tp, offset = stored.offset, class, %reason, "dead-lettered");
+        let letter = DeadLetter::new(P::NAME, tp, stored, class, reason);
+        self.dead_letters.push(letter);
     }
 
     /// Appends outputs and dead letters, grouped per topic-partition in emit
