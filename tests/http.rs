@@ -269,34 +269,25 @@ async fn accounts_open_deposit_close_and_page() {
     )
     .await;
     assert_eq!(status, 409, "{body}");
-    let (status, _) = post(
-        &c,
-        &format!("{base}/api/v1/accounts"),
-        json!({"id":"neg","opening_balance":-1}),
-    )
-    .await;
-    assert_eq!(status, 400);
-    let (status, _) = post(
-        &c,
-        &format!("{base}/api/v1/accounts/acct-01/deposit"),
-        json!({"amount":50}),
-    )
-    .await;
-    assert_eq!(status, 202);
-    let (status, _) = post(
-        &c,
-        &format!("{base}/api/v1/accounts/nobody/deposit"),
-        json!({"amount":50}),
-    )
-    .await;
-    assert_eq!(status, 404);
-    let (status, _) = post(
-        &c,
-        &format!("{base}/api/v1/accounts/acct-01/deposit"),
-        json!({"amount":0}),
-    )
-    .await;
-    assert_eq!(status, 400);
+    let cases = [
+        (
+            "/api/v1/accounts",
+            json!({"id":"neg","opening_balance":-1}),
+            400,
+        ),
+        (
+            "/api/v1/accounts/acct-01/deposit",
+            json!({"amount":50}),
+            202,
+        ),
+        ("/api/v1/accounts/nobody/deposit", json!({"amount":50}), 404),
+        ("/api/v1/accounts/acct-01/deposit", json!({"amount":0}), 400),
+        ("/api/v1/accounts/nobody/close", json!({}), 404),
+    ];
+    for (path, body, expected) in cases {
+        let (status, answer) = post(&c, &format!("{base}{path}"), body.clone()).await;
+        assert_eq!(status, expected, "{path} {body}: {answer}");
+    }
     common::wait_until(std::time::Duration::from_secs(5), || async {
         get(&c, &format!("{base}/api/v1/accounts/acct-01")).await.1["balance"] == 150
     })
