@@ -303,3 +303,23 @@ async fn a_second_server_on_the_same_data_refuses_to_start() {
     let client = reqwest::Client::new();
     assert_eq!(get(&client, &format!("{}/readyz", first.base)).await.0, 200);
 }
+
+#[test]
+fn bad_config_stops_the_start_with_the_key_named() {
+    // A bad setting is a one-line error naming the key and a non-zero exit, before anything is written.
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kpay"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("KPAY_LOG__PARTITIONS", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("log.partitions"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "data written before the config was checked"
+    );
+}
