@@ -21,6 +21,28 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub limits: LimitsConfig,
     pub demo: DemoConfig,
+    pub instrument: InstrumentConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstrumentConfig {
+    /// Run the windows task and record Prometheus metrics (off: to measure their cost).
+    pub enabled: bool,
+    /// Length of a throughput/latency window.
+    pub window_seconds: u32,
+    /// Windows kept (and served by `GET /api/v1/metrics/throughput`).
+    pub windows_kept: usize,
+}
+
+impl Default for InstrumentConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_seconds: 60,
+            windows_kept: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -288,6 +310,12 @@ impl Config {
         }
         if self.limits.max_batch_payments == 0 || self.limits.max_page_items == 0 {
             return invalid("limits.max_batch_payments", "limits must be at least 1");
+        }
+        if !(1..=86_400).contains(&self.instrument.window_seconds) {
+            return invalid("instrument.window_seconds", "must be between 1 and 86400");
+        }
+        if !(1..=10_000).contains(&self.instrument.windows_kept) {
+            return invalid("instrument.windows_kept", "must be between 1 and 10000");
         }
         if self.demo.opening_balance_cents < 0 {
             return invalid("demo.opening_balance_cents", "must be >= 0");

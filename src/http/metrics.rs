@@ -5,12 +5,22 @@ use axum::Json;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::State;
-use crate::instrument::{Integrity, PipelineMetrics};
+use crate::instrument::{Integrity, PipelineMetrics, ThroughputView};
 
 pub fn router() -> OpenApiRouter<State> {
     OpenApiRouter::new()
         .routes(routes!(pipeline))
         .routes(routes!(integrity))
+        .routes(routes!(throughput))
+}
+
+/// Tumbling windows by completion time: count, amount, latency percentiles.
+#[utoipa::path(get, path = "/api/v1/metrics/throughput", tag = "metrics",
+    responses((status = 200, body = ThroughputView)))]
+async fn throughput(Extract(state): Extract<State>) -> Json<ThroughputView> {
+    let windows = &state.runtime.shared.windows;
+    let stats = windows.stats.read().expect("stats lock");
+    Json(ThroughputView::from(&*stats))
 }
 
 /// Money inflight and confirmed, rejections and reversals.

@@ -1,6 +1,9 @@
 //! Pillar 2, the instrumentation plane: are we meeting our business goals?
 //! Views over the processors' statistics: money inflight and confirmed,
-//! rejections and reversals, and the conservation-of-money check.
+//! rejections and reversals, and the conservation-of-money check; tumbling
+//! windows of throughput and latency.
+
+pub mod windows;
 
 use std::collections::BTreeMap;
 
@@ -93,6 +96,80 @@ impl From<&AccountStats> for Integrity {
             ok: in_transit >= 0
                 && stats.balance_sum_cents >= 0
                 && stats.balance_sum_cents + in_transit == stats.funded_cents,
+        }
+    }
+}
+
+/// Latency of a window, in milliseconds, within the histogram's precision (1%).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LatencyView {
+    pub min: u64,
+    pub mean: f64,
+    pub max: u64,
+    pub p50: u64,
+    pub p95: u64,
+    pub p99: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WindowView {
+    /// Window start, ms since the epoch.
+    pub start: i64,
+    /// Window end (exclusive), ms since the epoch.
+    pub end: i64,
+    /// Payments that reached a terminal state in the window.
+    pub count: u64,
+    /// Their total amount, cents.
+    pub amount: i64,
+    /// Average terminal payments per second over the window.
+    pub per_second: f64,
+    pub latency_ms: LatencyView,
+    /// The largest payment, cents.
+    pub largest: i64,
+    /// Count per terminal status (`confirmed`, `rejected`, `reversed`).
+    pub by_status: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ThroughputView {
+    pub window_seconds: i64,
+    /// Oldest first; the last one may still be filling.
+    pub windows: Vec<WindowView>,
+    /// Completions older than every kept window.
+    pub late_dropped: u64,
+}
+
+impl From<&windows::WindowStats> for ThroughputView {
+    fn from(stats: &windows::WindowStats) -> Self {
+        let seconds = stats.window_ms / 1_000;
+        let windows = stats
+            .windows
+            .iter()
+            .map(|w| {
+                let h = &w.latency.0;
+                WindowView {
+                    start: w.start_ms,
+                    end: w.start_ms + stats.window_ms,
+                    count: w.count,
+                    amount: w.amount_cents,
+                    per_second: w.count as f64 * 1_000.0 / stats.window_ms as f64,
+                    latency_ms: LatencyView {
+                        min: if h.is_empty() { 0 } else { h.min() },
+                        mean: h.mean(),
+                        max: h.max(),
+                        p50: h.value_at_quantile(0.50),
+                        p95: h.value_at_quantile(0.95),
+                        p99: h.value_at_quantile(0.99),
+                    },
+                    largest: w.largest_cents,
+                    by_status: w.by_status.clone(),
+                }
+            })
+            .collect();
+        Self {
+            window_seconds: seconds,
+            windows,
+            late_dropped: stats.late_dropped,
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TopicsConfig};
+use crate::instrument::windows::Windows;
 use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
 use crate::log::{Log, LogError, Record, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, SourceTopic};
@@ -56,9 +57,6 @@ impl TopicsConfig {
     }
 }
 
-/// Inputs of the inflight processor: new payments and completions.
-const INFLIGHT_INPUTS: &[SourceTopic] = &[SourceTopic::Incoming, SourceTopic::Complete];
-
 /// Everything tasks, sequencers and HTTP handlers share.
 pub struct Shared {
     pub config: Config,
@@ -70,6 +68,8 @@ pub struct Shared {
     pub inflight: Vec<Arc<TaskShared<Inflight>>>,
     pub accounts: Vec<Arc<TaskShared<Accounts>>>,
     pub confirmed: Vec<Arc<TaskShared<Confirmed>>>,
+    /// The one windows task (pillar 2), reading every `payment.complete` partition.
+    pub windows: Arc<TaskShared<Windows>>,
     /// Tasks hold it shared while applying a batch; readers that need one
     /// consistent view across partitions (the ledger check) hold it exclusively.
     pub apply_gate: RwLock<()>,
@@ -136,11 +136,18 @@ impl Runtime {
             checkpoints.1.push(load_checkpoint::<Accounts>(&store, p)?);
             checkpoints.2.push(load_checkpoint::<Confirmed>(&store, p)?);
         }
+        let mut windows_checkpoint = load_checkpoint::<Windows>(&store, 0)?;
+        let instrument = &config.instrument;
+        let window_ms = i64::from(instrument.window_seconds) * 1_000;
+        windows_checkpoint
+            .stats
+            .configure(window_ms, instrument.windows_kept);
         let shared = Arc::new(Shared {
             topics: config.topics.clone(),
             inflight: shared_views::<Inflight>(&checkpoints.0, &config),
             accounts: shared_views::<Accounts>(&checkpoints.1, &config),
             confirmed: shared_views::<Confirmed>(&checkpoints.2, &config),
+            windows: shared_views::<Windows>(&[windows_checkpoint.clone()], &config).remove(0),
             config,
             log,
             store,
@@ -158,19 +165,21 @@ impl Runtime {
             .zip(checkpoints.2)
             .enumerate()
         {
-            spawn_task(&shared, shared.inflight[p].clone(), a, INFLIGHT_INPUTS);
-            spawn_task(
-                &shared,
-                shared.accounts[p].clone(),
-                b,
-                &[SourceTopic::Inflight],
-            );
-            spawn_task(
-                &shared,
-                shared.confirmed[p].clone(),
-                c,
-                &[SourceTopic::Complete],
-            );
+            let p32 = p as u32;
+            let inflight_inputs = vec![(SourceTopic::Incoming, p32), (SourceTopic::Complete, p32)];
+            spawn_task(&shared, shared.inflight[p].clone(), a, inflight_inputs);
+            let account_inputs = vec![(SourceTopic::Inflight, p32)];
+            spawn_task(&shared, shared.accounts[p].clone(), b, account_inputs);
+            let confirmed_inputs = vec![(SourceTopic::Complete, p32)];
+            spawn_task(&shared, shared.confirmed[p].clone(), c, confirmed_inputs);
+        }
+        if shared.config.instrument.enabled {
+            let all = (0..partitions)
+                .map(|p| (SourceTopic::Complete, p))
+                .collect();
+            spawn_task(&shared, shared.windows.clone(), windows_checkpoint, all);
+        } else {
+            shared.windows.caught_up.store(true, Ordering::Relaxed);
         }
         let ingest = ingest::start(&shared).await?;
         shared.tracker.spawn(flusher(shared.clone()));
@@ -365,7 +374,7 @@ fn spawn_task<P: Processor>(
     shared: &Arc<Shared>,
     task: Arc<TaskShared<P>>,
     checkpoint: Checkpoint<P::Stats>,
-    inputs: &'static [SourceTopic],
+    inputs: Vec<(SourceTopic, u32)>,
 ) {
     let shared = shared.clone();
     let tracker = shared.tracker.clone();
@@ -400,6 +409,7 @@ async fn flush_once(shared: &Shared) -> Result<(), RuntimeError> {
     let snapshot: Vec<_> = (shared.inflight.iter().map(|t| (&t.committed, &t.durable)))
         .chain(shared.accounts.iter().map(|t| (&t.committed, &t.durable)))
         .chain(shared.confirmed.iter().map(|t| (&t.committed, &t.durable)))
+        .chain(std::iter::once(&shared.windows).map(|t| (&t.committed, &t.durable)))
         .map(|(committed, durable)| (committed.lock().expect("lock").clone(), durable))
         .collect();
     shared.store.flush().await?;
@@ -415,9 +425,12 @@ async fn retention(shared: &Shared) -> Result<(), RuntimeError> {
         let i = p as usize;
         let incoming = shared.inflight[i].durable_offset((SourceTopic::Incoming, p));
         let inflight = shared.accounts[i].durable_offset((SourceTopic::Inflight, p));
-        let complete = shared.inflight[i]
+        let mut complete = shared.inflight[i]
             .durable_offset((SourceTopic::Complete, p))
             .min(shared.confirmed[i].durable_offset((SourceTopic::Complete, p)));
+        if shared.config.instrument.enabled {
+            complete = complete.min(shared.windows.durable_offset((SourceTopic::Complete, p)));
+        }
         let releases = [
             (&topics.incoming, incoming),
             (&topics.inflight, inflight),

@@ -25,7 +25,7 @@ use crate::model::{codec, now_ms, partition_for, Envelope, Source, SourceTopic};
 use crate::ops::dlq::DeadLetter;
 use crate::pipeline::{Ctx, Emit, OutTopic, Processor};
 use crate::store::{
-    checkpoint_key, encode_row, row_key, undo_key, Checkpoint, RowWrite, StoredBytes,
+    checkpoint_key, encode_row, row_key, undo_key, AppliedKey, Checkpoint, RowWrite, StoredBytes,
 };
 
 /// A cached state row; `dirty` rows are newer than the store.
@@ -129,7 +129,7 @@ struct TaskLoop<P: Processor> {
     /// Each input: kind, topic-partition and the next offset to read.
     inputs: Vec<(SourceTopic, TopicPartition, u64)>,
     /// Highest source offset applied per upstream partition.
-    applied_sources: BTreeMap<(SourceTopic, u32), u64>,
+    applied_sources: BTreeMap<AppliedKey, u64>,
     /// Dead letters waiting for the next checkpoint.
     dead_letters: Vec<DeadLetter>,
     /// When the last checkpoint was written.
@@ -145,12 +145,11 @@ pub async fn run<P: Processor>(
     shared: Arc<Shared>,
     task: Arc<TaskShared<P>>,
     checkpoint: Checkpoint<P::Stats>,
-    input_kinds: &[SourceTopic],
+    input_partitions: Vec<(SourceTopic, u32)>,
 ) -> Result<(), RuntimeError> {
-    let partition = task.partition;
-    let inputs = input_kinds
-        .iter()
-        .map(|&kind| {
+    let inputs = input_partitions
+        .into_iter()
+        .map(|(kind, partition)| {
             let tp = TopicPartition::new(shared.topics.name(kind), partition);
             let next = checkpoint.next_offsets.get(&(kind, partition)).copied();
             (kind, tp, next.unwrap_or(0))
@@ -279,7 +278,7 @@ impl<P: Processor> TaskLoop<P> {
                     continue;
                 }
             };
-            if self.already_applied(envelope.source) {
+            if self.already_applied(&ctx, envelope.source) {
                 continue;
             }
             let key = P::state_key(&envelope.event).map(str::to_owned);
@@ -318,11 +317,11 @@ impl<P: Processor> TaskLoop<P> {
 
     /// True for a copy of a record already applied (re-emitted by an upstream
     /// task replaying after a crash); otherwise records it as applied.
-    fn already_applied(&mut self, source: Option<Source>) -> bool {
+    fn already_applied(&mut self, ctx: &Ctx, source: Option<Source>) -> bool {
         let Some(upstream) = source else {
             return false;
         };
-        let key = (upstream.topic, upstream.partition);
+        let key = (ctx.topic, ctx.partition, upstream.topic, upstream.partition);
         match self.applied_sources.get(&key) {
             Some(&applied) if upstream.offset <= applied => true,
             _ => {

@@ -32,6 +32,9 @@ fn sled_error(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreEr
     move |source| StoreError::Sled { context, source }
 }
 
+/// (input kind, input partition, upstream kind, upstream partition).
+pub type AppliedKey = (SourceTopic, u32, SourceTopic, u32);
+
 /// What a task commits together: where it is in each input, the highest
 /// source offset applied per upstream partition (to skip replayed copies), and
 /// its statistics.
@@ -39,8 +42,10 @@ fn sled_error(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreEr
 pub struct Checkpoint<S> {
     /// Next offset to read, per input (topic kind, partition).
     pub next_offsets: BTreeMap<(SourceTopic, u32), u64>,
-    /// Highest source offset applied, per upstream (topic kind, partition).
-    pub applied_sources: BTreeMap<(SourceTopic, u32), u64>,
+    /// Highest source offset applied, per input (topic kind, partition) and
+    /// upstream (topic kind, partition): an upstream's outputs are in order
+    /// within one input partition, not across partitions.
+    pub applied_sources: BTreeMap<AppliedKey, u64>,
     /// The processor's per-partition statistics at this point.
     pub stats: S,
 }

@@ -1,0 +1,112 @@
+//! The instrumentation plane against a real server: windows agree with an
+//! independent count of the payments, survive a restart, and lag is visible.
+
+mod common;
+
+use common::{get, open_account, post, terminal, test_config, TestServer};
+use serde_json::{json, Value};
+
+fn exact_quantile(sorted: &[u64], q: f64) -> u64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_match_an_independent_count_and_survive_restart() {
+    // N payments → the windows' counts, amounts, statuses and percentiles equal what the payments themselves say.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.instrument.window_seconds = 3_600;
+    let server = TestServer::start(config.clone()).await;
+    let c = reqwest::Client::new();
+    open_account(&c, &server.base, "rich", 10_000_000).await;
+    open_account(&c, &server.base, "poor", 10).await;
+    let mut ids = Vec::new();
+    for n in 0..300i64 {
+        let (from, to) = match n % 10 {
+            0 => ("poor", "rich"),  // rejected: insufficient funds
+            1 => ("rich", "ghost"), // reversed: unknown account
+            _ => ("rich", "poor"),
+        };
+        let body = json!({"id": format!("w{n}"), "from": from, "to": to, "amount": 100 + n});
+        let (status, answer) = post(&c, &server.url("/api/v1/payments"), body).await;
+        assert_eq!(status, 202, "{answer}");
+        ids.push(format!("w{n}"));
+    }
+    let mut latencies = Vec::new();
+    let mut amount = 0;
+    let mut by_status = std::collections::BTreeMap::<String, u64>::new();
+    for id in &ids {
+        let p = terminal(&c, &server.base, id).await;
+        latencies.push(
+            (p["completed_at"].as_i64().unwrap() - p["accepted_at"].as_i64().unwrap()).max(1)
+                as u64,
+        );
+        amount += p["amount"].as_i64().unwrap();
+        *by_status
+            .entry(p["status"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    latencies.sort_unstable();
+    common::wait_until(std::time::Duration::from_secs(10), || async {
+        let (_, view) = get(&c, &server.url("/api/v1/metrics/throughput")).await;
+        view["windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["count"].as_u64().unwrap())
+            .sum::<u64>()
+            == 300
+    })
+    .await;
+    let (_, view) = get(&c, &server.url("/api/v1/metrics/throughput")).await;
+    let check = |view: &Value| {
+        assert_eq!(view["window_seconds"], 3_600);
+        let windows = view["windows"].as_array().unwrap();
+        let sum = |field: &str| {
+            windows
+                .iter()
+                .map(|w| w[field].as_i64().unwrap())
+                .sum::<i64>()
+        };
+        assert_eq!(sum("count"), 300);
+        assert_eq!(sum("amount"), amount);
+        for (status, count) in &by_status {
+            let got: u64 = windows
+                .iter()
+                .map(|w| w["by_status"][status].as_u64().unwrap_or(0))
+                .sum();
+            assert_eq!(got, *count, "{status}");
+        }
+        let largest = windows
+            .iter()
+            .map(|w| w["largest"].as_i64().unwrap())
+            .max()
+            .unwrap();
+        assert_eq!(largest, 399);
+        if windows.len() == 1 {
+            let latency = &windows[0]["latency_ms"];
+            for (field, q) in [("p50", 0.5), ("p95", 0.95), ("p99", 0.99)] {
+                let exact = exact_quantile(&latencies, q) as f64;
+                let got = latency[field].as_u64().unwrap() as f64;
+                assert!(
+                    (got - exact).abs() <= exact * 0.01 + 1.0,
+                    "{field}: histogram {got}, exact {exact}"
+                );
+            }
+            assert_eq!(latency["max"].as_u64().unwrap(), *latencies.last().unwrap());
+        } else {
+            println!("skipped the percentile check: the payments straddled a window boundary");
+        }
+    };
+    check(&view);
+    server.stop().await;
+    let server = TestServer::start(config).await;
+    let (_, after) = get(&c, &server.url("/api/v1/metrics/throughput")).await;
+    check(&after);
+    assert_eq!(
+        after["windows"], view["windows"],
+        "a restart changed the windows"
+    );
+    server.stop().await;
+}
