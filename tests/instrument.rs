@@ -110,3 +110,62 @@ async fn windows_match_an_independent_count_and_survive_restart() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_grows_while_a_processor_is_stopped_and_drains_after() {
+    // Holding the confirmed processor's input makes its lag (records and age) grow; releasing it brings lag back to 0.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    open_account(&c, &server.base, "a", 1_000_000).await;
+    open_account(&c, &server.base, "b", 0).await;
+    let shared = server.runtime().shared.clone();
+    for task in &shared.confirmed {
+        task.hold(kpay::model::SourceTopic::Complete, true);
+    }
+    for n in 0..40 {
+        let body = json!({"id": format!("l{n}"), "from": "a", "to": "b", "amount": 5});
+        assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
+    }
+    for n in 0..40 {
+        terminal(&c, &server.base, &format!("l{n}")).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let confirmed_lag = |view: &Value| -> (u64, i64) {
+        let items = view["items"].as_array().unwrap();
+        let mine = items.iter().filter(|i| i["processor"] == "confirmed");
+        mine.fold((0, 0), |(n, age), i| {
+            (
+                n + i["lag_records"].as_u64().unwrap(),
+                age.max(i["oldest_age_ms"].as_i64().unwrap()),
+            )
+        })
+    };
+    let (_, view) = get(&c, &server.url("/api/v1/metrics/lag")).await;
+    let (records, age) = confirmed_lag(&view);
+    assert_eq!(records, 40, "{view}");
+    assert!(
+        age >= 50,
+        "oldest waiting record should be at least 50 ms old: {age}"
+    );
+    let others: u64 = view["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["processor"] != "confirmed")
+        .map(|i| i["lag_records"].as_u64().unwrap())
+        .sum();
+    assert_eq!(others, 0, "{view}");
+    assert_eq!(server.runtime().confirmed_totals().confirmed_count, 0);
+    for task in &shared.confirmed {
+        task.hold(kpay::model::SourceTopic::Complete, false);
+    }
+    common::wait_until(std::time::Duration::from_secs(10), || async {
+        let (_, view) = get(&c, &server.url("/api/v1/metrics/lag")).await;
+        view["total_lag_records"] == 0
+    })
+    .await;
+    assert_eq!(server.runtime().confirmed_totals().confirmed_count, 40);
+    drop(shared);
+    server.stop().await;
+}

@@ -5,6 +5,11 @@ use axum::Json;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::State;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::ApiError;
+use crate::instrument::lag::LagView;
 use crate::instrument::{Integrity, PipelineMetrics, ThroughputView};
 
 pub fn router() -> OpenApiRouter<State> {
@@ -12,6 +17,27 @@ pub fn router() -> OpenApiRouter<State> {
         .routes(routes!(pipeline))
         .routes(routes!(integrity))
         .routes(routes!(throughput))
+        .routes(routes!(lag))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LagList {
+    /// One entry per task and input partition.
+    pub items: Vec<LagView>,
+    /// Sum of `lag_records`.
+    pub total_lag_records: u64,
+}
+
+/// Consumer lag per processor and input partition.
+#[utoipa::path(get, path = "/api/v1/metrics/lag", tag = "metrics",
+    responses((status = 200, body = LagList), (status = 503, body = super::error::ErrorBody)))]
+async fn lag(Extract(state): Extract<State>) -> Result<Json<LagList>, ApiError> {
+    let items = crate::instrument::lag::lag(&state.runtime.shared).await?;
+    let total_lag_records = items.iter().map(|i| i.lag_records).sum();
+    Ok(Json(LagList {
+        items,
+        total_lag_records,
+    }))
 }
 
 /// Tumbling windows by completion time: count, amount, latency percentiles.

@@ -3,6 +3,7 @@
 //! rejections and reversals, and the conservation-of-money check; tumbling
 //! windows of throughput and latency.
 
+pub mod lag;
 pub mod windows;
 
 use std::collections::BTreeMap;

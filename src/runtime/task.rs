@@ -54,6 +54,11 @@ pub struct TaskShared<P: Processor> {
     pub caught_up: AtomicBool,
     /// Records this task has handled since start.
     pub processed_records: AtomicU64,
+    /// Next offset to read per input, as of the last batch (for lag).
+    pub positions: Mutex<BTreeMap<(SourceTopic, u32), u64>>,
+    /// Input topics this task does not read for now (a stopped stream);
+    /// records wait in the log and show up as lag.
+    held: Mutex<Vec<SourceTopic>>,
     /// Every key this task has ever stored (with rare false positives): a
     /// miss here skips the store lookup, which most new payment ids would
     /// otherwise pay twice (ingest dedup and admission).
@@ -71,6 +76,8 @@ impl<P: Processor> TaskShared<P> {
             durable: Mutex::new(checkpoint.next_offsets.clone()),
             caught_up: AtomicBool::new(false),
             processed_records: AtomicU64::new(0),
+            positions: Mutex::new(checkpoint.next_offsets.clone()),
+            held: Mutex::new(Vec::new()),
         }
     }
 
@@ -110,6 +117,19 @@ impl<P: Processor> TaskShared<P> {
             .filter(|(key, row)| row.dirty && after.is_none_or(|a| key.as_str() > a))
             .map(|(key, row)| (key.clone(), row.value.clone()))
             .collect()
+    }
+
+    /// Stops (`true`) or restarts reading the inputs of kind `topic`.
+    pub fn hold(&self, topic: SourceTopic, held: bool) {
+        let mut inputs = self.held.lock().expect("held lock");
+        inputs.retain(|t| *t != topic);
+        if held {
+            inputs.push(topic);
+        }
+    }
+
+    fn is_held(&self, topic: SourceTopic) -> bool {
+        self.held.lock().expect("held lock").contains(&topic)
     }
 
     pub fn durable_offset(&self, input: (SourceTopic, u32)) -> u64 {
@@ -166,6 +186,7 @@ pub async fn run<P: Processor>(
         dirty_rows: 0,
     };
     state.start_positions().await?;
+    state.publish_positions();
     let start_hw = state.high_watermarks().await?;
     let commit_every = Duration::from_millis(shared.config.pipeline.commit_interval_ms);
     loop {
@@ -210,6 +231,15 @@ impl<P: Processor> TaskLoop<P> {
         Ok(())
     }
 
+    /// Shows where this task reads, for lag.
+    fn publish_positions(&self) {
+        let positions = self
+            .inputs
+            .iter()
+            .map(|(kind, tp, next)| ((*kind, tp.partition), *next));
+        *self.task.positions.lock().expect("positions lock") = positions.collect();
+    }
+
     async fn high_watermarks(&self) -> Result<Vec<u64>, RuntimeError> {
         let mut marks = Vec::with_capacity(self.inputs.len());
         for (_, tp, _) in &self.inputs {
@@ -228,7 +258,10 @@ impl<P: Processor> TaskLoop<P> {
     async fn read_batch(&self) -> Result<Vec<(usize, StoredRecord)>, RuntimeError> {
         let max = (self.shared.config.pipeline.batch_records / self.inputs.len()).max(1);
         let mut batch = Vec::new();
-        for (index, (_, tp, next)) in self.inputs.iter().enumerate() {
+        for (index, (kind, tp, next)) in self.inputs.iter().enumerate() {
+            if self.task.is_held(*kind) {
+                continue;
+            }
             let records = self.shared.log.read(tp, *next, max).await?;
             batch.extend(records.into_iter().map(|record| (index, record)));
         }
@@ -237,10 +270,20 @@ impl<P: Processor> TaskLoop<P> {
 
     async fn wait_for_input(&self, timeout: Duration) -> Result<(), RuntimeError> {
         let log = &self.shared.log;
-        let waits = self
+        let waits: Vec<_> = self
             .inputs
             .iter()
-            .map(|(_, tp, next)| Box::pin(log.wait_for(tp, *next, timeout)));
+            .filter(|(kind, _, _)| !self.task.is_held(*kind))
+            .map(|(_, tp, next)| Box::pin(log.wait_for(tp, *next, timeout)))
+            .collect();
+        if waits.is_empty() {
+            // Every input is held: look again after the timeout.
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => {}
+                () = self.shared.processors_stop.cancelled() => {}
+            }
+            return Ok(());
+        }
         tokio::select! {
             (result, _, _) = select_all(waits) => { result?; }
             () = self.shared.processors_stop.cancelled() => {}
@@ -308,6 +351,7 @@ impl<P: Processor> TaskLoop<P> {
             }
         }
         drop((rows, stats, gate));
+        self.publish_positions();
         self.task
             .processed_records
             .fetch_add(count, Ordering::Relaxed);
