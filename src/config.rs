@@ -22,6 +22,32 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub demo: DemoConfig,
     pub instrument: InstrumentConfig,
+    pub slo: SloConfig,
+}
+
+/// Business goals; 0 (or false) turns a goal off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SloConfig {
+    /// p99 latency (acceptance → terminal) of the newest window with payments stays below this, ms.
+    pub latency_p99_ms: u64,
+    /// Terminal payments per second in the newest ended window stay above this.
+    pub min_throughput_per_second: u64,
+    /// The dead letter queue stays empty.
+    pub dlq_empty: bool,
+    /// Total consumer lag stays below this many records.
+    pub max_lag_records: u64,
+}
+
+impl Default for SloConfig {
+    fn default() -> Self {
+        Self {
+            latency_p99_ms: 200,
+            min_throughput_per_second: 0,
+            dlq_empty: true,
+            max_lag_records: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -169,3 +169,54 @@ async fn lag_grows_while_a_processor_is_stopped_and_drains_after() {
     drop(shared);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slo_reports_goals_and_flips_when_the_dlq_fills() {
+    // Goals from config are judged on live data: met while the DLQ is empty, missed (with a new `since`) once a record is dead-lettered.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    open_account(&c, &server.base, "a", 1_000).await;
+    open_account(&c, &server.base, "b", 0).await;
+    let body = json!({"id": "s1", "from": "a", "to": "b", "amount": 5});
+    assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
+    terminal(&c, &server.base, "s1").await;
+    let (status, before) = get(&c, &server.url("/api/v1/metrics/slo")).await;
+    assert_eq!(status, 200);
+    let goal = |view: &Value, name: &str| {
+        view["goals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(goal(&before, "dlq_empty")["met"], true, "{before}");
+    assert_eq!(goal(&before, "latency_p99")["met"], true, "{before}");
+    assert_eq!(
+        goal(&before, "latency_p99")["objective"],
+        "p99 latency < 200 ms"
+    );
+    assert_eq!(before["all_met"], true);
+    let shared = server.runtime().shared.clone();
+    let tp = kpay::log::TopicPartition::new(shared.topics.incoming.clone(), 0);
+    let junk = kpay::log::Record {
+        key: "k".into(),
+        value: "junk".into(),
+        timestamp_ms: 0,
+    };
+    shared.log.append(&tp, vec![junk]).await.unwrap();
+    common::wait_until(std::time::Duration::from_secs(10), || async {
+        let (_, view) = get(&c, &server.url("/api/v1/metrics/slo")).await;
+        goal(&view, "dlq_empty")["met"] == false
+    })
+    .await;
+    let (_, after) = get(&c, &server.url("/api/v1/metrics/slo")).await;
+    let dlq = goal(&after, "dlq_empty");
+    assert_eq!(dlq["current"], 1.0);
+    assert!(dlq["since"].as_i64() > goal(&before, "dlq_empty")["since"].as_i64());
+    assert_eq!(after["all_met"], false);
+    drop(shared);
+    server.stop().await;
+}

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use crate::instrument::lag::LagView;
+use crate::instrument::slo::SloStatus;
 use crate::instrument::{Integrity, PipelineMetrics, ThroughputView};
 
 pub fn router() -> OpenApiRouter<State> {
@@ -18,6 +19,23 @@ pub fn router() -> OpenApiRouter<State> {
         .routes(routes!(integrity))
         .routes(routes!(throughput))
         .routes(routes!(lag))
+        .routes(routes!(slo))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SloList {
+    pub goals: Vec<SloStatus>,
+    /// Every goal met.
+    pub all_met: bool,
+}
+
+/// Business goals from config: each with its current value, met or not, since when.
+#[utoipa::path(get, path = "/api/v1/metrics/slo", tag = "metrics",
+    responses((status = 200, body = SloList), (status = 503, body = super::error::ErrorBody)))]
+async fn slo(Extract(state): Extract<State>) -> Result<Json<SloList>, ApiError> {
+    let goals = crate::runtime::slo_status(&state.runtime.shared).await?;
+    let all_met = goals.iter().all(|g| g.met);
+    Ok(Json(SloList { goals, all_met }))
 }
 
 #[derive(Serialize, ToSchema)]

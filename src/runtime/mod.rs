@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TopicsConfig};
+use crate::instrument::slo::{evaluate, Inputs, SloStatus, SloTracker};
 use crate::instrument::windows::Windows;
 use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
 use crate::log::{Log, LogError, Record, TopicPartition};
@@ -79,6 +80,8 @@ pub struct Shared {
     pub processors_stop: CancellationToken,
     /// Every spawned task, so shutdown can wait for all of them.
     pub tracker: TaskTracker,
+    /// Since when each business goal has been met or missed.
+    pub slo: SloTracker,
 }
 
 /// The running system: shared state plus the ingest handles.
@@ -155,6 +158,7 @@ impl Runtime {
             shutdown: CancellationToken::new(),
             processors_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            slo: SloTracker::default(),
         });
         note_stored_keys(&shared.store, &shared.inflight)?;
         note_stored_keys(&shared.store, &shared.accounts)?;
@@ -183,6 +187,7 @@ impl Runtime {
         }
         let ingest = ingest::start(&shared).await?;
         shared.tracker.spawn(flusher(shared.clone()));
+        shared.tracker.spawn(slo_watch(shared.clone()));
         let runtime = Self { shared, ingest };
         runtime.seed_demo_accounts().await?;
         Ok(runtime)
@@ -388,6 +393,40 @@ fn spawn_task<P: Processor>(
             shared.processors_stop.cancel();
         }
     });
+}
+
+/// Judges the business goals every second, so `since` is right to the second.
+async fn slo_watch(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shared.processors_stop.cancelled() => break,
+        }
+        if let Err(error) = slo_status(&shared).await {
+            tracing::warn!(%error, "cannot judge business goals");
+        }
+    }
+}
+
+/// Every business goal now: value, met or not, since when.
+pub async fn slo_status(shared: &Shared) -> Result<Vec<SloStatus>, RuntimeError> {
+    let lag_records = crate::instrument::lag::lag(shared)
+        .await?
+        .iter()
+        .map(|l| l.lag_records)
+        .sum();
+    let dlq_size = shared.store.count(crate::ops::dlq::TABLE);
+    let now = now_ms();
+    let windows = shared.windows.stats.read().expect("stats lock").clone();
+    let inputs = Inputs {
+        windows: &windows,
+        dlq_size,
+        lag_records,
+        now_ms: now,
+    };
+    Ok(shared
+        .slo
+        .observe(evaluate(&shared.config.slo, &inputs), now))
 }
 
 /// Flushes the store on a timer, then marks the flushed checkpoints durable

@@ -170,6 +170,11 @@ impl Store {
         Ok(rows)
     }
 
+    /// Rows in `table` (a scan: meant for small tables such as dead letters).
+    pub fn count(&self, table: &str) -> u64 {
+        self.db.scan_prefix(format!("{table}/").as_bytes()).count() as u64
+    }
+
     /// Calls `f` with every key of `table` (without the prefix).
     pub fn for_each_key(&self, table: &str, mut f: impl FnMut(&str)) -> Result<(), StoreError> {
         let prefix = format!("{table}/");
