@@ -5,6 +5,8 @@ use axum::Json;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::State;
+use axum::http::header;
+use axum::response::IntoResponse;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -20,6 +22,27 @@ pub fn router() -> OpenApiRouter<State> {
         .routes(routes!(throughput))
         .routes(routes!(lag))
         .routes(routes!(slo))
+        .routes(routes!(prometheus))
+}
+
+/// Prometheus exposition (text format 0.0.4).
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
+              (status = 503, body = super::error::ErrorBody)))]
+async fn prometheus(Extract(state): Extract<State>) -> Result<impl IntoResponse, ApiError> {
+    if !state.runtime.shared.config.instrument.enabled {
+        return Err(ApiError::Unavailable(
+            "instrumentation is off (instrument.enabled = false)".into(),
+        ));
+    }
+    let text = crate::instrument::prometheus::render(&state.runtime).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    ))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -75,12 +75,26 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .merge(health::router())
         .split_for_parts();
     let max_body = state.runtime.shared.config.server.max_body_bytes;
-    (
-        router
-            .layer(DefaultBodyLimit::max(max_body))
-            .with_state(state),
-        api,
-    )
+    let router = router
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(count_requests));
+    (router.with_state(state), api)
+}
+
+/// Counts requests by route template and status for Prometheus.
+async fn count_requests(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    ::metrics::counter!("kpay_http_requests_total", "route" => route, "status" => status)
+        .increment(1);
+    response
 }
 
 /// The whole application: API, Swagger UI and the static web UI.

@@ -177,6 +177,18 @@ impl Processor for Windows {
         None
     }
 
+    fn observe(event: &Event) {
+        if let Event::Completed {
+            payment,
+            completed_at_ms,
+            ..
+        } = event
+        {
+            let seconds = (completed_at_ms - payment.accepted_at_ms).max(0) as f64 / 1_000.0;
+            metrics::histogram!("kpay_payment_latency_seconds").record(seconds);
+        }
+    }
+
     fn handle(
         _state: &mut Option<()>,
         stats: &mut WindowStats,

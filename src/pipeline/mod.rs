@@ -69,6 +69,10 @@ pub trait Processor: Send + Sync + 'static {
     /// The state key `event` reads and writes, if any.
     fn state_key(event: &Event) -> Option<&str>;
 
+    /// Sees each decoded event before `handle`, to record instrumentation
+    /// (process-wide metrics only; never state, never output).
+    fn observe(_event: &Event) {}
+
     /// Whether a row is unlikely to be touched again, so the runtime may drop
     /// it from memory as soon as the store has it (a terminal payment).
     fn is_settled(_state: &Self::State) -> bool {

@@ -126,6 +126,10 @@ impl Runtime {
         store: Store,
     ) -> Result<Self, RuntimeError> {
         let partitions = config.log.partitions;
+        if config.instrument.enabled {
+            crate::instrument::prometheus::install()?;
+            crate::instrument::prometheus::describe();
+        }
         for topic in config.topics.all() {
             log.ensure_topic(topic, partitions).await?;
         }

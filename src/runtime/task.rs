@@ -304,6 +304,11 @@ impl<P: Processor> TaskLoop<P> {
         let mut stats = task.stats.write().expect("stats lock");
         let now = now_ms();
         let count = batch.len() as u64;
+        let instrumented = shared.config.instrument.enabled;
+        if instrumented {
+            metrics::histogram!("kpay_task_batch_records", "processor" => P::NAME)
+                .record(count as f64);
+        }
         for (index, stored) in batch {
             let (kind, tp, next) = &mut self.inputs[index];
             debug_assert!(stored.offset >= *next, "offsets only move forward");
@@ -323,6 +328,9 @@ impl<P: Processor> TaskLoop<P> {
             };
             if self.already_applied(&ctx, envelope.source) {
                 continue;
+            }
+            if instrumented {
+                P::observe(&envelope.event);
             }
             let key = P::state_key(&envelope.event).map(str::to_owned);
             let (mut state, stored_bytes) = self.load_state(&rows, key.as_deref())?;
@@ -445,6 +453,7 @@ impl<P: Processor> TaskLoop<P> {
     /// Writes changed rows, dead letters, offsets and statistics atomically
     /// (in chunks under an undo record when there are many rows).
     fn checkpoint(&mut self) -> Result<(), RuntimeError> {
+        let started = Instant::now();
         let writes: Vec<RowWrite> = {
             let rows = self.task.rows.read().expect("rows lock");
             rows.iter()
@@ -479,6 +488,10 @@ impl<P: Processor> TaskLoop<P> {
         self.shared.store.commit(&undo, &store_rows, last)?;
         *self.task.committed.lock().expect("committed lock") = next_offsets;
         self.settle_rows(writes);
+        if self.shared.config.instrument.enabled {
+            metrics::histogram!("kpay_checkpoint_duration_seconds", "processor" => P::NAME)
+                .record(started.elapsed().as_secs_f64());
+        }
         self.last_commit = Instant::now();
         self.uncommitted = false;
         self.dirty_rows = 0;
