@@ -94,7 +94,14 @@ async fn windows_match_an_independent_count_and_survive_restart() {
                     "{field}: histogram {got}, exact {exact}"
                 );
             }
-            assert_eq!(latency["max"].as_u64().unwrap(), *latencies.last().unwrap());
+            let (max, exact) = (
+                latency["max"].as_u64().unwrap() as f64,
+                *latencies.last().unwrap() as f64,
+            );
+            assert!(
+                (max - exact).abs() <= exact * 0.01 + 1.0,
+                "max: histogram {max}, exact {exact}"
+            );
         } else {
             println!("skipped the percentile check: the payments straddled a window boundary");
         }

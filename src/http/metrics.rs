@@ -85,9 +85,8 @@ async fn lag(Extract(state): Extract<State>) -> Result<Json<LagList>, ApiError> 
 #[utoipa::path(get, path = "/api/v1/metrics/throughput", tag = "metrics",
     responses((status = 200, body = ThroughputView)))]
 async fn throughput(Extract(state): Extract<State>) -> Json<ThroughputView> {
-    let windows = &state.runtime.shared.windows;
-    let stats = windows.stats.read().expect("stats lock");
-    Json(ThroughputView::from(&*stats))
+    let merged = crate::runtime::windows(&state.runtime.shared);
+    Json(ThroughputView::from(&merged))
 }
 
 /// Money inflight and confirmed, rejections and reversals.

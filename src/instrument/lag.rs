@@ -12,7 +12,7 @@ use crate::runtime::{RuntimeError, Shared};
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct LagView {
-    /// `inflight`, `account`, `confirmed` or `windows`.
+    /// `inflight`, `account` or `confirmed`.
     pub processor: String,
     /// The input topic-partition.
     pub topic: String,
@@ -38,9 +38,6 @@ pub async fn lag(shared: &Shared) -> Result<Vec<LagView>, RuntimeError> {
     }
     for task in &shared.confirmed {
         views.extend(task_lag(shared, task).await?);
-    }
-    if shared.config.instrument.enabled {
-        views.extend(task_lag(shared, &shared.windows).await?);
     }
     Ok(views)
 }

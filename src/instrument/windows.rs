@@ -3,8 +3,9 @@
 //! latency (acceptance → terminal state, from the timestamps the events carry,
 //! so a replay after a restart rebuilds the same numbers).
 //!
-//! One task reads every partition of `payment.complete`; the windows are its
-//! statistics, checkpointed with its offsets like every other task's.
+//! The confirmed processor keeps one set per partition in its statistics
+//! (checkpointed with its offsets), since it already decodes every completion;
+//! queries merge the partitions (HDR histograms add exactly).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -12,8 +13,7 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Event, SourceTopic};
-use crate::pipeline::{Ctx, Emit, ProcessError, Processor};
+use crate::model::{Outcome, PaymentRef};
 
 /// Largest latency tracked exactly; longer ones (a paused system) count as this.
 pub const LATENCY_MAX_MS: u64 = 3_600_000;
@@ -114,10 +114,11 @@ pub struct WindowStats {
 }
 
 impl WindowStats {
+    /// Windows of `window_ms`, the newest `keep` kept (0: record nothing).
     pub fn new(window_ms: i64, keep: usize) -> Self {
         Self {
             window_ms: window_ms.max(1),
-            keep: keep.max(1),
+            keep,
             ..Self::default()
         }
     }
@@ -127,10 +128,57 @@ impl WindowStats {
         if self.window_ms != window_ms.max(1) {
             *self = Self::new(window_ms, keep);
         }
-        self.keep = keep.max(1);
+        self.keep = keep;
         while self.windows.len() > self.keep {
             self.windows.pop_front();
         }
+    }
+
+    /// Counts one completed payment in the window of its completion time.
+    pub fn record(&mut self, payment: &PaymentRef, outcome: Outcome, completed_at_ms: i64) {
+        if self.keep == 0 {
+            return;
+        }
+        let latency_ms = (completed_at_ms - payment.accepted_at_ms).max(0) as u64;
+        let Some(window) = self.window_for(completed_at_ms) else {
+            self.late_dropped += 1;
+            return;
+        };
+        window.count += 1;
+        window.amount_cents = window.amount_cents.saturating_add(payment.amount_cents);
+        window.largest_cents = window.largest_cents.max(payment.amount_cents);
+        *window
+            .by_status
+            .entry(outcome.status().as_str().to_owned())
+            .or_default() += 1;
+        window.latency.0.saturating_record(latency_ms.max(1));
+    }
+
+    /// Adds partitions' windows together, window by window.
+    pub fn merge<'a>(parts: impl IntoIterator<Item = &'a WindowStats>) -> WindowStats {
+        let mut merged = WindowStats::default();
+        let mut by_start: BTreeMap<i64, Window> = BTreeMap::new();
+        for part in parts {
+            merged.window_ms = part.window_ms;
+            merged.keep = merged.keep.max(part.keep);
+            merged.late_dropped += part.late_dropped;
+            for window in &part.windows {
+                let into = by_start
+                    .entry(window.start_ms)
+                    .or_insert_with(|| new_window(window.start_ms));
+                into.count += window.count;
+                into.amount_cents = into.amount_cents.saturating_add(window.amount_cents);
+                into.largest_cents = into.largest_cents.max(window.largest_cents);
+                for (status, n) in &window.by_status {
+                    *into.by_status.entry(status.clone()).or_default() += n;
+                }
+                // Same bounds everywhere, so adding cannot fail.
+                let _ = into.latency.0.add(&window.latency.0);
+            }
+        }
+        let skip = by_start.len().saturating_sub(merged.keep);
+        merged.windows = by_start.into_values().skip(skip).collect();
+        merged
     }
 
     /// The window a completion time falls in, created if needed; `None` if
@@ -165,96 +213,35 @@ fn new_window(start_ms: i64) -> Window {
     }
 }
 
-pub struct Windows;
-
-impl Processor for Windows {
-    type State = ();
-    type Stats = WindowStats;
-    const NAME: &'static str = "windows";
-    const TABLE: &'static str = "-";
-
-    fn state_key(_event: &Event) -> Option<&str> {
-        None
-    }
-
-    fn observe(event: &Event) {
-        if let Event::Completed {
-            payment,
-            completed_at_ms,
-            ..
-        } = event
-        {
-            let seconds = (completed_at_ms - payment.accepted_at_ms).max(0) as f64 / 1_000.0;
-            metrics::histogram!("kpay_payment_latency_seconds").record(seconds);
-        }
-    }
-
-    fn handle(
-        _state: &mut Option<()>,
-        stats: &mut WindowStats,
-        event: Event,
-        ctx: &Ctx,
-    ) -> Result<Option<Emit>, ProcessError> {
-        let Event::Completed {
-            payment,
-            outcome,
-            completed_at_ms,
-            ..
-        } = event
-        else {
-            return Err(ProcessError::UnexpectedEvent { kind: event.kind() });
-        };
-        debug_assert_eq!(ctx.topic, SourceTopic::Complete);
-        let latency_ms = (completed_at_ms - payment.accepted_at_ms).max(0) as u64;
-        let Some(window) = stats.window_for(completed_at_ms) else {
-            stats.late_dropped += 1;
-            return Ok(None);
-        };
-        window.count += 1;
-        window.amount_cents = window.amount_cents.saturating_add(payment.amount_cents);
-        window.largest_cents = window.largest_cents.max(payment.amount_cents);
-        *window
-            .by_status
-            .entry(outcome.status().as_str().to_owned())
-            .or_default() += 1;
-        window.latency.0.saturating_record(latency_ms.max(1));
-        Ok(None)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Outcome, PaymentRef, Reason};
+    use crate::model::Reason;
+
+    /// A completion: (accepted at, completed at, amount, outcome).
+    type Done = (i64, i64, i64, Outcome);
 
     fn done(
         accepted_at_ms: i64,
         completed_at_ms: i64,
         amount_cents: i64,
         outcome: Outcome,
-    ) -> Event {
-        Event::Completed {
-            payment: PaymentRef {
-                id: "p".into(),
-                from: "a".into(),
-                to: "b".into(),
-                amount_cents,
-                accepted_at_ms,
-            },
-            outcome,
-            completed_at_ms,
-            lineage: vec![],
-        }
+    ) -> Done {
+        (accepted_at_ms, completed_at_ms, amount_cents, outcome)
     }
 
-    fn apply(stats: &mut WindowStats, event: Event) {
-        let ctx = Ctx {
-            topic: SourceTopic::Complete,
-            partition: 0,
-            offset: 0,
-            now_ms: 0,
+    fn apply(
+        stats: &mut WindowStats,
+        (accepted_at_ms, completed_at_ms, amount_cents, outcome): Done,
+    ) {
+        let payment = PaymentRef {
+            id: "p".into(),
+            from: "a".into(),
+            to: "b".into(),
+            amount_cents,
+            accepted_at_ms,
         };
-        Windows::handle(&mut None, stats, event, &ctx).unwrap();
+        stats.record(&payment, outcome, completed_at_ms);
     }
 
     // Completions land in the window of their completion time, across boundaries, with counts, sums and largest.
@@ -315,6 +302,43 @@ mod tests {
         let back: WindowStats = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back, stats);
         assert_eq!(back.windows[0].latency.0.len(), 1_000);
+    }
+
+    // Partitions merge window by window: counts and amounts add, histograms add exactly, only `keep` windows remain.
+    #[test]
+    fn partitions_merge() {
+        let (mut left, mut right) = (WindowStats::new(1_000, 2), WindowStats::new(1_000, 2));
+        apply(&mut left, done(0, 500, 10, Outcome::Confirmed));
+        apply(&mut left, done(0, 1_500, 20, Outcome::Confirmed));
+        apply(
+            &mut right,
+            done(
+                1_000,
+                1_900,
+                30,
+                Outcome::Rejected(Reason::InsufficientFunds),
+            ),
+        );
+        apply(&mut right, done(2_000, 2_100, 40, Outcome::Confirmed));
+        let merged = WindowStats::merge([&left, &right]);
+        let starts: Vec<i64> = merged.windows.iter().map(|w| w.start_ms).collect();
+        assert_eq!(starts, vec![1_000, 2_000]);
+        let middle = &merged.windows[0];
+        assert_eq!(
+            (middle.count, middle.amount_cents, middle.largest_cents),
+            (2, 50, 30)
+        );
+        assert_eq!(middle.latency.0.len(), 2);
+        assert!(middle.latency.0.equivalent(middle.latency.0.max(), 1_500));
+        assert_eq!(middle.by_status["rejected"], 1);
+    }
+
+    // Zero windows kept means nothing is recorded (instrumentation off).
+    #[test]
+    fn zero_keep_records_nothing() {
+        let mut stats = WindowStats::new(1_000, 0);
+        apply(&mut stats, done(0, 5, 1, Outcome::Confirmed));
+        assert!(stats.windows.is_empty() && stats.late_dropped == 0);
     }
 
     // A new window length drops windows cut the old way; a smaller count trims the oldest.

@@ -8,13 +8,14 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{checked_add, Ctx, Emit, OutTopic, ProcessError, Processor};
+use crate::instrument::windows::WindowStats;
 use crate::model::{Event, Outcome};
 
 /// Milliseconds in a UTC day; "today" is `completed_at_ms / MS_PER_DAY`.
 pub const MS_PER_DAY: i64 = 86_400_000;
 
 /// Business totals of one partition.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConfirmedStats {
     /// Payments that moved money.
     pub confirmed_count: u64,
@@ -34,6 +35,9 @@ pub struct ConfirmedStats {
     pub reversed_count: u64,
     /// Reversals per reason code.
     pub reversed_by_reason: BTreeMap<String, u64>,
+    /// Throughput and latency windows of this partition (pillar 2); kept
+    /// here because this processor already reads every completion.
+    pub windows: WindowStats,
 }
 
 pub struct Confirmed;
@@ -47,6 +51,18 @@ impl Processor for Confirmed {
 
     fn state_key(_event: &Event) -> Option<&str> {
         None
+    }
+
+    fn observe(event: &Event) {
+        if let Event::Completed {
+            payment,
+            completed_at_ms,
+            ..
+        } = event
+        {
+            let seconds = (completed_at_ms - payment.accepted_at_ms).max(0) as f64 / 1_000.0;
+            metrics::histogram!("kpay_payment_latency_seconds").record(seconds);
+        }
     }
 
     fn handle(
@@ -64,6 +80,7 @@ impl Processor for Confirmed {
         else {
             return Err(ProcessError::UnexpectedEvent { kind: event.kind() });
         };
+        stats.windows.record(&payment, outcome, completed_at_ms);
         match outcome {
             Outcome::Confirmed => {
                 let amount = payment.amount_cents;

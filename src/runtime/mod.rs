@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TopicsConfig};
 use crate::instrument::slo::{evaluate, Inputs, SloStatus, SloTracker};
-use crate::instrument::windows::Windows;
+use crate::instrument::windows::WindowStats;
 use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
 use crate::log::{Log, LogError, Record, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, SourceTopic};
@@ -69,8 +69,6 @@ pub struct Shared {
     pub inflight: Vec<Arc<TaskShared<Inflight>>>,
     pub accounts: Vec<Arc<TaskShared<Accounts>>>,
     pub confirmed: Vec<Arc<TaskShared<Confirmed>>>,
-    /// The one windows task (pillar 2), reading every `payment.complete` partition.
-    pub windows: Arc<TaskShared<Windows>>,
     /// Tasks hold it shared while applying a batch; readers that need one
     /// consistent view across partitions (the ledger check) hold it exclusively.
     pub apply_gate: RwLock<()>,
@@ -143,18 +141,21 @@ impl Runtime {
             checkpoints.1.push(load_checkpoint::<Accounts>(&store, p)?);
             checkpoints.2.push(load_checkpoint::<Confirmed>(&store, p)?);
         }
-        let mut windows_checkpoint = load_checkpoint::<Windows>(&store, 0)?;
         let instrument = &config.instrument;
         let window_ms = i64::from(instrument.window_seconds) * 1_000;
-        windows_checkpoint
-            .stats
-            .configure(window_ms, instrument.windows_kept);
+        let keep = if instrument.enabled {
+            instrument.windows_kept
+        } else {
+            0
+        };
+        for checkpoint in &mut checkpoints.2 {
+            checkpoint.stats.windows.configure(window_ms, keep);
+        }
         let shared = Arc::new(Shared {
             topics: config.topics.clone(),
             inflight: shared_views::<Inflight>(&checkpoints.0, &config),
             accounts: shared_views::<Accounts>(&checkpoints.1, &config),
             confirmed: shared_views::<Confirmed>(&checkpoints.2, &config),
-            windows: shared_views::<Windows>(&[windows_checkpoint.clone()], &config).remove(0),
             config,
             log,
             store,
@@ -180,14 +181,6 @@ impl Runtime {
             spawn_task(&shared, shared.accounts[p].clone(), b, account_inputs);
             let confirmed_inputs = vec![(SourceTopic::Complete, p32)];
             spawn_task(&shared, shared.confirmed[p].clone(), c, confirmed_inputs);
-        }
-        if shared.config.instrument.enabled {
-            let all = (0..partitions)
-                .map(|p| (SourceTopic::Complete, p))
-                .collect();
-            spawn_task(&shared, shared.windows.clone(), windows_checkpoint, all);
-        } else {
-            shared.windows.caught_up.store(true, Ordering::Relaxed);
         }
         let ingest = ingest::start(&shared).await?;
         shared.tracker.spawn(flusher(shared.clone()));
@@ -412,6 +405,16 @@ async fn slo_watch(shared: Arc<Shared>) {
     }
 }
 
+/// The throughput and latency windows of all partitions, merged.
+pub fn windows(shared: &Shared) -> WindowStats {
+    let parts: Vec<WindowStats> = shared
+        .confirmed
+        .iter()
+        .map(|task| task.stats.read().expect("stats lock").windows.clone())
+        .collect();
+    WindowStats::merge(&parts)
+}
+
 /// Every business goal now: value, met or not, since when.
 pub async fn slo_status(shared: &Shared) -> Result<Vec<SloStatus>, RuntimeError> {
     let lag_records = crate::instrument::lag::lag(shared)
@@ -421,7 +424,7 @@ pub async fn slo_status(shared: &Shared) -> Result<Vec<SloStatus>, RuntimeError>
         .sum();
     let dlq_size = shared.store.count(crate::ops::dlq::TABLE);
     let now = now_ms();
-    let windows = shared.windows.stats.read().expect("stats lock").clone();
+    let windows = windows(shared);
     let inputs = Inputs {
         windows: &windows,
         dlq_size,
@@ -452,7 +455,6 @@ async fn flush_once(shared: &Shared) -> Result<(), RuntimeError> {
     let snapshot: Vec<_> = (shared.inflight.iter().map(|t| (&t.committed, &t.durable)))
         .chain(shared.accounts.iter().map(|t| (&t.committed, &t.durable)))
         .chain(shared.confirmed.iter().map(|t| (&t.committed, &t.durable)))
-        .chain(std::iter::once(&shared.windows).map(|t| (&t.committed, &t.durable)))
         .map(|(committed, durable)| (committed.lock().expect("lock").clone(), durable))
         .collect();
     shared.store.flush().await?;
@@ -468,12 +470,9 @@ async fn retention(shared: &Shared) -> Result<(), RuntimeError> {
         let i = p as usize;
         let incoming = shared.inflight[i].durable_offset((SourceTopic::Incoming, p));
         let inflight = shared.accounts[i].durable_offset((SourceTopic::Inflight, p));
-        let mut complete = shared.inflight[i]
+        let complete = shared.inflight[i]
             .durable_offset((SourceTopic::Complete, p))
             .min(shared.confirmed[i].durable_offset((SourceTopic::Complete, p)));
-        if shared.config.instrument.enabled {
-            complete = complete.min(shared.windows.durable_offset((SourceTopic::Complete, p)));
-        }
         let releases = [
             (&topics.incoming, incoming),
             (&topics.inflight, inflight),
