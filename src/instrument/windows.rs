@@ -147,10 +147,13 @@ impl WindowStats {
         window.count += 1;
         window.amount_cents = window.amount_cents.saturating_add(payment.amount_cents);
         window.largest_cents = window.largest_cents.max(payment.amount_cents);
-        *window
-            .by_status
-            .entry(outcome.status().as_str().to_owned())
-            .or_default() += 1;
+        let status = outcome.status().as_str();
+        match window.by_status.get_mut(status) {
+            Some(count) => *count += 1,
+            None => {
+                window.by_status.insert(status.to_owned(), 1);
+            }
+        }
         window.latency.0.saturating_record(latency_ms.max(1));
     }
 

@@ -60,8 +60,13 @@ impl Processor for Confirmed {
             ..
         } = event
         {
+            // The handle is looked up once; the recorder is installed before
+            // any task runs.
+            static LATENCY: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
             let seconds = (completed_at_ms - payment.accepted_at_ms).max(0) as f64 / 1_000.0;
-            metrics::histogram!("kpay_payment_latency_seconds").record(seconds);
+            LATENCY
+                .get_or_init(|| metrics::histogram!("kpay_payment_latency_seconds"))
+                .record(seconds);
         }
     }
 

@@ -185,6 +185,9 @@ impl Runtime {
         let ingest = ingest::start(&shared).await?;
         shared.tracker.spawn(flusher(shared.clone()));
         shared.tracker.spawn(slo_watch(shared.clone()));
+        if shared.config.instrument.enabled {
+            shared.tracker.spawn(metrics_upkeep(shared.clone()));
+        }
         let runtime = Self { shared, ingest };
         runtime.seed_demo_accounts().await?;
         Ok(runtime)
@@ -390,6 +393,21 @@ fn spawn_task<P: Processor>(
             shared.processors_stop.cancel();
         }
     });
+}
+
+/// Folds recorded histogram samples into their buckets every few seconds:
+/// the exporter keeps raw samples until then, which would grow without bound
+/// between scrapes.
+async fn metrics_upkeep(shared: Arc<Shared>) {
+    let Ok(handle) = crate::instrument::prometheus::install() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+            () = shared.processors_stop.cancelled() => break,
+        }
+    }
 }
 
 /// Judges the business goals every second, so `since` is right to the second.
