@@ -53,7 +53,7 @@ impl Default for SloConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct InstrumentConfig {
-    /// Run the windows task and record Prometheus metrics (off: to measure their cost).
+    /// Keep throughput/latency windows and record Prometheus metrics (off: to measure their cost).
     pub enabled: bool,
     /// Length of a throughput/latency window.
     pub window_seconds: u32,

@@ -14,7 +14,9 @@
 //!    emits the completion to `payment.complete` (or a REFUND back to `from`,
 //!    which completes it as reversed).
 //! 4. `pipeline::inflight` records the terminal state; `pipeline::confirmed`
-//!    counts it and forwards confirmed payments to `payment.confirmed`.
+//!    counts it, adds it to the throughput/latency windows
+//!    (`instrument::windows`) and forwards confirmed payments to
+//!    `payment.confirmed`.
 //!
 //! Modules:
 //! - [`config`]: layered settings (defaults ← file ← `KPAY_*` env ← flags).
@@ -23,7 +25,7 @@
 //! - [`store`]: sled-backed state tables and task checkpoints.
 //! - [`runtime`]: tasks per (processor, partition), ingest, flush, retention, shutdown.
 //! - [`pipeline`]: pillar 1, the processors as pure logic.
-//! - [`instrument`]: pillar 2, business metrics.
+//! - [`instrument`]: pillar 2, business metrics: windows, SLOs, lag, Prometheus.
 //! - [`control`]: pillar 3, the control plane.
 //! - [`ops`]: pillar 4, dead letters and operations.
 //! - [`http`]: the axum server, REST API, OpenAPI, Swagger UI and web UI.
