@@ -120,6 +120,8 @@ pub struct TopicsConfig {
     pub complete: String,
     pub confirmed: String,
     pub dlq: String,
+    /// Control commands (one partition: one order for all of them).
+    pub commands: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -211,6 +213,7 @@ impl Default for TopicsConfig {
             complete: "payment.complete".into(),
             confirmed: "payment.confirmed".into(),
             dlq: "payment.dlq".into(),
+            commands: "control.commands".into(),
         }
     }
 }

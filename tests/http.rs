@@ -405,6 +405,13 @@ async fn openapi_documents_every_endpoint_and_swagger_serves() {
         "/api/v1/payments/{id}",
         "/api/v1/metrics/pipeline",
         "/api/v1/ledger/integrity",
+        "/api/v1/metrics/throughput",
+        "/api/v1/metrics/slo",
+        "/api/v1/metrics/lag",
+        "/api/v1/control/status",
+        "/api/v1/control/pause",
+        "/api/v1/control/resume",
+        "/metrics",
         "/healthz",
         "/readyz",
     ] {

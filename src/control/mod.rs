@@ -1,5 +1,8 @@
-//! Pillar 3, the control plane. Today: the shutdown signal (SIGTERM or
-//! Ctrl-C) that starts the drain. Pause, resume and rate limits build on it.
+//! Pillar 3, the control plane: commands as events through
+//! `control.commands` (pause with drain, resume, rate limit), applied by the
+//! control processor; and the shutdown signal (SIGTERM or Ctrl-C).
+
+pub mod processor;
 
 /// Resolves when the process is asked to stop.
 pub async fn shutdown_signal() {
@@ -25,4 +28,120 @@ pub async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("shutdown requested: stopping intake and draining");
+}
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::instrument::CountAmount;
+use crate::log::{Record, TopicPartition};
+use crate::model::{codec, now_ms, ControlAction, ControlCommand, Envelope, Event, SourceTopic};
+use crate::runtime::{Runtime, RuntimeError};
+
+/// How long a command call waits for the control processor to apply it.
+pub const APPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// The control plane as an operator sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ControlStatus {
+    /// `running`, `draining` (paused, admitted payments still finishing) or `paused`.
+    #[schema(example = "running")]
+    pub state: String,
+    /// When the system was last paused or resumed, ms since the epoch (0: never).
+    pub since: i64,
+    /// Admitted payments not yet terminal.
+    pub inflight: CountAmount,
+    /// Accepted payments waiting in `payment.incoming` to be admitted.
+    pub queued: u64,
+    /// Admissions per second; 0 = unlimited.
+    pub rate_limit: u64,
+    /// Commands applied since the start of the log.
+    pub commands_applied: u64,
+}
+
+/// Appends a command to `control.commands` and waits (bounded) until the
+/// control processor has applied it.
+pub async fn command(
+    runtime: &Runtime,
+    action: ControlAction,
+    principal: &str,
+    reason: Option<String>,
+) -> Result<(), RuntimeError> {
+    let shared = &runtime.shared;
+    let envelope = Envelope {
+        source: None,
+        event: Event::Control(ControlCommand {
+            action,
+            principal: principal.to_owned(),
+            reason,
+            at_ms: now_ms(),
+        }),
+    };
+    let record = Record {
+        key: Bytes::from_static(b"control"),
+        value: Bytes::from(codec::encode(&envelope)),
+        timestamp_ms: now_ms(),
+    };
+    let tp = TopicPartition::new(shared.topics.commands.clone(), 0);
+    let offset = shared.log.append(&tp, vec![record]).await?;
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    while applied_position(runtime) <= offset && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn applied_position(runtime: &Runtime) -> u64 {
+    let positions = runtime
+        .shared
+        .control
+        .positions
+        .lock()
+        .expect("positions lock");
+    positions
+        .get(&(SourceTopic::Control, 0))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Running, draining or paused, with what is in flight and queued.
+pub async fn status(runtime: &Runtime) -> Result<ControlStatus, RuntimeError> {
+    let shared = &runtime.shared;
+    let control = shared.control_state();
+    let inflight = runtime.inflight_totals();
+    let mut queued = 0;
+    for task in &shared.inflight {
+        let position = task
+            .positions
+            .lock()
+            .expect("positions lock")
+            .get(&(SourceTopic::Incoming, task.partition))
+            .copied()
+            .unwrap_or(0);
+        let tp = TopicPartition::new(shared.topics.incoming.clone(), task.partition);
+        queued += shared
+            .log
+            .high_watermark(&tp)
+            .await?
+            .saturating_sub(position);
+    }
+    let state = match (control.paused, inflight.inflight_count) {
+        (false, _) => "running",
+        (true, 0) => "paused",
+        (true, _) => "draining",
+    };
+    Ok(ControlStatus {
+        state: state.to_owned(),
+        since: control.since_ms,
+        inflight: CountAmount {
+            count: inflight.inflight_count,
+            amount: inflight.inflight_amount_cents,
+        },
+        queued,
+        rate_limit: control.rate_limit_per_second,
+        commands_applied: control.commands_applied,
+    })
 }

@@ -2,6 +2,7 @@
 //! resource), OpenAPI document and Swagger UI, health probes and the web UI.
 
 pub mod accounts;
+pub mod control;
 pub mod error;
 pub mod health;
 pub mod metrics;
@@ -61,6 +62,7 @@ impl AppState {
         (name = "accounts", description = "Open, fund, close and look up accounts"),
         (name = "payments", description = "Submit payments and follow them"),
         (name = "metrics", description = "Business metrics and the ledger check"),
+        (name = "control", description = "Pause with drain, resume"),
         (name = "health", description = "Liveness and readiness")
     )
 )]
@@ -72,6 +74,7 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .merge(accounts::router())
         .merge(payments::router())
         .merge(metrics::router())
+        .merge(control::router())
         .merge(health::router())
         .split_for_parts();
     let max_body = state.runtime.shared.config.server.max_body_bytes;

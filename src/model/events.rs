@@ -46,6 +46,8 @@ pub enum SourceTopic {
     Incoming,
     Inflight,
     Complete,
+    /// `control.commands` (added after the first three: the index is on disk).
+    Control,
 }
 
 /// The input record an output record was derived from.
@@ -165,6 +167,8 @@ pub enum Event {
         completed_at_ms: i64,
         lineage: Vec<Hop>,
     },
+    /// `control.commands`: an operator's command, applied in order.
+    Control(ControlCommand),
 }
 
 impl Event {
@@ -179,8 +183,32 @@ impl Event {
             Self::Credit { .. } => "credit",
             Self::Refund { .. } => "refund",
             Self::Completed { .. } => "completed",
+            Self::Control(_) => "control",
         }
     }
+}
+
+/// What an operator asked the control plane to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlAction {
+    /// Stop admitting new payments; admitted ones drain.
+    Pause,
+    /// Admit again, from where intake stopped.
+    Resume,
+    /// Admissions per second (0 = unlimited).
+    SetRateLimit(u64),
+}
+
+/// A control command as it travels through `control.commands`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlCommand {
+    pub action: ControlAction,
+    /// Who asked (the authenticated principal, or `local`).
+    pub principal: String,
+    /// Why, in the operator's words.
+    pub reason: Option<String>,
+    /// When it was asked, ms since the epoch.
+    pub at_ms: i64,
 }
 
 /// What travels in a record's value: the event and, for derived records,

@@ -71,6 +71,7 @@ impl World {
                 }
                 out.into_iter().for_each(|e| self.push(e));
             }
+            SourceTopic::Control => unreachable!("no control records in this world"),
             SourceTopic::Incoming | SourceTopic::Complete => {
                 if topic == SourceTopic::Complete {
                     Confirmed::handle(&mut None, &mut self.confirmed_stats, event.clone(), &ctx)

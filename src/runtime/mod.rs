@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TopicsConfig};
+use crate::control::processor::{ControlPlane, ControlState};
 use crate::instrument::slo::{evaluate, Inputs, SloStatus, SloTracker};
 use crate::instrument::windows::WindowStats;
 use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
@@ -44,6 +45,7 @@ impl TopicsConfig {
             SourceTopic::Incoming => &self.incoming,
             SourceTopic::Inflight => &self.inflight,
             SourceTopic::Complete => &self.complete,
+            SourceTopic::Control => &self.commands,
         }
     }
 
@@ -69,6 +71,8 @@ pub struct Shared {
     pub inflight: Vec<Arc<TaskShared<Inflight>>>,
     pub accounts: Vec<Arc<TaskShared<Accounts>>>,
     pub confirmed: Vec<Arc<TaskShared<Confirmed>>>,
+    /// The control processor (pillar 3): paused or not, rate limit.
+    pub control: Arc<TaskShared<ControlPlane>>,
     /// Tasks hold it shared while applying a batch; readers that need one
     /// consistent view across partitions (the ledger check) hold it exclusively.
     pub apply_gate: RwLock<()>,
@@ -80,6 +84,18 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Since when each business goal has been met or missed.
     pub slo: SloTracker,
+}
+
+impl Shared {
+    /// The control state as applied so far.
+    pub fn control_state(&self) -> ControlState {
+        self.control.stats.read().expect("stats lock").clone()
+    }
+
+    /// Whether the inflight processor must leave `payment.incoming` alone.
+    pub fn admission_paused(&self) -> bool {
+        self.control.stats.read().expect("stats lock").paused
+    }
 }
 
 /// The running system: shared state plus the ingest handles.
@@ -131,6 +147,7 @@ impl Runtime {
         for topic in config.topics.all() {
             log.ensure_topic(topic, partitions).await?;
         }
+        log.ensure_topic(&config.topics.commands, 1).await?;
         let restored = store.roll_back_partial()?;
         if restored > 0 {
             tracing::warn!(restored, "rolled back a checkpoint a crash interrupted");
@@ -141,6 +158,7 @@ impl Runtime {
             checkpoints.1.push(load_checkpoint::<Accounts>(&store, p)?);
             checkpoints.2.push(load_checkpoint::<Confirmed>(&store, p)?);
         }
+        let control_checkpoint = load_checkpoint::<ControlPlane>(&store, 0)?;
         let instrument = &config.instrument;
         let window_ms = i64::from(instrument.window_seconds) * 1_000;
         let keep = if instrument.enabled {
@@ -156,6 +174,11 @@ impl Runtime {
             inflight: shared_views::<Inflight>(&checkpoints.0, &config),
             accounts: shared_views::<Accounts>(&checkpoints.1, &config),
             confirmed: shared_views::<Confirmed>(&checkpoints.2, &config),
+            control: shared_views::<ControlPlane>(
+                std::slice::from_ref(&control_checkpoint),
+                &config,
+            )
+            .remove(0),
             config,
             log,
             store,
@@ -182,6 +205,13 @@ impl Runtime {
             let confirmed_inputs = vec![(SourceTopic::Complete, p32)];
             spawn_task(&shared, shared.confirmed[p].clone(), c, confirmed_inputs);
         }
+        let control_inputs = vec![(SourceTopic::Control, 0)];
+        spawn_task(
+            &shared,
+            shared.control.clone(),
+            control_checkpoint,
+            control_inputs,
+        );
         let ingest = ingest::start(&shared).await?;
         shared.tracker.spawn(flusher(shared.clone()));
         shared.tracker.spawn(slo_watch(shared.clone()));
@@ -473,6 +503,7 @@ async fn flush_once(shared: &Shared) -> Result<(), RuntimeError> {
     let snapshot: Vec<_> = (shared.inflight.iter().map(|t| (&t.committed, &t.durable)))
         .chain(shared.accounts.iter().map(|t| (&t.committed, &t.durable)))
         .chain(shared.confirmed.iter().map(|t| (&t.committed, &t.durable)))
+        .chain(std::iter::once(&shared.control).map(|t| (&t.committed, &t.durable)))
         .map(|(committed, durable)| (committed.lock().expect("lock").clone(), durable))
         .collect();
     shared.store.flush().await?;
@@ -484,6 +515,10 @@ async fn flush_once(shared: &Shared) -> Result<(), RuntimeError> {
 
 async fn retention(shared: &Shared) -> Result<(), RuntimeError> {
     let topics = &shared.topics;
+    // Commands live on in the control state; their records need not pin segments.
+    let commands = TopicPartition::new(topics.commands.clone(), 0);
+    let applied = shared.control.durable_offset((SourceTopic::Control, 0));
+    shared.log.release_before(&commands, applied).await?;
     for p in 0..shared.config.log.partitions {
         let i = p as usize;
         let incoming = shared.inflight[i].durable_offset((SourceTopic::Incoming, p));

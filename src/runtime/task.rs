@@ -231,6 +231,12 @@ impl<P: Processor> TaskLoop<P> {
         Ok(())
     }
 
+    /// Inputs not read for now: held by hand, or new payments while paused
+    /// (the pause gate: admitted payments still drain through the rest).
+    fn is_held(&self, kind: SourceTopic) -> bool {
+        self.task.is_held(kind) || (kind == SourceTopic::Incoming && self.shared.admission_paused())
+    }
+
     /// Shows where this task reads, for lag.
     fn publish_positions(&self) {
         let positions = self
@@ -259,7 +265,7 @@ impl<P: Processor> TaskLoop<P> {
         let max = (self.shared.config.pipeline.batch_records / self.inputs.len()).max(1);
         let mut batch = Vec::new();
         for (index, (kind, tp, next)) in self.inputs.iter().enumerate() {
-            if self.task.is_held(*kind) {
+            if self.is_held(*kind) {
                 continue;
             }
             let records = self.shared.log.read(tp, *next, max).await?;
@@ -273,7 +279,7 @@ impl<P: Processor> TaskLoop<P> {
         let waits: Vec<_> = self
             .inputs
             .iter()
-            .filter(|(kind, _, _)| !self.task.is_held(*kind))
+            .filter(|(kind, _, _)| !self.is_held(*kind))
             .map(|(_, tp, next)| Box::pin(log.wait_for(tp, *next, timeout)))
             .collect();
         if waits.is_empty() {

@@ -1,0 +1,114 @@
+//! `/api/v1/control`: pause (with drain) and resume, as commands through the log.
+
+use std::time::Duration;
+
+use axum::extract::{Query, State as Extract};
+use axum::Json;
+use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::error::{ApiError, ErrorBody};
+use super::State;
+use crate::control::{self, ControlStatus};
+use crate::model::ControlAction;
+
+/// Longest `?wait=true` on pause.
+const MAX_WAIT_MS: u64 = 300_000;
+/// Who acts until authentication lands: the local operator.
+const PRINCIPAL: &str = "local";
+
+pub fn router() -> OpenApiRouter<State> {
+    OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    /// Why, recorded with the command.
+    #[schema(example = "end-of-day reconciliation")]
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PauseQuery {
+    /// Return only once nothing admitted is still in flight.
+    pub wait: Option<bool>,
+    /// Bound of that wait, ms (default 30000, at most 300000).
+    pub timeout_ms: Option<u64>,
+}
+
+/// Running, draining or paused; what is in flight and queued.
+#[utoipa::path(get, path = "/api/v1/control/status", tag = "control",
+    responses((status = 200, body = ControlStatus)))]
+async fn status(Extract(state): Extract<State>) -> Result<Json<ControlStatus>, ApiError> {
+    Ok(Json(control::status(&state.runtime).await?))
+}
+
+fn reason(body: Option<Json<CommandRequest>>) -> Result<Option<String>, ApiError> {
+    let reason = body.and_then(|Json(b)| b.reason);
+    if reason.as_ref().is_some_and(|r| r.len() > 500) {
+        return Err(ApiError::BadRequest(
+            "reason is longer than 500 bytes".into(),
+        ));
+    }
+    Ok(reason)
+}
+
+/// Stop admitting new payments; admitted ones finish (drain). Submissions are
+/// still accepted and wait as `accepted`. `?wait=true` returns once drained.
+#[utoipa::path(post, path = "/api/v1/control/pause", tag = "control", params(PauseQuery),
+    request_body(content = Option<CommandRequest>),
+    responses((status = 200, body = ControlStatus), (status = 400, body = ErrorBody)))]
+async fn pause(
+    Extract(state): Extract<State>,
+    Query(query): Query<PauseQuery>,
+    body: Option<Json<CommandRequest>>,
+) -> Result<Json<ControlStatus>, ApiError> {
+    let timeout_ms = query.timeout_ms.unwrap_or(30_000);
+    if timeout_ms > MAX_WAIT_MS {
+        return Err(ApiError::BadRequest(format!(
+            "timeout_ms is at most {MAX_WAIT_MS}"
+        )));
+    }
+    control::command(
+        &state.runtime,
+        ControlAction::Pause,
+        PRINCIPAL,
+        reason(body)?,
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        let now = control::status(&state.runtime).await?;
+        if !query.wait.unwrap_or(false)
+            || now.state != "draining"
+            || tokio::time::Instant::now() >= deadline
+        {
+            return Ok(Json(now));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Admit again, from exactly where intake stopped.
+#[utoipa::path(post, path = "/api/v1/control/resume", tag = "control",
+    request_body(content = Option<CommandRequest>),
+    responses((status = 200, body = ControlStatus), (status = 400, body = ErrorBody)))]
+async fn resume(
+    Extract(state): Extract<State>,
+    body: Option<Json<CommandRequest>>,
+) -> Result<Json<ControlStatus>, ApiError> {
+    control::command(
+        &state.runtime,
+        ControlAction::Resume,
+        PRINCIPAL,
+        reason(body)?,
+    )
+    .await?;
+    Ok(Json(control::status(&state.runtime).await?))
+}

@@ -1,0 +1,133 @@
+//! The control plane through the log: pause with drain, resume where intake
+//! stopped, and a paused system comes back paused after a restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{get, open_account, post, terminal, test_config, TestServer};
+use serde_json::{json, Value};
+
+async fn status_of(c: &reqwest::Client, server: &TestServer) -> Value {
+    get(c, &server.url("/api/v1/control/status")).await.1
+}
+
+async fn payment_status(c: &reqwest::Client, server: &TestServer, id: &str) -> String {
+    let (_, p) = get(c, &server.url(&format!("/api/v1/payments/{id}"))).await;
+    p["status"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_drains_then_resume_admits_each_waiting_payment_once() {
+    // Pause under load drains admitted payments and holds new ones as accepted; resume admits every one of them exactly once.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    open_account(&c, &server.base, "a", 1_000_000).await;
+    open_account(&c, &server.base, "b", 0).await;
+    let (_, running) = get(&c, &server.url("/api/v1/control/status")).await;
+    assert_eq!(running["state"], "running");
+    let batch: Vec<Value> = (0..300)
+        .map(|n| json!({"id": format!("c{n}"), "from": "a", "to": "b", "amount": 1}))
+        .collect();
+    let (status, body) = post(
+        &c,
+        &server.url("/api/v1/payments/batch"),
+        json!({"payments": batch}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, paused) = post(
+        &c,
+        &server.url("/api/v1/control/pause?wait=true"),
+        json!({"reason": "test"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{paused}");
+    assert_eq!(paused["state"], "paused", "{paused}");
+    assert_eq!(paused["inflight"]["count"], 0);
+    for n in 300..320 {
+        let body = json!({"id": format!("c{n}"), "from": "a", "to": "b", "amount": 1});
+        let (status, answer) = post(&c, &server.url("/api/v1/payments"), body).await;
+        assert_eq!((status, answer["status"].as_str()), (202, Some("accepted")));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut waiting = 0;
+    for n in 0..320 {
+        match payment_status(&c, &server, &format!("c{n}")).await.as_str() {
+            "accepted" => waiting += 1,
+            "confirmed" => {}
+            other => panic!("c{n} is {other} while paused"),
+        }
+    }
+    assert!(waiting >= 20, "the payments sent while paused must wait");
+    let status = status_of(&c, &server).await;
+    assert_eq!(status["state"], "paused");
+    assert_eq!(status["queued"].as_u64().unwrap(), waiting, "{status}");
+    let (_, account) = get(&c, &server.url("/api/v1/accounts/b")).await;
+    assert_eq!(
+        account["balance"].as_u64().unwrap(),
+        320 - waiting,
+        "money moved while paused"
+    );
+
+    let (status, resumed) = post(&c, &server.url("/api/v1/control/resume"), json!({})).await;
+    assert_eq!((status, resumed["state"].as_str()), (200, Some("running")));
+    for n in 0..320 {
+        assert_eq!(
+            terminal(&c, &server.base, &format!("c{n}")).await["status"],
+            "confirmed"
+        );
+    }
+    let (_, account) = get(&c, &server.url("/api/v1/accounts/b")).await;
+    assert_eq!(
+        account["balance"], 320,
+        "a payment was skipped or admitted twice"
+    );
+    assert_eq!(server.runtime().confirmed_totals().confirmed_count, 320);
+    assert_eq!(status_of(&c, &server).await["commands_applied"], 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_system_comes_back_paused() {
+    // The control state is checkpointed from the command log: after a restart the system is still paused until resumed.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    open_account(&c, &server.base, "a", 1_000).await;
+    open_account(&c, &server.base, "b", 0).await;
+    let client = c.clone();
+    let response = client
+        .post(server.url("/api/v1/control/pause"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "pause without a body");
+    server.stop().await;
+
+    let server = TestServer::start(test_config(dir.path())).await;
+    assert_eq!(status_of(&c, &server).await["state"], "paused");
+    let body = json!({"id": "late", "from": "a", "to": "b", "amount": 7});
+    assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(payment_status(&c, &server, "late").await, "accepted");
+    let (status, _) = post(
+        &c,
+        &server.url("/api/v1/control/pause?timeout_ms=999999"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 400, "wait bound is explicit");
+    post(
+        &c,
+        &server.url("/api/v1/control/resume"),
+        json!({"reason": "done"}),
+    )
+    .await;
+    assert_eq!(
+        terminal(&c, &server.base, "late").await["status"],
+        "confirmed"
+    );
+    server.stop().await;
+}
