@@ -131,3 +131,59 @@ async fn a_paused_system_comes_back_paused() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_holds_admissions_within_ten_percent() {
+    // With a limit of 200/s and a backlog, payments are admitted at 200/s ± 10% (measured from their admission hops).
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let c = reqwest::Client::new();
+    open_account(&c, &server.base, "a", 1_000_000).await;
+    open_account(&c, &server.base, "b", 0).await;
+    let (status, limited) = c
+        .put(server.url("/api/v1/control/rate-limit"))
+        .json(&json!({"payments_per_second": 200}))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(limited.json::<Value>().await.unwrap()["rate_limit"], 200);
+    let batch: Vec<Value> = (0..600)
+        .map(|n| json!({"id": format!("r{n}"), "from": "a", "to": "b", "amount": 1}))
+        .collect();
+    assert_eq!(
+        post(
+            &c,
+            &server.url("/api/v1/payments/batch"),
+            json!({"payments": batch})
+        )
+        .await
+        .0,
+        200
+    );
+    let mut admitted = Vec::new();
+    for n in 0..600 {
+        let p = terminal(&c, &server.base, &format!("r{n}")).await;
+        admitted.push(p["lineage"][0]["timestamp"].as_i64().unwrap());
+    }
+    admitted.sort_unstable();
+    // Skip the initial burst (1/20 s of tokens) and measure the steady rate.
+    let steady = &admitted[20..];
+    let seconds = (steady[steady.len() - 1] - steady[0]) as f64 / 1_000.0;
+    let rate = (steady.len() - 1) as f64 / seconds;
+    println!("admitted at {rate:.1}/s with a limit of 200/s");
+    assert!(
+        (180.0..=220.0).contains(&rate),
+        "admitted at {rate:.1}/s with a limit of 200/s"
+    );
+    let (status, _) = c
+        .put(server.url("/api/v1/control/rate-limit"))
+        .json(&json!({"payments_per_second": 20_000_000}))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(status, 400);
+    server.stop().await;
+}

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, JsonBody};
 use super::State;
 use crate::control::{self, ControlStatus};
 use crate::model::ControlAction;
@@ -23,6 +23,41 @@ pub fn router() -> OpenApiRouter<State> {
         .routes(routes!(status))
         .routes(routes!(pause))
         .routes(routes!(resume))
+        .routes(routes!(rate_limit))
+}
+
+/// Highest admission rate that can be set, payments per second.
+const MAX_RATE_PER_SECOND: u64 = 10_000_000;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRequest {
+    /// Admissions per second; 0 = unlimited.
+    #[schema(example = 1000)]
+    pub payments_per_second: u64,
+    /// Why, recorded with the command.
+    pub reason: Option<String>,
+}
+
+/// Limit admissions (a token bucket); changeable at runtime, 0 = unlimited.
+#[utoipa::path(put, path = "/api/v1/control/rate-limit", tag = "control",
+    request_body = RateLimitRequest,
+    responses((status = 200, body = ControlStatus), (status = 400, body = ErrorBody)))]
+async fn rate_limit(
+    Extract(state): Extract<State>,
+    JsonBody(request): JsonBody<RateLimitRequest>,
+) -> Result<Json<ControlStatus>, ApiError> {
+    if request.payments_per_second > MAX_RATE_PER_SECOND {
+        return Err(ApiError::BadRequest(format!(
+            "payments_per_second is at most {MAX_RATE_PER_SECOND} (0 = unlimited)"
+        )));
+    }
+    let reason = reason(Some(Json(CommandRequest {
+        reason: request.reason,
+    })))?;
+    let action = ControlAction::SetRateLimit(request.payments_per_second);
+    control::command(&state.runtime, action, PRINCIPAL, reason).await?;
+    Ok(Json(control::status(&state.runtime).await?))
 }
 
 #[derive(Deserialize, ToSchema, Default)]

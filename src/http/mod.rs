@@ -62,7 +62,7 @@ impl AppState {
         (name = "accounts", description = "Open, fund, close and look up accounts"),
         (name = "payments", description = "Submit payments and follow them"),
         (name = "metrics", description = "Business metrics and the ledger check"),
-        (name = "control", description = "Pause with drain, resume"),
+        (name = "control", description = "Pause with drain, resume, rate limit"),
         (name = "health", description = "Liveness and readiness")
     )
 )]

@@ -15,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TopicsConfig};
+use std::num::NonZeroU32;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
 use crate::control::processor::{ControlPlane, ControlState};
 use crate::instrument::slo::{evaluate, Inputs, SloStatus, SloTracker};
 use crate::instrument::windows::WindowStats;
@@ -84,6 +88,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Since when each business goal has been met or missed.
     pub slo: SloTracker,
+    /// The admission token bucket, rebuilt when the rate limit changes.
+    admission: std::sync::Mutex<Option<(u64, Arc<DefaultDirectRateLimiter>)>>,
 }
 
 impl Shared {
@@ -95,6 +101,35 @@ impl Shared {
     /// Whether the inflight processor must leave `payment.incoming` alone.
     pub fn admission_paused(&self) -> bool {
         self.control.stats.read().expect("stats lock").paused
+    }
+
+    /// How many of `wanted` new payments may be admitted now under the rate
+    /// limit (a token bucket; bursts up to 1/20 s of the rate).
+    pub fn admission_tokens(&self, wanted: usize) -> usize {
+        let rate = self
+            .control
+            .stats
+            .read()
+            .expect("stats lock")
+            .rate_limit_per_second;
+        let Some(per_second) = NonZeroU32::new(rate.min(u64::from(u32::MAX)) as u32) else {
+            return wanted;
+        };
+        let limiter = {
+            let mut current = self.admission.lock().expect("admission lock");
+            match current.as_ref() {
+                Some((r, limiter)) if *r == rate => limiter.clone(),
+                _ => {
+                    let burst =
+                        NonZeroU32::new((per_second.get() / 20).max(1)).expect("at least 1");
+                    let quota = Quota::per_second(per_second).allow_burst(burst);
+                    let limiter = Arc::new(RateLimiter::direct(quota));
+                    *current = Some((rate, limiter.clone()));
+                    limiter
+                }
+            }
+        };
+        (0..wanted).take_while(|_| limiter.check().is_ok()).count()
     }
 }
 
@@ -187,6 +222,7 @@ impl Runtime {
             processors_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
             slo: SloTracker::default(),
+            admission: std::sync::Mutex::new(None),
         });
         note_stored_keys(&shared.store, &shared.inflight)?;
         note_stored_keys(&shared.store, &shared.accounts)?;

@@ -158,7 +158,12 @@ struct TaskLoop<P: Processor> {
     uncommitted: bool,
     /// Rows changed since the last checkpoint (upper bound).
     dirty_rows: usize,
+    /// The last read found new payments but no admission tokens.
+    throttled: bool,
 }
+
+/// How often a rate-limited task looks for new admission tokens.
+const THROTTLE_POLL: Duration = Duration::from_millis(5);
 
 /// Runs one task until shutdown; writes a final checkpoint on the way out.
 pub async fn run<P: Processor>(
@@ -184,6 +189,7 @@ pub async fn run<P: Processor>(
         last_commit: Instant::now(),
         uncommitted: false,
         dirty_rows: 0,
+        throttled: false,
     };
     state.start_positions().await?;
     state.publish_positions();
@@ -261,14 +267,32 @@ impl<P: Processor> TaskLoop<P> {
             .all(|((_, _, next), mark)| next >= mark)
     }
 
-    async fn read_batch(&self) -> Result<Vec<(usize, StoredRecord)>, RuntimeError> {
+    async fn read_batch(&mut self) -> Result<Vec<(usize, StoredRecord)>, RuntimeError> {
         let max = (self.shared.config.pipeline.batch_records / self.inputs.len()).max(1);
+        self.throttled = false;
         let mut batch = Vec::new();
-        for (index, (kind, tp, next)) in self.inputs.iter().enumerate() {
+        for index in 0..self.inputs.len() {
+            let (kind, tp, next) = &self.inputs[index];
             if self.is_held(*kind) {
                 continue;
             }
-            let records = self.shared.log.read(tp, *next, max).await?;
+            let mut take = max;
+            if *kind == SourceTopic::Incoming {
+                // The rate limit counts admissions: only records that are
+                // there take tokens.
+                let waiting = self
+                    .shared
+                    .log
+                    .high_watermark(tp)
+                    .await?
+                    .saturating_sub(*next);
+                take = self.shared.admission_tokens(max.min(waiting as usize));
+                if take == 0 {
+                    self.throttled = waiting > 0;
+                    continue;
+                }
+            }
+            let records = self.shared.log.read(tp, *next, take).await?;
             batch.extend(records.into_iter().map(|record| (index, record)));
         }
         Ok(batch)
@@ -276,10 +300,19 @@ impl<P: Processor> TaskLoop<P> {
 
     async fn wait_for_input(&self, timeout: Duration) -> Result<(), RuntimeError> {
         let log = &self.shared.log;
+        // Rate-limited with records waiting: look again when tokens refill,
+        // not when the (already full) input wakes us.
+        let throttled = self.throttled;
+        let timeout = if throttled {
+            timeout.min(THROTTLE_POLL)
+        } else {
+            timeout
+        };
         let waits: Vec<_> = self
             .inputs
             .iter()
             .filter(|(kind, _, _)| !self.is_held(*kind))
+            .filter(|(kind, _, _)| !(throttled && *kind == SourceTopic::Incoming))
             .map(|(_, tp, next)| Box::pin(log.wait_for(tp, *next, timeout)))
             .collect();
         if waits.is_empty() {
