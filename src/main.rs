@@ -40,7 +40,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (the default).
-    Serve,
+    Serve {
+        /// Open the accounts of this CSV file (`id,opening_balance` in cents) at
+        /// start; idempotent: accounts that exist are left alone.
+        #[arg(long)]
+        bootstrap: Option<PathBuf>,
+    },
     /// Run the end-to-end benchmark in embedded mode and print the results.
     Bench(kpay::bench::BenchArgs),
 }
@@ -82,12 +87,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir: cli.data_dir,
     };
     let config = Config::load(cli.config.as_deref(), &overrides)?;
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
+    match cli.command.unwrap_or(Command::Serve { bootstrap: None }) {
+        Command::Serve { bootstrap } => {
+            let accounts = match &bootstrap {
+                Some(path) => kpay::control::bootstrap::read(path, config.limits.max_amount_cents)?,
+                None => Vec::new(),
+            };
             let listener = tokio::net::TcpListener::bind(config.server.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-            kpay::http::serve(config, listener, kpay::control::shutdown_signal()).await
+            kpay::http::serve(config, listener, accounts, kpay::control::shutdown_signal()).await
         }
         Command::Bench(args) => kpay::bench::run(config, args).await,
     }

@@ -187,3 +187,52 @@ async fn rate_limit_holds_admissions_within_ten_percent() {
     assert_eq!(status, 400);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_opens_accounts_once_even_when_run_twice() {
+    // `kpay serve --bootstrap file.csv` opens every account with its balance; a second run funds nothing twice.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("accounts.csv");
+    std::fs::write(
+        &csv,
+        "id,opening_balance\nboot-1,100\nboot-2,250\nboot-3,0\n",
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    let data = dir.path().join("data");
+    let csv_arg = csv.to_str().unwrap();
+    for run in 0..2 {
+        let mut server = common::Binary::spawn_with_args(
+            &data,
+            common::free_port(),
+            &[],
+            &["--bootstrap", csv_arg],
+        );
+        server.wait_ready().await;
+        common::wait_until(Duration::from_secs(10), || async {
+            let (_, lag) = get(&c, &format!("{}/api/v1/metrics/lag", server.base)).await;
+            let (status, _) = get(&c, &format!("{}/api/v1/accounts/boot-3", server.base)).await;
+            lag["total_lag_records"] == 0 && status == 200
+        })
+        .await;
+        let (_, one) = get(&c, &format!("{}/api/v1/accounts/boot-2", server.base)).await;
+        assert_eq!(one["balance"], 250, "run {run}");
+        let (_, ledger) = get(&c, &format!("{}/api/v1/ledger/integrity", server.base)).await;
+        assert_eq!(ledger["total_funded"], 350, "run {run}: {ledger}");
+        assert_eq!(ledger["accounts"], 3, "run {run}: {ledger}");
+        assert!(server.terminate().success());
+    }
+    std::fs::write(&csv, "boot-4,abc\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kpay"))
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "serve",
+            "--bootstrap",
+            csv_arg,
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("line 1"));
+}

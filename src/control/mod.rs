@@ -2,6 +2,7 @@
 //! `control.commands` (pause with drain, resume, rate limit), applied by the
 //! control processor; and the shutdown signal (SIGTERM or Ctrl-C).
 
+pub mod bootstrap;
 pub mod processor;
 
 /// Resolves when the process is asked to stop.

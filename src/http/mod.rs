@@ -113,11 +113,20 @@ pub fn app(state: State, static_dir: PathBuf) -> Router {
 pub async fn serve(
     config: crate::config::Config,
     listener: tokio::net::TcpListener,
+    bootstrap: Vec<crate::model::Event>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (log, store) = crate::runtime::open_backends(&config)?;
     let static_dir = config.server.static_dir.clone();
     let runtime = Runtime::start(config, log, store).await?;
+    if !bootstrap.is_empty() {
+        let count = bootstrap.len();
+        // Opening is idempotent, so a second run opens nothing twice.
+        for chunk in bootstrap.chunks(10_000) {
+            runtime.append_account_events(chunk.to_vec()).await?;
+        }
+        tracing::info!(count, "bootstrap accounts appended");
+    }
     let state = AppState::new(runtime);
     let router = app(state.clone(), static_dir);
     tracing::info!(address = %listener.local_addr()?, "kpay listening");

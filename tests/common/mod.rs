@@ -152,7 +152,20 @@ pub struct Binary {
 
 impl Binary {
     pub fn spawn(dir: &Path, port: u16, extra_env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_args(dir, port, extra_env, &[])
+    }
+
+    /// Like `spawn`, with `serve` and its arguments.
+    pub fn spawn_with_args(
+        dir: &Path,
+        port: u16,
+        extra_env: &[(&str, &str)],
+        serve_args: &[&str],
+    ) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kpay"));
+        if !serve_args.is_empty() {
+            command.arg("serve").args(serve_args);
+        }
         command
             .arg("--data-dir")
             .arg(dir)
