@@ -24,6 +24,9 @@ COPY --from=build /src/target/release/kpay /usr/local/bin/kpay
 COPY static ./static
 COPY config ./config
 USER kpay
+# Listening beyond loopback needs tokens: run with e.g.
+#   -e KPAY_TOKENS='<long-secret>:operator,<another>:teller'
+# Without any, kpay is in protected mode and refuses to start on 0.0.0.0.
 ENV KPAY_SERVER__LISTEN=0.0.0.0:8080 \
     KPAY_DATA__DIR=/data
 VOLUME ["/data"]

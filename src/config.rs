@@ -23,6 +23,9 @@ pub struct Config {
     pub demo: DemoConfig,
     pub instrument: InstrumentConfig,
     pub slo: SloConfig,
+    /// Bearer tokens and roles, `token:role,token:role` (roles: operator,
+    /// teller, viewer); usually from `KPAY_TOKENS`. Empty: protected mode.
+    pub tokens: String,
 }
 
 /// Business goals; 0 (or false) turns a goal off.
@@ -80,6 +83,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Directory of the web UI's static files.
     pub static_dir: PathBuf,
+    /// Reads need a token too (any role).
+    pub protect_reads: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -178,6 +183,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".parse().expect("valid address"),
             max_body_bytes: 1 << 20,
             static_dir: PathBuf::from("static"),
+            protect_reads: false,
         }
     }
 }
@@ -312,6 +318,21 @@ impl Config {
         };
         if !(1..=256).contains(&self.log.partitions) {
             return invalid("log.partitions", "must be between 1 and 256");
+        }
+        let tokens = crate::http::auth::Tokens::parse(&self.tokens).map_err(|message| {
+            ConfigError::Invalid {
+                key: "tokens",
+                message,
+            }
+        })?;
+        if tokens.is_empty() && !self.server.listen.ip().is_loopback() {
+            return invalid(
+                "server.listen",
+                "protected mode: with no token configured (KPAY_TOKENS) kpay listens on loopback only",
+            );
+        }
+        if tokens.is_empty() && self.server.protect_reads {
+            return invalid("server.protect_reads", "needs tokens (KPAY_TOKENS)");
         }
         if self.log.backend != "embedded" {
             return invalid("log.backend", "only \"embedded\" is built in this version");

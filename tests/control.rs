@@ -236,3 +236,127 @@ async fn bootstrap_opens_accounts_once_even_when_run_twice() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("line 1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles_guard_every_change() {
+    // With tokens configured: no or unknown token → 401, a token without the role → 403, the right role acts; reads stay open.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.tokens = "operator-secret:operator,teller-secret:teller,viewer-secret:viewer".into();
+    let server = TestServer::start(config).await;
+    let c = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, token: Option<&str>, body: Value| {
+        let mut request = c.request(method, server.url(path)).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    use reqwest::Method;
+    let account = json!({"id": "guarded", "opening_balance": 10});
+    assert_eq!(
+        call(Method::POST, "/api/v1/accounts", None, account.clone()).await,
+        401
+    );
+    assert_eq!(
+        call(
+            Method::POST,
+            "/api/v1/accounts",
+            Some("wrong-token"),
+            account.clone()
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        call(
+            Method::POST,
+            "/api/v1/accounts",
+            Some("viewer-secret"),
+            account.clone()
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        call(
+            Method::POST,
+            "/api/v1/accounts",
+            Some("teller-secret"),
+            account
+        )
+        .await,
+        201
+    );
+    assert_eq!(
+        call(
+            Method::POST,
+            "/api/v1/control/pause",
+            Some("teller-secret"),
+            json!({})
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        call(Method::POST, "/api/v1/control/pause", None, json!({})).await,
+        401
+    );
+    assert_eq!(
+        call(
+            Method::POST,
+            "/api/v1/control/pause",
+            Some("operator-secret"),
+            json!({})
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        call(
+            Method::POST,
+            "/api/v1/control/resume",
+            Some("operator-secret"),
+            json!({})
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        call(Method::GET, "/api/v1/accounts/guarded", None, json!(null)).await,
+        200
+    );
+    assert_eq!(
+        call(Method::GET, "/api/v1/control/status", None, json!(null)).await,
+        200
+    );
+    let last = server.runtime().shared.control_state().last_principal;
+    assert_eq!(
+        last.as_deref(),
+        Some("operator#0"),
+        "commands carry who gave them"
+    );
+    server.stop().await;
+}
+
+#[test]
+fn protected_mode_refuses_a_public_address_without_tokens() {
+    // With no token configured kpay will not listen beyond loopback, and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kpay"))
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:0",
+        ])
+        .env_remove("KPAY_TOKENS")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("protected mode") && stderr.contains("server.listen"),
+        "{stderr}"
+    );
+}

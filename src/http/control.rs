@@ -3,11 +3,13 @@
 use std::time::Duration;
 
 use axum::extract::{Query, State as Extract};
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use super::auth::Principal;
 use super::error::{ApiError, ErrorBody, JsonBody};
 use super::State;
 use crate::control::{self, ControlStatus};
@@ -15,8 +17,9 @@ use crate::model::ControlAction;
 
 /// Longest `?wait=true` on pause.
 const MAX_WAIT_MS: u64 = 300_000;
-/// Who acts until authentication lands: the local operator.
-const PRINCIPAL: &str = "local";
+fn principal(extension: Option<Extension<Principal>>) -> String {
+    extension.map_or_else(|| "local".to_owned(), |Extension(p)| p.0)
+}
 
 pub fn router() -> OpenApiRouter<State> {
     OpenApiRouter::new()
@@ -45,6 +48,7 @@ pub struct RateLimitRequest {
     responses((status = 200, body = ControlStatus), (status = 400, body = ErrorBody)))]
 async fn rate_limit(
     Extract(state): Extract<State>,
+    who: Option<Extension<Principal>>,
     JsonBody(request): JsonBody<RateLimitRequest>,
 ) -> Result<Json<ControlStatus>, ApiError> {
     if request.payments_per_second > MAX_RATE_PER_SECOND {
@@ -56,7 +60,7 @@ async fn rate_limit(
         reason: request.reason,
     })))?;
     let action = ControlAction::SetRateLimit(request.payments_per_second);
-    control::command(&state.runtime, action, PRINCIPAL, reason).await?;
+    control::command(&state.runtime, action, &principal(who), reason).await?;
     Ok(Json(control::status(&state.runtime).await?))
 }
 
@@ -101,6 +105,7 @@ fn reason(body: Option<Json<CommandRequest>>) -> Result<Option<String>, ApiError
     responses((status = 200, body = ControlStatus), (status = 400, body = ErrorBody)))]
 async fn pause(
     Extract(state): Extract<State>,
+    who: Option<Extension<Principal>>,
     Query(query): Query<PauseQuery>,
     body: Option<Json<CommandRequest>>,
 ) -> Result<Json<ControlStatus>, ApiError> {
@@ -110,13 +115,8 @@ async fn pause(
             "timeout_ms is at most {MAX_WAIT_MS}"
         )));
     }
-    control::command(
-        &state.runtime,
-        ControlAction::Pause,
-        PRINCIPAL,
-        reason(body)?,
-    )
-    .await?;
+    let who = principal(who);
+    control::command(&state.runtime, ControlAction::Pause, &who, reason(body)?).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
     loop {
         let now = control::status(&state.runtime).await?;
@@ -136,14 +136,10 @@ async fn pause(
     responses((status = 200, body = ControlStatus), (status = 400, body = ErrorBody)))]
 async fn resume(
     Extract(state): Extract<State>,
+    who: Option<Extension<Principal>>,
     body: Option<Json<CommandRequest>>,
 ) -> Result<Json<ControlStatus>, ApiError> {
-    control::command(
-        &state.runtime,
-        ControlAction::Resume,
-        PRINCIPAL,
-        reason(body)?,
-    )
-    .await?;
+    let who = principal(who);
+    control::command(&state.runtime, ControlAction::Resume, &who, reason(body)?).await?;
     Ok(Json(control::status(&state.runtime).await?))
 }

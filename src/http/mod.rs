@@ -2,6 +2,7 @@
 //! resource), OpenAPI document and Swagger UI, health probes and the web UI.
 
 pub mod accounts;
+pub mod auth;
 pub mod control;
 pub mod error;
 pub mod health;
@@ -30,15 +31,20 @@ pub struct AppState {
     pub runtime: Runtime,
     /// Ids of recently accepted payments, newest last, for the recent list.
     pub recent_payments: Mutex<VecDeque<String>>,
+    /// Bearer tokens and their roles; empty: protected mode (loopback only).
+    pub tokens: auth::Tokens,
 }
 
 pub type State = Arc<AppState>;
 
 impl AppState {
     pub fn new(runtime: Runtime) -> State {
+        // The config was validated at load, so the token list parses.
+        let tokens = auth::Tokens::parse(&runtime.shared.config.tokens).unwrap_or_default();
         Arc::new(Self {
             runtime,
             recent_payments: Mutex::new(VecDeque::with_capacity(RECENT_PAYMENTS)),
+            tokens,
         })
     }
 
@@ -80,6 +86,10 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
     let max_body = state.runtime.shared.config.server.max_body_bytes;
     let router = router
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .layer(axum::middleware::from_fn(count_requests));
     (router.with_state(state), api)
 }

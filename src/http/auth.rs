@@ -1,0 +1,189 @@
+//! Who may change what. Tokens and roles come from config or the environment
+//! (`KPAY_TOKENS='s3cret:operator,t3ller:teller'`). Reads are open unless
+//! `server.protect_reads` is set. With no token configured the server is in
+//! protected mode: it listens on loopback only (start-up refuses anything
+//! else) and lets its local clients act, so the local demo just works.
+
+use axum::extract::{Request, State as Extract};
+use axum::http::{header, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::State;
+
+/// Roles, each allowed what the one before it is, and more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Reads (when reads are protected).
+    Viewer,
+    /// Accounts and payments.
+    Teller,
+    /// Everything, including control.
+    Operator,
+}
+
+impl Role {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "viewer" => Some(Self::Viewer),
+            "teller" => Some(Self::Teller),
+            "operator" => Some(Self::Operator),
+            _ => None,
+        }
+    }
+}
+
+/// Who made a request, for the command log: `local` in protected mode,
+/// else the role and the token's position in the configured list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal(pub String);
+
+/// The configured tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    entries: Vec<(Vec<u8>, Role)>,
+}
+
+impl Tokens {
+    /// Parses `token:role,token:role`; names what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut entries = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (token, role) = item.rsplit_once(':').ok_or_else(|| {
+                format!(
+                    "token entry {:?}... has no `:role`",
+                    &item[..item.len().min(3)]
+                )
+            })?;
+            let role = Role::parse(role)
+                .ok_or_else(|| format!("role {role:?} is not one of operator, teller, viewer"))?;
+            if token.len() < 8 {
+                return Err("tokens must be at least 8 characters long".into());
+            }
+            entries.push((token.as_bytes().to_vec(), role));
+        }
+        Ok(Self { entries })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The role and position of `presented`, comparing against every
+    /// configured token in constant time.
+    fn find(&self, presented: &[u8]) -> Option<(usize, Role)> {
+        let mut found = None;
+        for (index, (token, role)) in self.entries.iter().enumerate() {
+            if bool::from(token.as_slice().ct_eq(presented)) {
+                found = Some((index, *role));
+            }
+        }
+        found
+    }
+}
+
+/// The role a request needs, from its method and path; `None`: open.
+fn required_role(method: &Method, path: &str, protect_reads: bool) -> Option<Role> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return protect_reads.then_some(Role::Viewer);
+    }
+    if path.starts_with("/api/v1/accounts") || path.starts_with("/api/v1/payments") {
+        return Some(Role::Teller);
+    }
+    Some(Role::Operator)
+}
+
+/// Checks the bearer token of every API request against the role it needs.
+pub async fn authorize(
+    Extract(state): Extract<State>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let tokens = &state.tokens;
+    if tokens.is_empty() {
+        request.extensions_mut().insert(Principal("local".into()));
+        return next.run(request).await;
+    }
+    let protect_reads = state.runtime.shared.config.server.protect_reads;
+    let Some(needed) = required_role(request.method(), request.uri().path(), protect_reads) else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().as_bytes().to_vec());
+    let Some((index, role)) = presented.and_then(|t| tokens.find(&t)) else {
+        let error =
+            ApiError::Unauthorized("send a valid token as `Authorization: Bearer <token>`".into());
+        let mut response = error.into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    };
+    if role < needed {
+        let message =
+            format!("this token's role is {role:?}; this needs {needed:?}").to_lowercase();
+        return ApiError::Forbidden(message).into_response();
+    }
+    let principal = format!("{}#{index}", format!("{role:?}").to_lowercase());
+    request.extensions_mut().insert(Principal(principal));
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Token lists parse with roles, refuse bad entries by reason, and match only exact tokens.
+    #[test]
+    fn tokens_parse_and_match() {
+        let tokens = Tokens::parse("s3cret-op:operator, t3ller-1:teller").unwrap();
+        assert_eq!(tokens.find(b"s3cret-op"), Some((0, Role::Operator)));
+        assert_eq!(tokens.find(b"t3ller-1"), Some((1, Role::Teller)));
+        assert_eq!(tokens.find(b"t3ller-"), None);
+        assert_eq!(tokens.find(b""), None);
+        assert!(Tokens::parse("nocolon").unwrap_err().contains("no `:role`"));
+        assert!(Tokens::parse("longenough:boss")
+            .unwrap_err()
+            .contains("not one of"));
+        assert!(Tokens::parse("short:viewer")
+            .unwrap_err()
+            .contains("8 characters"));
+        assert!(Tokens::parse("").unwrap().is_empty());
+    }
+
+    // Writes need teller (money) or operator (everything else); reads are open unless protected.
+    #[test]
+    fn roles_per_route() {
+        assert_eq!(
+            required_role(&Method::GET, "/api/v1/payments/x", false),
+            None
+        );
+        assert_eq!(
+            required_role(&Method::GET, "/api/v1/payments/x", true),
+            Some(Role::Viewer)
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/api/v1/payments", false),
+            Some(Role::Teller)
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/api/v1/accounts/a/close", false),
+            Some(Role::Teller)
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/api/v1/control/pause", false),
+            Some(Role::Operator)
+        );
+        assert_eq!(
+            required_role(&Method::PUT, "/api/v1/control/rate-limit", false),
+            Some(Role::Operator)
+        );
+    }
+}
