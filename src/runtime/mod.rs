@@ -98,9 +98,11 @@ impl Shared {
         self.control.stats.read().expect("stats lock").clone()
     }
 
-    /// Whether the inflight processor must leave `payment.incoming` alone.
+    /// Whether the inflight processor must leave `payment.incoming` alone:
+    /// paused by command, or shutting down (a stop is pause + drain, but
+    /// not a command: the next start runs as before).
     pub fn admission_paused(&self) -> bool {
-        self.control.stats.read().expect("stats lock").paused
+        self.shutdown.is_cancelled() || self.control.stats.read().expect("stats lock").paused
     }
 
     /// How many of `wanted` new payments may be admitted now under the rate
@@ -394,8 +396,9 @@ impl Runtime {
         Ok(page.into_values().take(limit).collect())
     }
 
-    /// Stops intake, lets in-flight payments finish (bounded), stops the
-    /// processors after a final checkpoint, and flushes the store.
+    /// Stops intake and admission (pause), lets admitted payments finish
+    /// (drain, bounded), stops the processors after a final checkpoint, and
+    /// flushes the store. Accepted payments not yet admitted wait in the log.
     pub async fn shutdown(&self) -> Result<(), RuntimeError> {
         self.shared.shutdown.cancel();
         let drain = Duration::from_millis(self.shared.config.pipeline.shutdown_drain_ms);
