@@ -127,6 +127,8 @@ pub struct TopicsConfig {
     pub dlq: String,
     /// Control commands (one partition: one order for all of them).
     pub commands: String,
+    /// The audit trail (one partition).
+    pub audit: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -166,6 +168,8 @@ pub struct LimitsConfig {
     pub max_batch_payments: usize,
     /// Most items one page of a list endpoint returns.
     pub max_page_items: usize,
+    /// Newest audit entries kept in the store.
+    pub audit_entries: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -220,6 +224,7 @@ impl Default for TopicsConfig {
             confirmed: "payment.confirmed".into(),
             dlq: "payment.dlq".into(),
             commands: "control.commands".into(),
+            audit: "ops.audit".into(),
         }
     }
 }
@@ -247,6 +252,7 @@ impl Default for LimitsConfig {
             max_amount_cents: 100_000_000_000,
             max_batch_payments: 1_000,
             max_page_items: 1_000,
+            audit_entries: 100_000,
         }
     }
 }

@@ -336,6 +336,90 @@ async fn tokens_and_roles_guard_every_change() {
         Some("operator#0"),
         "commands carry who gave them"
     );
+
+    // Every state-changing call is in the audit trail, refused ones included.
+    let audit_url = server.url("/api/v1/logs/audit?limit=50");
+    common::wait_until(Duration::from_secs(10), || async {
+        get(&c, &audit_url).await.1["items"]
+            .as_array()
+            .is_some_and(|i| i.len() == 8)
+    })
+    .await;
+    let (_, trail) = get(&c, &audit_url).await;
+    let rows: Vec<(String, String, String, u64, String)> = trail["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| {
+            let text = |k: &str| e[k].as_str().unwrap().to_owned();
+            (
+                text("action"),
+                text("principal"),
+                text("role"),
+                e["status"].as_u64().unwrap(),
+                text("outcome"),
+            )
+        })
+        .collect();
+    let expect = |action: &str, principal: &str, role: &str, status: u64, outcome: &str| {
+        (
+            action.to_owned(),
+            principal.to_owned(),
+            role.to_owned(),
+            status,
+            outcome.to_owned(),
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![
+            expect("POST /api/v1/accounts", "anonymous", "none", 401, "refused"),
+            expect("POST /api/v1/accounts", "anonymous", "none", 401, "refused"),
+            expect(
+                "POST /api/v1/accounts",
+                "viewer#2",
+                "viewer",
+                403,
+                "refused"
+            ),
+            expect("POST /api/v1/accounts", "teller#1", "teller", 201, "ok"),
+            expect(
+                "POST /api/v1/control/pause",
+                "teller#1",
+                "teller",
+                403,
+                "refused"
+            ),
+            expect(
+                "POST /api/v1/control/pause",
+                "anonymous",
+                "none",
+                401,
+                "refused"
+            ),
+            expect(
+                "POST /api/v1/control/pause",
+                "operator#0",
+                "operator",
+                200,
+                "ok"
+            ),
+            expect(
+                "POST /api/v1/control/resume",
+                "operator#0",
+                "operator",
+                200,
+                "ok"
+            ),
+        ]
+    );
+    let first = &trail["items"][0];
+    assert!(
+        first["source"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{first}"
+    );
+    assert_eq!(first["parameters"], "/api/v1/control/resume");
     server.stop().await;
 }
 

@@ -35,10 +35,46 @@ impl Role {
     }
 }
 
-/// Who made a request, for the command log: `local` in protected mode,
-/// else the role and the token's position in the configured list.
+/// Who made a request, for commands and the audit trail: `local` in
+/// protected mode, else the role and the token's position in the list.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal(pub String);
+pub struct Principal {
+    pub name: String,
+    /// `operator`, `teller`, `viewer`, `local`, or `none` (no valid token).
+    pub role: &'static str,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Teller => "teller",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// Runs the request as `principal` and tags the response with it too, so
+/// the audit layer outside sees who acted (or was refused).
+async fn run_as(principal: Principal, mut request: Request, next: Next) -> Response {
+    request.extensions_mut().insert(principal.clone());
+    let mut response = next.run(request).await;
+    response.extensions_mut().insert(principal);
+    response
+}
+
+fn refuse(error: ApiError, principal: Principal) -> Response {
+    let unauthorized = matches!(error, ApiError::Unauthorized(_));
+    let mut response = error.into_response();
+    if unauthorized {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response.extensions_mut().insert(principal);
+    response
+}
 
 /// The configured tokens.
 #[derive(Debug, Clone, Default)]
@@ -96,44 +132,50 @@ fn required_role(method: &Method, path: &str, protect_reads: bool) -> Option<Rol
 }
 
 /// Checks the bearer token of every API request against the role it needs.
-pub async fn authorize(
-    Extract(state): Extract<State>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+pub async fn authorize(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
     let tokens = &state.tokens;
     if tokens.is_empty() {
-        request.extensions_mut().insert(Principal("local".into()));
-        return next.run(request).await;
+        let local = Principal {
+            name: "local".into(),
+            role: "local",
+        };
+        return run_as(local, request, next).await;
     }
     let protect_reads = state.runtime.shared.config.server.protect_reads;
-    let Some(needed) = required_role(request.method(), request.uri().path(), protect_reads) else {
-        return next.run(request).await;
-    };
+    let needed = required_role(request.method(), request.uri().path(), protect_reads);
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().as_bytes().to_vec());
-    let Some((index, role)) = presented.and_then(|t| tokens.find(&t)) else {
-        let error =
-            ApiError::Unauthorized("send a valid token as `Authorization: Bearer <token>`".into());
-        let mut response = error.into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return response;
+    let found = presented.and_then(|t| tokens.find(&t));
+    let principal = match found {
+        Some((index, role)) => Principal {
+            name: format!("{}#{index}", role.as_str()),
+            role: role.as_str(),
+        },
+        None => Principal {
+            name: "anonymous".into(),
+            role: "none",
+        },
     };
-    if role < needed {
-        let message =
-            format!("this token's role is {role:?}; this needs {needed:?}").to_lowercase();
-        return ApiError::Forbidden(message).into_response();
+    match (needed, found) {
+        (None, _) => run_as(principal, request, next).await,
+        (Some(_), None) => {
+            let message = "send a valid token as `Authorization: Bearer <token>`";
+            refuse(ApiError::Unauthorized(message.into()), principal)
+        }
+        (Some(needed), Some((_, role))) if role < needed => {
+            let message = format!(
+                "this token's role is {}; this needs {}",
+                role.as_str(),
+                needed.as_str()
+            );
+            refuse(ApiError::Forbidden(message), principal)
+        }
+        (Some(_), Some(_)) => run_as(principal, request, next).await,
     }
-    let principal = format!("{}#{index}", format!("{role:?}").to_lowercase());
-    request.extensions_mut().insert(Principal(principal));
-    next.run(request).await
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::model::ControlAction;
 /// Longest `?wait=true` on pause.
 const MAX_WAIT_MS: u64 = 300_000;
 fn principal(extension: Option<Extension<Principal>>) -> String {
-    extension.map_or_else(|| "local".to_owned(), |Extension(p)| p.0)
+    extension.map_or_else(|| "local".to_owned(), |Extension(p)| p.name)
 }
 
 pub fn router() -> OpenApiRouter<State> {
@@ -27,6 +27,42 @@ pub fn router() -> OpenApiRouter<State> {
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(rate_limit))
+        .routes(routes!(audit_log))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// At most this many entries, newest first (default 100).
+    pub limit: Option<usize>,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+pub struct AuditList {
+    pub items: Vec<crate::ops::audit::AuditEntry>,
+}
+
+/// The audit trail: every state-changing call, newest first.
+#[utoipa::path(get, path = "/api/v1/logs/audit", tag = "control", params(AuditQuery),
+    responses((status = 200, body = AuditList), (status = 400, body = ErrorBody)))]
+async fn audit_log(
+    Extract(state): Extract<State>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<AuditList>, ApiError> {
+    let max = state.runtime.shared.config.limits.max_page_items;
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > max {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {max}"
+        )));
+    }
+    let items = state
+        .runtime
+        .shared
+        .store
+        .scan_last(crate::ops::audit::TABLE, limit)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(AuditList { items }))
 }
 
 /// Highest admission rate that can be set, payments per second.

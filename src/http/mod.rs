@@ -33,6 +33,8 @@ pub struct AppState {
     pub recent_payments: Mutex<VecDeque<String>>,
     /// Bearer tokens and their roles; empty: protected mode (loopback only).
     pub tokens: auth::Tokens,
+    /// Where state-changing calls are recorded.
+    pub audit: crate::ops::audit::AuditLog,
 }
 
 pub type State = Arc<AppState>;
@@ -41,10 +43,12 @@ impl AppState {
     pub fn new(runtime: Runtime) -> State {
         // The config was validated at load, so the token list parses.
         let tokens = auth::Tokens::parse(&runtime.shared.config.tokens).unwrap_or_default();
+        let audit = crate::ops::audit::start(&runtime.shared);
         Arc::new(Self {
             runtime,
             recent_payments: Mutex::new(VecDeque::with_capacity(RECENT_PAYMENTS)),
             tokens,
+            audit,
         })
     }
 
@@ -90,8 +94,63 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
             state.clone(),
             auth::authorize,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_changes,
+        ))
         .layer(axum::middleware::from_fn(count_requests));
     (router.with_state(state), api)
+}
+
+/// Records every state-changing API call in the audit trail, refused ones
+/// included (the auth layer inside tags the response with the principal).
+async fn audit_changes(
+    axum::extract::State(state): axum::extract::State<State>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let changes = !matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if !changes || !request.uri().path().starts_with("/api/v1/") {
+        return next.run(request).await;
+    }
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(
+            || request.uri().path().to_owned(),
+            |p| p.as_str().to_owned(),
+        );
+    let action = format!("{} {route}", request.method());
+    let parameters = request.uri().to_string();
+    let source = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |c| c.0.to_string());
+    let response = next.run(request).await;
+    let principal = response.extensions().get::<auth::Principal>().cloned();
+    let status = response.status().as_u16();
+    state.audit.record(crate::ops::audit::AuditEntry {
+        seq: 0,
+        at_ms: crate::model::now_ms(),
+        principal: principal
+            .as_ref()
+            .map_or("anonymous".into(), |p| p.name.clone()),
+        role: principal.map_or("none", |p| p.role).to_owned(),
+        action,
+        parameters,
+        source,
+        status,
+        outcome: match status {
+            200..=399 => "ok",
+            400..=499 => "refused",
+            _ => "failed",
+        }
+        .to_owned(),
+    });
+    response
 }
 
 /// Counts requests by route template and status for Prometheus.
@@ -147,7 +206,8 @@ pub async fn serve(
             () = intake.cancelled() => {}
         }
     };
-    axum::serve(listener, router)
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(stop)
         .await?;
     state.runtime.shutdown().await?;

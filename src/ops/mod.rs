@@ -1,4 +1,5 @@
-//! Pillar 4, the operational plane: the dead letter queue (and, as they land,
-//! error and audit logs, lineage tools, automation).
+//! Pillar 4, the operational plane: the dead letter queue and the audit
+//! trail (and, as they land, error logs, lineage tools, automation).
 
+pub mod audit;
 pub mod dlq;

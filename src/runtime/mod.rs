@@ -185,6 +185,7 @@ impl Runtime {
             log.ensure_topic(topic, partitions).await?;
         }
         log.ensure_topic(&config.topics.commands, 1).await?;
+        log.ensure_topic(&config.topics.audit, 1).await?;
         let restored = store.roll_back_partial()?;
         if restored > 0 {
             tracing::warn!(restored, "rolled back a checkpoint a crash interrupted");
@@ -558,6 +559,10 @@ async fn retention(shared: &Shared) -> Result<(), RuntimeError> {
     let commands = TopicPartition::new(topics.commands.clone(), 0);
     let applied = shared.control.durable_offset((SourceTopic::Control, 0));
     shared.log.release_before(&commands, applied).await?;
+    // The audit trail is kept in the store as it is appended.
+    let audit = TopicPartition::new(topics.audit.clone(), 0);
+    let end = shared.log.high_watermark(&audit).await?;
+    shared.log.release_before(&audit, end).await?;
     for p in 0..shared.config.log.partitions {
         let i = p as usize;
         let incoming = shared.inflight[i].durable_offset((SourceTopic::Incoming, p));
@@ -574,15 +579,18 @@ async fn retention(shared: &Shared) -> Result<(), RuntimeError> {
             let tp = TopicPartition::new(topic.clone(), p);
             shared.log.release_before(&tp, offset).await?;
         }
-        for topic in [&topics.confirmed, &topics.dlq] {
-            let tp = TopicPartition::new(topic.clone(), p);
-            let end = shared.log.high_watermark(&tp).await?;
-            let keep = shared.config.log.sink_retain_records;
-            shared
-                .log
-                .release_before(&tp, end.saturating_sub(keep))
-                .await?;
-        }
+        let confirmed = TopicPartition::new(topics.confirmed.clone(), p);
+        let end = shared.log.high_watermark(&confirmed).await?;
+        let keep = shared.config.log.sink_retain_records;
+        shared
+            .log
+            .release_before(&confirmed, end.saturating_sub(keep))
+            .await?;
+        // Dead letters are kept in the store; a rare record must not pin a
+        // segment of the shared log.
+        let dlq = TopicPartition::new(topics.dlq.clone(), p);
+        let end = shared.log.high_watermark(&dlq).await?;
+        shared.log.release_before(&dlq, end).await?;
     }
     Ok(())
 }

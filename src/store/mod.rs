@@ -170,6 +170,25 @@ impl Store {
         Ok(rows)
     }
 
+    /// The last `limit` rows of `table`, newest (highest key) first.
+    pub fn scan_last<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        limit: usize,
+    ) -> Result<Vec<T>, StoreError> {
+        let prefix = format!("{table}/");
+        let mut rows = Vec::new();
+        for item in self.db.scan_prefix(prefix.as_bytes()).rev().take(limit) {
+            let (key, value) = item.map_err(sled_error(format!("scan {table}")))?;
+            let row = postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                reason: error.to_string(),
+            })?;
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
     /// Rows in `table` (a scan: meant for small tables such as dead letters).
     pub fn count(&self, table: &str) -> u64 {
         self.db.scan_prefix(format!("{table}/").as_bytes()).count() as u64

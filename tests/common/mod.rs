@@ -46,7 +46,8 @@ impl TestServer {
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let handle = tokio::spawn(async move {
-            axum::serve(listener, app)
+            let service = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            axum::serve(listener, service)
                 .with_graceful_shutdown(async move { stopped.cancelled().await })
                 .await
                 .unwrap();
