@@ -26,9 +26,9 @@
 //! - [`runtime`]: tasks per (processor, partition), ingest, flush, retention, shutdown.
 //! - [`pipeline`]: pillar 1, the processors as pure logic.
 //! - [`instrument`]: pillar 2, business metrics: windows, SLOs, lag, Prometheus.
-//! - [`control`]: pillar 3, the control plane.
-//! - [`ops`]: pillar 4, dead letters and operations.
-//! - [`http`]: the axum server, REST API, OpenAPI, Swagger UI and web UI.
+//! - [`control`]: pillar 3, commands through the log: pause with drain, rate limit, bootstrap.
+//! - [`ops`]: pillar 4, dead letters and the audit trail.
+//! - [`http`]: the axum server: REST API, auth, audit, OpenAPI, Swagger UI, web UI.
 //! - [`bench`]: the end-to-end benchmark behind `kpay bench`.
 
 #![forbid(unsafe_code)]
