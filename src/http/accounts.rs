@@ -184,13 +184,7 @@ async fn list_accounts(
     Extract(state): Extract<State>,
     Query(query): Query<PageQuery>,
 ) -> Result<Json<AccountPage>, ApiError> {
-    let max = state.runtime.shared.config.limits.max_page_items;
-    let limit = query.limit.unwrap_or(100);
-    if limit == 0 || limit > max {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and {max}"
-        )));
-    }
+    let limit = super::page_limit(&state, query.limit, 100)?;
     let accounts = state
         .runtime
         .accounts_page(query.after.as_deref(), limit + 1)?;

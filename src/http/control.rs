@@ -49,13 +49,7 @@ async fn audit_log(
     Extract(state): Extract<State>,
     Query(query): Query<AuditQuery>,
 ) -> Result<Json<AuditList>, ApiError> {
-    let max = state.runtime.shared.config.limits.max_page_items;
-    let limit = query.limit.unwrap_or(100);
-    if limit == 0 || limit > max {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and {max}"
-        )));
-    }
+    let limit = super::page_limit(&state, query.limit, 100)?;
     let items = state
         .runtime
         .shared

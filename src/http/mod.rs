@@ -61,6 +61,21 @@ impl AppState {
     }
 }
 
+/// A list endpoint's `limit`: `default` when absent, else 1 to the configured page bound.
+pub fn page_limit(
+    state: &State,
+    requested: Option<usize>,
+    default: usize,
+) -> Result<usize, error::ApiError> {
+    let max = state.runtime.shared.config.limits.max_page_items;
+    match requested.unwrap_or(default) {
+        limit @ 1.. if limit <= max => Ok(limit),
+        _ => Err(error::ApiError::BadRequest(format!(
+            "limit must be between 1 and {max}"
+        ))),
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(

@@ -265,13 +265,7 @@ async fn list_payments(
     Extract(state): Extract<State>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<PaymentList>, ApiError> {
-    let max = state.runtime.shared.config.limits.max_page_items;
-    let limit = query.limit.unwrap_or(50);
-    if limit == 0 || limit > max {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and {max}"
-        )));
-    }
+    let limit = super::page_limit(&state, query.limit, 50)?;
     let wanted = match query.status.as_deref() {
         None => None,
         Some(text) => Some(PaymentStatus::parse(text).ok_or_else(|| {
