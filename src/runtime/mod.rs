@@ -105,6 +105,11 @@ impl Shared {
         self.shutdown.is_cancelled() || self.control.stats.read().expect("stats lock").paused
     }
 
+    /// Whether a rate limit is set.
+    pub fn admission_limited(&self) -> bool {
+        self.control.stats.read().expect("stats lock").rate_limit_per_second > 0
+    }
+
     /// How many of `wanted` new payments may be admitted now under the rate
     /// limit (a token bucket; bursts up to 1/20 s of the rate).
     pub fn admission_tokens(&self, wanted: usize) -> usize {

@@ -277,7 +277,7 @@ impl<P: Processor> TaskLoop<P> {
                 continue;
             }
             let mut take = max;
-            if *kind == SourceTopic::Incoming {
+            if *kind == SourceTopic::Incoming && self.shared.admission_limited() {
                 // The rate limit counts admissions: only records that are
                 // there take tokens.
                 let waiting = self
