@@ -107,7 +107,12 @@ impl Shared {
 
     /// Whether a rate limit is set.
     pub fn admission_limited(&self) -> bool {
-        self.control.stats.read().expect("stats lock").rate_limit_per_second > 0
+        self.control
+            .stats
+            .read()
+            .expect("stats lock")
+            .rate_limit_per_second
+            > 0
     }
 
     /// How many of `wanted` new payments may be admitted now under the rate
