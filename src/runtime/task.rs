@@ -11,7 +11,7 @@
 //! state and the input order, so the skipped copy says what the first did.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -52,8 +52,6 @@ pub struct TaskShared<P: Processor> {
     pub durable: Mutex<BTreeMap<(SourceTopic, u32), u64>>,
     /// Set once the task has read up to the high-water mark seen at start.
     pub caught_up: AtomicBool,
-    /// Records this task has handled since start.
-    pub processed_records: AtomicU64,
     /// Next offset to read per input, as of the last batch (for lag).
     pub positions: Mutex<BTreeMap<(SourceTopic, u32), u64>>,
     /// Input topics this task does not read for now (a stopped stream);
@@ -75,7 +73,6 @@ impl<P: Processor> TaskShared<P> {
             committed: Mutex::new(checkpoint.next_offsets.clone()),
             durable: Mutex::new(checkpoint.next_offsets.clone()),
             caught_up: AtomicBool::new(false),
-            processed_records: AtomicU64::new(0),
             positions: Mutex::new(checkpoint.next_offsets.clone()),
             held: Mutex::new(Vec::new()),
         }
@@ -399,9 +396,6 @@ impl<P: Processor> TaskLoop<P> {
         }
         drop((rows, stats, gate));
         self.publish_positions();
-        self.task
-            .processed_records
-            .fetch_add(count, Ordering::Relaxed);
         self.uncommitted = true;
         Ok(outputs)
     }
