@@ -170,7 +170,7 @@ async fn rate_limit_holds_admissions_within_ten_percent() {
         let mut admitted = Vec::new();
         for id in &ids {
             let p = terminal(&c, &server.base, id).await;
-            admitted.push(p["lineage"][0]["timestamp"].as_i64().unwrap());
+            admitted.push(p["lineage"][0]["processed_at"].as_i64().unwrap());
         }
         admitted.sort_unstable();
         // Skip the initial burst (1/20 s of tokens) and measure the steady rate.

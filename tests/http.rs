@@ -169,11 +169,33 @@ async fn business_rules_end_in_the_right_terminal_state() {
             .iter()
             .map(|h| h["stage"].as_str().unwrap())
             .collect();
-        assert_eq!(stages.first(), Some(&"admitted"));
-        assert_eq!(stages.last(), Some(&"completed"));
-        if *status == "reversed" {
-            assert!(stages.contains(&"refunded"), "{stages:?}");
+        let expected: &[&str] = match *status {
+            "confirmed" => &["admitted", "debited", "credited", "completed"],
+            "rejected" => &["admitted", "rejected", "completed"],
+            // The saga: the credit is refused, the debit refunded to `from`.
+            _ => &["admitted", "debited", "rejected", "refunded", "completed"],
+        };
+        assert_eq!(stages, expected, "{payment}");
+        let hops = payment["lineage"].as_array().unwrap();
+        for hop in hops {
+            let (processor, topic) = match hop["stage"].as_str().unwrap() {
+                "admitted" => ("inflight", "payment.incoming"),
+                "completed" => ("inflight", "payment.complete"),
+                _ => ("account", "payment.inflight"),
+            };
+            assert_eq!(hop["processor"], processor, "{hop}");
+            assert_eq!(hop["topic"], topic, "{hop}");
+            let (time_in, time_out) = (hop["received_at"].as_i64(), hop["processed_at"].as_i64());
+            assert!(time_in.unwrap() > 0 && time_in <= time_out, "{hop}");
         }
+        // Each hop read the record the previous one wrote: time moves forward.
+        for pair in hops.windows(2) {
+            assert!(pair[0]["processed_at"].as_i64() <= pair[1]["received_at"].as_i64());
+        }
+        assert_eq!(
+            payment["completed_at"],
+            hops[hops.len() - 2]["processed_at"]
+        );
     }
     let balance = |v: Value| v["balance"].as_i64().unwrap();
     assert_eq!(

@@ -78,6 +78,7 @@ mod tests {
             topic: SourceTopic::Control,
             partition: 0,
             offset: 0,
+            received_at_ms: 0,
             now_ms: 0,
         };
         ControlPlane::handle(&mut None, state, Event::Control(command), &ctx).unwrap();

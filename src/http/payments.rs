@@ -72,10 +72,19 @@ pub struct HopView {
     /// `admitted`, `debited`, `credited`, `rejected`, `refunded`, `completed`.
     #[schema(example = "debited")]
     pub stage: String,
+    /// The processor that took the step: `inflight` or `account`.
+    #[schema(example = "account")]
+    pub processor: String,
+    /// The topic of the record it processed.
+    #[schema(example = "payment.inflight")]
+    pub topic: String,
+    /// Partition and offset of that record.
     pub partition: u32,
     pub offset: u64,
-    /// ms since the epoch.
-    pub timestamp: i64,
+    /// Time in: when the record was appended to the topic, ms since the epoch.
+    pub received_at: i64,
+    /// Time out: when the processor handled it, ms since the epoch.
+    pub processed_at: i64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -205,12 +214,15 @@ async fn submit_batch(
     Ok(Json(BatchResponse { results }))
 }
 
-fn hop_view(hop: Hop) -> HopView {
+fn hop_view(topics: &crate::config::TopicsConfig, hop: Hop) -> HopView {
     HopView {
         stage: hop.stage.as_str().to_owned(),
+        processor: hop.stage.processor().to_owned(),
+        topic: topics.name(hop.stage.input()).to_owned(),
         partition: hop.partition,
         offset: hop.offset,
-        timestamp: hop.at_ms,
+        received_at: hop.received_at_ms,
+        processed_at: hop.at_ms,
     }
 }
 
@@ -228,7 +240,9 @@ fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
             reason: row.reason.map(|r| r.as_str().into()),
             accepted_at: row.payment.accepted_at_ms,
             completed_at: row.completed_at_ms,
-            lineage: row.lineage.into_iter().map(hop_view).collect(),
+            lineage: (row.lineage.into_iter())
+                .map(|hop| hop_view(&runtime.shared.topics, hop))
+                .collect(),
         }));
     }
     Ok(runtime.ingest.accepted(id).map(|payment| PaymentView {

@@ -8,7 +8,7 @@
 use super::Envelope;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u8 = 1;
+pub const SCHEMA_VERSION: u8 = 2;
 
 /// Largest encoded event accepted; anything bigger is refused, not allocated.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
@@ -70,12 +70,15 @@ mod tests {
     }
 
     fn arb_hop() -> impl Strategy<Value = Hop> {
-        (0u32..64, any::<u64>(), any::<i64>()).prop_map(|(partition, offset, at_ms)| Hop {
-            stage: Stage::Debited,
-            partition,
-            offset,
-            at_ms,
-        })
+        (0u32..64, any::<u64>(), any::<i64>(), any::<i64>()).prop_map(
+            |(partition, offset, at_ms, received_at_ms)| Hop {
+                stage: Stage::Debited,
+                partition,
+                offset,
+                at_ms,
+                received_at_ms,
+            },
+        )
     }
 
     fn arb_event() -> impl Strategy<Value = Event> {

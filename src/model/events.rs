@@ -37,6 +37,26 @@ impl Stage {
             Self::Completed => "completed",
         }
     }
+
+    /// The processor that takes this step.
+    pub fn processor(self) -> &'static str {
+        match self {
+            Self::Submitted => "ingest",
+            Self::Admitted | Self::Completed => "inflight",
+            Self::Debited | Self::Credited | Self::Refunded | Self::Rejected => "account",
+        }
+    }
+
+    /// The topic of the record this step reads (`Submitted` writes it).
+    pub fn input(self) -> SourceTopic {
+        match self {
+            Self::Submitted | Self::Admitted => SourceTopic::Incoming,
+            Self::Debited | Self::Credited | Self::Refunded | Self::Rejected => {
+                SourceTopic::Inflight
+            }
+            Self::Completed => SourceTopic::Complete,
+        }
+    }
 }
 
 /// Which input topic a derived record came from; with partition and offset it
@@ -70,8 +90,10 @@ pub struct Hop {
     pub partition: u32,
     /// Offset of the record that was processed.
     pub offset: u64,
-    /// Wall-clock time of processing, ms since the epoch.
+    /// Time out: wall-clock time of processing, ms since the epoch.
     pub at_ms: i64,
+    /// Time in: when the processed record was appended to its topic.
+    pub received_at_ms: i64,
 }
 
 /// The facts of a payment that every stage needs.

@@ -166,6 +166,7 @@ fn hop(stage: Stage, ctx: &Ctx) -> Hop {
         partition: ctx.partition,
         offset: ctx.offset,
         at_ms: ctx.now_ms,
+        received_at_ms: ctx.received_at_ms,
     }
 }
 
@@ -302,6 +303,7 @@ mod tests {
             topic: SourceTopic::Inflight,
             partition: 1,
             offset: 9,
+            received_at_ms: 0,
             now_ms: 5,
         }
     }

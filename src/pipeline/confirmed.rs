@@ -162,6 +162,7 @@ mod tests {
             topic: SourceTopic::Complete,
             partition: 0,
             offset: 0,
+            received_at_ms: 0,
             now_ms: 0,
         };
         let mut apply = |event| Confirmed::handle(&mut None, &mut stats, event, &ctx).unwrap();

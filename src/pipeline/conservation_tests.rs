@@ -56,6 +56,7 @@ impl World {
             topic,
             partition,
             offset: 0,
+            received_at_ms: 0,
             now_ms: 1,
         };
         let p = partition as usize;

@@ -128,6 +128,7 @@ fn admit(
         partition: ctx.partition,
         offset: ctx.offset,
         at_ms: ctx.now_ms,
+        received_at_ms: ctx.received_at_ms,
     };
     if validate_payment(&payment).is_err() {
         // Records written by other producers skip the HTTP checks; they end
@@ -223,6 +224,7 @@ fn complete(
         partition: ctx.partition,
         offset: ctx.offset,
         at_ms: ctx.now_ms,
+        received_at_ms: ctx.received_at_ms,
     });
     Ok(())
 }
@@ -246,6 +248,7 @@ mod tests {
             topic,
             partition: 0,
             offset,
+            received_at_ms: 0,
             now_ms: 10,
         }
     }

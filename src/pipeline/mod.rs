@@ -38,6 +38,9 @@ pub struct Ctx {
     pub topic: SourceTopic,
     pub partition: u32,
     pub offset: u64,
+    /// When the record was appended to its topic (the hop's time in).
+    pub received_at_ms: i64,
+    /// When the runtime read it (the hop's time out).
     pub now_ms: i64,
 }
 

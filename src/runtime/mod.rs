@@ -196,6 +196,7 @@ impl Runtime {
         }
         log.ensure_topic(&config.topics.commands, 1).await?;
         log.ensure_topic(&config.topics.audit, 1).await?;
+        store.check_format()?;
         let restored = store.roll_back_partial()?;
         if restored > 0 {
             tracing::warn!(restored, "rolled back a checkpoint a crash interrupted");

@@ -353,6 +353,7 @@ impl<P: Processor> TaskLoop<P> {
                 topic: *kind,
                 partition: tp.partition,
                 offset: stored.offset,
+                received_at_ms: stored.record.timestamp_ms,
                 now_ms: now,
             };
             let envelope = match codec::decode(&stored.record.value) {

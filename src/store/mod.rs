@@ -25,7 +25,13 @@ pub enum StoreError {
     },
     #[error("state store row {key} does not decode: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("{0}")]
+    Format(String),
 }
+
+/// Layout version of rows and log records; bumped when either changes.
+pub const FORMAT: u32 = 2;
+const FORMAT_KEY: &str = "m/format";
 
 fn sled_error(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {
     let context = context.into();
@@ -293,6 +299,24 @@ impl Store {
         Ok(restored)
     }
 
+    /// Checks that the rows were written in this build's [`FORMAT`] (stamping
+    /// a new store with it); rows in another format would not decode.
+    pub fn check_format(&self) -> Result<(), StoreError> {
+        match self.get::<u32>(FORMAT_KEY)? {
+            Some(FORMAT) => Ok(()),
+            found => {
+                let written = found.map_or_else(|| "1".to_owned(), |v| v.to_string());
+                if found.is_none() && self.db.scan_prefix(b"t/").next().is_none() {
+                    return self.put(FORMAT_KEY, &FORMAT);
+                }
+                Err(StoreError::Format(format!(
+                    "the state store holds format {written} data; this build reads format \
+                     {FORMAT}: start with an empty data directory (or run the kpay that wrote it)"
+                )))
+            }
+        }
+    }
+
     pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         self.db
             .apply_batch(batch)
@@ -397,5 +421,30 @@ mod tests {
         assert_eq!(rest, vec![("c".into(), "C".into())]);
         assert_eq!(store.get::<String>("a/c").unwrap().as_deref(), Some("C"));
         assert_eq!(store.get::<String>("a/x").unwrap(), None);
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    // A new store is stamped with this build's format; a store with rows and no stamp (or another one) is refused by name.
+    #[test]
+    fn format_is_stamped_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("new"), 1 << 20).unwrap();
+        store.check_format().unwrap();
+        assert_eq!(store.get::<u32>(FORMAT_KEY).unwrap(), Some(FORMAT));
+        store.check_format().unwrap();
+
+        let old = Store::open(&dir.path().join("old"), 1 << 20).unwrap();
+        old.put(&checkpoint_key("inflight", 0), &0u32).unwrap();
+        let error = old.check_format().unwrap_err().to_string();
+        assert!(
+            error.contains("format 1") && error.contains("empty data directory"),
+            "{error}"
+        );
+        old.put(FORMAT_KEY, &(FORMAT + 1)).unwrap();
+        assert!(old.check_format().is_err());
     }
 }
