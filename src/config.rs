@@ -110,6 +110,9 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// Appends fail (503) once the embedded log retains this many bytes.
     pub max_retained_bytes: u64,
+    /// Consumed records are kept until the log is larger than this, so that
+    /// `kpay rebuild` can replay them; 0 deletes them as soon as consumed.
+    pub history_bytes: u64,
     /// Newest records per partition the embedded log keeps in memory, so
     /// consumers at the tail never read the disk.
     pub tail_cache_records: usize,
@@ -129,6 +132,8 @@ pub struct TopicsConfig {
     pub commands: String,
     /// The audit trail (one partition).
     pub audit: String,
+    /// WARN and ERROR log events with their context (one partition).
+    pub logs: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -170,6 +175,12 @@ pub struct LimitsConfig {
     pub max_page_items: usize,
     /// Newest audit entries kept in the store.
     pub audit_entries: usize,
+    /// Dead letters kept in the store waiting for an operator; beyond it
+    /// new ones are still published to the DLQ topic, counted and logged.
+    /// Replayed entries are kept up to the same bound, oldest dropped first.
+    pub dlq_entries: usize,
+    /// Newest WARN and ERROR log events kept in the store.
+    pub error_log_entries: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -209,6 +220,7 @@ impl Default for LogConfig {
             partitions: 8,
             segment_bytes: 64 << 20,
             max_retained_bytes: 8 << 30,
+            history_bytes: 1 << 30,
             tail_cache_records: 4_096,
             sink_retain_records: 10_000,
         }
@@ -225,6 +237,7 @@ impl Default for TopicsConfig {
             dlq: "payment.dlq".into(),
             commands: "control.commands".into(),
             audit: "ops.audit".into(),
+            logs: "ops.logs".into(),
         }
     }
 }
@@ -253,6 +266,8 @@ impl Default for LimitsConfig {
             max_batch_payments: 1_000,
             max_page_items: 1_000,
             audit_entries: 100_000,
+            dlq_entries: 10_000,
+            error_log_entries: 10_000,
         }
     }
 }
@@ -348,6 +363,9 @@ impl Config {
         }
         if self.log.segment_bytes < 1 << 20 {
             return invalid("log.segment_bytes", "must be at least 1 MiB");
+        }
+        if self.log.history_bytes >= self.log.max_retained_bytes {
+            return invalid("log.history_bytes", "must be below log.max_retained_bytes");
         }
         if !(1..=1_000_000).contains(&self.pipeline.checkpoint_max_rows) {
             return invalid(

@@ -100,6 +100,7 @@ async fn retention_drops_segments_every_processor_has_passed() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.log.sink_retain_records = 100;
+    config.log.history_bytes = 0;
     let server = TestServer::start(config).await;
     let client = reqwest::Client::new();
     open_account(&client, &server.base, "a", 1_000_000_000).await;

@@ -97,6 +97,8 @@ pub struct EmbeddedLogConfig {
     pub segment_bytes: u64,
     /// Appends fail with LogError::Full beyond this many retained bytes.
     pub max_retained_bytes: u64,
+    /// Released segments are kept while the log is no larger than this.
+    pub history_bytes: u64,
     /// Largest single record (key+value) accepted.
     pub max_record_bytes: usize,
     /// Most records the writer thread takes into one group commit.
@@ -113,6 +115,7 @@ impl Default for EmbeddedLogConfig {
             dir: PathBuf::from("data/log"),
             segment_bytes: 64 << 20,
             max_retained_bytes: 8 << 30,
+            history_bytes: 0,
             max_record_bytes: 1 << 20,
             max_group_records: 65_536,
             tail_cache_records: 8192,
@@ -1267,10 +1270,13 @@ impl Shared {
         let registry = read_lock(&self.registry);
         let table = lock(&self.segments);
         let mut doomed = Vec::new();
+        let mut retained = self.retained_bytes.load(Ordering::Relaxed);
         for (number, info) in &table.segments {
-            if *number == table.active {
+            if *number == table.active || retained < self.config.history_bytes + info.bytes {
+                // Kept as history while the log stays within its bound.
                 break;
             }
+            retained -= info.bytes;
             let all_released = info.max_offsets.iter().all(|(id, max_offset)| {
                 registry
                     .by_id
@@ -2003,6 +2009,50 @@ mod tests {
             }
         }
         tps
+    }
+
+    // With a history bound, released segments stay until the log outgrows it, then only the oldest go.
+    #[tokio::test]
+    async fn history_keeps_released_segments_within_its_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = EmbeddedLogConfig {
+            segment_bytes: 400,
+            history_bytes: 1 << 20,
+            ..EmbeddedLogConfig::with_dir(dir.path())
+        };
+        let log = EmbeddedLog::open(config).expect("open");
+        let tps = fill_for_retention(&log).await;
+        let files_before = segment_files(dir.path()).len();
+        for tp in &tps {
+            let hwm = log.high_watermark(tp).await.expect("hwm");
+            log.release_before(tp, hwm).await.expect("release");
+        }
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            files_before,
+            "all kept as history"
+        );
+        assert_eq!(log.log_start(&tps[0]).await.expect("start"), 0);
+        drop(log);
+
+        let bound = 1_000;
+        let config = EmbeddedLogConfig {
+            segment_bytes: 400,
+            history_bytes: bound,
+            ..EmbeddedLogConfig::with_dir(dir.path())
+        };
+        let log = EmbeddedLog::open(config).expect("reopen");
+        let bytes_before = log.disk_bytes();
+        for tp in &tps {
+            let hwm = log.high_watermark(tp).await.expect("hwm");
+            log.release_before(tp, hwm).await.expect("release");
+        }
+        let kept = log.disk_bytes();
+        assert!(
+            kept < bytes_before && kept >= bound,
+            "{kept} of {bytes_before}"
+        );
+        assert!(log.log_start(&tps[0]).await.expect("start") > 0);
     }
 
     // Released segments are deleted, log starts move and survive reopen; unreleased data stays.

@@ -168,6 +168,7 @@ pub fn open_backends(config: &Config) -> Result<(Arc<dyn Log>, Store), RuntimeEr
     let log_config = EmbeddedLogConfig {
         segment_bytes: config.log.segment_bytes,
         max_retained_bytes: config.log.max_retained_bytes,
+        history_bytes: config.log.history_bytes,
         tail_cache_records: config.log.tail_cache_records,
         ..EmbeddedLogConfig::with_dir(dir.join("log"))
     };
@@ -196,6 +197,7 @@ impl Runtime {
         }
         log.ensure_topic(&config.topics.commands, 1).await?;
         log.ensure_topic(&config.topics.audit, 1).await?;
+        log.ensure_topic(&config.topics.logs, 1).await?;
         store.check_format()?;
         let restored = store.roll_back_partial()?;
         if restored > 0 {
