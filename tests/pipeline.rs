@@ -106,14 +106,15 @@ async fn retention_drops_segments_every_processor_has_passed() {
     open_account(&client, &server.base, "a", 1_000_000_000).await;
     open_account(&client, &server.base, "b", 0).await;
     let shared = server.runtime().shared.clone();
-    submit_many(&server, "first", 6_000).await;
-    wait_confirmed(&server, 6_000).await;
-    let after_first = shared.log.disk_bytes();
-    submit_many(&server, "second", 6_000).await;
-    wait_confirmed(&server, 12_000).await;
+    // About 3 MiB of records in all: three times the 1 MiB segment size.
+    for (round, tag) in ["first", "second", "third"].into_iter().enumerate() {
+        submit_many(&server, tag, 6_000).await;
+        wait_confirmed(&server, 6_000 * (round as u64 + 1)).await;
+    }
+    let bound = 2 << 20;
     wait_until(Duration::from_secs(10), || async {
         let tp = TopicPartition::new(shared.topics.incoming.clone(), 0);
-        shared.log.log_start(&tp).await.unwrap() > 0 && shared.log.disk_bytes() <= after_first
+        shared.log.log_start(&tp).await.unwrap() > 0 && shared.log.disk_bytes() <= bound
     })
     .await;
     for topic in [
