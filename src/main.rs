@@ -50,15 +50,22 @@ enum Command {
     Bench(kpay::bench::BenchArgs),
 }
 
+/// Stdout logs (text, or JSON lines), filtered by `RUST_LOG` (default
+/// `info`); WARN and ERROR events also go to the error log whatever it says.
 fn init_tracing(json: bool) {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
+    let stdout = if json {
+        tracing_subscriber::fmt::layer().json().boxed()
     } else {
-        builder.init();
-    }
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    tracing_subscriber::registry()
+        .with(stdout.with_filter(filter))
+        .with(kpay::ops::logs::ErrorLayer.with_filter(LevelFilter::WARN))
+        .init();
 }
 
 fn main() -> ExitCode {

@@ -27,36 +27,6 @@ pub fn router() -> OpenApiRouter<State> {
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(rate_limit))
-        .routes(routes!(audit_log))
-}
-
-#[derive(Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct AuditQuery {
-    /// At most this many entries, newest first (default 100).
-    pub limit: Option<usize>,
-}
-
-#[derive(serde::Serialize, ToSchema)]
-pub struct AuditList {
-    pub items: Vec<crate::ops::audit::AuditEntry>,
-}
-
-/// The audit trail: every state-changing call, newest first.
-#[utoipa::path(get, path = "/api/v1/logs/audit", tag = "control", params(AuditQuery),
-    responses((status = 200, body = AuditList), (status = 400, body = ErrorBody)))]
-async fn audit_log(
-    Extract(state): Extract<State>,
-    Query(query): Query<AuditQuery>,
-) -> Result<Json<AuditList>, ApiError> {
-    let limit = super::page_limit(&state, query.limit, 100)?;
-    let items = state
-        .runtime
-        .shared
-        .store
-        .scan_last(crate::ops::audit::TABLE, limit)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(AuditList { items }))
 }
 
 /// Highest admission rate that can be set, payments per second.
@@ -86,7 +56,7 @@ async fn rate_limit(
             "payments_per_second is at most {MAX_RATE_PER_SECOND} (0 = unlimited)"
         )));
     }
-    let reason = reason(Some(Json(CommandRequest {
+    let reason = reason(Some(JsonBody(CommandRequest {
         reason: request.reason,
     })))?;
     let action = ControlAction::SetRateLimit(request.payments_per_second);
@@ -118,8 +88,8 @@ async fn status(Extract(state): Extract<State>) -> Result<Json<ControlStatus>, A
     Ok(Json(control::status(&state.runtime).await?))
 }
 
-fn reason(body: Option<Json<CommandRequest>>) -> Result<Option<String>, ApiError> {
-    let reason = body.and_then(|Json(b)| b.reason);
+fn reason(body: Option<JsonBody<CommandRequest>>) -> Result<Option<String>, ApiError> {
+    let reason = body.and_then(|JsonBody(b)| b.reason);
     if reason.as_ref().is_some_and(|r| r.len() > 500) {
         return Err(ApiError::BadRequest(
             "reason is longer than 500 bytes".into(),
@@ -137,7 +107,7 @@ async fn pause(
     Extract(state): Extract<State>,
     who: Option<Extension<Principal>>,
     Query(query): Query<PauseQuery>,
-    body: Option<Json<CommandRequest>>,
+    body: Option<JsonBody<CommandRequest>>,
 ) -> Result<Json<ControlStatus>, ApiError> {
     let timeout_ms = query.timeout_ms.unwrap_or(30_000);
     if timeout_ms > MAX_WAIT_MS {
@@ -167,7 +137,7 @@ async fn pause(
 async fn resume(
     Extract(state): Extract<State>,
     who: Option<Extension<Principal>>,
-    body: Option<Json<CommandRequest>>,
+    body: Option<JsonBody<CommandRequest>>,
 ) -> Result<Json<ControlStatus>, ApiError> {
     let who = principal(who);
     control::command(&state.runtime, ControlAction::Resume, &who, reason(body)?).await?;

@@ -2,7 +2,7 @@
 //! `{"error":{"code","message"}}`. Internal details are logged, not returned.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, OptionalFromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -29,6 +29,8 @@ pub enum ApiError {
     TooLarge,
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -60,6 +62,7 @@ impl ApiError {
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::Unsupported(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -122,15 +125,47 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
+        match <Json<T> as FromRequest<S>>::from_request(req, state).await {
             Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(match &rejection {
-                JsonRejection::MissingJsonContentType(_) => ApiError::Unsupported(
-                    "send the body as JSON with Content-Type: application/json".into(),
-                ),
-                _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
-                _ => ApiError::BadRequest(rejection.body_text()),
-            }),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+/// An optional body: absent (no `Content-Type`) is `None`; present must be valid JSON.
+impl<S, T> OptionalFromRequest<S> for JsonBody<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        match <Json<T> as OptionalFromRequest<S>>::from_request(req, state).await {
+            Ok(value) => Ok(value.map(|Json(value)| Self(value))),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match &rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::Unsupported(
+            "send the body as JSON with Content-Type: application/json".into(),
+        ),
+        _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
+        _ => ApiError::BadRequest(rejection.body_text()),
+    }
+}
+
+impl From<crate::ops::dlq::DlqError> for ApiError {
+    fn from(error: crate::ops::dlq::DlqError) -> Self {
+        use crate::ops::dlq::DlqError;
+        match error {
+            DlqError::BadId(_) => Self::BadRequest(error.to_string()),
+            DlqError::NotFound(_) => Self::NotFound(error.to_string()),
+            DlqError::Unprocessable(_) => Self::Unprocessable(error.to_string()),
+            DlqError::Runtime(runtime) => runtime.into(),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod control;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod ops;
 pub mod payments;
 
 use std::collections::VecDeque;
@@ -88,6 +89,7 @@ pub fn page_limit(
         (name = "payments", description = "Submit payments and follow them"),
         (name = "metrics", description = "Business metrics and the ledger check"),
         (name = "control", description = "Pause with drain, resume, rate limit"),
+        (name = "operations", description = "Dead letter queue, audit trail, error log, record injection"),
         (name = "health", description = "Liveness and readiness")
     )
 )]
@@ -100,6 +102,7 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .merge(payments::router())
         .merge(metrics::router())
         .merge(control::router())
+        .merge(ops::router())
         .merge(health::router())
         .split_for_parts();
     let max_body = state.runtime.shared.config.server.max_body_bytes;
@@ -147,7 +150,7 @@ async fn audit_changes(
     let response = next.run(request).await;
     let principal = response.extensions().get::<auth::Principal>().cloned();
     let status = response.status().as_u16();
-    state.audit.record(crate::ops::audit::AuditEntry {
+    let recorded = state.audit.record(crate::ops::audit::AuditEntry {
         seq: 0,
         at_ms: crate::model::now_ms(),
         principal: principal
@@ -165,6 +168,9 @@ async fn audit_changes(
         }
         .to_owned(),
     });
+    if !recorded {
+        tracing::warn!("audit queue full: entry dropped");
+    }
     response
 }
 

@@ -96,7 +96,11 @@ pub fn describe() {
         Unit::Seconds,
         "Time to write one task checkpoint."
     );
-    describe_gauge!("kpay_dlq_records", "Records in the dead letter queue.");
+    describe_gauge!("kpay_dlq_records", "Dead letters waiting for an operator.");
+    describe_counter!(
+        "kpay_dlq_overflow_total",
+        "Dead letters not stored because the DLQ was full (still on the DLQ topic)."
+    );
     describe_counter!(
         "kpay_http_requests_total",
         "HTTP requests by route and status."

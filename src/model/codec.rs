@@ -135,6 +135,10 @@ mod tests {
     fn unknown_version_is_refused() {
         assert_eq!(decode(&[]), Err(DecodeError::Empty));
         assert_eq!(decode(&[9, 0, 0]), Err(DecodeError::UnknownVersion(9)));
-        assert!(matches!(decode(&[1, 200]), Err(DecodeError::Malformed(_))));
+        assert_eq!(decode(&[1, 0]), Err(DecodeError::UnknownVersion(1)));
+        assert!(matches!(
+            decode(&[SCHEMA_VERSION, 200]),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

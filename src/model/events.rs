@@ -68,6 +68,9 @@ pub enum SourceTopic {
     Complete,
     /// `control.commands` (added after the first three: the index is on disk).
     Control,
+    /// Not a topic: an operator's replay of a dead letter; its "offset" is
+    /// the replay's sequence number.
+    Replay,
 }
 
 /// The input record an output record was derived from.

@@ -1,22 +1,64 @@
-//! Dead letters: records a processor could not act on at all. Each is kept in
-//! the store (in the same atomic checkpoint as the offset that skips it, so it
-//! is recorded exactly once) and published to the DLQ topic for other tools.
+//! Dead letters: records a processor could not act on at all (bytes that do
+//! not decode, an event on the wrong topic, an impossible transition, an
+//! overflow). Each is kept in the store, in the same atomic checkpoint as the
+//! offset that skips it, so it is recorded exactly once, and published to the
+//! DLQ topic for other tools. Business refusals are never dead letters.
+//!
+//! An operator lists, inspects, replays (as stored or corrected) and deletes
+//! them. A replay appends the event to its source topic, on the partition its
+//! key belongs to, under a replay source `(Replay, 0, seq)` with `seq` from a
+//! counter in the store: consumers skip a copy like any replayed record, and
+//! a replay a crash left in doubt is settled by finding `seq` in the log.
+//! Waiting letters live under `d/`, replayed ones move to `r/`.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::log::{Record, StoredRecord, TopicPartition};
-use crate::model::now_ms;
+use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
+use crate::pipeline::{account::Accounts, inflight::Inflight, Processor};
+use crate::runtime::{RuntimeError, Shared};
+use crate::store::{encode_row, Batch, StoreError};
 
-/// Store table prefix of dead letters.
+/// Store table of dead letters waiting for an operator.
 pub const TABLE: &str = "d";
+/// Store table of dead letters that were replayed (kept for idempotency).
+pub const REPLAYED: &str = "r";
+/// The last replay sequence number handed out.
+const REPLAY_SEQ_KEY: &str = "m/replay_seq";
+/// Most records searched to settle a replay a crash left in doubt.
+const MAX_DOUBT_SCAN: u64 = 10_000_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A replay of a dead letter: reserved (durably) before the append, settled
+/// with the offset it landed at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Replay {
+    /// The replay's sequence number, its source offset downstream.
+    pub seq: u64,
+    /// Where it was appended.
+    pub topic: String,
+    pub partition: u32,
+    /// The partition's end when the replay was reserved; it lands at or after.
+    pub from_offset: u64,
+    /// Offset it landed at; `None` while a crash leaves it in doubt.
+    pub offset: Option<u64>,
+    /// When it was replayed, ms since the epoch.
+    pub at_ms: i64,
+    /// Who replayed it.
+    pub principal: String,
+    /// Whether the operator sent a corrected value.
+    pub corrected: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetter {
     /// `<topic>:<partition>:<offset>:<processor>`; unique and stable (two
     /// processors read `payment.complete`, each may give up on a record).
+    #[schema(example = "payment.incoming:3:1017:inflight")]
     pub id: String,
     /// Error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`.
+    #[schema(example = "decode")]
     pub class: String,
     /// What exactly was wrong.
     pub reason: String,
@@ -28,12 +70,15 @@ pub struct DeadLetter {
     pub source_offset: u64,
     /// The record's key, lossily decoded as UTF-8.
     pub key: String,
-    /// When it was dead-lettered.
+    /// When it was dead-lettered, ms since the epoch.
     pub at_ms: i64,
     /// The record's value as it was, hex-encoded.
     pub value_hex: String,
+    /// Set once an operator replayed it.
+    pub replay: Option<Replay>,
     /// Whether it has been appended to the DLQ topic (not persisted).
     #[serde(skip)]
+    #[schema(ignore)]
     pub published: bool,
 }
 
@@ -58,21 +103,24 @@ impl DeadLetter {
             source_offset: stored.offset,
             key: String::from_utf8_lossy(&stored.record.key).into_owned(),
             at_ms: now_ms(),
-            value_hex: stored
-                .record
-                .value
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            value_hex: hex(&stored.record.value),
+            replay: None,
             published: false,
         }
     }
 
-    /// Store key; ordered by topic, partition and (zero-padded) offset.
+    /// Store key (in the waiting table); ordered by topic, partition and
+    /// (zero-padded) offset.
     pub fn store_key(&self) -> String {
-        format!(
-            "{TABLE}/{}:{:05}:{:020}:{}",
-            self.source_topic, self.source_partition, self.source_offset, self.processor
+        format!("{TABLE}/{}", self.suffix())
+    }
+
+    fn suffix(&self) -> String {
+        suffix(
+            &self.source_topic,
+            self.source_partition,
+            self.source_offset,
+            &self.processor,
         )
     }
 
@@ -82,5 +130,428 @@ impl DeadLetter {
             value: Bytes::from(serde_json::to_vec(self).expect("plain struct serializes")),
             timestamp_ms,
         }
+    }
+}
+
+fn suffix(topic: &str, partition: u32, offset: u64, processor: &str) -> String {
+    format!("{topic}:{partition:05}:{offset:020}:{processor}")
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
+    if !text.len().is_multiple_of(2) {
+        return Err("hex value has an odd number of digits".into());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(text.get(i..i + 2).unwrap_or("?"), 16)
+                .map_err(|_| format!("hex value has a non-hex digit near position {i}"))
+        })
+        .collect()
+}
+
+/// Why an operation on the DLQ failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DlqError {
+    #[error("{0}")]
+    BadId(String),
+    #[error("dead letter {0} not found")]
+    NotFound(String),
+    /// The request is understood but cannot be carried out as asked.
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+impl From<StoreError> for DlqError {
+    fn from(error: StoreError) -> Self {
+        Self::Runtime(error.into())
+    }
+}
+
+impl From<crate::log::LogError> for DlqError {
+    fn from(error: crate::log::LogError) -> Self {
+        Self::Runtime(error.into())
+    }
+}
+
+/// The store key suffix of a dead letter id, `<topic>:<partition>:<offset>:<processor>`.
+fn parse_id(id: &str) -> Result<String, DlqError> {
+    let bad = || {
+        DlqError::BadId(format!(
+            "dead letter id {id:?} is not <topic>:<partition>:<offset>:<processor>"
+        ))
+    };
+    let mut parts = id.rsplitn(4, ':');
+    let processor = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
+    let offset: u64 = parts.next().and_then(|o| o.parse().ok()).ok_or_else(bad)?;
+    let partition: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let topic = parts.next().filter(|t| !t.is_empty()).ok_or_else(bad)?;
+    Ok(suffix(topic, partition, offset, processor))
+}
+
+/// Which dead letters a listing wants.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    /// Replayed ones instead of waiting ones.
+    pub replayed: bool,
+    /// Only this error class.
+    pub class: Option<String>,
+    /// Only this source topic.
+    pub topic: Option<String>,
+    /// Only this processor.
+    pub processor: Option<String>,
+}
+
+impl Filter {
+    fn wants(&self, letter: &DeadLetter) -> bool {
+        self.class.as_ref().is_none_or(|c| *c == letter.class)
+            && self
+                .topic
+                .as_ref()
+                .is_none_or(|t| *t == letter.source_topic)
+            && (self.processor.as_ref()).is_none_or(|p| *p == letter.processor)
+    }
+}
+
+/// A page of dead letters in (topic, partition, offset) order after the id
+/// `after`, and the id to continue from when there may be more.
+pub fn list(
+    shared: &Shared,
+    filter: &Filter,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<DeadLetter>, Option<String>), DlqError> {
+    let table = if filter.replayed { REPLAYED } else { TABLE };
+    let mut cursor = after.map(parse_id).transpose()?;
+    let mut items = Vec::new();
+    loop {
+        let rows: Vec<(String, DeadLetter)> = shared.store.scan(table, cursor.as_deref(), 256)?;
+        let exhausted = rows.len() < 256;
+        for (key, letter) in rows {
+            cursor = Some(key);
+            if filter.wants(&letter) {
+                items.push(letter);
+                if items.len() == limit {
+                    let next = items.last().map(|l| l.id.clone());
+                    return Ok((items, next));
+                }
+            }
+        }
+        if exhausted {
+            return Ok((items, None));
+        }
+    }
+}
+
+/// A dead letter, waiting or replayed.
+pub fn find(shared: &Shared, id: &str) -> Result<Option<DeadLetter>, DlqError> {
+    let suffix = parse_id(id)?;
+    for table in [TABLE, REPLAYED] {
+        if let Some(letter) = shared.store.get(&format!("{table}/{suffix}"))? {
+            return Ok(Some(letter));
+        }
+    }
+    Ok(None)
+}
+
+/// Dead letters waiting for an operator.
+pub fn waiting(shared: &Shared) -> u64 {
+    shared.store.count(TABLE)
+}
+
+/// Deletes a dead letter (waiting or replayed).
+pub async fn delete(shared: &Shared, id: &str) -> Result<(), DlqError> {
+    let suffix = parse_id(id)?;
+    let _guard = shared.dlq_lock.lock().await;
+    for table in [TABLE, REPLAYED] {
+        let key = format!("{table}/{suffix}");
+        if shared.store.get::<DeadLetter>(&key)?.is_some() {
+            let mut batch = Batch::default();
+            batch.remove(key.as_bytes());
+            shared.store.apply(batch)?;
+            shared.store.flush().await?;
+            if table == TABLE {
+                shared.dlq_released(1);
+            }
+            tracing::info!(id, "dead letter deleted");
+            return Ok(());
+        }
+    }
+    Err(DlqError::NotFound(id.to_owned()))
+}
+
+/// What a replay did.
+#[derive(Debug)]
+pub struct Replayed {
+    /// The letter, now carrying its replay.
+    pub letter: DeadLetter,
+    /// True when it had been replayed before and nothing new was appended.
+    pub already: bool,
+}
+
+/// Replays a dead letter to its source topic: its stored value, or
+/// `correction` in its place. Idempotent: once replayed, a replay answers
+/// with the first one's result and appends nothing.
+pub async fn replay(
+    shared: &Shared,
+    id: &str,
+    correction: Option<Vec<u8>>,
+    principal: &str,
+) -> Result<Replayed, DlqError> {
+    let suffix = parse_id(id)?;
+    let _guard = shared.dlq_lock.lock().await;
+    let waiting_key = format!("{TABLE}/{suffix}");
+    let Some(mut letter) = shared.store.get::<DeadLetter>(&waiting_key)? else {
+        return match shared.store.get(&format!("{REPLAYED}/{suffix}"))? {
+            Some(letter) => Ok(Replayed {
+                letter,
+                already: true,
+            }),
+            None => Err(DlqError::NotFound(id.to_owned())),
+        };
+    };
+    if let Some(pending) = letter.replay.clone() {
+        // Reserved, then a crash: it landed or it did not.
+        if let Some(offset) = find_in_log(shared, &pending).await? {
+            tracing::warn!(id, offset, "replay in doubt found in the log");
+            return settle(shared, &suffix, letter, pending, offset).await;
+        }
+    }
+    let corrected = correction.is_some();
+    let bytes = match correction {
+        Some(bytes) => bytes,
+        None => unhex(&letter.value_hex).map_err(DlqError::Unprocessable)?,
+    };
+    let envelope = codec::decode(&bytes).map_err(|error| {
+        let which = if corrected { "corrected" } else { "stored" };
+        DlqError::Unprocessable(format!(
+            "the {which} value does not decode ({error}); replay it with a corrected value"
+        ))
+    })?;
+    let kind = input_kind(shared, &letter.source_topic).ok_or_else(|| {
+        DlqError::Unprocessable(format!(
+            "{} is not an input topic of the pipeline",
+            letter.source_topic
+        ))
+    })?;
+    let key = route_key(kind, &envelope.event).ok_or_else(|| {
+        DlqError::Unprocessable(format!(
+            "a {} event does not belong on {}; correct the value",
+            envelope.event.kind(),
+            letter.source_topic
+        ))
+    })?;
+    let partition = match kind {
+        SourceTopic::Control => 0,
+        _ => partition_for(&key, shared.config.log.partitions),
+    };
+    let tp = TopicPartition::new(letter.source_topic.clone(), partition);
+    let seq = shared.store.get::<u64>(REPLAY_SEQ_KEY)?.unwrap_or(0) + 1;
+    let pending = Replay {
+        seq,
+        topic: tp.topic.clone(),
+        partition,
+        from_offset: shared.log.high_watermark(&tp).await?,
+        offset: None,
+        at_ms: now_ms(),
+        principal: principal.to_owned(),
+        corrected,
+    };
+    letter.replay = Some(pending.clone());
+    let mut batch = Batch::default();
+    batch.insert(waiting_key.as_bytes(), encode_row(&letter));
+    batch.insert(REPLAY_SEQ_KEY.as_bytes(), encode_row(&seq));
+    shared.store.apply(batch)?;
+    // Durable before the append: a crash after it is settled by `seq`.
+    shared.store.flush().await?;
+    let wrapped = Envelope {
+        source: Some(Source {
+            topic: SourceTopic::Replay,
+            partition: 0,
+            offset: seq,
+        }),
+        event: envelope.event,
+    };
+    let record = Record {
+        key: Bytes::from(key.into_bytes()),
+        value: Bytes::from(codec::encode(&wrapped)),
+        timestamp_ms: now_ms(),
+    };
+    let offset = shared.log.append(&tp, vec![record]).await?;
+    tracing::info!(id, %tp, offset, seq, corrected, principal, "dead letter replayed");
+    settle(shared, &suffix, letter, pending, offset).await
+}
+
+/// Moves a replayed letter to the replayed table, oldest dropped beyond the bound.
+async fn settle(
+    shared: &Shared,
+    suffix: &str,
+    mut letter: DeadLetter,
+    mut replay: Replay,
+    offset: u64,
+) -> Result<Replayed, DlqError> {
+    replay.offset = Some(offset);
+    letter.replay = Some(replay);
+    let mut batch = Batch::default();
+    batch.remove(format!("{TABLE}/{suffix}").as_bytes());
+    batch.insert(
+        format!("{REPLAYED}/{suffix}").as_bytes(),
+        encode_row(&letter),
+    );
+    let replayed: Vec<(String, DeadLetter)> = shared.store.scan(REPLAYED, None, usize::MAX)?;
+    let bound = shared.config.limits.dlq_entries.max(1);
+    if replayed.len() >= bound {
+        let mut by_age: Vec<_> = replayed
+            .iter()
+            .map(|(key, l)| (l.replay.as_ref().map_or(0, |r| r.seq), key))
+            .collect();
+        by_age.sort();
+        for (_, key) in by_age.iter().take(replayed.len() + 1 - bound) {
+            batch.remove(format!("{REPLAYED}/{key}").as_bytes());
+        }
+    }
+    shared.store.apply(batch)?;
+    shared.store.flush().await?;
+    shared.dlq_released(1);
+    Ok(Replayed {
+        letter,
+        already: false,
+    })
+}
+
+/// The offset a reserved replay landed at, if it did.
+async fn find_in_log(shared: &Shared, replay: &Replay) -> Result<Option<u64>, DlqError> {
+    let tp = TopicPartition::new(replay.topic.clone(), replay.partition);
+    let mut next = replay.from_offset.max(shared.log.log_start(&tp).await?);
+    let end = shared.log.high_watermark(&tp).await?;
+    if end.saturating_sub(next) > MAX_DOUBT_SCAN {
+        return Err(DlqError::Unprocessable(format!(
+            "a replay of this letter was interrupted and more than {MAX_DOUBT_SCAN} records \
+             of {tp} would have to be searched to tell whether it landed; check offsets \
+             {next}.. for replay source {} before deleting or replaying it",
+            replay.seq
+        )));
+    }
+    let wanted = Source {
+        topic: SourceTopic::Replay,
+        partition: 0,
+        offset: replay.seq,
+    };
+    while next < end {
+        let records = shared.log.read(&tp, next, 1024).await?;
+        let Some(last) = records.last() else { break };
+        next = last.offset + 1;
+        for stored in &records {
+            let landed = codec::decode(&stored.record.value)
+                .is_ok_and(|envelope| envelope.source == Some(wanted));
+            if landed {
+                return Ok(Some(stored.offset));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The input kind of a topic name, if the pipeline reads it.
+fn input_kind(shared: &Shared, topic: &str) -> Option<SourceTopic> {
+    [
+        SourceTopic::Incoming,
+        SourceTopic::Inflight,
+        SourceTopic::Complete,
+        SourceTopic::Control,
+    ]
+    .into_iter()
+    .find(|kind| shared.topics.name(*kind) == topic)
+}
+
+/// The partitioning key of `event` on the input `kind`, if it belongs there.
+fn route_key(kind: SourceTopic, event: &Event) -> Option<String> {
+    match (kind, event) {
+        (SourceTopic::Incoming, Event::PaymentSubmitted(_)) => Inflight::state_key(event),
+        (SourceTopic::Inflight, _) => Accounts::state_key(event),
+        (SourceTopic::Complete, Event::Completed { payment, .. }) => Some(payment.id.as_str()),
+        (SourceTopic::Control, Event::Control(_)) => Some("control"),
+        _ => None,
+    }
+    .map(str::to_owned)
+}
+
+/// Appends raw records to a topic, for tests and drills of the DLQ path
+/// (embedded log only: with Kafka any client can do it). Without a partition
+/// each record goes where its key belongs.
+pub async fn inject(
+    shared: &Shared,
+    topic: &str,
+    partition: Option<u32>,
+    records: Vec<(String, Vec<u8>)>,
+) -> Result<Vec<(u32, u64)>, DlqError> {
+    let partitions = if topic == shared.topics.commands
+        || topic == shared.topics.audit
+        || topic == shared.topics.logs
+    {
+        1
+    } else if shared.topics.all().contains(&topic) {
+        shared.config.log.partitions
+    } else {
+        return Err(DlqError::Unprocessable(format!(
+            "topic {topic:?} is not one of kpay's topics"
+        )));
+    };
+    if let Some(p) = partition.filter(|p| *p >= partitions) {
+        return Err(DlqError::Unprocessable(format!(
+            "partition {p} does not exist: {topic} has {partitions}"
+        )));
+    }
+    let mut landed = Vec::with_capacity(records.len());
+    let mut groups: std::collections::BTreeMap<u32, Vec<Record>> = Default::default();
+    for (key, value) in records {
+        let p = partition.unwrap_or_else(|| partition_for(&key, partitions));
+        groups.entry(p).or_default().push(Record {
+            key: Bytes::from(key.into_bytes()),
+            value: Bytes::from(value),
+            timestamp_ms: now_ms(),
+        });
+    }
+    for (p, group) in groups {
+        let count = group.len() as u64;
+        let first = shared
+            .log
+            .append(&TopicPartition::new(topic, p), group)
+            .await?;
+        landed.extend((first..first + count).map(|offset| (p, offset)));
+    }
+    Ok(landed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Ids parse into zero-padded store keys (topic names may hold dots); bad ids are refused.
+    #[test]
+    fn ids_map_to_ordered_keys() {
+        assert_eq!(
+            parse_id("payment.incoming:3:17:inflight").unwrap(),
+            "payment.incoming:00003:00000000000000000017:inflight"
+        );
+        for bad in ["", "a:b:c:d", "t:1:x:p", "t:1:2:", ":1:2:p", "1:2:p"] {
+            assert!(parse_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    // Hex round-trips; odd lengths and non-hex digits are refused.
+    #[test]
+    fn hex_round_trip() {
+        let bytes = vec![0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(&hex(&bytes)).unwrap(), bytes);
+        assert!(unhex("abc").is_err());
+        assert!(unhex("zz").is_err());
     }
 }

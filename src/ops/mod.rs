@@ -1,5 +1,8 @@
-//! Pillar 4, the operational plane: the dead letter queue and the audit
-//! trail (and, as they land, error logs, lineage tools, automation).
+//! Pillar 4, the operational plane: the dead letter queue with replay, the
+//! audit trail and the error log (both journals), and lineage (kept by the
+//! inflight processor in each payment's row, shown by `GET /payments/{id}`).
 
 pub mod audit;
 pub mod dlq;
+pub mod journal;
+pub mod logs;

@@ -72,7 +72,9 @@ impl World {
                 }
                 out.into_iter().for_each(|e| self.push(e));
             }
-            SourceTopic::Control => unreachable!("no control records in this world"),
+            SourceTopic::Control | SourceTopic::Replay => {
+                unreachable!("no control records or replays in this world")
+            }
             SourceTopic::Incoming | SourceTopic::Complete => {
                 if topic == SourceTopic::Complete {
                     Confirmed::handle(&mut None, &mut self.confirmed_stats, event.clone(), &ctx)

@@ -6,7 +6,7 @@ pub mod ingest;
 pub mod task;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -50,6 +50,8 @@ impl TopicsConfig {
             SourceTopic::Inflight => &self.inflight,
             SourceTopic::Complete => &self.complete,
             SourceTopic::Control => &self.commands,
+            // Replays come from the DLQ (they are appended to the source topic).
+            SourceTopic::Replay => &self.dlq,
         }
     }
 
@@ -90,9 +92,33 @@ pub struct Shared {
     pub slo: SloTracker,
     /// The admission token bucket, rebuilt when the rate limit changes.
     admission: std::sync::Mutex<Option<(u64, Arc<DefaultDirectRateLimiter>)>>,
+    /// Serialises replays and deletions of dead letters.
+    pub dlq_lock: tokio::sync::Mutex<()>,
+    /// Dead letters waiting in the store, against `limits.dlq_entries`.
+    dlq_stored: AtomicU64,
 }
 
 impl Shared {
+    /// Takes a place for one more stored dead letter; false when the DLQ is
+    /// full (the letter then only goes to the DLQ topic).
+    pub fn dlq_admit(&self) -> bool {
+        let limit = self.config.limits.dlq_entries as u64;
+        self.dlq_stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back places of dead letters replayed or deleted.
+    pub fn dlq_released(&self, count: u64) {
+        let _ = self
+            .dlq_stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(count))
+            });
+    }
+
     /// The control state as applied so far.
     pub fn control_state(&self) -> ControlState {
         self.control.stats.read().expect("stats lock").clone()
@@ -220,6 +246,7 @@ impl Runtime {
         for checkpoint in &mut checkpoints.2 {
             checkpoint.stats.windows.configure(window_ms, keep);
         }
+        let dlq_stored = store.count(crate::ops::dlq::TABLE);
         let shared = Arc::new(Shared {
             topics: config.topics.clone(),
             inflight: shared_views::<Inflight>(&checkpoints.0, &config),
@@ -239,6 +266,8 @@ impl Runtime {
             tracker: TaskTracker::new(),
             slo: SloTracker::default(),
             admission: std::sync::Mutex::new(None),
+            dlq_lock: tokio::sync::Mutex::new(()),
+            dlq_stored: AtomicU64::new(dlq_stored),
         });
         note_stored_keys(&shared.store, &shared.inflight)?;
         note_stored_keys(&shared.store, &shared.accounts)?;
@@ -264,6 +293,7 @@ impl Runtime {
             control_checkpoint,
             control_inputs,
         );
+        crate::ops::logs::start(&shared);
         let ingest = ingest::start(&shared).await?;
         shared.tracker.spawn(flusher(shared.clone()));
         shared.tracker.spawn(slo_watch(shared.clone()));
@@ -572,10 +602,12 @@ async fn retention(shared: &Shared) -> Result<(), RuntimeError> {
     let commands = TopicPartition::new(topics.commands.clone(), 0);
     let applied = shared.control.durable_offset((SourceTopic::Control, 0));
     shared.log.release_before(&commands, applied).await?;
-    // The audit trail is kept in the store as it is appended.
-    let audit = TopicPartition::new(topics.audit.clone(), 0);
-    let end = shared.log.high_watermark(&audit).await?;
-    shared.log.release_before(&audit, end).await?;
+    // Journals are kept in the store as they are appended.
+    for journal in [&topics.audit, &topics.logs] {
+        let tp = TopicPartition::new(journal.clone(), 0);
+        let end = shared.log.high_watermark(&tp).await?;
+        shared.log.release_before(&tp, end).await?;
+    }
     for p in 0..shared.config.log.partitions {
         let i = p as usize;
         let incoming = shared.inflight[i].durable_offset((SourceTopic::Incoming, p));

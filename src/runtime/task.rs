@@ -437,8 +437,24 @@ impl<P: Processor> TaskLoop<P> {
 
     /// Keeps a record the processor cannot act on for the DLQ and goes on.
     fn dead_letter(&mut self, input: usize, stored: &StoredRecord, class: &str, reason: String) {
-        let tp = &self.inputs[input].1;
-        tracing::warn!(processor = P::NAME, %tp, offset = stored.offset, class, %reason, "dead-lettered");
+        let (kind, tp, _) = &self.inputs[input];
+        let key = String::from_utf8_lossy(&stored.record.key);
+        // The key says whose record it is: a payment id or an account id.
+        let (payment_id, account) = match kind {
+            SourceTopic::Inflight => (None, Some(&*key)),
+            _ => (Some(&*key), None),
+        };
+        tracing::warn!(
+            processor = P::NAME,
+            topic = %tp.topic,
+            partition = tp.partition,
+            offset = stored.offset,
+            payment_id,
+            account,
+            class,
+            %reason,
+            "dead-lettered"
+        );
         let letter = DeadLetter::new(P::NAME, tp, stored, class, reason);
         self.dead_letters.push(letter);
     }
@@ -495,11 +511,20 @@ impl<P: Processor> TaskLoop<P> {
                 .map(|(key, row)| (key.clone(), encode_row(&row.value), row.stored.clone()))
                 .collect()
         };
-        let mut last: Vec<(String, Vec<u8>)> = self
-            .dead_letters
-            .drain(..)
-            .map(|letter| (letter.store_key(), encode_row(&letter)))
-            .collect();
+        let mut last: Vec<(String, Vec<u8>)> = Vec::new();
+        for letter in self.dead_letters.drain(..) {
+            if self.shared.dlq_admit() {
+                last.push((letter.store_key(), encode_row(&letter)));
+            } else {
+                // Still on the DLQ topic (published with the batch).
+                metrics::counter!("kpay_dlq_overflow_total").increment(1);
+                tracing::error!(
+                    id = %letter.id,
+                    limit = self.shared.config.limits.dlq_entries,
+                    "dead letter queue full: letter kept only on the DLQ topic"
+                );
+            }
+        }
         let next_offsets: BTreeMap<_, _> = self
             .inputs
             .iter()

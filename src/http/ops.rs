@@ -1,0 +1,348 @@
+//! The operational plane over HTTP: the dead letter queue (list, inspect,
+//! replay, delete), the audit trail, the error log, and raw record injection
+//! for DLQ drills.
+
+use axum::extract::{Path, Query, State as Extract};
+use axum::http::StatusCode;
+use axum::Extension;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::auth::Principal;
+use super::error::{ApiError, ErrorBody, JsonBody};
+use super::State;
+use crate::ops::dlq::{self, DeadLetter, Filter};
+
+pub fn router() -> OpenApiRouter<State> {
+    OpenApiRouter::new()
+        .routes(routes!(list_dead_letters))
+        .routes(routes!(get_dead_letter, delete_dead_letter))
+        .routes(routes!(replay_dead_letter))
+        .routes(routes!(inject_records))
+        .routes(routes!(audit_log))
+        .routes(routes!(error_log))
+}
+
+fn principal(extension: Option<Extension<Principal>>) -> String {
+    extension.map_or_else(|| "local".to_owned(), |Extension(p)| p.name)
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DlqQuery {
+    /// At most this many (default 100).
+    pub limit: Option<usize>,
+    /// Continue after this id (the `next` of the previous page).
+    pub after: Option<String>,
+    /// `waiting` (default) or `replayed`.
+    pub status: Option<String>,
+    /// Only this error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`.
+    pub class: Option<String>,
+    /// Only records from this topic.
+    pub topic: Option<String>,
+    /// Only records this processor gave up on.
+    pub processor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeadLetterView {
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+    /// `waiting` for an operator, or `replayed`.
+    #[schema(example = "waiting")]
+    pub status: String,
+    /// The value as text when it is UTF-8 (JSON records, typos), else absent.
+    pub value_text: Option<String>,
+}
+
+impl From<DeadLetter> for DeadLetterView {
+    fn from(letter: DeadLetter) -> Self {
+        let status = match letter.replay.as_ref().and_then(|r| r.offset) {
+            Some(_) => "replayed",
+            None => "waiting",
+        };
+        let value_text = dlq::unhex(&letter.value_hex)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok());
+        Self {
+            letter,
+            status: status.to_owned(),
+            value_text,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeadLetterList {
+    pub items: Vec<DeadLetterView>,
+    /// Dead letters waiting in all (not only this page).
+    pub waiting: u64,
+    /// Pass as `after` for the next page; absent on the last one.
+    pub next: Option<String>,
+}
+
+/// Dead letters in (topic, partition, offset) order, paged and filtered.
+#[utoipa::path(get, path = "/api/v1/dlq", tag = "operations", params(DlqQuery),
+    responses((status = 200, body = DeadLetterList), (status = 400, body = ErrorBody)))]
+async fn list_dead_letters(
+    Extract(state): Extract<State>,
+    Query(query): Query<DlqQuery>,
+) -> Result<Json<DeadLetterList>, ApiError> {
+    let limit = super::page_limit(&state, query.limit, 100)?;
+    let replayed = match query.status.as_deref() {
+        None | Some("waiting") => false,
+        Some("replayed") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "status {other:?} is not one of waiting, replayed"
+            )))
+        }
+    };
+    let filter = Filter {
+        replayed,
+        class: query.class,
+        topic: query.topic,
+        processor: query.processor,
+    };
+    let shared = &state.runtime.shared;
+    let (items, next) = dlq::list(shared, &filter, query.after.as_deref(), limit)?;
+    Ok(Json(DeadLetterList {
+        items: items.into_iter().map(DeadLetterView::from).collect(),
+        waiting: dlq::waiting(shared),
+        next,
+    }))
+}
+
+/// One dead letter, waiting or replayed, with its raw bytes.
+#[utoipa::path(get, path = "/api/v1/dlq/{id}", tag = "operations",
+    params(("id" = String, Path, description = "`<topic>:<partition>:<offset>:<processor>`")),
+    responses((status = 200, body = DeadLetterView), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn get_dead_letter(
+    Extract(state): Extract<State>,
+    Path(id): Path<String>,
+) -> Result<Json<DeadLetterView>, ApiError> {
+    dlq::find(&state.runtime.shared, &id)?
+        .map(|letter| Json(letter.into()))
+        .ok_or_else(|| ApiError::NotFound(format!("dead letter {id} not found")))
+}
+
+/// Deletes a dead letter (the record stays in its topic until retention).
+#[utoipa::path(delete, path = "/api/v1/dlq/{id}", tag = "operations",
+    params(("id" = String, Path, description = "`<topic>:<partition>:<offset>:<processor>`")),
+    responses((status = 204, description = "Deleted"), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn delete_dead_letter(
+    Extract(state): Extract<State>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    dlq::delete(&state.runtime.shared, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// A corrected value as text (at most one of `value`, `value_hex`).
+    pub value: Option<String>,
+    /// A corrected value as hex-encoded bytes.
+    #[schema(example = "02000b6f726465722d31303031")]
+    pub value_hex: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReplayResponse {
+    /// The letter with its replay: where and when it landed.
+    pub dead_letter: DeadLetterView,
+    /// True when it had been replayed before: nothing new was appended.
+    pub already_replayed: bool,
+}
+
+/// Appends the dead letter's event (as stored, or corrected) to its source
+/// topic, on the partition its key belongs to; processed exactly once.
+/// Replaying again answers with the first replay and appends nothing.
+#[utoipa::path(post, path = "/api/v1/dlq/{id}/replay", tag = "operations",
+    params(("id" = String, Path, description = "`<topic>:<partition>:<offset>:<processor>`")),
+    request_body(content = Option<ReplayRequest>),
+    responses((status = 200, body = ReplayResponse), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 422, description = "The value does not decode or does not belong on the topic", body = ErrorBody)))]
+async fn replay_dead_letter(
+    Extract(state): Extract<State>,
+    who: Option<Extension<Principal>>,
+    Path(id): Path<String>,
+    body: Option<JsonBody<ReplayRequest>>,
+) -> Result<Json<ReplayResponse>, ApiError> {
+    let request = body.map(|JsonBody(b)| b).unwrap_or_default();
+    let correction = match (request.value, request.value_hex) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "send at most one of value and value_hex".into(),
+            ))
+        }
+        (Some(text), None) => Some(text.into_bytes()),
+        (None, Some(hex)) => Some(dlq::unhex(&hex).map_err(ApiError::BadRequest)?),
+        (None, None) => None,
+    };
+    let done = dlq::replay(&state.runtime.shared, &id, correction, &principal(who)).await?;
+    Ok(Json(ReplayResponse {
+        dead_letter: done.letter.into(),
+        already_replayed: done.already,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InjectRecord {
+    /// The record key (decides the partition when none is given).
+    #[serde(default)]
+    pub key: String,
+    /// The value as text (exactly one of `value`, `value_hex`).
+    pub value: Option<String>,
+    /// The value as hex-encoded bytes.
+    pub value_hex: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InjectRequest {
+    /// One of kpay's topics, e.g. `payment.incoming`.
+    #[schema(example = "payment.incoming")]
+    pub topic: String,
+    /// Partition for every record; by default each record's key decides.
+    pub partition: Option<u32>,
+    /// Records appended in this order (per partition, in one append).
+    pub records: Vec<InjectRecord>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InjectedRecord {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InjectResponse {
+    pub topic: String,
+    /// Where each record landed, in request order per partition.
+    pub records: Vec<InjectedRecord>,
+}
+
+/// Appends raw records to a topic, bypassing every check: for tests and DLQ
+/// drills (operator only; embedded log only, with Kafka any client can).
+#[utoipa::path(post, path = "/api/v1/ops/records", tag = "operations",
+    request_body = InjectRequest,
+    responses((status = 201, body = InjectResponse), (status = 400, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+async fn inject_records(
+    Extract(state): Extract<State>,
+    JsonBody(request): JsonBody<InjectRequest>,
+) -> Result<(StatusCode, Json<InjectResponse>), ApiError> {
+    let shared = &state.runtime.shared;
+    if shared.config.log.backend != "embedded" {
+        return Err(ApiError::Unprocessable(
+            "records are injected only into the embedded log; with Kafka use any Kafka client"
+                .into(),
+        ));
+    }
+    let max = shared.config.limits.max_batch_payments;
+    if request.records.is_empty() || request.records.len() > max {
+        return Err(ApiError::BadRequest(format!(
+            "records must hold 1 to {max} records"
+        )));
+    }
+    let mut records = Vec::with_capacity(request.records.len());
+    for (n, record) in request.records.into_iter().enumerate() {
+        let value = match (record.value, record.value_hex) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(hex)) => {
+                dlq::unhex(&hex).map_err(|e| ApiError::BadRequest(format!("records[{n}]: {e}")))?
+            }
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "records[{n}]: send exactly one of value and value_hex"
+                )))
+            }
+        };
+        records.push((record.key, value));
+    }
+    let landed = dlq::inject(shared, &request.topic, request.partition, records).await?;
+    tracing::info!(topic = %request.topic, records = landed.len(), "raw records injected");
+    Ok((
+        StatusCode::CREATED,
+        Json(InjectResponse {
+            topic: request.topic,
+            records: landed
+                .into_iter()
+                .map(|(partition, offset)| InjectedRecord { partition, offset })
+                .collect(),
+        }),
+    ))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// At most this many entries, newest first (default 100).
+    pub limit: Option<usize>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuditList {
+    pub items: Vec<crate::ops::audit::AuditEntry>,
+}
+
+/// The audit trail: every state-changing call, newest first.
+#[utoipa::path(get, path = "/api/v1/logs/audit", tag = "operations", params(LogQuery),
+    responses((status = 200, body = AuditList), (status = 400, body = ErrorBody)))]
+async fn audit_log(
+    Extract(state): Extract<State>,
+    Query(query): Query<LogQuery>,
+) -> Result<Json<AuditList>, ApiError> {
+    let limit = super::page_limit(&state, query.limit, 100)?;
+    let items = state
+        .runtime
+        .shared
+        .store
+        .scan_last(crate::ops::audit::TABLE, limit)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(AuditList { items }))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ErrorLogQuery {
+    /// At most this many entries, newest first (default 100).
+    pub limit: Option<usize>,
+    /// Only `warn` or only `error`.
+    pub level: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorLogList {
+    pub items: Vec<crate::ops::logs::LogEntry>,
+}
+
+/// WARN and ERROR events with their context (processor, topic, partition,
+/// offset, payment id, …), newest first.
+#[utoipa::path(get, path = "/api/v1/logs/errors", tag = "operations", params(ErrorLogQuery),
+    responses((status = 200, body = ErrorLogList), (status = 400, body = ErrorBody)))]
+async fn error_log(
+    Extract(state): Extract<State>,
+    Query(query): Query<ErrorLogQuery>,
+) -> Result<Json<ErrorLogList>, ApiError> {
+    let limit = super::page_limit(&state, query.limit, 100)?;
+    let level = query.level.as_deref();
+    if let Some(other) =
+        level.filter(|l| !["warn", "error"].contains(&l.to_ascii_lowercase().as_str()))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "level {other:?} is not one of warn, error"
+        )));
+    }
+    let items = crate::ops::logs::newest(&state.runtime.shared, level, limit)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(ErrorLogList { items }))
+}

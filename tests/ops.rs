@@ -1,0 +1,477 @@
+//! The operational plane end to end over HTTP: malformed records on every
+//! input topic land in the DLQ with their coordinates and the rest flows;
+//! replay (corrected, idempotent); a processor error mid-batch; the DLQ bound;
+//! the error log from the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{get, open_account, post, terminal, test_config, wait_until, Binary, TestServer};
+use kpay::model::{codec, now_ms, partition_for, Envelope, Event, Outcome, PaymentRef};
+use kpay::ops::dlq::hex;
+use serde_json::{json, Value};
+
+fn encoded(event: Event) -> String {
+    hex(&codec::encode(&Envelope {
+        source: None,
+        event,
+    }))
+}
+
+fn payment(id: &str, from: &str, to: &str, amount_cents: i64) -> PaymentRef {
+    PaymentRef {
+        id: id.into(),
+        from: from.into(),
+        to: to.into(),
+        amount_cents,
+        accepted_at_ms: now_ms(),
+    }
+}
+
+/// Appends raw records through the API; returns (partition, offset) of each.
+async fn inject(
+    c: &reqwest::Client,
+    base: &str,
+    topic: &str,
+    partition: Option<u32>,
+    records: Value,
+) -> Vec<(u32, u64)> {
+    let body = json!({"topic": topic, "partition": partition, "records": records});
+    let (status, answer) = post(c, &format!("{base}/api/v1/ops/records"), body).await;
+    assert_eq!(status, 201, "{answer}");
+    answer["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["partition"].as_u64().unwrap() as u32,
+                r["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn dlq(c: &reqwest::Client, base: &str, query: &str) -> Value {
+    let (status, list) = get(c, &format!("{base}/api/v1/dlq?{query}")).await;
+    assert_eq!(status, 200, "{list}");
+    list
+}
+
+async fn balance(c: &reqwest::Client, base: &str, id: &str) -> i64 {
+    let (_, account) = get(c, &format!("{base}/api/v1/accounts/{id}")).await;
+    account["balance"].as_i64().unwrap()
+}
+
+async fn ledger_ok(c: &reqwest::Client, base: &str) {
+    let (_, ledger) = get(c, &format!("{base}/api/v1/ledger/integrity")).await;
+    assert_eq!(ledger["ok"], true, "{ledger}");
+}
+
+async fn pay(c: &reqwest::Client, base: &str, id: &str, amount: i64) {
+    let body = json!({"id": id, "from": "alice", "to": "bob", "amount": amount});
+    let (status, answer) = post(c, &format!("{base}/api/v1/payments"), body).await;
+    assert_eq!(status, 202, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_on_every_input_topic_are_dead_lettered_and_the_rest_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    open_account(&c, &base, "alice", 100_000).await;
+    open_account(&c, &base, "bob", 0).await;
+    let garbage = json!([{"key": "junk", "value_hex": "ff00206e6f7420616e206576656e74"}]);
+    let topics = [
+        ("payment.incoming", vec!["inflight"]),
+        ("payment.inflight", vec!["account"]),
+        // Read by two processors: each gives up on the record once.
+        ("payment.complete", vec!["confirmed", "inflight"]),
+        ("control.commands", vec!["control"]),
+    ];
+    let mut expected = Vec::new();
+    for (topic, processors) in &topics {
+        let partition = if *topic == "control.commands" { 0 } else { 1 };
+        let landed = inject(&c, &base, topic, Some(partition), garbage.clone()).await;
+        for processor in processors {
+            let (p, offset) = landed[0];
+            expected.push(format!("{topic}:{p}:{offset}:{processor}"));
+        }
+    }
+    for n in 0..20 {
+        pay(&c, &base, &format!("after-{n}"), 100).await;
+    }
+    for n in 0..20 {
+        let done = terminal(&c, &base, &format!("after-{n}")).await;
+        assert_eq!(done["status"], "confirmed", "{done}");
+    }
+    wait_until(Duration::from_secs(10), || async {
+        dlq(&c, &base, "").await["waiting"] == expected.len()
+    })
+    .await;
+    let list = dlq(&c, &base, "").await;
+    let mut ids: Vec<String> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    expected.sort();
+    assert_eq!(ids, expected);
+    for letter in list["items"].as_array().unwrap() {
+        assert_eq!(letter["class"], "decode", "{letter}");
+        assert!(
+            letter["reason"]
+                .as_str()
+                .unwrap()
+                .contains("unknown schema version 255"),
+            "{letter}"
+        );
+        assert_eq!(letter["key"], "junk");
+        assert_eq!(letter["status"], "waiting");
+        assert_eq!(letter["value_hex"], "ff00206e6f7420616e206576656e74");
+        assert!(letter["at_ms"].as_i64().unwrap() > 0);
+        let id = letter["id"].as_str().unwrap();
+        let (status, one) = get(&c, &format!("{base}/api/v1/dlq/{id}")).await;
+        assert_eq!((status, &one["id"]), (200, &letter["id"]));
+    }
+    // Filters and paging.
+    let by_topic = dlq(&c, &base, "topic=payment.complete").await;
+    assert_eq!(by_topic["items"].as_array().unwrap().len(), 2);
+    let first = dlq(&c, &base, "limit=2").await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 2);
+    let after = first["next"].as_str().unwrap();
+    let rest = dlq(&c, &base, &format!("after={after}&limit=100")).await;
+    assert_eq!(rest["items"].as_array().unwrap().len(), expected.len() - 2);
+    assert!(rest["next"].is_null());
+    assert_eq!(dlq(&c, &base, "class=overflow").await["items"], json!([]));
+    for bad in ["status=lost", "after=nonsense", "limit=0"] {
+        let (status, body) = get(&c, &format!("{base}/api/v1/dlq?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error"]["message"].as_str().is_some(), "{body}");
+    }
+    let (status, _) = get(
+        &c,
+        &format!("{base}/api/v1/dlq/payment.incoming:9:9:inflight"),
+    )
+    .await;
+    assert_eq!(status, 404);
+    // The DLQ size is a metric and an SLO.
+    let (_, slo) = get(&c, &format!("{base}/api/v1/metrics/slo")).await;
+    let goal = slo["goals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "dlq_empty")
+        .unwrap()
+        .clone();
+    assert_eq!(goal["met"], false, "{goal}");
+    assert_eq!(goal["current"], expected.len() as f64);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("kpay_dlq_records {}", expected.len())),
+        "{metrics}"
+    );
+    assert_eq!(balance(&c, &base, "bob").await, 2_000);
+    ledger_ok(&c, &base).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    open_account(&c, &base, "alice", 10_000).await;
+    open_account(&c, &base, "bob", 0).await;
+    // A foreign producer's payment that is not in kpay's format.
+    let text = r#"{"id":"fix-me","from":"alice","to":"bob","amount":500}"#;
+    let landed = inject(
+        &c,
+        &base,
+        "payment.incoming",
+        None,
+        json!([{"key": "fix-me", "value": text}]),
+    )
+    .await;
+    let (p, offset) = landed[0];
+    let id = format!("payment.incoming:{p}:{offset}:inflight");
+    wait_until(Duration::from_secs(10), || async {
+        get(&c, &format!("{base}/api/v1/dlq/{id}")).await.0 == 200
+    })
+    .await;
+    let (_, letter) = get(&c, &format!("{base}/api/v1/dlq/{id}")).await;
+    assert_eq!(letter["value_text"], text, "{letter}");
+    let replay_url = format!("{base}/api/v1/dlq/{id}/replay");
+    // As stored it still does not decode: refused with a reason, nothing appended.
+    let (status, refused) = post(&c, &replay_url, json!({})).await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("corrected value"),
+        "{refused}"
+    );
+    let (status, _) = post(&c, &replay_url, json!({"value": "x", "value_hex": "00"})).await;
+    assert_eq!(status, 400);
+    let (status, _) = post(&c, &replay_url, json!({"value_hex": "zz"})).await;
+    assert_eq!(status, 400);
+    // Corrected: the same payment in kpay's format.
+    let fixed = encoded(Event::PaymentSubmitted(payment(
+        "fix-me", "alice", "bob", 500,
+    )));
+    let (status, first) = post(&c, &replay_url, json!({"value_hex": fixed})).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["already_replayed"], false);
+    let replay = &first["dead_letter"]["replay"];
+    assert_eq!(replay["corrected"], true);
+    assert_eq!(replay["principal"], "local");
+    let done = terminal(&c, &base, "fix-me").await;
+    assert_eq!(done["status"], "confirmed", "{done}");
+    assert_eq!(
+        done["lineage"][0]["offset"], replay["offset"],
+        "admitted from the replayed record"
+    );
+    assert_eq!(balance(&c, &base, "bob").await, 500);
+    // Again, with or without a body: the first answer, nothing appended.
+    let incoming = kpay::log::TopicPartition::new("payment.incoming", p);
+    let shared = server.runtime().shared.clone();
+    let end = shared.log.high_watermark(&incoming).await.unwrap();
+    for body in [json!({"value_hex": fixed}), json!({})] {
+        let (status, again) = post(&c, &replay_url, body).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["already_replayed"], true);
+        assert_eq!(
+            again["dead_letter"]["replay"],
+            first["dead_letter"]["replay"]
+        );
+    }
+    assert_eq!(shared.log.high_watermark(&incoming).await.unwrap(), end);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(balance(&c, &base, "bob").await, 500);
+    assert_eq!(dlq(&c, &base, "").await["waiting"], 0);
+    let replayed = dlq(&c, &base, "status=replayed").await;
+    assert_eq!(replayed["items"][0]["status"], "replayed", "{replayed}");
+
+    // A derived record: a deposit to an account that does not exist yet is
+    // an impossible state; once the account is opened, its replay lands once.
+    let deposit = encoded(Event::Deposit {
+        account: "carol".into(),
+        amount_cents: 700,
+        at_ms: now_ms(),
+    });
+    let landed = inject(
+        &c,
+        &base,
+        "payment.inflight",
+        None,
+        json!([{"key": "carol", "value_hex": deposit}]),
+    )
+    .await;
+    let (p, offset) = landed[0];
+    let id = format!("payment.inflight:{p}:{offset}:account");
+    wait_until(Duration::from_secs(10), || async {
+        get(&c, &format!("{base}/api/v1/dlq/{id}")).await.0 == 200
+    })
+    .await;
+    let (_, letter) = get(&c, &format!("{base}/api/v1/dlq/{id}")).await;
+    assert_eq!(letter["class"], "impossible_state", "{letter}");
+    open_account(&c, &base, "carol", 0).await;
+    let url = format!("{base}/api/v1/dlq/{id}/replay");
+    let (status, answer) = c.post(&url).send().await.map(|r| (r.status(), r)).unwrap();
+    assert_eq!(status, 200, "{:?}", answer.text().await);
+    let (status, _) = post(&c, &url, json!({})).await;
+    assert_eq!(status, 200);
+    wait_until(Duration::from_secs(10), || async {
+        balance(&c, &base, "carol").await == 700
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(balance(&c, &base, "carol").await, 700, "deposited once");
+    // Deleting: gone for reads and replays.
+    let (status, _) = get(&c, &format!("{base}/api/v1/dlq/{id}")).await;
+    assert_eq!(status, 200);
+    let deleted = c
+        .delete(format!("{base}/api/v1/dlq/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(get(&c, &format!("{base}/api/v1/dlq/{id}")).await.0, 404);
+    assert_eq!(post(&c, &url, json!({})).await.0, 404);
+    ledger_ok(&c, &base).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_error_mid_batch_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let partitions = config.log.partitions;
+    let server = TestServer::start(config).await;
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    open_account(&c, &base, "alice", 100_000).await;
+    open_account(&c, &base, "bob", 0).await;
+    // Five good payments whose ids live on partition 2, around two bad
+    // records, appended in one write so one batch reads them all.
+    let ids: Vec<String> = (0..)
+        .map(|n| format!("mid-{n}"))
+        .filter(|id| partition_for(id, partitions) == 2)
+        .take(5)
+        .collect();
+    let good = |n: usize| {
+        let event = Event::PaymentSubmitted(payment(&ids[n], "alice", "bob", 100 * (n as i64 + 1)));
+        json!({"key": ids[n], "value_hex": encoded(event)})
+    };
+    // An event that does not belong on payment.incoming, and bytes that do not decode.
+    let wrong = Event::Completed {
+        payment: payment("stray", "alice", "bob", 1),
+        outcome: Outcome::Confirmed,
+        completed_at_ms: 0,
+        lineage: vec![],
+    };
+    let records = json!([
+        good(0),
+        good(1),
+        {"key": "stray", "value_hex": encoded(wrong)},
+        good(2),
+        good(3),
+        {"key": "junk", "value": "not an event"},
+        good(4),
+    ]);
+    let landed = inject(&c, &base, "payment.incoming", Some(2), records).await;
+    let offsets: Vec<u64> = landed.iter().map(|(_, o)| *o).collect();
+    for (n, offset) in [0, 1, 3, 4, 6].into_iter().enumerate() {
+        let done = terminal(&c, &base, &ids[n]).await;
+        assert_eq!(done["status"], "confirmed", "{done}");
+        assert_eq!(done["lineage"][0]["offset"], offsets[offset], "{done}");
+    }
+    wait_until(Duration::from_secs(10), || async {
+        dlq(&c, &base, "").await["waiting"] == 2
+    })
+    .await;
+    let list = dlq(&c, &base, "").await;
+    let letters: Vec<(&str, u64)> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["class"].as_str().unwrap(),
+                l["source_offset"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        letters,
+        vec![("unexpected_event", offsets[2]), ("decode", offsets[5])]
+    );
+    // 100 + 200 + 300 + 400 + 500, each once.
+    assert_eq!(balance(&c, &base, "bob").await, 1_500);
+    assert_eq!(balance(&c, &base, "alice").await, 98_500);
+    let (_, metrics) = get(&c, &format!("{base}/api/v1/metrics/pipeline")).await;
+    assert_eq!(metrics["confirmed"]["count"], 5, "{metrics}");
+    assert_eq!(metrics["inflight"]["count"], 0, "{metrics}");
+    ledger_ok(&c, &base).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dlq_is_bounded_and_overflow_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.limits.dlq_entries = 2;
+    let server = TestServer::start(config).await;
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let junk = json!([
+        {"key": "j1", "value": "junk"},
+        {"key": "j2", "value": "junk"},
+        {"key": "j3", "value": "junk"},
+    ]);
+    inject(&c, &base, "payment.incoming", Some(0), junk).await;
+    wait_until(Duration::from_secs(10), || async {
+        let metrics = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics.contains("kpay_dlq_overflow_total")
+    })
+    .await;
+    assert_eq!(dlq(&c, &base, "").await["waiting"], 2);
+    // Still on the DLQ topic, for other tools.
+    let shared = server.runtime().shared.clone();
+    let topic = kpay::log::TopicPartition::new(shared.topics.dlq.clone(), 0);
+    assert_eq!(shared.log.high_watermark(&topic).await.unwrap(), 3);
+    // Unknown topics and partitions are refused with a reason.
+    for (body, want) in [
+        (json!({"topic": "nope", "records": [{"value": "x"}]}), 422),
+        (
+            json!({"topic": "payment.incoming", "partition": 99, "records": [{"value": "x"}]}),
+            422,
+        ),
+        (json!({"topic": "payment.incoming", "records": []}), 400),
+        (
+            json!({"topic": "payment.incoming", "records": [{"key": "k"}]}),
+            400,
+        ),
+    ] {
+        let (status, answer) = post(&c, &format!("{base}/api/v1/ops/records"), body).await;
+        assert_eq!(status, want, "{answer}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warnings_reach_the_error_log_with_their_context() {
+    // The real binary, whose `main` installs the error-log layer.
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let server = Binary::spawn(dir.path(), port, &[]);
+    server.wait_ready().await;
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let landed = inject(
+        &c,
+        &base,
+        "payment.incoming",
+        None,
+        json!([{"key": "order-77", "value": "garbage"}]),
+    )
+    .await;
+    let (p, offset) = landed[0];
+    let url = format!("{base}/api/v1/logs/errors?level=warn");
+    wait_until(Duration::from_secs(10), || async {
+        get(&c, &url).await.1["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+    })
+    .await;
+    let (_, log) = get(&c, &url).await;
+    let entry = log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["message"] == "dead-lettered")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(entry["level"], "WARN");
+    let fields = &entry["fields"];
+    assert_eq!(fields["processor"], "inflight", "{entry}");
+    assert_eq!(fields["topic"], "payment.incoming");
+    assert_eq!(fields["partition"], p.to_string());
+    assert_eq!(fields["offset"], offset.to_string());
+    assert_eq!(fields["payment_id"], "order-77");
+    assert_eq!(fields["class"], "decode");
+    let (_, errors_only) = get(&c, &format!("{base}/api/v1/logs/errors?level=error")).await;
+    assert_eq!(errors_only["items"], json!([]), "{errors_only}");
+    let (status, _) = get(&c, &format!("{base}/api/v1/logs/errors?level=loud")).await;
+    assert_eq!(status, 400);
+}
