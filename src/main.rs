@@ -48,6 +48,13 @@ enum Command {
     },
     /// Run the end-to-end benchmark in embedded mode and print the results.
     Bench(kpay::bench::BenchArgs),
+    /// Rebuild the state tables from the log (the server must be stopped),
+    /// compare them with the live ones and put them in place.
+    Rebuild {
+        /// Compare only; leave the live state as it is.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Stdout logs (text, or JSON lines), filtered by `RUST_LOG` (default
@@ -106,5 +113,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kpay::http::serve(config, listener, accounts, kpay::control::shutdown_signal()).await
         }
         Command::Bench(args) => kpay::bench::run(config, args).await,
+        Command::Rebuild { dry_run } => {
+            let reports = kpay::ops::rebuild::run(config, dry_run).await?;
+            print!("{}", kpay::ops::rebuild::render(&reports));
+            let same = reports.iter().all(|r| r.matches());
+            match (same, dry_run) {
+                (true, true) => {
+                    println!("rebuilt state equals the live state (dry run: nothing changed)")
+                }
+                (true, false) => {
+                    println!("rebuilt state equals the live state; it is now in place")
+                }
+                (false, true) => anyhow::bail!(
+                    "the rebuilt state differs from the live state (dry run: nothing changed)"
+                ),
+                (false, false) => anyhow::bail!(
+                    "the rebuilt state differed from the live state; it is now in place \
+                     (the old state is in state.before-rebuild)"
+                ),
+            }
+            Ok(())
+        }
     }
 }

@@ -213,86 +213,7 @@ impl Runtime {
         log: Arc<dyn Log>,
         store: Store,
     ) -> Result<Self, RuntimeError> {
-        let partitions = config.log.partitions;
-        if config.instrument.enabled {
-            crate::instrument::prometheus::install()?;
-            crate::instrument::prometheus::describe();
-        }
-        for topic in config.topics.all() {
-            log.ensure_topic(topic, partitions).await?;
-        }
-        log.ensure_topic(&config.topics.commands, 1).await?;
-        log.ensure_topic(&config.topics.audit, 1).await?;
-        log.ensure_topic(&config.topics.logs, 1).await?;
-        store.check_format()?;
-        let restored = store.roll_back_partial()?;
-        if restored > 0 {
-            tracing::warn!(restored, "rolled back a checkpoint a crash interrupted");
-        }
-        let mut checkpoints = (Vec::new(), Vec::new(), Vec::new());
-        for p in 0..partitions {
-            checkpoints.0.push(load_checkpoint::<Inflight>(&store, p)?);
-            checkpoints.1.push(load_checkpoint::<Accounts>(&store, p)?);
-            checkpoints.2.push(load_checkpoint::<Confirmed>(&store, p)?);
-        }
-        let control_checkpoint = load_checkpoint::<ControlPlane>(&store, 0)?;
-        let instrument = &config.instrument;
-        let window_ms = i64::from(instrument.window_seconds) * 1_000;
-        let keep = if instrument.enabled {
-            instrument.windows_kept
-        } else {
-            0
-        };
-        for checkpoint in &mut checkpoints.2 {
-            checkpoint.stats.windows.configure(window_ms, keep);
-        }
-        let dlq_stored = store.count(crate::ops::dlq::TABLE);
-        let shared = Arc::new(Shared {
-            topics: config.topics.clone(),
-            inflight: shared_views::<Inflight>(&checkpoints.0, &config),
-            accounts: shared_views::<Accounts>(&checkpoints.1, &config),
-            confirmed: shared_views::<Confirmed>(&checkpoints.2, &config),
-            control: shared_views::<ControlPlane>(
-                std::slice::from_ref(&control_checkpoint),
-                &config,
-            )
-            .remove(0),
-            config,
-            log,
-            store,
-            apply_gate: RwLock::new(()),
-            shutdown: CancellationToken::new(),
-            processors_stop: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            slo: SloTracker::default(),
-            admission: std::sync::Mutex::new(None),
-            dlq_lock: tokio::sync::Mutex::new(()),
-            dlq_stored: AtomicU64::new(dlq_stored),
-        });
-        note_stored_keys(&shared.store, &shared.inflight)?;
-        note_stored_keys(&shared.store, &shared.accounts)?;
-        for (p, ((a, b), c)) in checkpoints
-            .0
-            .into_iter()
-            .zip(checkpoints.1)
-            .zip(checkpoints.2)
-            .enumerate()
-        {
-            let p32 = p as u32;
-            let inflight_inputs = vec![(SourceTopic::Incoming, p32), (SourceTopic::Complete, p32)];
-            spawn_task(&shared, shared.inflight[p].clone(), a, inflight_inputs);
-            let account_inputs = vec![(SourceTopic::Inflight, p32)];
-            spawn_task(&shared, shared.accounts[p].clone(), b, account_inputs);
-            let confirmed_inputs = vec![(SourceTopic::Complete, p32)];
-            spawn_task(&shared, shared.confirmed[p].clone(), c, confirmed_inputs);
-        }
-        let control_inputs = vec![(SourceTopic::Control, 0)];
-        spawn_task(
-            &shared,
-            shared.control.clone(),
-            control_checkpoint,
-            control_inputs,
-        );
+        let shared = start_tasks(config, log, store, None).await?;
         crate::ops::logs::start(&shared);
         let ingest = ingest::start(&shared).await?;
         shared.tracker.spawn(flusher(shared.clone()));
@@ -305,6 +226,124 @@ impl Runtime {
         Ok(runtime)
     }
 
+    /// Replays the log into `store` (which starts empty): every task reads
+    /// its inputs up to its position in `targets` and stops, appending
+    /// nothing. Returns once all are done and the store is flushed.
+    pub async fn replay(
+        config: Config,
+        log: Arc<dyn Log>,
+        store: Store,
+        targets: &Targets,
+    ) -> Result<(), RuntimeError> {
+        let shared = start_tasks(config, log, store, Some(targets)).await?;
+        shared.tracker.close();
+        shared.tracker.wait().await;
+        if shared.processors_stop.is_cancelled() {
+            return Err(RuntimeError::Startup(
+                "a task failed during the replay (see the log above)".into(),
+            ));
+        }
+        shared.store.flush().await?;
+        Ok(())
+    }
+}
+
+/// Where each task (processor name, partition) stops a replay.
+pub type Targets = BTreeMap<(String, u32), task::Positions>;
+
+/// Opens the topics and the store's checkpoints and spawns every task: live,
+/// or replaying up to `targets`.
+async fn start_tasks(
+    config: Config,
+    log: Arc<dyn Log>,
+    store: Store,
+    targets: Option<&Targets>,
+) -> Result<Arc<Shared>, RuntimeError> {
+    let partitions = config.log.partitions;
+    if config.instrument.enabled {
+        crate::instrument::prometheus::install()?;
+        crate::instrument::prometheus::describe();
+    }
+    for topic in config.topics.all() {
+        log.ensure_topic(topic, partitions).await?;
+    }
+    log.ensure_topic(&config.topics.commands, 1).await?;
+    log.ensure_topic(&config.topics.audit, 1).await?;
+    log.ensure_topic(&config.topics.logs, 1).await?;
+    store.check_format()?;
+    let restored = store.roll_back_partial()?;
+    if restored > 0 {
+        tracing::warn!(restored, "rolled back a checkpoint a crash interrupted");
+    }
+    let mut checkpoints = (Vec::new(), Vec::new(), Vec::new());
+    for p in 0..partitions {
+        checkpoints.0.push(load_checkpoint::<Inflight>(&store, p)?);
+        checkpoints.1.push(load_checkpoint::<Accounts>(&store, p)?);
+        checkpoints.2.push(load_checkpoint::<Confirmed>(&store, p)?);
+    }
+    let control_checkpoint = load_checkpoint::<ControlPlane>(&store, 0)?;
+    let instrument = &config.instrument;
+    let window_ms = i64::from(instrument.window_seconds) * 1_000;
+    let keep = if instrument.enabled {
+        instrument.windows_kept
+    } else {
+        0
+    };
+    for checkpoint in &mut checkpoints.2 {
+        checkpoint.stats.windows.configure(window_ms, keep);
+    }
+    let dlq_stored = store.count(crate::ops::dlq::TABLE);
+    let shared = Arc::new(Shared {
+        topics: config.topics.clone(),
+        inflight: shared_views::<Inflight>(&checkpoints.0, &config),
+        accounts: shared_views::<Accounts>(&checkpoints.1, &config),
+        confirmed: shared_views::<Confirmed>(&checkpoints.2, &config),
+        control: shared_views::<ControlPlane>(std::slice::from_ref(&control_checkpoint), &config)
+            .remove(0),
+        config,
+        log,
+        store,
+        apply_gate: RwLock::new(()),
+        shutdown: CancellationToken::new(),
+        processors_stop: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        slo: SloTracker::default(),
+        admission: std::sync::Mutex::new(None),
+        dlq_lock: tokio::sync::Mutex::new(()),
+        dlq_stored: AtomicU64::new(dlq_stored),
+    });
+    note_stored_keys(&shared.store, &shared.inflight)?;
+    note_stored_keys(&shared.store, &shared.accounts)?;
+    for (p, ((a, b), c)) in checkpoints
+        .0
+        .into_iter()
+        .zip(checkpoints.1)
+        .zip(checkpoints.2)
+        .enumerate()
+    {
+        let p32 = p as u32;
+        let inflight_inputs = vec![(SourceTopic::Incoming, p32), (SourceTopic::Complete, p32)];
+        let inflight = shared.inflight[p].clone();
+        spawn_task(&shared, inflight, a, inflight_inputs, targets);
+        let account_inputs = vec![(SourceTopic::Inflight, p32)];
+        let accounts = shared.accounts[p].clone();
+        spawn_task(&shared, accounts, b, account_inputs, targets);
+        let confirmed_inputs = vec![(SourceTopic::Complete, p32)];
+        let confirmed = shared.confirmed[p].clone();
+        spawn_task(&shared, confirmed, c, confirmed_inputs, targets);
+    }
+    let control_inputs = vec![(SourceTopic::Control, 0)];
+    spawn_task(
+        &shared,
+        shared.control.clone(),
+        control_checkpoint,
+        control_inputs,
+        targets,
+    );
+    Ok(shared)
+}
+
+impl Runtime {
     /// Opens the configured demo accounts once, on the first start.
     async fn seed_demo_accounts(&self) -> Result<(), RuntimeError> {
         let demo = &self.shared.config.demo;
@@ -493,12 +532,17 @@ fn spawn_task<P: Processor>(
     task: Arc<TaskShared<P>>,
     checkpoint: Checkpoint<P::Stats>,
     inputs: Vec<(SourceTopic, u32)>,
+    targets: Option<&Targets>,
 ) {
     let shared = shared.clone();
     let tracker = shared.tracker.clone();
+    let until = targets.map(|targets| {
+        let key = (P::NAME.to_owned(), task.partition);
+        targets.get(&key).cloned().unwrap_or_default()
+    });
     tracker.spawn(async move {
         let partition = task.partition;
-        if let Err(error) = task::run(shared.clone(), task, checkpoint, inputs).await {
+        if let Err(error) = task::run(shared.clone(), task, checkpoint, inputs, until).await {
             // A task that cannot go on stops the whole pipeline rather than
             // let the others run ahead of it.
             tracing::error!(processor = P::NAME, partition, %error, "task failed; shutting down");

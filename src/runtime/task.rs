@@ -157,7 +157,13 @@ struct TaskLoop<P: Processor> {
     dirty_rows: usize,
     /// The last read found new payments but no admission tokens.
     throttled: bool,
+    /// Replaying (`kpay rebuild`): read every input up to these positions,
+    /// ignoring pause and rate limit, append nothing, then stop.
+    until: Option<Positions>,
 }
+
+/// Next offset to read per input (topic kind, partition).
+pub type Positions = BTreeMap<(SourceTopic, u32), u64>;
 
 /// How often a rate-limited task looks for new admission tokens.
 const THROTTLE_POLL: Duration = Duration::from_millis(5);
@@ -168,6 +174,7 @@ pub async fn run<P: Processor>(
     task: Arc<TaskShared<P>>,
     checkpoint: Checkpoint<P::Stats>,
     input_partitions: Vec<(SourceTopic, u32)>,
+    until: Option<Positions>,
 ) -> Result<(), RuntimeError> {
     let inputs = input_partitions
         .into_iter()
@@ -187,13 +194,14 @@ pub async fn run<P: Processor>(
         uncommitted: false,
         dirty_rows: 0,
         throttled: false,
+        until,
     };
     state.start_positions().await?;
     state.publish_positions();
     let start_hw = state.high_watermarks().await?;
     let commit_every = Duration::from_millis(shared.config.pipeline.commit_interval_ms);
     loop {
-        if shared.processors_stop.is_cancelled() {
+        if shared.processors_stop.is_cancelled() || state.replayed_all() {
             break;
         }
         let batch = state.read_batch().await?;
@@ -208,7 +216,9 @@ pub async fn run<P: Processor>(
             continue;
         }
         let outputs = state.apply(batch)?;
-        state.produce(outputs).await?;
+        if state.until.is_none() {
+            state.produce(outputs).await?;
+        }
         let rows = state.dirty_rows;
         if rows >= shared.config.pipeline.checkpoint_max_rows
             || state.last_commit.elapsed() >= commit_every
@@ -236,8 +246,20 @@ impl<P: Processor> TaskLoop<P> {
 
     /// Inputs not read for now: held by hand, or new payments while paused
     /// (the pause gate: admitted payments still drain through the rest).
+    /// A replay reads everything up to its positions.
     fn is_held(&self, kind: SourceTopic) -> bool {
-        self.task.is_held(kind) || (kind == SourceTopic::Incoming && self.shared.admission_paused())
+        self.until.is_none()
+            && (self.task.is_held(kind)
+                || (kind == SourceTopic::Incoming && self.shared.admission_paused()))
+    }
+
+    /// Whether a replay has read every input up to its positions.
+    fn replayed_all(&self) -> bool {
+        self.until.as_ref().is_some_and(|until| {
+            self.inputs.iter().all(|(kind, tp, next)| {
+                *next >= until.get(&(*kind, tp.partition)).copied().unwrap_or(0)
+            })
+        })
     }
 
     /// Shows where this task reads, for lag.
@@ -257,11 +279,13 @@ impl<P: Processor> TaskLoop<P> {
         Ok(marks)
     }
 
+    /// Whether every input has been read up to `marks`; a held input (new
+    /// payments while paused) waits on purpose and counts as read.
     fn reached(&self, marks: &[u64]) -> bool {
         self.inputs
             .iter()
             .zip(marks)
-            .all(|((_, _, next), mark)| next >= mark)
+            .all(|((kind, _, next), mark)| next >= mark || self.is_held(*kind))
     }
 
     async fn read_batch(&mut self) -> Result<Vec<(usize, StoredRecord)>, RuntimeError> {
@@ -274,7 +298,13 @@ impl<P: Processor> TaskLoop<P> {
                 continue;
             }
             let mut take = max;
-            if *kind == SourceTopic::Incoming && self.shared.admission_limited() {
+            if let Some(until) = &self.until {
+                let end = until.get(&(*kind, tp.partition)).copied().unwrap_or(0);
+                take = take.min(end.saturating_sub(*next) as usize);
+                if take == 0 {
+                    continue;
+                }
+            } else if *kind == SourceTopic::Incoming && self.shared.admission_limited() {
                 // The rate limit counts admissions: only records that are
                 // there take tokens.
                 let waiting = self

@@ -25,6 +25,7 @@ pub enum StoreError {
     },
     #[error("state store row {key} does not decode: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The store cannot be used as it is (format, lock); the text says why.
     #[error("{0}")]
     Format(String),
 }
@@ -115,7 +116,16 @@ impl Store {
             .segment_size(SEGMENT_BYTES)
             .flush_every_ms(Some(1_000))
             .open()
-            .map_err(sled_error(format!("open {}", dir.display())))?;
+            .map_err(|error| match &error {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Format(format!(
+                        "{} is in use by another kpay process: stop it first \
+                         (one process per data directory)",
+                        dir.display()
+                    ))
+                }
+                _ => sled_error(format!("open {}", dir.display()))(error),
+            })?;
         Ok(Self {
             db,
             batch_rows: MAX_BATCH_ROWS,
@@ -208,6 +218,47 @@ impl Store {
             f(&String::from_utf8_lossy(&key[prefix.len()..]));
         }
         Ok(())
+    }
+
+    /// Every row of `table` in key order (keys without the prefix), decoded lazily.
+    pub fn entries<T: DeserializeOwned>(
+        &self,
+        table: &str,
+    ) -> impl Iterator<Item = Result<(String, T), StoreError>> + '_ {
+        let prefix = format!("{table}/");
+        self.db.scan_prefix(prefix.as_bytes()).map(move |item| {
+            let (key, value) = item.map_err(sled_error(format!("scan {prefix}")))?;
+            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let row = postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
+                key: format!("{prefix}{id}"),
+                reason: error.to_string(),
+            })?;
+            Ok((id, row))
+        })
+    }
+
+    /// Replaces the rows of `table` with those of the same table in `other`.
+    pub fn replace_table_from(&self, other: &Store, table: &str) -> Result<(), StoreError> {
+        let prefix = format!("{table}/");
+        let mut batch = Batch::default();
+        let mut rows = 0;
+        for item in self.db.scan_prefix(prefix.as_bytes()) {
+            let (key, _) = item.map_err(sled_error(format!("scan {table}")))?;
+            batch.remove(key);
+            rows += 1;
+            if rows % MAX_BATCH_ROWS == 0 {
+                self.apply(std::mem::take(&mut batch))?;
+            }
+        }
+        for item in other.db.scan_prefix(prefix.as_bytes()) {
+            let (key, value) = item.map_err(sled_error(format!("scan {table}")))?;
+            batch.insert(key, value);
+            rows += 1;
+            if rows % MAX_BATCH_ROWS == 0 {
+                self.apply(std::mem::take(&mut batch))?;
+            }
+        }
+        self.apply(batch)
     }
 
     /// The stored bytes of a row and its decoded value.
