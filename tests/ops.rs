@@ -651,3 +651,107 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
     ledger_ok(&c, &base).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
+    // A replay is reserved (durably) before its append. After a crash in
+    // between, the next replay call finds out from the log whether it landed.
+    use kpay::model::{Source, SourceTopic};
+    use kpay::ops::dlq::{DeadLetter, Replay};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    open_account(&c, &base, "alice", 10_000).await;
+    open_account(&c, &base, "bob", 0).await;
+    let shared = server.runtime().shared.clone();
+    let junk = json!([{"key": "landed", "value": "x"}, {"key": "lost", "value": "y"}]);
+    let landed = inject(&c, &base, "payment.incoming", Some(0), junk).await;
+    let ids: Vec<String> = landed
+        .iter()
+        .map(|(p, o)| format!("payment.incoming:{p}:{o}:inflight"))
+        .collect();
+    wait_until(Duration::from_secs(10), || async {
+        dlq(&c, &base, "").await["waiting"] == 2
+    })
+    .await;
+    // Simulate both crash points: reservation written, then (for the first)
+    // the append done, but neither settled.
+    let mut appended = None;
+    for (n, (id, name)) in ids.iter().zip(["landed", "lost"]).enumerate() {
+        let event = Event::PaymentSubmitted(payment(name, "alice", "bob", 100));
+        let partition = partition_for(name, 4);
+        let tp = kpay::log::TopicPartition::new("payment.incoming", partition);
+        let seq = 1_000 + n as u64;
+        let (p, o) = landed[n];
+        let key = format!("d/payment.incoming:{p:05}:{o:020}:inflight");
+        let mut letter: DeadLetter = shared.store.get(&key).unwrap().unwrap();
+        assert_eq!(&letter.id, id);
+        letter.replay = Some(Replay {
+            seq,
+            topic: tp.topic.clone(),
+            partition,
+            from_offset: shared.log.high_watermark(&tp).await.unwrap(),
+            offset: None,
+            at_ms: now_ms(),
+            principal: "local".into(),
+            corrected: true,
+        });
+        letter.value_hex = encoded(event.clone());
+        shared.store.put(&key, &letter).unwrap();
+        if name == "landed" {
+            let envelope = Envelope {
+                source: Some(Source {
+                    topic: SourceTopic::Replay,
+                    partition: 0,
+                    offset: seq,
+                }),
+                event,
+            };
+            let record = kpay::log::Record {
+                key: bytes::Bytes::from_static(b"landed"),
+                value: bytes::Bytes::from(codec::encode(&envelope)),
+                timestamp_ms: now_ms(),
+            };
+            appended = Some((
+                tp.clone(),
+                shared.log.append(&tp, vec![record]).await.unwrap(),
+            ));
+        }
+    }
+    // The counter moves with each reservation (in the same store batch).
+    shared.store.put("m/replay_seq", &1_001u64).unwrap();
+    let (tp, offset) = appended.unwrap();
+    assert_eq!(terminal(&c, &base, "landed").await["status"], "confirmed");
+    let end = shared.log.high_watermark(&tp).await.unwrap();
+    // It landed: settled at that offset, nothing appended again.
+    let (status, answer) = post(
+        &c,
+        &format!("{base}/api/v1/dlq/{}/replay", ids[0]),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["dead_letter"]["replay"]["offset"], offset,
+        "{answer}"
+    );
+    assert_eq!(answer["dead_letter"]["replay"]["seq"], 1_000);
+    assert_eq!(shared.log.high_watermark(&tp).await.unwrap(), end);
+    // It did not land: appended now, once.
+    let (status, answer) = post(
+        &c,
+        &format!("{base}/api/v1/dlq/{}/replay", ids[1]),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(terminal(&c, &base, "lost").await["status"], "confirmed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        balance(&c, &base, "bob").await,
+        200,
+        "each moved money once"
+    );
+    ledger_ok(&c, &base).await;
+    server.stop().await;
+}

@@ -269,3 +269,49 @@ pub fn render(reports: &[TableReport]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
+    use crate::log::Record;
+    use crate::model::SourceTopic;
+
+    // Once retention has deleted the start of an input, rebuild refuses and says which and why.
+    #[tokio::test]
+    async fn refuses_when_retention_deleted_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(EmbeddedLogConfig {
+            segment_bytes: 400,
+            ..EmbeddedLogConfig::with_dir(dir.path())
+        })
+        .unwrap();
+        let config = Config::default();
+        let tp = TopicPartition::new(config.topics.incoming.clone(), 0);
+        log.ensure_topic(&tp.topic, 1).await.unwrap();
+        for n in 0..40 {
+            let record = Record {
+                key: bytes::Bytes::from_static(b"k"),
+                value: bytes::Bytes::from(format!("value {n:>20}")),
+                timestamp_ms: 0,
+            };
+            log.append(&tp, vec![record]).await.unwrap();
+        }
+        let mut targets = Targets::new();
+        let positions = [((SourceTopic::Incoming, 0), 40)].into_iter().collect();
+        targets.insert(("inflight".into(), 0), positions);
+        check_history(&*log, &config, &targets).await.unwrap();
+        log.release_before(&tp, 40).await.unwrap();
+        assert!(log.log_start(&tp).await.unwrap() > 0);
+        let error = check_history(&*log, &config, &targets)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("retention deleted offsets 0..")
+                && error.contains("payment.incoming")
+                && error.contains("log.history_bytes"),
+            "{error}"
+        );
+    }
+}
