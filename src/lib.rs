@@ -13,10 +13,14 @@
 //!    (or completes the payment as rejected); the CREDIT credits `to` and
 //!    emits the completion to `payment.complete` (or a REFUND back to `from`,
 //!    which completes it as reversed).
-//! 4. `pipeline::inflight` records the terminal state; `pipeline::confirmed`
+//! 4. `pipeline::inflight` records the terminal state and the lineage (every
+//!    hop's processor, partition, offset, time in and out); `pipeline::confirmed`
 //!    counts it, adds it to the throughput/latency windows
 //!    (`instrument::windows`) and forwards confirmed payments to
 //!    `payment.confirmed`.
+//!
+//! A record no processor can act on goes to `ops::dlq` (store + `payment.dlq`)
+//! and the task goes on; an operator replays it to its source topic.
 //!
 //! Modules:
 //! - [`config`]: layered settings (defaults ← file ← `KPAY_*` env ← flags).
@@ -27,7 +31,8 @@
 //! - [`pipeline`]: pillar 1, the processors as pure logic.
 //! - [`instrument`]: pillar 2, business metrics: windows, SLOs, lag, Prometheus.
 //! - [`control`]: pillar 3, commands through the log: pause with drain, rate limit, bootstrap.
-//! - [`ops`]: pillar 4, dead letters and the audit trail.
+//! - [`ops`]: pillar 4: dead letters and replay, audit trail and error log
+//!   (journals), `kpay rebuild` (state from the log).
 //! - [`http`]: the axum server: REST API, auth, audit, OpenAPI, Swagger UI, web UI.
 //! - [`bench`]: the end-to-end benchmark behind `kpay bench`.
 

@@ -649,6 +649,16 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
         500 + 250 + 1_000 - 300 + 50 + 5
     );
     ledger_ok(&c, &base).await;
+    let after = snapshot(&c, &base, &ids).await;
+    server.stop().await;
+
+    // The state lost entirely: a server started without it replays the whole
+    // log (its tasks re-emit, downstream skips the copies) to the same state.
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("state.before-rebuild")).unwrap();
+    let server = TestServer::start(test_config(dir.path())).await;
+    assert_eq!(snapshot(&c, &server.base, &ids).await, after);
+    ledger_ok(&c, &server.base).await;
     server.stop().await;
 }
 
