@@ -484,6 +484,9 @@ fn rebuild(dir: &std::path::Path, dry_run: bool) -> (bool, String) {
         .arg(dir)
         .arg("rebuild")
         .env("KPAY_LOG__PARTITIONS", "4")
+        // One record per input per read: a replay then meets completions
+        // before the admissions they depend on unless it orders them.
+        .env("KPAY_PIPELINE__BATCH_RECORDS", "2")
         .env("RUST_LOG", "warn");
     if dry_run {
         command.arg("--dry-run");
@@ -568,9 +571,19 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
         // The same request again is a duplicate, accepted once.
         post(&c, &format!("{base}/api/v1/payments"), body).await;
     }
+    // In one append: the rejection completes before the earlier confirmed
+    // payment, so `payment.complete` is not in `payment.incoming`'s order.
+    let batch = json!({"payments": [
+        {"id": "batch-ok", "from": "alice", "to": "bob", "amount": 10},
+        {"id": "batch-poor", "from": "carol", "to": "bob", "amount": 10},
+    ]});
+    let (status, answer) = post(&c, &format!("{base}/api/v1/payments/batch"), batch).await;
+    assert_eq!(status, 200, "{answer}");
     for (id, _, _, _, status) in cases {
         assert_eq!(terminal(&c, &base, id).await["status"], status);
     }
+    assert_eq!(terminal(&c, &base, "batch-ok").await["status"], "confirmed");
+    assert_eq!(terminal(&c, &base, "batch-poor").await["status"], "rejected");
     // A dead letter, replayed corrected: a replay source in the log.
     let landed = inject(
         &c,
@@ -600,7 +613,7 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
         202
     );
     let mut ids: Vec<&str> = cases.iter().map(|c| c.0).collect();
-    ids.extend(["fixed", "waiting"]);
+    ids.extend(["fixed", "waiting", "batch-ok", "batch-poor"]);
     let before = snapshot(&c, &base, &ids).await;
     server.stop().await;
 
@@ -646,7 +659,7 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
     assert_eq!(terminal(&c, &base, "waiting").await["status"], "confirmed");
     assert_eq!(
         balance(&c, &base, "bob").await,
-        500 + 250 + 1_000 - 300 + 50 + 5
+        500 + 250 + 1_000 - 300 + 50 + 5 + 10
     );
     ledger_ok(&c, &base).await;
     let after = snapshot(&c, &base, &ids).await;
@@ -656,7 +669,9 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
     // log (its tasks re-emit, downstream skips the copies) to the same state.
     std::fs::remove_dir_all(dir.path().join("state")).unwrap();
     std::fs::remove_dir_all(dir.path().join("state.before-rebuild")).unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
+    let mut config = test_config(dir.path());
+    config.pipeline.batch_records = 2;
+    let server = TestServer::start(config).await;
     assert_eq!(snapshot(&c, &server.base, &ids).await, after);
     ledger_ok(&c, &server.base).await;
     server.stop().await;

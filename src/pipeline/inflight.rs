@@ -55,6 +55,14 @@ impl Processor for Inflight {
         }
     }
 
+    fn prerequisite(event: &Event) -> Option<(SourceTopic, u32, u64)> {
+        let Event::Completed { lineage, .. } = event else {
+            return None;
+        };
+        let admitted = lineage.iter().find(|hop| hop.stage == Stage::Admitted)?;
+        Some((SourceTopic::Incoming, admitted.partition, admitted.offset))
+    }
+
     fn is_settled(state: &PaymentState) -> bool {
         state.status.is_terminal()
     }

@@ -76,6 +76,14 @@ pub trait Processor: Send + Sync + 'static {
     /// (process-wide metrics only; never state, never output).
     fn observe(_event: &Event) {}
 
+    /// The record of another input that must be applied before `event`, as
+    /// (input, partition, offset): a completion needs its payment's
+    /// admission. After a restart the inputs are re-read from a checkpoint,
+    /// and a derived record can be read before the one it derives from.
+    fn prerequisite(_event: &Event) -> Option<(SourceTopic, u32, u64)> {
+        None
+    }
+
     /// Whether a row is unlikely to be touched again, so the runtime may drop
     /// it from memory as soon as the store has it (a terminal payment).
     fn is_settled(_state: &Self::State) -> bool {

@@ -21,7 +21,7 @@ use futures::future::{select_all, try_join_all};
 
 use super::{RuntimeError, Shared};
 use crate::log::{Record, StoredRecord, TopicPartition};
-use crate::model::{codec, now_ms, partition_for, Envelope, Source, SourceTopic};
+use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
 use crate::ops::dlq::DeadLetter;
 use crate::pipeline::{Ctx, Emit, OutTopic, Processor};
 use crate::store::{
@@ -160,6 +160,15 @@ struct TaskLoop<P: Processor> {
     /// Replaying (`kpay rebuild`): read every input up to these positions,
     /// ignoring pause and rate limit, append nothing, then stop.
     until: Option<Positions>,
+    /// A record waits for its prerequisite: read this input up to this
+    /// offset first (pause and rate limit do not apply: it was admitted
+    /// before the restart).
+    catch_up: Option<(usize, u64)>,
+    /// The record (input, offset) waiting for the catch-up.
+    deferred: Option<(usize, u64)>,
+    /// The record (input, offset) whose prerequisite does not exist; it is
+    /// processed without it (and dead-lettered by the processor).
+    orphan: Option<(usize, u64)>,
 }
 
 /// Next offset to read per input (topic kind, partition).
@@ -195,6 +204,9 @@ pub async fn run<P: Processor>(
         dirty_rows: 0,
         throttled: false,
         until,
+        catch_up: None,
+        deferred: None,
+        orphan: None,
     };
     state.start_positions().await?;
     state.publish_positions();
@@ -291,6 +303,19 @@ impl<P: Processor> TaskLoop<P> {
     async fn read_batch(&mut self) -> Result<Vec<(usize, StoredRecord)>, RuntimeError> {
         let max = (self.shared.config.pipeline.batch_records / self.inputs.len()).max(1);
         self.throttled = false;
+        if let Some((index, offset)) = self.catch_up {
+            let (_, tp, next) = &self.inputs[index];
+            if *next <= offset {
+                if offset < self.shared.log.high_watermark(tp).await? {
+                    let take = max.min((offset + 1 - *next) as usize);
+                    let records = self.shared.log.read(tp, *next, take).await?;
+                    return Ok(records.into_iter().map(|r| (index, r)).collect());
+                }
+                // A prerequisite that was never written (a foreign record).
+                self.orphan = self.deferred;
+            }
+            self.catch_up = None;
+        }
         let mut batch = Vec::new();
         for index in 0..self.inputs.len() {
             let (kind, tp, next) = &self.inputs[index];
@@ -393,6 +418,13 @@ impl<P: Processor> TaskLoop<P> {
                     continue;
                 }
             };
+            if let Some(wanted) = self.unmet_prerequisite(&envelope.event, index, stored.offset) {
+                // Read again after the prerequisite; nothing of this record is applied.
+                self.inputs[index].2 = stored.offset;
+                self.catch_up = Some(wanted);
+                self.deferred = Some((index, stored.offset));
+                break;
+            }
             if self.already_applied(&ctx, envelope.source) {
                 continue;
             }
@@ -429,6 +461,19 @@ impl<P: Processor> TaskLoop<P> {
         self.publish_positions();
         self.uncommitted = true;
         Ok(outputs)
+    }
+
+    /// The (input, offset) still to be read before `event` can be applied, if any.
+    fn unmet_prerequisite(&self, event: &Event, input: usize, offset: u64) -> Option<(usize, u64)> {
+        if self.orphan == Some((input, offset)) {
+            return None;
+        }
+        let (kind, partition, needed) = P::prerequisite(event)?;
+        let index = self
+            .inputs
+            .iter()
+            .position(|(k, tp, _)| *k == kind && tp.partition == partition)?;
+        (self.inputs[index].2 <= needed).then_some((index, needed))
     }
 
     /// True for a copy of a record already applied (re-emitted by an upstream
