@@ -361,8 +361,8 @@ impl Config {
         if !(1..=crate::store::MAX_BATCH_ROWS).contains(&self.data.store_batch_rows) {
             return invalid("data.store_batch_rows", "must be between 1 and 256");
         }
-        if self.log.segment_bytes < 1 << 20 {
-            return invalid("log.segment_bytes", "must be at least 1 MiB");
+        if !(1 << 20..=crate::log::embedded::MAX_SEGMENT_BYTES).contains(&self.log.segment_bytes) {
+            return invalid("log.segment_bytes", "must be between 1 MiB and 1 GiB");
         }
         if self.log.history_bytes >= self.log.max_retained_bytes {
             return invalid("log.history_bytes", "must be below log.max_retained_bytes");

@@ -583,7 +583,10 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
         assert_eq!(terminal(&c, &base, id).await["status"], status);
     }
     assert_eq!(terminal(&c, &base, "batch-ok").await["status"], "confirmed");
-    assert_eq!(terminal(&c, &base, "batch-poor").await["status"], "rejected");
+    assert_eq!(
+        terminal(&c, &base, "batch-poor").await["status"],
+        "rejected"
+    );
     // A dead letter, replayed corrected: a replay source in the log.
     let landed = inject(
         &c,

@@ -140,8 +140,8 @@ impl EmbeddedLogConfig {
 
     /// Rejects settings the log cannot work with.
     fn validate(&self) -> Result<(), LogError> {
-        let problem = if self.segment_bytes == 0 {
-            Some("segment_bytes must be above 0")
+        let problem = if self.segment_bytes == 0 || self.segment_bytes > MAX_SEGMENT_BYTES {
+            Some("segment_bytes must be above 0 and at most 1 GiB")
         } else if self.max_group_records == 0 {
             Some("max_group_records must be above 0")
         } else if self.queue_depth == 0 || self.queue_depth > Semaphore::MAX_PERMITS {
@@ -173,9 +173,26 @@ impl EmbeddedLogConfig {
 #[derive(Debug, Clone, Copy)]
 struct RecordPosition {
     /// Number of the segment file holding the record.
-    segment: u64,
-    /// Byte position of the record's frame in that file.
-    pos: u64,
+    segment: u32,
+    /// Byte position of the record's frame in that file. Segments stay below
+    /// 4 GiB: at most `MAX_SEGMENT_BYTES` before a group, whose first append
+    /// is at most `MAX_APPEND_BYTES` and the rest `MAX_GROUP_BYTES`.
+    pos: u32,
+}
+
+/// Largest `segment_bytes`.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
+/// Largest single append, in frame bytes.
+const MAX_APPEND_BYTES: u64 = 1 << 30;
+
+impl RecordPosition {
+    /// The compact position (8 bytes per retained record in memory), if it fits.
+    fn new(segment: u64, pos: u64) -> Option<Self> {
+        Some(Self {
+            segment: u32::try_from(segment).ok()?,
+            pos: u32::try_from(pos).ok()?,
+        })
+    }
 }
 
 /// Mutable state of one partition; guarded by [`Partition::state`].
@@ -875,7 +892,7 @@ impl EmbeddedLog {
                 .iter()
                 .take_while(|p| p.segment == segment)
                 .count();
-            let Some((path, file, bytes)) = self.segment_handle(segment) else {
+            let Some((path, file, bytes)) = self.segment_handle(u64::from(segment)) else {
                 // Retention deleted the segment after the index was read.
                 let log_start = lock(&partition.state).log_start;
                 return Err(LogError::OffsetOutOfRange {
@@ -891,7 +908,7 @@ impl EmbeddedLog {
                 records.push(read_one(
                     &mut reader,
                     &path,
-                    position.pos,
+                    u64::from(position.pos),
                     &partition.tp,
                     expected,
                 )?);
@@ -1186,10 +1203,13 @@ impl Recovery<'_> {
             ));
         };
         state.high_watermark = high_watermark;
-        state.positions.push_back(RecordPosition {
-            segment: number,
-            pos,
-        });
+        let Some(position) = RecordPosition::new(number, pos) else {
+            return Err(corrupt(
+                path,
+                format!("record at byte {pos} lies beyond 4 GiB; segments are smaller"),
+            ));
+        };
+        state.positions.push_back(position);
         if self.config.tail_cache_records > 0 {
             if state.tail.len() == self.config.tail_cache_records {
                 state.tail.pop_front();
@@ -1542,6 +1562,13 @@ impl Writer {
                 .iter()
                 .map(|r| frame_bytes(&tp.topic, r) as u64)
                 .sum();
+            if request_bytes > MAX_APPEND_BYTES {
+                let _ = request.reply.send(Err(LogError::RecordTooLarge {
+                    size_bytes: request_bytes as usize,
+                    limit_bytes: MAX_APPEND_BYTES as usize,
+                }));
+                continue;
+            }
             let used_bytes = retained_bytes + self.buf.len() as u64;
             if used_bytes + request_bytes > limit_bytes {
                 let _ = request.reply.send(Err(LogError::Full {
@@ -1615,11 +1642,10 @@ impl Writer {
         {
             let mut state = lock(&partition.state);
             let segment = self.active;
-            state.positions.extend(
-                positions
-                    .into_iter()
-                    .map(|pos| RecordPosition { segment, pos }),
-            );
+            state.positions.extend(positions.into_iter().map(|pos| {
+                RecordPosition::new(segment, pos)
+                    .expect("segment numbers and sizes stay below 4 billion and 4 GiB")
+            }));
             // Records that would be evicted at once are not cached at all.
             let skip = count.saturating_sub(cache_records);
             let records = request.records.into_iter().enumerate().skip(skip);
