@@ -21,6 +21,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub limits: LimitsConfig,
     pub demo: DemoConfig,
+    pub generator: GeneratorConfig,
     pub instrument: InstrumentConfig,
     pub slo: SloConfig,
     /// Bearer tokens and roles, `token:role,token:role` (roles: operator,
@@ -272,6 +273,41 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The payment generator (`/api/v1/generator`): its defaults and bounds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneratorConfig {
+    /// Accounts `gen-00000`, … used when a start names none.
+    pub accounts: u32,
+    /// Opening balance of each generator account, in cents.
+    pub opening_balance_cents: i64,
+    /// Highest rate a start may ask for, payments per second.
+    pub max_rate_per_second: u64,
+    /// Most accounts a start may ask for.
+    pub max_accounts: u32,
+    /// Submissions waiting for their acknowledgement at once; beyond it the
+    /// generator sends less than asked (and says so in `behind`).
+    pub max_in_flight: usize,
+    /// Percent of payments from an empty account (rejected: insufficient funds).
+    pub rejected_percent: u32,
+    /// Percent of payments to an account that does not exist (reversed).
+    pub reversed_percent: u32,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        Self {
+            accounts: 1_000,
+            opening_balance_cents: 1_000_000,
+            max_rate_per_second: 100_000,
+            max_accounts: 1_000_000,
+            max_in_flight: 4_096,
+            rejected_percent: 2,
+            reversed_percent: 1,
+        }
+    }
+}
+
 impl Default for DemoConfig {
     fn default() -> Self {
         Self {
@@ -378,6 +414,25 @@ impl Config {
         }
         if self.pipeline.ingest_queue == 0 {
             return invalid("pipeline.ingest_queue", "must be at least 1");
+        }
+        let generator = &self.generator;
+        if generator.accounts < 2 || generator.accounts > generator.max_accounts {
+            return invalid(
+                "generator.accounts",
+                "must be between 2 and generator.max_accounts",
+            );
+        }
+        if generator.rejected_percent + generator.reversed_percent > 100 {
+            return invalid(
+                "generator.rejected_percent",
+                "rejected_percent + reversed_percent must be at most 100",
+            );
+        }
+        if generator.max_in_flight == 0 || generator.max_rate_per_second == 0 {
+            return invalid(
+                "generator.max_in_flight",
+                "generator bounds must be above 0",
+            );
         }
         if self.limits.max_amount_cents <= 0 {
             return invalid("limits.max_amount_cents", "must be > 0");

@@ -34,6 +34,7 @@
 //! - [`ops`]: pillar 4: dead letters and replay, audit trail and error log
 //!   (journals), `kpay rebuild` (state from the log).
 //! - [`http`]: the axum server: REST API, auth, audit, OpenAPI, Swagger UI, web UI.
+//! - [`generator`]: payments at a set rate for demos and load, through the ingest path.
 //! - [`bench`]: the end-to-end benchmark behind `kpay bench`.
 
 #![forbid(unsafe_code)]
@@ -42,6 +43,7 @@
 pub mod bench;
 pub mod config;
 pub mod control;
+pub mod generator;
 pub mod http;
 pub mod instrument;
 pub mod log;

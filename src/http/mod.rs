@@ -5,10 +5,12 @@ pub mod accounts;
 pub mod auth;
 pub mod control;
 pub mod error;
+pub mod generator;
 pub mod health;
 pub mod metrics;
 pub mod ops;
 pub mod payments;
+pub mod stream;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -36,6 +38,8 @@ pub struct AppState {
     pub tokens: auth::Tokens,
     /// Where state-changing calls are recorded.
     pub audit: crate::ops::audit::AuditLog,
+    /// The payment generator (started and stopped over the API).
+    pub generator: crate::generator::Generator,
 }
 
 pub type State = Arc<AppState>;
@@ -50,6 +54,7 @@ impl AppState {
             recent_payments: Mutex::new(VecDeque::with_capacity(RECENT_PAYMENTS)),
             tokens,
             audit,
+            generator: crate::generator::Generator::default(),
         })
     }
 
@@ -89,6 +94,7 @@ pub fn page_limit(
         (name = "payments", description = "Submit payments and follow them"),
         (name = "metrics", description = "Business metrics and the ledger check"),
         (name = "control", description = "Pause with drain, resume, rate limit"),
+        (name = "generator", description = "Payments at a set rate, for demos and load"),
         (name = "operations", description = "Dead letter queue, audit trail, error log, record injection"),
         (name = "health", description = "Liveness and readiness")
     )
@@ -103,6 +109,8 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .merge(metrics::router())
         .merge(control::router())
         .merge(ops::router())
+        .merge(generator::router())
+        .merge(stream::router())
         .merge(health::router())
         .split_for_parts();
     let max_body = state.runtime.shared.config.server.max_body_bytes;

@@ -4,6 +4,7 @@
 //! windows of throughput and latency.
 
 pub mod lag;
+pub mod live;
 pub mod prometheus;
 pub mod slo;
 pub mod windows;

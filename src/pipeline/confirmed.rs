@@ -63,10 +63,11 @@ impl Processor for Confirmed {
             // The handle is looked up once; the recorder is installed before
             // any task runs.
             static LATENCY: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
-            let seconds = (completed_at_ms - payment.accepted_at_ms).max(0) as f64 / 1_000.0;
+            let latency_ms = (completed_at_ms - payment.accepted_at_ms).max(0);
             LATENCY
                 .get_or_init(|| metrics::histogram!("kpay_payment_latency_seconds"))
-                .record(seconds);
+                .record(latency_ms as f64 / 1_000.0);
+            crate::instrument::live::record(*completed_at_ms, latency_ms, payment.amount_cents);
         }
     }
 

@@ -1,0 +1,108 @@
+// The REST client: JSON in and out, the optional bearer token on every call,
+// and the API's error shape `{"error":{"code","message"}}` turned into ApiError.
+
+const TOKEN_KEY = 'kpay.token';
+const TIMEOUT_MS = 10_000;
+
+/** A failed call: `status` 0 means the server could not be reached. */
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.name = 'ApiError';
+    this.status = status;
+    this.code = code;
+  }
+}
+
+function storage() {
+  try {
+    return window.localStorage;
+  } catch {
+    return null; // storage disabled (privacy mode): the token lives only in memory
+  }
+}
+
+let memoryToken = '';
+
+export function getToken() {
+  return storage()?.getItem(TOKEN_KEY) ?? memoryToken;
+}
+
+export function setToken(token) {
+  memoryToken = token || '';
+  const store = storage();
+  if (!store) return;
+  if (token) store.setItem(TOKEN_KEY, token);
+  else store.removeItem(TOKEN_KEY);
+}
+
+/**
+ * Calls the API. `body` (when given) is sent as JSON. Resolves to the parsed
+ * JSON (or null for an empty body); rejects with ApiError.
+ */
+export async function api(method, path, body) {
+  const headers = { Accept: 'application/json' };
+  const token = getToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const init = { method, headers, cache: 'no-store' };
+  if (body !== undefined) {
+    headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), TIMEOUT_MS);
+  init.signal = controller.signal;
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (error) {
+    const message = error?.name === 'AbortError'
+      ? 'the server did not answer in time'
+      : 'the server cannot be reached';
+    throw new ApiError(0, 'network', message);
+  } finally {
+    clearTimeout(timer);
+  }
+  const text = await response.text().catch(() => '');
+  let data = null;
+  if (text) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = null;
+    }
+  }
+  if (!response.ok) {
+    const detail = data && data.error;
+    const message = detail?.message
+      || (response.status === 404 ? `${path.split('?')[0]} was not found` : `HTTP ${response.status} ${response.statusText}`.trim());
+    throw new ApiError(response.status, detail?.code || `http_${response.status}`, message);
+  }
+  return data;
+}
+
+export const get = (path) => api('GET', path);
+export const post = (path, body) => api('POST', path, body);
+export const put = (path, body) => api('PUT', path, body);
+
+/** A path segment, escaped (dead letter ids contain `:` and `.`). */
+export const seg = (value) => encodeURIComponent(value);
+
+/** Query string from an object, skipping empty values. */
+export function query(params) {
+  const search = new URLSearchParams();
+  for (const [key, value] of Object.entries(params)) {
+    if (value !== undefined && value !== null && value !== '') search.set(key, String(value));
+  }
+  const text = search.toString();
+  return text ? `?${text}` : '';
+}
+
+/** A message for a person, from any error. */
+export function describe(error) {
+  if (error instanceof ApiError) {
+    if (error.status === 0) return `Cannot reach the server: ${error.message}.`;
+    return error.message;
+  }
+  return error?.message || String(error);
+}
