@@ -58,7 +58,12 @@ async fn generator_sends_every_outcome_and_honours_pause_and_rate_limit() {
     assert!((300.0..=480.0).contains(&rate), "sent {rate:.0}/s at 400/s");
 
     // Paused: nothing is sent.
-    let (status, _) = post(&c, &format!("{base}/api/v1/control/pause?wait=true"), json!({})).await;
+    let (status, _) = post(
+        &c,
+        &format!("{base}/api/v1/control/pause?wait=true"),
+        json!({}),
+    )
+    .await;
     assert_eq!(status, 200);
     let during = sent(&c, &base).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -77,7 +82,10 @@ async fn generator_sends_every_outcome_and_honours_pause_and_rate_limit() {
     let (before, start) = (sent(&c, &base).await, Instant::now());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rate = (sent(&c, &base).await - before) as f64 / start.elapsed().as_secs_f64();
-    assert!((60.0..=125.0).contains(&rate), "sent {rate:.0}/s under a 100/s limit");
+    assert!(
+        (60.0..=125.0).contains(&rate),
+        "sent {rate:.0}/s under a 100/s limit"
+    );
 
     // Stopped: nothing more; every submission answered.
     let (status, stopped) = generator(&c, &base, json!({"action": "stop"})).await;
@@ -106,13 +114,14 @@ async fn the_stream_pushes_a_snapshot_every_second() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(test_config(dir.path())).await;
     let (c, base) = (reqwest::Client::new(), server.base.clone());
-    generator(&c, &base, json!({"action": "start", "rate": 200, "accounts": 20})).await;
+    generator(
+        &c,
+        &base,
+        json!({"action": "start", "rate": 200, "accounts": 20}),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let mut response = c
-        .get(format!("{base}/api/v1/stream"))
-        .send()
-        .await
-        .unwrap();
+    let mut response = c.get(format!("{base}/api/v1/stream")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.headers()["content-type"]
         .to_str()
@@ -128,7 +137,10 @@ async fn the_stream_pushes_a_snapshot_every_second() {
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
     let elapsed = start.elapsed();
-    assert!(elapsed >= Duration::from_millis(1_800), "{elapsed:?}: one per second");
+    assert!(
+        elapsed >= Duration::from_millis(1_800),
+        "{elapsed:?}: one per second"
+    );
     let snapshots: Vec<Value> = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))

@@ -40,6 +40,9 @@ pub struct AppState {
     pub audit: crate::ops::audit::AuditLog,
     /// The payment generator (started and stopped over the API).
     pub generator: crate::generator::Generator,
+    /// Cancelled when the HTTP server begins its graceful stop, so that
+    /// long-lived responses (the event stream) end and do not hold it open.
+    pub closing: tokio_util::sync::CancellationToken,
 }
 
 pub type State = Arc<AppState>;
@@ -55,6 +58,7 @@ impl AppState {
             tokens,
             audit,
             generator: crate::generator::Generator::default(),
+            closing: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -229,11 +233,13 @@ pub async fn serve(
     let router = app(state.clone(), static_dir);
     tracing::info!(address = %listener.local_addr()?, "kpay listening");
     let intake = state.runtime.shared.shutdown.clone();
+    let closing = state.closing.clone();
     let stop = async move {
         tokio::select! {
             () = stop => {}
             () = intake.cancelled() => {}
         }
+        closing.cancel();
     };
     let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, service)

@@ -82,7 +82,13 @@ pub async fn snapshot(state: &State) -> Result<Snapshot, crate::runtime::Runtime
 async fn stream(
     Extract(state): Extract<State>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stop = state.runtime.shared.shutdown.clone();
+    let (closing, shutdown) = (state.closing.clone(), state.runtime.shared.shutdown.clone());
+    let stop = async move {
+        tokio::select! {
+            () = closing.cancelled() => {}
+            () = shutdown.cancelled() => {}
+        }
+    };
     let ticks = stream::unfold((state, true), |(state, first)| async move {
         if !first {
             tokio::time::sleep(PERIOD).await;
@@ -96,6 +102,6 @@ async fn stream(
         };
         Some((Ok(event), (state, false)))
     });
-    let ticks = futures::StreamExt::take_until(ticks, async move { stop.cancelled().await });
+    let ticks = futures::StreamExt::take_until(ticks, stop);
     Sse::new(ticks).keep_alive(KeepAlive::default())
 }

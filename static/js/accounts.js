@@ -2,7 +2,7 @@
 // id prefix, refreshed in place every few seconds.
 
 import { ApiError, describe, get, query, seg } from './api.js';
-import { $, count, h, money, setText, showError, time } from './format.js';
+import { $, h, money, setText, showError, time } from './format.js';
 import { debounce } from './tasks.js';
 
 const PAGE_SIZE = 15;
@@ -81,10 +81,10 @@ export function createAccounts({ onPaymentClick }) {
   function row(account) {
     const last = account.last_payment_id;
     return h('tr', { dataset: { id: account.id }, title: `opened ${time(account.opened_at)}, updated ${time(account.updated_at)}` },
-      h('td', { class: 'mono' }, account.id),
+      h('td', { class: 'mono id-cell' }, account.id),
       h('td', { class: 'r num' }, money(account.balance)),
       h('td', null, h('span', { class: `pill pill-${account.status}` }, account.status)),
-      h('td', { class: 'mono ellipsis' }, last
+      h('td', { class: 'mono ellipsis fill' }, last
         ? h('a', { href: `#payment=${encodeURIComponent(last)}`, class: 'payment-link', title: last, dataset: { paymentId: last } }, last)
         : h('span', { class: 'muted' }, '–')));
   }
@@ -127,5 +127,5 @@ export function createAccounts({ onPaymentClick }) {
   $('accounts-prev').disabled = true;
   $('accounts-next').disabled = true;
 
-  return { refresh: load, count: () => count(tbody.rows.length) };
+  return { refresh: load };
 }

@@ -57,8 +57,8 @@ export async function api(method, path, body) {
     response = await fetch(path, init);
   } catch (error) {
     const message = error?.name === 'AbortError'
-      ? 'the server did not answer in time'
-      : 'the server cannot be reached';
+      ? `The server did not answer within ${TIMEOUT_MS / 1000} s.`
+      : 'Cannot reach the server.';
     throw new ApiError(0, 'network', message);
   } finally {
     clearTimeout(timer);
@@ -101,7 +101,6 @@ export function query(params) {
 /** A message for a person, from any error. */
 export function describe(error) {
   if (error instanceof ApiError) {
-    if (error.status === 0) return `Cannot reach the server: ${error.message}.`;
     return error.message;
   }
   return error?.message || String(error);

@@ -1,8 +1,10 @@
 // The two uPlot charts: throughput (payments/s) and latency p50/p99 (ms).
 // At most MAX_POINTS one-second points are ever kept.
 
+import { decimal } from './format.js';
+
 export const MAX_POINTS = 120;
-const HEIGHT = 170;
+const HEIGHT = 160;
 
 const COLORS = {
   throughput: '#2563eb',
@@ -37,6 +39,12 @@ function zeroBased(floor) {
   return (u, min, max) => [0, Math.max(floor, (max ?? 0) * 1.15)];
 }
 
+/** x always spans the last MAX_POINTS seconds, ending at the newest point. */
+function lastTwoMinutes(u, min, max) {
+  const end = Number.isFinite(max) ? max : Math.floor(Date.now() / 1000);
+  return [end - (MAX_POINTS - 1), end];
+}
+
 function widthOf(el) {
   return Math.max(200, Math.floor(el.clientWidth || el.getBoundingClientRect().width || 300));
 }
@@ -51,9 +59,13 @@ class Chart {
       pxAlign: 0,
       cursor: { drag: { x: false, y: false, setScale: false }, points: { size: 6 } },
       legend: { show: true, live: true },
-      scales: { x: { time: true }, y: { range: zeroBased(floor) } },
+      scales: { x: { time: true, range: lastTwoMinutes }, y: { range: zeroBased(floor) } },
       axes: axes(unitLabel),
-      series: [{ label: 'time', value: (u, v) => (v == null ? '–' : new Date(v * 1000).toLocaleTimeString()) }, ...series],
+      series: [{
+        label: 'time',
+        // Not hovering: the legend shows the newest values.
+        value: (u, v, sidx, idx) => (idx == null ? 'latest' : v == null ? '–' : new Date(v * 1000).toLocaleTimeString()),
+      }, ...series],
     };
     this.plot = new window.uPlot(opts, this.data, container);
     this.lastWidth = opts.width;
@@ -75,11 +87,17 @@ class Chart {
   setData(data) {
     this.data = data;
     this.plot.setData(data);
+    if (this.plot.legend.idx == null) this.plot.setLegend({ idx: null });
   }
 }
 
+/** Legend values; when not hovering (idx null) the newest second's value. */
 function valueFormatter(unit) {
-  return (u, v) => (v == null ? '–' : `${formatTick(v)} ${unit}`);
+  return (u, v, sidx, idx) => {
+    const values = u.data[sidx] || [];
+    const value = idx == null ? values[values.length - 1] : v;
+    return value == null ? '–' : `${decimal(value)} ${unit}`;
+  };
 }
 
 /** Creates both charts; returns an object to feed them. */

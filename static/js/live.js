@@ -63,7 +63,12 @@ export function startLive({ onSnapshot, onMode }) {
     };
     es.addEventListener('snapshot', handle);
     es.addEventListener('message', handle);
-    es.onerror = () => dropStream();
+    es.onerror = (event) => {
+      // A server-sent `event: error` (a snapshot it could not build) carries
+      // data and keeps the stream open; only a broken connection falls back.
+      if (event && typeof event.data === 'string') return;
+      dropStream();
+    };
   }
 
   function dropStream() {

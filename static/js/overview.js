@@ -1,7 +1,7 @@
 // Business, instrumentation, control and generator panels: fed by snapshots
 // (stream or polling), plus the control and generator actions.
 
-import { describe, get, post, put } from './api.js';
+import { describe, post, put } from './api.js';
 import { createCharts } from './charts.js';
 import {
   $, count, decimal, duration, h, money, reasons, setText, showError, time,
@@ -30,8 +30,12 @@ export function createOverview({ onAction }) {
   const controlError = errorSlot($('control-error'));
   const generatorError = errorSlot($('gen-error'));
   const charts = createCharts($('chart-throughput'), $('chart-latency'));
-  let lastControl = null;
   let drainStart = null;
+  // After an action its answer is the truth for a moment: a snapshot taken
+  // before it may still arrive and must not flip the state back.
+  const HOLD_MS = 1200;
+  let controlHeldUntil = 0;
+  let generatorHeldUntil = 0;
   let rateLimitShown = false;
   let previousTotal = null; // for throughput while polling
 
@@ -68,6 +72,7 @@ export function createOverview({ onAction }) {
       title: `${g.objective} — ${g.met ? 'met' : 'missed'} since ${time(g.since)}; now ${decimal(g.current)}`,
       dataset: { goal: g.name, met: String(g.met) },
     }, h('span', { class: 'badge-icon', 'aria-hidden': 'true' }, g.met ? '✓' : '✗'),
+    h('span', { class: 'visually-hidden' }, g.met ? 'met:' : 'missed:'),
     ` ${g.objective} `, h('span', { class: 'badge-value' }, decimal(g.current))));
     const key = JSON.stringify(goals.map((g) => [g.name, g.met, g.current, g.objective]));
     if (box.dataset.key !== key) {
@@ -87,7 +92,6 @@ export function createOverview({ onAction }) {
   // ---- control -----------------------------------------------------------------
 
   function renderControl(c) {
-    lastControl = c;
     const state = c.state;
     const el = $('control-state');
     setText(el, state);
@@ -107,7 +111,9 @@ export function createOverview({ onAction }) {
       setText($('drain-text'),
         `Draining: ${count(drainStart - inflight)} of ${count(drainStart)} finished · ${count(inflight)} in flight`);
       box.hidden = false;
+      box.classList.remove('drain-done');
     } else if (state === 'paused') {
+      box.classList.add('drain-done');
       bar.max = 1;
       bar.value = 1;
       const queued = c.queued ? ` · ${count(c.queued)} accepted payments wait for resume` : '';
@@ -129,18 +135,15 @@ export function createOverview({ onAction }) {
   }
 
   async function control(action, request) {
-    const buttons = [$('btn-pause'), $('btn-resume'), $('btn-rate-limit')];
-    buttons.forEach((b) => { b.dataset.busy = '1'; });
     try {
       const status = await request();
       controlError.action('');
       if (action === 'pause') drainStart = status.inflight?.count ?? 0;
+      controlHeldUntil = Date.now() + HOLD_MS;
       renderControl(status);
       onAction();
     } catch (error) {
       controlError.action(`${action} failed: ${describe(error)}`);
-    } finally {
-      buttons.forEach((b) => { delete b.dataset.busy; });
     }
   }
 
@@ -179,9 +182,16 @@ export function createOverview({ onAction }) {
     setText($('gen-sent'), count(g.sent));
     setText($('gen-accepted'), count(g.accepted));
     setText($('gen-refused'), count(g.refused));
-    setText($('gen-detail'), running
-      ? `${count(g.rate)}/s over ${count(g.accounts)} accounts, skew ${g.skew}${g.started_at ? ` · since ${time(g.started_at)}` : ''}`
-      : g.sent ? 'Stopped; counts are from the last run.' : 'Synthetic load between the demo accounts.');
+    const parts = [];
+    if (running) {
+      parts.push(`${count(g.rate)}/s over ${count(g.accounts)} accounts, skew ${decimal(g.skew)}`);
+      if (g.started_at) parts.push(`since ${time(g.started_at)}`);
+    } else {
+      parts.push(g.sent ? 'Stopped; counts are from the last run.' : 'Synthetic payments between its own accounts gen-00000, …');
+    }
+    if (g.behind) parts.push(`${count(g.behind)} behind`);
+    if (g.last_refusal) parts.push(`last refusal: ${g.last_refusal}`);
+    setText($('gen-detail'), parts.join(' · '));
     $('btn-gen-stop').disabled = !running;
   }
 
@@ -189,7 +199,10 @@ export function createOverview({ onAction }) {
     try {
       const g = await post('/api/v1/generator', body);
       generatorError.action('');
-      if (g && typeof g === 'object') renderGenerator(g);
+      if (g && typeof g === 'object') {
+        generatorHeldUntil = Date.now() + HOLD_MS;
+        renderGenerator(g);
+      }
       onAction();
     } catch (error) {
       generatorError.action(`${body.action === 'start' ? 'Start' : 'Stop'} failed: ${describe(error)}`);
@@ -244,31 +257,19 @@ export function createOverview({ onAction }) {
       box.replaceChildren(h('span', { class: 'panel-error inline' }, `SLO status unavailable: ${describe(errors.slo)}`));
     }
 
-    if (snapshot.control) renderControl(snapshot.control);
+    if (snapshot.control && Date.now() >= controlHeldUntil) renderControl(snapshot.control);
     controlError.load(errors.control ? `Control status unavailable: ${describe(errors.control)}` : '');
 
-    if (snapshot.generator !== undefined) renderGenerator(snapshot.generator);
+    if (snapshot.generator !== undefined && Date.now() >= generatorHeldUntil) renderGenerator(snapshot.generator);
     generatorError.load(errors.generator ? `Generator status unavailable: ${describe(errors.generator)}` : '');
 
     if (snapshot.lag || snapshot.control) renderLag(snapshot.lag, snapshot.control?.queued);
+    if (source === 'poll') setText($('m-lag'), 'lag: shown when live');
     if (typeof snapshot.dlq_waiting === 'number') {
       setText($('dlq-count'), count(snapshot.dlq_waiting));
       $('dlq-count').classList.toggle('count-bad', snapshot.dlq_waiting > 0);
     }
   }
 
-  return {
-    apply,
-    get control() {
-      return lastControl;
-    },
-    /** Reloads the control status (e.g. after an action) without waiting. */
-    async refreshControl() {
-      try {
-        renderControl(await get('/api/v1/control/status'));
-      } catch {
-        // the next snapshot reports it
-      }
-    },
-  };
+  return { apply };
 }

@@ -73,6 +73,7 @@ impl TestServer {
 
     /// Stops HTTP, drains and checkpoints, as SIGTERM does.
     pub async fn stop(self) {
+        self.state.closing.cancel();
         self.stop.cancel();
         self.handle.await.unwrap();
         self.state.runtime.shutdown().await.unwrap();

@@ -1,0 +1,429 @@
+//! The dashboard in a real browser: headless Chromium driven over WebDriver
+//! (chromedriver) against a kpay server on a loopback port. Screenshots of
+//! the main views go to `target/browser/` (and `failure.png` when a step fails).
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them).
+//! Without them the test says so and passes outside CI; in CI it fails.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, get, post, test_config, wait_until, TestServer};
+use fantoccini::{Client, ClientBuilder, Locator};
+use kpay::model::{codec, now_ms, Envelope, Event, SourceTopic};
+use serde_json::{json, Value};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+fn shots() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// chromedriver on a free port, stopped when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    async fn start() -> Self {
+        let port = free_port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let url = format!("http://127.0.0.1:{port}");
+        let status = format!("{url}/status");
+        wait_until(Duration::from_secs(20), || async {
+            reqwest::get(&status).await.is_ok()
+        })
+        .await;
+        Self { child, url }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-background-networking", "--disable-dev-shm-usage",
+                     "--window-size=1280,800"],
+        }),
+    );
+    ClientBuilder::rustls()
+        .expect("rustls")
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .expect("a Chromium session")
+}
+
+/// Waits until `check` holds, polling every 100 ms.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        if start.elapsed() > limit {
+            return Err(format!("{what}: not within {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+async fn text(client: &Client, css: &str) -> String {
+    match client.find(Locator::Css(css)).await {
+        Ok(element) => element.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// A number shown in the page (thousands separators and currency removed).
+async fn number(client: &Client, css: &str) -> Option<f64> {
+    let shown = text(client, css).await;
+    let digits: String = shown
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == '.' || *c == '-')
+        .collect();
+    digits.parse().ok()
+}
+
+async fn click(client: &Client, css: &str) -> Result<(), String> {
+    let element = client
+        .find(Locator::Css(css))
+        .await
+        .map_err(|e| format!("{css}: {e}"))?;
+    element
+        .click()
+        .await
+        .map_err(|e| format!("click {css}: {e}"))
+}
+
+async fn fill(client: &Client, css: &str, value: &str) -> Result<(), String> {
+    let element = client
+        .find(Locator::Css(css))
+        .await
+        .map_err(|e| format!("{css}: {e}"))?;
+    element
+        .clear()
+        .await
+        .map_err(|e| format!("clear {css}: {e}"))?;
+    element
+        .send_keys(value)
+        .await
+        .map_err(|e| format!("type into {css}: {e}"))
+}
+
+async fn screenshot(client: &Client, name: &str) {
+    if let Ok(png) = client.screenshot().await {
+        let _ = std::fs::write(shots().join(name), png);
+    }
+}
+
+/// Errors the page caught (`window.onerror`, rejections, `console.error`).
+async fn page_errors(client: &Client) -> Vec<String> {
+    let value = client
+        .execute(
+            "return window.__kpayErrors || ['no error capture installed'];",
+            vec![],
+        )
+        .await
+        .unwrap_or(Value::Null);
+    serde_json::from_value(value).unwrap_or_else(|_| vec!["unreadable".into()])
+}
+
+fn chromium_present() -> bool {
+    Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_in_a_real_browser() {
+    if !chromium_present() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER})"
+        );
+        eprintln!(
+            "SKIPPED dashboard_in_a_real_browser: {CHROMIUM} or {CHROMEDRIVER} not found \
+             (apt-get install chromium chromium-driver)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.demo.accounts = 10;
+    let server = TestServer::start(config).await;
+    let driver = Driver::start().await;
+    let client = browser(&driver).await;
+    let result = steps(&client, &server).await;
+    if let Err(failure) = &result {
+        screenshot(&client, "failure.png").await;
+        let errors = page_errors(&client).await;
+        let _ = client.close().await;
+        panic!(
+            "{failure}\npage errors: {errors:?}\nscreenshot: {}",
+            shots().join("failure.png").display()
+        );
+    }
+    let _ = client.close().await;
+    server.stop().await;
+}
+
+async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let seconds = Duration::from_secs;
+    client.goto(&base).await.map_err(|e| e.to_string())?;
+    eventually("live updates", seconds(10), || async {
+        text(client, "#conn-status").await.contains("live")
+    })
+    .await?;
+    eventually("accounts table", seconds(10), || async {
+        client
+            .find_all(Locator::Css("#accounts-table tbody tr[data-id]"))
+            .await
+            .is_ok_and(|rows| !rows.is_empty())
+    })
+    .await?;
+    for link in ["a#link-swagger", "a#link-openapi"] {
+        client
+            .find(Locator::Css(link))
+            .await
+            .map_err(|e| format!("{link}: {e}"))?;
+    }
+    screenshot(client, "dashboard-empty.png").await;
+
+    // The generator makes the numbers move.
+    fill(client, "#gen-rate", "200").await?;
+    fill(client, "#gen-accounts", "50").await?;
+    click(client, "#btn-gen-start").await?;
+    eventually("generator running", seconds(10), || async {
+        text(client, "#gen-status").await.contains("running")
+    })
+    .await?;
+    let first = number(client, "#m-confirmed-count").await.unwrap_or(0.0);
+    eventually("confirmed count rising", seconds(15), || async {
+        number(client, "#m-confirmed-count").await.unwrap_or(0.0) > first + 100.0
+    })
+    .await?;
+    tokio::time::sleep(seconds(3)).await;
+    screenshot(client, "dashboard-running.png").await;
+
+    // Pause with payments held in flight: draining, then paused, and the
+    // confirmed count stops rising.
+    let shared = server.runtime().shared.clone();
+    for task in &shared.accounts {
+        task.hold(SourceTopic::Inflight, true);
+    }
+    eventually("payments in flight", seconds(10), || async {
+        number(client, "#m-inflight-count").await.unwrap_or(0.0) > 0.0
+    })
+    .await?;
+    click(client, "#btn-pause").await?;
+    eventually("draining", seconds(10), || async {
+        text(client, "#control-state").await.trim() == "draining"
+    })
+    .await?;
+    screenshot(client, "control-draining.png").await;
+    for task in &shared.accounts {
+        task.hold(SourceTopic::Inflight, false);
+    }
+    eventually("paused", seconds(10), || async {
+        text(client, "#control-state").await.trim() == "paused"
+    })
+    .await?;
+    tokio::time::sleep(seconds(2)).await;
+    let paused_at = number(client, "#m-confirmed-count").await;
+    tokio::time::sleep(seconds(3)).await;
+    if number(client, "#m-confirmed-count").await != paused_at {
+        return Err("the confirmed count kept rising while paused".into());
+    }
+    screenshot(client, "control-paused.png").await;
+    click(client, "#btn-resume").await?;
+    eventually("running again", seconds(10), || async {
+        text(client, "#control-state").await.trim() == "running"
+    })
+    .await?;
+    let resumed_at = number(client, "#m-confirmed-count").await.unwrap_or(0.0);
+    eventually("confirmed rising after resume", seconds(15), || async {
+        number(client, "#m-confirmed-count").await.unwrap_or(0.0) > resumed_at
+    })
+    .await?;
+    click(client, "#btn-gen-stop").await?;
+    eventually("generator stopped", seconds(10), || async {
+        text(client, "#gen-status").await.contains("stopped")
+    })
+    .await?;
+
+    // A payment through the form, confirmed, with its lineage.
+    fill(client, "#pay-id", "ui-payment-1").await?;
+    fill(client, "#pay-from", "demo-0001").await?;
+    fill(client, "#pay-to", "demo-0002").await?;
+    fill(client, "#pay-amount", "12.50").await?;
+    click(client, "#btn-pay-submit").await?;
+    eventually("payment accepted", seconds(10), || async {
+        text(client, "#pay-result").await.contains("ui-payment-1")
+    })
+    .await?;
+    eventually("payment confirmed", seconds(15), || async {
+        text(client, "#payment-status").await.contains("confirmed")
+    })
+    .await?;
+    let mut stages = Vec::new();
+    for hop in client
+        .find_all(Locator::Css("#payment-lineage .hop"))
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        stages.push(
+            hop.attr("data-stage")
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        );
+    }
+    if stages != ["admitted", "debited", "credited", "completed"] {
+        return Err(format!("lineage shown: {stages:?}"));
+    }
+    let (_, payment) = get(&c, &format!("{base}/api/v1/payments/ui-payment-1")).await;
+    if payment["amount"] != 1_250 {
+        return Err(format!("12.50 was submitted as {}", payment["amount"]));
+    }
+    screenshot(client, "payment-lineage.png").await;
+
+    // A dead letter replayed from the UI leaves the list: a deposit to an
+    // account that did not exist yet, replayed once it does.
+    let deposit = Event::Deposit {
+        account: "late-account".into(),
+        amount_cents: 500,
+        at_ms: now_ms(),
+    };
+    let bytes = codec::encode(&Envelope {
+        source: None,
+        event: deposit,
+    });
+    let inject = json!({"topic": "payment.inflight",
+        "records": [{"key": "late-account", "value_hex": kpay::ops::dlq::hex(&bytes)}]});
+    let (status, _) = post(&c, &format!("{base}/api/v1/ops/records"), inject).await;
+    if status != 201 {
+        return Err(format!("inject answered {status}"));
+    }
+    eventually("dead letter listed", seconds(15), || async {
+        client
+            .find_all(Locator::Css("#dlq-table tbody tr[data-id]"))
+            .await
+            .is_ok_and(|rows| rows.len() == 1)
+    })
+    .await?;
+    screenshot(client, "dlq.png").await;
+    let open = json!({"id": "late-account", "opening_balance": 0});
+    post(&c, &format!("{base}/api/v1/accounts"), open).await;
+    click(client, "#dlq-table tbody tr[data-id] button.btn-replay").await?;
+    eventually("dead letter cleared", seconds(15), || async {
+        client
+            .find_all(Locator::Css("#dlq-table tbody tr[data-id]"))
+            .await
+            .is_ok_and(|rows| rows.is_empty())
+    })
+    .await?;
+    eventually("deposit landed", seconds(10), || async {
+        get(&c, &format!("{base}/api/v1/accounts/late-account"))
+            .await
+            .1["balance"]
+            == 500
+    })
+    .await?;
+
+    let errors = page_errors(client).await;
+    if !errors.is_empty() {
+        return Err(format!("console errors on the dashboard: {errors:?}"));
+    }
+
+    // Phone width: panels stack, nothing wider than the screen.
+    client
+        .set_window_size(375, 800)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let overflow = client
+        .execute(
+            "return document.documentElement.scrollWidth - window.innerWidth;",
+            vec![],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    screenshot(client, "dashboard-phone.png").await;
+    if overflow.as_i64().unwrap_or(1) > 0 {
+        return Err(format!("page is {overflow} px wider than a phone screen"));
+    }
+    client
+        .set_window_size(1280, 800)
+        .await
+        .map_err(|e| e.to_string())?;
+
+    // Swagger UI: try one call for real.
+    client
+        .goto(&format!("{base}/swagger-ui/"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let operation = "#operations-control-status";
+    eventually("swagger ui loaded", seconds(15), || async {
+        client.find(Locator::Css(operation)).await.is_ok()
+    })
+    .await?;
+    click(client, &format!("{operation} .opblock-summary")).await?;
+    eventually("try it out", seconds(10), || async {
+        click(client, &format!("{operation} .try-out__btn"))
+            .await
+            .is_ok()
+    })
+    .await?;
+    eventually("execute", seconds(10), || async {
+        click(client, &format!("{operation} .execute"))
+            .await
+            .is_ok()
+    })
+    .await?;
+    // The server's answer, as Swagger UI shows it under "Server response".
+    let answered = format!(
+        "return Array.from(document.querySelectorAll('{operation} .live-responses-table \
+         .response-col_status')).map(e => e.textContent).join(' ');"
+    );
+    let shown = || async {
+        let value = client.execute(&answered, vec![]).await;
+        value
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let waited = eventually("swagger call answered 200", seconds(10), || async {
+        shown().await.contains("200")
+    })
+    .await;
+    if let Err(error) = waited {
+        return Err(format!("{error} (status shown: {:?})", shown().await));
+    }
+    screenshot(client, "swagger-try-it-out.png").await;
+    Ok(())
+}
