@@ -52,7 +52,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let dir = config.data.dir.join(format!("bench-{}", now_ms()));
     config.data.dir = dir.clone();
     config.demo.accounts = 0;
-    let (log, store) = open_backends(&config)?;
+    let (log, store) = open_backends(&config).await?;
     let runtime = Arc::new(Runtime::start(config, log, store).await?);
     open_accounts(&runtime, args.accounts).await?;
     println!("accounts: {} opened", args.accounts);

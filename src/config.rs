@@ -119,6 +119,40 @@ pub struct LogConfig {
     pub tail_cache_records: usize,
     /// Records kept per partition of topics nothing in kpay reads (`payment.confirmed`, `payment.dlq`).
     pub sink_retain_records: u64,
+    /// The Kafka cluster, when `backend = "kafka"`.
+    pub kafka: KafkaConfig,
+}
+
+/// A Kafka-protocol cluster as the log (rskafka). `KPAY_KAFKA_BROKERS=host:port,…`
+/// alone selects it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Replication factor of the topics kpay creates.
+    pub replication_factor: i16,
+    /// `none`, `gzip`, `lz4` or `snappy`.
+    pub compression: String,
+    /// Deadline of every call to the cluster (connect, produce, fetch, metadata).
+    pub request_timeout_ms: u64,
+    /// Most records in one produce request; larger appends are split.
+    pub max_batch_records: usize,
+    /// Most bytes one fetch returns per partition.
+    pub fetch_max_bytes: i32,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: Vec::new(),
+            replication_factor: 1,
+            compression: "none".into(),
+            request_timeout_ms: 10_000,
+            max_batch_records: 10_000,
+            fetch_max_bytes: 1 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -224,6 +258,7 @@ impl Default for LogConfig {
             history_bytes: 1 << 30,
             tail_cache_records: 4_096,
             sink_retain_records: 10_000,
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -352,7 +387,23 @@ impl Config {
             }
             None => {}
         }
-        figment = figment.merge(Env::prefixed("KPAY_").split("__"));
+        figment = figment.merge(
+            Env::prefixed("KPAY_")
+                .ignore(&["KAFKA_BROKERS"])
+                .split("__"),
+        );
+        // `KPAY_KAFKA_BROKERS` alone switches to Kafka.
+        if let Ok(brokers) = std::env::var("KPAY_KAFKA_BROKERS") {
+            let brokers: Vec<String> = brokers
+                .split(',')
+                .map(str::trim)
+                .filter(|b| !b.is_empty())
+                .map(str::to_owned)
+                .collect();
+            figment = figment
+                .merge(("log.backend", "kafka"))
+                .merge(("log.kafka.brokers", brokers));
+        }
         if let Some(listen) = overrides.listen {
             figment = figment.merge(("server.listen", listen.to_string()));
         }
@@ -367,6 +418,11 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        fn valid_broker(broker: &str) -> bool {
+            broker
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        }
         let invalid = |key, message: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -391,8 +447,41 @@ impl Config {
         if tokens.is_empty() && self.server.protect_reads {
             return invalid("server.protect_reads", "needs tokens (KPAY_TOKENS)");
         }
-        if self.log.backend != "embedded" {
-            return invalid("log.backend", "only \"embedded\" is built in this version");
+        match self.log.backend.as_str() {
+            "embedded" => {}
+            "kafka" => {
+                let kafka = &self.log.kafka;
+                if kafka.brokers.is_empty() {
+                    return invalid(
+                        "log.kafka.brokers",
+                        "the kafka backend needs at least one broker (host:port)",
+                    );
+                }
+                if let Some(bad) = kafka.brokers.iter().find(|b| !valid_broker(b)) {
+                    return Err(ConfigError::Invalid {
+                        key: "log.kafka.brokers",
+                        message: format!("{bad:?} is not host:port"),
+                    });
+                }
+                if !["none", "gzip", "lz4", "snappy"].contains(&kafka.compression.as_str()) {
+                    return invalid(
+                        "log.kafka.compression",
+                        "must be one of none, gzip, lz4, snappy",
+                    );
+                }
+                if kafka.replication_factor < 1
+                    || kafka.request_timeout_ms == 0
+                    || kafka.max_batch_records == 0
+                    || kafka.fetch_max_bytes < 1024
+                {
+                    return invalid(
+                        "log.kafka",
+                        "replication_factor, request_timeout_ms and max_batch_records must be \
+                         above 0, fetch_max_bytes at least 1024",
+                    );
+                }
+            }
+            _ => return invalid("log.backend", "must be \"embedded\" or \"kafka\""),
         }
         if !(1..=crate::store::MAX_BATCH_ROWS).contains(&self.data.store_batch_rows) {
             return invalid("data.store_batch_rows", "must be between 1 and 256");

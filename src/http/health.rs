@@ -31,12 +31,18 @@ async fn healthz() -> Json<Health> {
     })
 }
 
-/// Readiness: every processor has caught up with the log as it was at start.
+/// Readiness: the log answers, and every processor has caught up with it as
+/// it was at start.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Health), (status = 503, body = super::error::ErrorBody)))]
 async fn readyz(Extract(state): Extract<State>) -> Result<(StatusCode, Json<Health>), ApiError> {
     if state.runtime.shared.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable("shutting down".into()));
+    }
+    if !state.runtime.shared.log.healthy() {
+        return Err(ApiError::Unavailable(
+            "the log (Kafka) is unavailable; intake answers 503 until it is back".into(),
+        ));
     }
     if !state.runtime.ready() {
         return Err(ApiError::Unavailable(

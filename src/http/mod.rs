@@ -218,7 +218,7 @@ pub async fn serve(
     bootstrap: Vec<crate::model::Event>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (log, store) = crate::runtime::open_backends(&config)?;
+    let (log, store) = crate::runtime::open_backends(&config).await?;
     let static_dir = config.server.static_dir.clone();
     let runtime = Runtime::start(config, log, store).await?;
     if !bootstrap.is_empty() {

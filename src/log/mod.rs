@@ -6,6 +6,7 @@
 //! (the default, one write-ahead file set under the data directory) and Kafka.
 
 pub mod embedded;
+pub mod kafka;
 
 use std::fmt;
 use std::time::Duration;
@@ -88,6 +89,17 @@ pub enum LogError {
     },
     #[error("log backend error: {0}")]
     Backend(String),
+    /// The cluster cannot be reached or answered with a retriable error;
+    /// the same call may succeed later.
+    #[error("log unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl LogError {
+    /// Whether retrying the same call later may succeed (the broker is away).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }
 
 /// A partitioned, durable, ordered log of records.
@@ -134,4 +146,9 @@ pub trait Log: Send + Sync + 'static {
 
     /// Bytes the log keeps on disk (for metrics and the benchmark).
     fn disk_bytes(&self) -> u64;
+
+    /// Whether the last call to the backend succeeded (readiness).
+    fn healthy(&self) -> bool {
+        true
+    }
 }

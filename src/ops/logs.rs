@@ -97,7 +97,13 @@ pub struct ErrorLayer;
 impl<S: Subscriber> tracing_subscriber::Layer<S> for ErrorLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let metadata = event.metadata();
-        if *metadata.level() > Level::WARN || metadata.target().starts_with(module_path!()) {
+        // kpay's own events only: a library's retry chatter is not the
+        // operator's error log (it still reaches stdout).
+        let target = metadata.target();
+        if *metadata.level() > Level::WARN
+            || !target.starts_with("kpay")
+            || target.starts_with(module_path!())
+        {
             return;
         }
         let Some(journal) = SINK.read().ok().and_then(|sink| sink.clone()) else {

@@ -77,7 +77,7 @@ pub async fn run(config: Config, dry_run: bool) -> anyhow::Result<Vec<TableRepor
             dir.display()
         );
     }
-    let (log, live) = open_backends(&config)?;
+    let (log, live) = open_backends(&config).await?;
     live.check_format()?;
     live.roll_back_partial()?;
     let targets = targets(&live, config.log.partitions)?;

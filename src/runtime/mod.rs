@@ -186,23 +186,29 @@ fn load_checkpoint<P: Processor>(
         .unwrap_or_default())
 }
 
-/// Opens the backends named by `config`.
-pub fn open_backends(config: &Config) -> Result<(Arc<dyn Log>, Store), RuntimeError> {
+/// Opens the backends named by `config`: the store, then the embedded log
+/// or a connection to the Kafka cluster.
+pub async fn open_backends(config: &Config) -> Result<(Arc<dyn Log>, Store), RuntimeError> {
     let dir = &config.data.dir;
     std::fs::create_dir_all(dir)
         .map_err(|e| RuntimeError::Startup(format!("cannot create {}: {e}", dir.display())))?;
-    let log_config = EmbeddedLogConfig {
-        segment_bytes: config.log.segment_bytes,
-        max_retained_bytes: config.log.max_retained_bytes,
-        history_bytes: config.log.history_bytes,
-        tail_cache_records: config.log.tail_cache_records,
-        ..EmbeddedLogConfig::with_dir(dir.join("log"))
-    };
     // The store first: sled holds an exclusive lock on its directory, so a
     // second kpay on the same data stops here, before it touches the log.
     let store = Store::open(&dir.join("state"), config.data.state_cache_bytes)?
         .with_batch_rows(config.data.store_batch_rows);
-    let log: Arc<dyn Log> = EmbeddedLog::open(log_config)?;
+    let log: Arc<dyn Log> = match config.log.backend.as_str() {
+        "kafka" => crate::log::kafka::KafkaLog::connect(&config.log.kafka).await?,
+        _ => {
+            let log_config = EmbeddedLogConfig {
+                segment_bytes: config.log.segment_bytes,
+                max_retained_bytes: config.log.max_retained_bytes,
+                history_bytes: config.log.history_bytes,
+                tail_cache_records: config.log.tail_cache_records,
+                ..EmbeddedLogConfig::with_dir(dir.join("log"))
+            };
+            EmbeddedLog::open(log_config)?
+        }
+    };
     Ok((log, store))
 }
 
@@ -641,6 +647,10 @@ async fn flush_once(shared: &Shared) -> Result<(), RuntimeError> {
 }
 
 async fn retention(shared: &Shared) -> Result<(), RuntimeError> {
+    if shared.config.log.backend == "kafka" {
+        // The cluster's own retention settings apply.
+        return Ok(());
+    }
     let topics = &shared.topics;
     // Commands live on in the control state; their records need not pin segments.
     let commands = TopicPartition::new(topics.commands.clone(), 0);

@@ -174,6 +174,9 @@ struct TaskLoop<P: Processor> {
 /// Next offset to read per input (topic kind, partition).
 pub type Positions = BTreeMap<(SourceTopic, u32), u64>;
 
+/// Pause before calling the log again after it was unavailable.
+const LOG_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
 /// How often a rate-limited task looks for new admission tokens.
 const THROTTLE_POLL: Duration = Duration::from_millis(5);
 
@@ -216,7 +219,14 @@ pub async fn run<P: Processor>(
         if shared.processors_stop.is_cancelled() || state.replayed_all() {
             break;
         }
-        let batch = state.read_batch().await?;
+        let batch = match state.read_batch().await {
+            Ok(batch) => batch,
+            Err(RuntimeError::Log(error)) if error.is_transient() => {
+                state.pause_for_log(&error).await;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         if !state.task.caught_up.load(Ordering::Relaxed) && state.reached(&start_hw) {
             state.task.caught_up.store(true, Ordering::Relaxed);
         }
@@ -224,12 +234,29 @@ pub async fn run<P: Processor>(
             if state.uncommitted {
                 state.checkpoint()?;
             }
-            state.wait_for_input(commit_every).await?;
+            match state.wait_for_input(commit_every).await {
+                Err(RuntimeError::Log(error)) if error.is_transient() => {
+                    state.pause_for_log(&error).await;
+                }
+                other => other?,
+            }
             continue;
         }
         let outputs = state.apply(batch)?;
-        if state.until.is_none() {
-            state.produce(outputs).await?;
+        while state.until.is_none() {
+            match state.produce(&outputs).await {
+                Ok(()) => break,
+                // The outputs are appended again whole: copies of those that
+                // did land are skipped downstream like any replayed record.
+                Err(RuntimeError::Log(error))
+                    if error.is_transient() && !shared.processors_stop.is_cancelled() =>
+                {
+                    state.pause_for_log(&error).await;
+                }
+                // Stopping with outputs not appended: no checkpoint past
+                // them; the next start processes this batch again.
+                Err(error) => return Err(error),
+            }
         }
         let rows = state.dirty_rows;
         if rows >= shared.config.pipeline.checkpoint_max_rows
@@ -534,14 +561,25 @@ impl<P: Processor> TaskLoop<P> {
         self.dead_letters.push(letter);
     }
 
+    /// Waits before calling the log again after it was unavailable (or
+    /// until the processors stop).
+    async fn pause_for_log(&self, error: &crate::log::LogError) {
+        tracing::debug!(processor = P::NAME, partition = self.task.partition, %error, "log unavailable; retrying");
+        tokio::select! {
+            () = tokio::time::sleep(LOG_RETRY_PAUSE) => {}
+            () = self.shared.processors_stop.cancelled() => {}
+        }
+    }
+
     /// Appends outputs and dead letters, grouped per topic-partition in emit
     /// order, and returns once all are durable.
-    async fn produce(&mut self, outputs: Vec<(Emit, Source)>) -> Result<(), RuntimeError> {
+    async fn produce(&mut self, outputs: &[(Emit, Source)]) -> Result<(), RuntimeError> {
         let topics = &self.shared.topics;
         let partitions = self.shared.config.log.partitions;
         let mut groups: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
         let now = now_ms();
         for (emit, source) in outputs {
+            let (emit, source) = (emit.clone(), *source);
             let topic = match emit.topic {
                 OutTopic::Inflight => &topics.inflight,
                 OutTopic::Complete => &topics.complete,

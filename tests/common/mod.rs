@@ -37,7 +37,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
-        let (log, store) = open_backends(&config).expect("open backends");
+        let (log, store) = open_backends(&config).await.expect("open backends");
         let runtime = Runtime::start(config, log, store).await.expect("start");
         let state = AppState::new(runtime);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
