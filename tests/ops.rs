@@ -192,7 +192,7 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
     open_account(&c, &base, "alice", 10_000).await;
     open_account(&c, &base, "bob", 0).await;
     // A foreign producer's payment that is not in kpay's format.
-    let text = r#"{"id":"fix-me","from":"alice","to":"bob","amount":500}"#;
+    let text = r#"{"id":"fix-me","from":"alice","to":"bob","amount":"5.00"}"#;
     let landed = inject(
         &c,
         &base,

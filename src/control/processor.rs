@@ -80,6 +80,7 @@ mod tests {
             offset: 0,
             received_at_ms: 0,
             now_ms: 0,
+            partitions: 1,
         };
         ControlPlane::handle(&mut None, state, Event::Control(command), &ctx).unwrap();
     }

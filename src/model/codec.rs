@@ -1,11 +1,16 @@
 //! Bytes ⇄ events. Plain sync functions; the runtime routes failures to the DLQ.
 //!
-//! Format: one schema-version byte, then the postcard encoding of [`Envelope`].
+//! Internal format: one schema-version byte, then the postcard encoding of
+//! [`Envelope`]. Public formats are JSON: a payment on `payment.incoming`
+//! (`{"id","from","to","amount"}`, which any Kafka client may write; a value
+//! starting with `{` is read as one) and a completion on `payment.confirmed`.
 //! A reader accepts the versions it knows and refuses the rest by name.
 //! Postcard ignores trailing bytes, so a newer writer may append optional
 //! fields under a new version without breaking the layout of the old ones.
 
-use super::Envelope;
+use serde::{Deserialize, Serialize};
+
+use super::{Envelope, Event, PaymentRef};
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u8 = 2;
@@ -40,10 +45,93 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     if bytes.len() > MAX_EVENT_BYTES {
         return Err(DecodeError::TooLarge(bytes.len()));
     }
+    if version == b'{' {
+        return decode_json_payment(bytes);
+    }
     if version != SCHEMA_VERSION {
         return Err(DecodeError::UnknownVersion(version));
     }
     postcard::from_bytes(body).map_err(|error| DecodeError::Malformed(error.to_string()))
+}
+
+/// A payment as JSON, the public format of `payment.incoming` (what any
+/// Kafka client may write): `{"id","from","to","amount"}`, amount in cents,
+/// optional `accepted_at` (ms since the epoch; the record's time otherwise).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonPayment {
+    id: String,
+    from: String,
+    to: String,
+    amount: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accepted_at: Option<i64>,
+}
+
+/// A terminal payment as JSON, the public format of `payment.confirmed`.
+#[derive(Debug, Serialize)]
+struct JsonCompleted<'a> {
+    id: &'a str,
+    from: &'a str,
+    to: &'a str,
+    amount: i64,
+    status: &'a str,
+    reason: Option<&'a str>,
+    accepted_at: i64,
+    completed_at: i64,
+}
+
+fn decode_json_payment(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    let payment: JsonPayment = serde_json::from_slice(bytes)
+        .map_err(|error| DecodeError::Malformed(format!("JSON payment: {error}")))?;
+    Ok(Envelope {
+        source: None,
+        event: Event::PaymentSubmitted(PaymentRef {
+            id: payment.id,
+            from: payment.from,
+            to: payment.to,
+            amount_cents: payment.amount,
+            // 0: the inflight processor takes the record's time.
+            accepted_at_ms: payment.accepted_at.unwrap_or(0),
+        }),
+    })
+}
+
+/// A submitted payment in the public JSON format of `payment.incoming`.
+pub fn encode_payment_json(payment: &PaymentRef) -> Vec<u8> {
+    serde_json::to_vec(&JsonPayment {
+        id: payment.id.clone(),
+        from: payment.from.clone(),
+        to: payment.to.clone(),
+        amount: payment.amount_cents,
+        accepted_at: Some(payment.accepted_at_ms),
+    })
+    .expect("plain struct serializes")
+}
+
+/// A completion in the public JSON format of `payment.confirmed`; `None`
+/// for any other event.
+pub fn encode_completed_json(event: &Event) -> Option<Vec<u8>> {
+    let Event::Completed {
+        payment,
+        outcome,
+        completed_at_ms,
+        ..
+    } = event
+    else {
+        return None;
+    };
+    let json = JsonCompleted {
+        id: &payment.id,
+        from: &payment.from,
+        to: &payment.to,
+        amount: payment.amount_cents,
+        status: outcome.status().as_str(),
+        reason: outcome.reason().map(|r| r.as_str()),
+        accepted_at: payment.accepted_at_ms,
+        completed_at: *completed_at_ms,
+    };
+    Some(serde_json::to_vec(&json).expect("plain struct serializes"))
 }
 
 #[cfg(test)]
@@ -128,6 +216,63 @@ mod tests {
         fn arbitrary_bytes_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes);
         }
+    }
+
+    // The public JSON payment decodes (any Kafka client may write it); our own JSON round-trips; bad JSON is refused by name.
+    #[test]
+    fn json_payments_decode() {
+        let foreign = br#"{"id":"o-1","from":"a","to":"b","amount":1250}"#;
+        let envelope = decode(foreign).unwrap();
+        let Event::PaymentSubmitted(payment) = envelope.event else {
+            panic!("not a payment");
+        };
+        assert_eq!((payment.amount_cents, payment.accepted_at_ms), (1250, 0));
+        assert!(envelope.source.is_none());
+        let ours = PaymentRef {
+            accepted_at_ms: 77,
+            ..payment
+        };
+        let back = decode(&encode_payment_json(&ours)).unwrap();
+        assert_eq!(back.event, Event::PaymentSubmitted(ours));
+        for bad in [
+            &br#"{"id":"o-1","from":"a","to":"b","amount":12.5}"#[..],
+            br#"{"id":"o-1","from":"a","to":"b","amount":1,"extra":1}"#,
+            br#"{"id":"o-1"}"#,
+            b"{not json",
+        ] {
+            let error = decode(bad).unwrap_err().to_string();
+            assert!(error.contains("JSON payment"), "{error}");
+        }
+    }
+
+    // Completions go to payment.confirmed as documented JSON.
+    #[test]
+    fn completions_encode_as_json() {
+        let event = Event::Completed {
+            payment: PaymentRef {
+                id: "p".into(),
+                from: "a".into(),
+                to: "b".into(),
+                amount_cents: 5,
+                accepted_at_ms: 1,
+            },
+            outcome: Outcome::Reversed(Reason::UnknownAccount),
+            completed_at_ms: 9,
+            lineage: vec![],
+        };
+        let json: serde_json::Value =
+            serde_json::from_slice(&encode_completed_json(&event).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": "p", "from": "a", "to": "b", "amount": 5,
+                "status": "reversed", "reason": "unknown_account",
+                "accepted_at": 1, "completed_at": 9})
+        );
+        assert!(encode_completed_json(&Event::CloseAccount {
+            account: "a".into(),
+            at_ms: 0
+        })
+        .is_none());
     }
 
     // Unknown versions and empty values are refused by name, not misread.

@@ -305,6 +305,7 @@ mod tests {
             offset: 9,
             received_at_ms: 0,
             now_ms: 5,
+            partitions: 1,
         }
     }
 

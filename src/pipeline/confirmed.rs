@@ -165,6 +165,7 @@ mod tests {
             offset: 0,
             received_at_ms: 0,
             now_ms: 0,
+            partitions: 1,
         };
         let mut apply = |event| Confirmed::handle(&mut None, &mut stats, event, &ctx).unwrap();
         assert!(apply(done(100, Outcome::Confirmed, MS_PER_DAY + 5)).is_some());

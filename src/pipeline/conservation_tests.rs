@@ -36,6 +36,7 @@ impl World {
 
     fn push(&mut self, emit: Emit) {
         let topic = match emit.topic {
+            OutTopic::Incoming => SourceTopic::Incoming,
             OutTopic::Inflight => SourceTopic::Inflight,
             OutTopic::Complete => SourceTopic::Complete,
             OutTopic::Confirmed => return,
@@ -58,6 +59,7 @@ impl World {
             offset: 0,
             received_at_ms: 0,
             now_ms: 1,
+            partitions: PARTITIONS,
         };
         let p = partition as usize;
         match topic {

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{checked_add, checked_sub, Ctx, Emit, OutTopic, ProcessError, Processor};
 use crate::model::{
-    validate_id, Event, Hop, Outcome, PaymentRef, PaymentStatus, Reason, SourceTopic, Stage,
+    partition_for, validate_id, Event, Hop, Outcome, PaymentRef, PaymentStatus, Reason,
+    SourceTopic, Stage,
 };
 
 /// A payment as the inflight processor knows it: the `payments` state table row.
@@ -116,9 +117,24 @@ pub fn validate_payment(payment: &PaymentRef) -> Result<(), String> {
 fn admit(
     state: &mut Option<PaymentState>,
     stats: &mut InflightStats,
-    payment: PaymentRef,
+    mut payment: PaymentRef,
     ctx: &Ctx,
 ) -> Result<Option<Emit>, ProcessError> {
+    if partition_for(&payment.id, ctx.partitions) != ctx.partition {
+        // Written by another producer on the wrong partition (Kafka clients
+        // partition by their own hash): every copy of an id must meet on
+        // one partition, so it moves there and is processed there.
+        let key = payment.id.clone();
+        return Ok(Some(Emit {
+            topic: OutTopic::Incoming,
+            key,
+            event: Event::PaymentSubmitted(payment),
+        }));
+    }
+    if payment.accepted_at_ms == 0 {
+        // A payment without its acceptance time: the record's time.
+        payment.accepted_at_ms = ctx.received_at_ms;
+    }
     if let Some(existing) = state {
         // Every copy of an id lands on this partition, so this is the safety
         // net behind the ingest path's own dedup.
@@ -258,6 +274,7 @@ mod tests {
             offset,
             received_at_ms: 0,
             now_ms: 10,
+            partitions: 1,
         }
     }
 
@@ -296,6 +313,31 @@ mod tests {
         assert!(matches!(other, Err(ProcessError::ImpossibleState(_))));
         assert_eq!((state, stats.clone()), before);
         assert_eq!(stats.inflight_count, 1);
+    }
+
+    // A payment on another partition than its id's moves there, untouched and unrecorded here.
+    #[test]
+    fn misplaced_payment_moves_to_its_partition() {
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let p = payment("p1", 5);
+        let home = partition_for("p1", 8);
+        let ctx = Ctx {
+            partition: (home + 1) % 8,
+            partitions: 8,
+            ..ctx(SourceTopic::Incoming, 0)
+        };
+        let emit = Inflight::handle(
+            &mut state,
+            &mut stats,
+            Event::PaymentSubmitted(p.clone()),
+            &ctx,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((emit.topic, emit.key.as_str()), (OutTopic::Incoming, "p1"));
+        assert_eq!(emit.event, Event::PaymentSubmitted(p));
+        assert!(state.is_none());
+        assert_eq!(stats, InflightStats::default());
     }
 
     // Invalid payments from other producers end as rejected(invalid), never inflight.

@@ -16,6 +16,8 @@ use crate::model::{Event, SourceTopic};
 /// Topics a processor writes to (names come from config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OutTopic {
+    /// Back to `payment.incoming`, on the partition the key belongs to.
+    Incoming,
     Inflight,
     Complete,
     Confirmed,
@@ -42,6 +44,8 @@ pub struct Ctx {
     pub received_at_ms: i64,
     /// When the runtime read it (the hop's time out).
     pub now_ms: i64,
+    /// Partitions of every topic (where a key belongs).
+    pub partitions: u32,
 }
 
 /// A record the processor cannot act on. The runtime dead-letters it and goes

@@ -279,14 +279,11 @@ impl Sequencer {
     }
 }
 
+/// The payment in `payment.incoming`'s public JSON format.
 fn to_record(payment: &PaymentRef) -> Record {
-    let envelope = Envelope {
-        source: None,
-        event: Event::PaymentSubmitted(payment.clone()),
-    };
     Record {
         key: Bytes::from(payment.id.clone().into_bytes()),
-        value: Bytes::from(codec::encode(&envelope)),
+        value: Bytes::from(codec::encode_payment_json(payment)),
         timestamp_ms: payment.accepted_at_ms,
     }
 }

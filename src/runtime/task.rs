@@ -437,6 +437,7 @@ impl<P: Processor> TaskLoop<P> {
                 offset: stored.offset,
                 received_at_ms: stored.record.timestamp_ms,
                 now_ms: now,
+                partitions: shared.config.log.partitions,
             };
             let envelope = match codec::decode(&stored.record.value) {
                 Ok(envelope) => envelope,
@@ -581,6 +582,7 @@ impl<P: Processor> TaskLoop<P> {
         for (emit, source) in outputs {
             let (emit, source) = (emit.clone(), *source);
             let topic = match emit.topic {
+                OutTopic::Incoming => &topics.incoming,
                 OutTopic::Inflight => &topics.inflight,
                 OutTopic::Complete => &topics.complete,
                 OutTopic::Confirmed => &topics.confirmed,
@@ -590,9 +592,14 @@ impl<P: Processor> TaskLoop<P> {
                 source: Some(source),
                 event: emit.event,
             };
+            // `payment.confirmed` is for outside consumers: public JSON.
+            let value = match emit.topic {
+                OutTopic::Confirmed => codec::encode_completed_json(&envelope.event),
+                _ => None,
+            };
             groups.entry(tp).or_default().push(Record {
                 key: Bytes::from(emit.key.into_bytes()),
-                value: Bytes::from(codec::encode(&envelope)),
+                value: Bytes::from(value.unwrap_or_else(|| codec::encode(&envelope))),
                 timestamp_ms: now,
             });
         }
