@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{get, open_account, post, terminal, test_config, TestServer};
+use common::{get, kpay_command, open_account, post, terminal, test_config, TestServer};
 use serde_json::{json, Value};
 
 async fn status_of(c: &reqwest::Client, server: &TestServer) -> Value {
@@ -229,7 +229,7 @@ async fn bootstrap_opens_accounts_once_even_when_run_twice() {
         assert!(server.terminate().success());
     }
     std::fs::write(&csv, "boot-4,abc\n").unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kpay"))
+    let output = kpay_command()
         .args([
             "--data-dir",
             data.to_str().unwrap(),
@@ -433,7 +433,7 @@ async fn tokens_and_roles_guard_every_change() {
 fn protected_mode_refuses_a_public_address_without_tokens() {
     // With no token configured kpay will not listen beyond loopback, and says why.
     let dir = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kpay"))
+    let output = kpay_command()
         .args([
             "--data-dir",
             dir.path().to_str().unwrap(),

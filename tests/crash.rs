@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{free_port, get, Binary};
+use common::{free_port, get, kpay_command, Binary};
 use rand::Rng;
 use serde_json::json;
 
@@ -105,19 +105,33 @@ async fn drive(
 async fn kill_9_at_random_moments_loses_nothing_and_moves_money_once() {
     // After repeated SIGKILLs mid-traffic, every acknowledged payment has exactly one terminal state,
     // balances equal opening balances plus exactly the confirmed payments, money is conserved and counts match.
+    crash_run(Vec::new(), KILLS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_on_kafka_loses_nothing_and_moves_money_once() {
+    // The same on the Kafka backend: offsets live in the store, the log on the broker.
+    let Some(broker) = common::kafka_broker("kill_9_on_kafka") else {
+        return;
+    };
+    crash_run(common::kafka_topics(&broker), 4).await;
+}
+
+async fn crash_run(backend: Vec<(String, String)>, kills: usize) {
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let env = [
+    let mut env = vec![
         ("KPAY_PIPELINE__COMMIT_INTERVAL_MS", "150"),
         ("KPAY_PIPELINE__FLUSH_INTERVAL_MS", "100"),
     ];
+    env.extend(backend.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut server = Binary::spawn(dir.path(), free_port(), &env);
     server.wait_ready().await;
     for n in 0..ACCOUNTS {
         common::open_account(&client, &server.base, &account(n), OPENING_CENTS).await;
     }
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    for round in 0..KILLS {
+    for round in 0..kills {
         let stop = tokio_util::sync::CancellationToken::new();
         let driver = tokio::spawn(drive(
             server.base.clone(),
@@ -308,7 +322,7 @@ async fn a_second_server_on_the_same_data_refuses_to_start() {
 fn bad_config_stops_the_start_with_the_key_named() {
     // A bad setting is a one-line error naming the key and a non-zero exit, before anything is written.
     let dir = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kpay"))
+    let output = kpay_command()
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("KPAY_LOG__PARTITIONS", "0")

@@ -7,7 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{get, open_account, post, terminal, test_config, wait_until, Binary, TestServer};
+use common::{
+    get, kpay_command, open_account, post, terminal, test_config, wait_until, Binary, TestServer,
+};
 use kpay::model::{codec, now_ms, partition_for, Envelope, Event, Outcome, PaymentRef};
 use kpay::ops::dlq::hex;
 use serde_json::{json, Value};
@@ -478,7 +480,7 @@ async fn warnings_reach_the_error_log_with_their_context() {
 
 /// Runs `kpay rebuild` on `dir`; returns (success, stdout + stderr).
 fn rebuild(dir: &std::path::Path, dry_run: bool) -> (bool, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kpay"));
+    let mut command = kpay_command();
     command
         .arg("--data-dir")
         .arg(dir)

@@ -146,6 +146,18 @@ pub async fn terminal(client: &reqwest::Client, base: &str, id: &str) -> Value {
     }
 }
 
+/// The `kpay` binary as a command, without the test suite's own `KPAY_TEST_*`
+/// variables (kpay refuses unknown `KPAY_*` settings).
+pub fn kpay_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kpay"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("KPAY_TEST_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// The real `kpay` binary, started on a fixed port over a data directory.
 pub struct Binary {
     pub child: Child,
@@ -164,7 +176,7 @@ impl Binary {
         extra_env: &[(&str, &str)],
         serve_args: &[&str],
     ) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kpay"));
+        let mut command = kpay_command();
         if !serve_args.is_empty() {
             command.arg("serve").args(serve_args);
         }
@@ -228,3 +240,78 @@ pub fn free_port() -> u16 {
 }
 
 pub type Shared = Arc<kpay::runtime::Shared>;
+
+/// The Kafka-protocol broker for the Kafka variants of the tests
+/// (`KPAY_TEST_KAFKA=host:port`). Without it they print why they are
+/// skipped; in CI (which starts one) its absence is a failure.
+pub fn kafka_broker(test: &str) -> Option<String> {
+    match std::env::var("KPAY_TEST_KAFKA") {
+        Ok(broker) if !broker.is_empty() => Some(broker),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{test}: CI must start a broker and set KPAY_TEST_KAFKA (scripts/kafka-broker)"
+            );
+            eprintln!(
+                "SKIPPED {test} on Kafka: set KPAY_TEST_KAFKA=host:port \
+                 (scripts/kafka-broker starts one)"
+            );
+            None
+        }
+    }
+}
+
+/// Topic names unique to one test, so tests can share a broker.
+pub fn kafka_topics(broker: &str) -> Vec<(String, String)> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let prefix = format!(
+        "t{}-{}-{n}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let mut env = vec![("KPAY_KAFKA_BROKERS".to_owned(), broker.to_owned())];
+    for topic in [
+        "incoming",
+        "inflight",
+        "complete",
+        "confirmed",
+        "dlq",
+        "commands",
+        "audit",
+        "logs",
+    ] {
+        env.push((
+            format!("KPAY_TOPICS__{}", topic.to_uppercase()),
+            format!("{prefix}.{topic}"),
+        ));
+    }
+    env.push(("KPAY_LOG__KAFKA__REQUEST_TIMEOUT_MS".into(), "3000".into()));
+    env
+}
+
+/// [`test_config`] on the Kafka broker, with topics unique to this test.
+pub fn kafka_config(dir: &Path, broker: &str) -> Config {
+    let mut config = test_config(dir);
+    config.log.backend = "kafka".into();
+    config.log.kafka.brokers = vec![broker.to_owned()];
+    config.log.kafka.request_timeout_ms = 3_000;
+    for (key, name) in kafka_topics(broker).into_iter().skip(1) {
+        let topics = &mut config.topics;
+        match key.as_str() {
+            "KPAY_TOPICS__INCOMING" => topics.incoming = name,
+            "KPAY_TOPICS__INFLIGHT" => topics.inflight = name,
+            "KPAY_TOPICS__COMPLETE" => topics.complete = name,
+            "KPAY_TOPICS__CONFIRMED" => topics.confirmed = name,
+            "KPAY_TOPICS__DLQ" => topics.dlq = name,
+            "KPAY_TOPICS__COMMANDS" => topics.commands = name,
+            "KPAY_TOPICS__AUDIT" => topics.audit = name,
+            "KPAY_TOPICS__LOGS" => topics.logs = name,
+            _ => {}
+        }
+    }
+    config
+}
