@@ -140,6 +140,10 @@ pub struct KafkaConfig {
     pub max_batch_records: usize,
     /// Most bytes one fetch returns per partition.
     pub fetch_max_bytes: i32,
+    /// How long one fetch waits for new records; a task waiting for input
+    /// asks again after it (the latency a hop may add when a broker holds a
+    /// fetch its whole wait even after data arrived).
+    pub poll_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -151,6 +155,7 @@ impl Default for KafkaConfig {
             request_timeout_ms: 10_000,
             max_batch_records: 10_000,
             fetch_max_bytes: 1 << 20,
+            poll_ms: 10,
         }
     }
 }
@@ -470,13 +475,14 @@ impl Config {
                     );
                 }
                 if kafka.replication_factor < 1
+                    || kafka.poll_ms == 0
                     || kafka.request_timeout_ms == 0
                     || kafka.max_batch_records == 0
                     || kafka.fetch_max_bytes < 1024
                 {
                     return invalid(
                         "log.kafka",
-                        "replication_factor, request_timeout_ms and max_batch_records must be \
+                        "replication_factor, poll_ms, request_timeout_ms and max_batch_records must be \
                          above 0, fetch_max_bytes at least 1024",
                     );
                 }

@@ -173,7 +173,7 @@ async fn rate_limit_holds_admissions_within_ten_percent() {
             admitted.push(p["lineage"][0]["processed_at"].as_i64().unwrap());
         }
         admitted.sort_unstable();
-        // Skip the initial burst (1/20 s of tokens) and measure the steady rate.
+        // Skip the initial burst (1/5 s of tokens) and measure the steady rate.
         let steady = &admitted[(limit / 10) as usize..];
         let seconds = (steady[steady.len() - 1] - steady[0]) as f64 / 1_000.0;
         let rate = (steady.len() - 1) as f64 / seconds;

@@ -105,7 +105,7 @@ async fn drive(
 async fn kill_9_at_random_moments_loses_nothing_and_moves_money_once() {
     // After repeated SIGKILLs mid-traffic, every acknowledged payment has exactly one terminal state,
     // balances equal opening balances plus exactly the confirmed payments, money is conserved and counts match.
-    crash_run(Vec::new(), KILLS).await;
+    crash_run(tempfile::tempdir().unwrap(), Vec::new(), KILLS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,11 +114,12 @@ async fn kill_9_on_kafka_loses_nothing_and_moves_money_once() {
     let Some(broker) = common::kafka_broker("kill_9_on_kafka") else {
         return;
     };
-    crash_run(common::kafka_topics(&broker), 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = common::kafka_topics(&broker, dir.path());
+    crash_run(dir, backend, 4).await;
 }
 
-async fn crash_run(backend: Vec<(String, String)>, kills: usize) {
-    let dir = tempfile::tempdir().unwrap();
+async fn crash_run(dir: tempfile::TempDir, backend: Vec<(String, String)>, kills: usize) {
     let client = reqwest::Client::new();
     let mut env = vec![
         ("KPAY_PIPELINE__COMMIT_INTERVAL_MS", "150"),

@@ -231,7 +231,7 @@ pub struct InjectResponse {
 }
 
 /// Appends raw records to a topic, bypassing every check: for tests and DLQ
-/// drills (operator only; embedded log only, with Kafka any client can).
+/// drills (operator only; with Kafka, any Kafka client can do the same).
 #[utoipa::path(post, path = "/api/v1/ops/records", tag = "operations",
     request_body = InjectRequest,
     responses((status = 201, body = InjectResponse), (status = 400, body = ErrorBody),
@@ -241,12 +241,6 @@ async fn inject_records(
     JsonBody(request): JsonBody<InjectRequest>,
 ) -> Result<(StatusCode, Json<InjectResponse>), ApiError> {
     let shared = &state.runtime.shared;
-    if shared.config.log.backend != "embedded" {
-        return Err(ApiError::Unprocessable(
-            "records are injected only into the embedded log; with Kafka use any Kafka client"
-                .into(),
-        ));
-    }
     let max = shared.config.limits.max_batch_payments;
     if request.records.is_empty() || request.records.len() > max {
         return Err(ApiError::BadRequest(format!(

@@ -165,8 +165,6 @@ impl KafkaLog {
 /// Longest wait of a fetch that should answer at once (some brokers answer
 /// nothing at all to a fetch that may not wait).
 const FETCH_WAIT_MS: i32 = 1;
-/// Pause of a wait the broker answered at once with nothing new.
-const EMPTY_POLL: Duration = Duration::from_millis(20);
 
 /// Some brokers (Tansu) answer a fetch that finds nothing with no topic at
 /// all, which rskafka reports as an invalid response: that is an empty fetch.
@@ -323,29 +321,26 @@ impl Log for KafkaLog {
         timeout: Duration,
     ) -> Result<u64, LogError> {
         let client = self.partition(tp).await?;
-        // A fetch of at most one byte that the broker holds until data
-        // arrives or `timeout` passes; it answers with the high-water mark.
-        let wait = timeout.min(self.deadline() / 2);
-        let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
         let started = tokio::time::Instant::now();
-        let (_, high_watermark) = self
-            .call(
-                Some(tp),
-                "fetch (wait)",
-                empty_when_no_topic(client.fetch_records(offset as i64, 1..2, wait_ms)),
-            )
-            .await?;
-        let mut high_watermark = high_watermark.max(0) as u64;
-        if high_watermark == 0 {
-            high_watermark = self.offset(tp, OffsetAt::Latest).await?;
+        // Short fetches that the broker holds until data arrives or the poll
+        // interval passes (some brokers hold them the whole time even when
+        // data arrives, so one long wait would add it to every hop).
+        let poll = Duration::from_millis(self.config.poll_ms);
+        loop {
+            let wait = poll.min(timeout.saturating_sub(started.elapsed()));
+            let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX).max(1);
+            let (records, high_watermark) = self
+                .call(
+                    Some(tp),
+                    "fetch (wait)",
+                    empty_when_no_topic(client.fetch_records(offset as i64, 1..2, wait_ms)),
+                )
+                .await?;
+            let high_watermark = high_watermark.max(0) as u64;
+            if !records.is_empty() || high_watermark > offset || started.elapsed() >= timeout {
+                return Ok(high_watermark.max(offset + u64::from(!records.is_empty())));
+            }
         }
-        if high_watermark <= offset {
-            // A broker that answers at once without data (not holding the
-            // fetch): wait a little here instead of spinning.
-            let rest = wait.saturating_sub(started.elapsed()).min(EMPTY_POLL);
-            tokio::time::sleep(rest).await;
-        }
-        Ok(high_watermark)
     }
 
     async fn release_before(&self, _tp: &TopicPartition, _offset: u64) -> Result<(), LogError> {

@@ -483,9 +483,8 @@ fn route_key(kind: SourceTopic, event: &Event) -> Option<String> {
     .map(str::to_owned)
 }
 
-/// Appends raw records to a topic, for tests and drills of the DLQ path
-/// (embedded log only: with Kafka any client can do it). Without a partition
-/// each record goes where its key belongs.
+/// Appends raw records to a topic, for tests and drills of the DLQ path.
+/// Without a partition each record goes where its key belongs.
 pub async fn inject(
     shared: &Shared,
     topic: &str,

@@ -142,7 +142,9 @@ impl Shared {
     }
 
     /// How many of `wanted` new payments may be admitted now under the rate
-    /// limit (a token bucket; bursts up to 1/20 s of the rate).
+    /// limit (a token bucket; bursts up to 1/5 s of the rate, so a task
+    /// loop that takes that long, as one round trip to a Kafka broker may,
+    /// still admits the full rate).
     pub fn admission_tokens(&self, wanted: usize) -> usize {
         let rate = self
             .control
@@ -158,8 +160,7 @@ impl Shared {
             match current.as_ref() {
                 Some((r, limiter)) if *r == rate => limiter.clone(),
                 _ => {
-                    let burst =
-                        NonZeroU32::new((per_second.get() / 20).max(1)).expect("at least 1");
+                    let burst = NonZeroU32::new((per_second.get() / 5).max(1)).expect("at least 1");
                     let quota = Quota::per_second(per_second).allow_burst(burst);
                     let limiter = Arc::new(RateLimiter::direct(quota));
                     *current = Some((rate, limiter.clone()));

@@ -380,8 +380,16 @@ impl<P: Processor> TaskLoop<P> {
     async fn wait_for_input(&self, timeout: Duration) -> Result<(), RuntimeError> {
         let log = &self.shared.log;
         // Rate-limited with records waiting: look again when tokens refill,
-        // not when the (already full) input wakes us.
+        // not when the (already full) input wakes us, nor when a broker
+        // answers a short wait (Kafka brokers may hold it much longer).
         let throttled = self.throttled;
+        if throttled {
+            tokio::select! {
+                () = tokio::time::sleep(THROTTLE_POLL) => {}
+                () = self.shared.processors_stop.cancelled() => {}
+            }
+            return Ok(());
+        }
         let timeout = if throttled {
             timeout.min(THROTTLE_POLL)
         } else {

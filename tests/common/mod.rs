@@ -14,8 +14,18 @@ use kpay::runtime::{open_backends, Runtime};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-/// A test configuration: small and fast, no demo accounts unless asked.
+/// A test configuration: small and fast, no demo accounts unless asked. With
+/// `KPAY_TEST_BACKEND=kafka` (and `KPAY_TEST_KAFKA`), on the Kafka broker.
 pub fn test_config(dir: &Path) -> Config {
+    if std::env::var("KPAY_TEST_BACKEND").as_deref() == Ok("kafka") {
+        let broker = std::env::var("KPAY_TEST_KAFKA")
+            .expect("KPAY_TEST_BACKEND=kafka needs KPAY_TEST_KAFKA=host:port");
+        return kafka_config(dir, &broker);
+    }
+    embedded_config(dir)
+}
+
+fn embedded_config(dir: &Path) -> Config {
     let mut config = Config::default();
     config.data.dir = dir.to_path_buf();
     config.demo.accounts = 0;
@@ -261,18 +271,17 @@ pub fn kafka_broker(test: &str) -> Option<String> {
     }
 }
 
-/// Topic names unique to one test, so tests can share a broker.
-pub fn kafka_topics(broker: &str) -> Vec<(String, String)> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let prefix = format!(
-        "t{}-{}-{n}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
+/// Topic names unique to one test's data directory (so a restart over the
+/// same directory finds its topics again, and tests can share a broker).
+pub fn kafka_topics(broker: &str, dir: &Path) -> Vec<(String, String)> {
+    let name: String = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let prefix = format!("t{}-{name}", std::process::id());
     let mut env = vec![("KPAY_KAFKA_BROKERS".to_owned(), broker.to_owned())];
     for topic in [
         "incoming",
@@ -295,11 +304,11 @@ pub fn kafka_topics(broker: &str) -> Vec<(String, String)> {
 
 /// [`test_config`] on the Kafka broker, with topics unique to this test.
 pub fn kafka_config(dir: &Path, broker: &str) -> Config {
-    let mut config = test_config(dir);
+    let mut config = embedded_config(dir);
     config.log.backend = "kafka".into();
     config.log.kafka.brokers = vec![broker.to_owned()];
     config.log.kafka.request_timeout_ms = 3_000;
-    for (key, name) in kafka_topics(broker).into_iter().skip(1) {
+    for (key, name) in kafka_topics(broker, dir).into_iter().skip(1) {
         let topics = &mut config.topics;
         match key.as_str() {
             "KPAY_TOPICS__INCOMING" => topics.incoming = name,
