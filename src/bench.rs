@@ -49,9 +49,30 @@ pub struct BenchArgs {
 const BENCH_BALANCE_CENTS: i64 = 1_000_000_000_000;
 
 pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
-    let dir = config.data.dir.join(format!("bench-{}", now_ms()));
+    let run = format!("bench-{}", now_ms());
+    let dir = config.data.dir.join(&run);
     config.data.dir = dir.clone();
     config.demo.accounts = 0;
+    if config.log.backend == "kafka" {
+        // Topics of this run only: a broker keeps those of earlier runs.
+        let topics = &mut config.topics;
+        for name in [
+            &mut topics.incoming,
+            &mut topics.inflight,
+            &mut topics.complete,
+            &mut topics.confirmed,
+            &mut topics.dlq,
+            &mut topics.commands,
+            &mut topics.audit,
+            &mut topics.logs,
+        ] {
+            *name = format!("{run}.{name}");
+        }
+        println!(
+            "backend: kafka at {} (topics {run}.*)",
+            config.log.kafka.brokers.join(",")
+        );
+    }
     let (log, store) = open_backends(&config).await?;
     let runtime = Arc::new(Runtime::start(config, log, store).await?);
     open_accounts(&runtime, args.accounts).await?;

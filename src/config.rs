@@ -140,9 +140,8 @@ pub struct KafkaConfig {
     pub max_batch_records: usize,
     /// Most bytes one fetch returns per partition.
     pub fetch_max_bytes: i32,
-    /// How long one fetch waits for new records; a task waiting for input
-    /// asks again after it (the latency a hop may add when a broker holds a
-    /// fetch its whole wait even after data arrived).
+    /// How often a waiting task asks the broker for records written by
+    /// other producers; records this process appends wake it at once.
     pub poll_ms: u64,
 }
 
@@ -155,7 +154,7 @@ impl Default for KafkaConfig {
             request_timeout_ms: 10_000,
             max_batch_records: 10_000,
             fetch_max_bytes: 1 << 20,
-            poll_ms: 10,
+            poll_ms: 100,
         }
     }
 }

@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -27,9 +29,43 @@ pub struct KafkaLog {
     client: Client,
     config: KafkaConfig,
     compression: Compression,
-    partitions: Mutex<HashMap<TopicPartition, Arc<PartitionClient>>>,
+    partitions: Mutex<HashMap<TopicPartition, Arc<Partition>>>,
     /// False after a call failed for want of the cluster, true after one succeeded.
     healthy: AtomicBool,
+}
+
+/// One partition: its client, and what this process knows of its end.
+struct Partition {
+    client: PartitionClient,
+    /// The high-water mark as last seen: raised by our own appends at once
+    /// (so a consumer in this process need not ask the broker) and by fetches.
+    high_watermark: watch::Sender<u64>,
+    /// When the broker last told us the high-water mark; records written by
+    /// other producers show up within `poll_ms` of it.
+    checked: Mutex<Instant>,
+    /// Records fetched but not read yet, in offset order: one fetch returns
+    /// up to `fetch_max_bytes`, more than one read takes.
+    ahead: Mutex<std::collections::VecDeque<StoredRecord>>,
+}
+
+impl Partition {
+    fn saw(&self, high_watermark: u64) {
+        self.high_watermark.send_if_modified(|known| {
+            let raised = high_watermark > *known;
+            if raised {
+                *known = high_watermark;
+            }
+            raised
+        });
+    }
+
+    fn checked_now(&self) {
+        *self.checked.lock().expect("checked lock") = Instant::now();
+    }
+
+    fn checked_within(&self, poll: Duration) -> bool {
+        self.checked.lock().expect("checked lock").elapsed() < poll
+    }
 }
 
 fn backoff(deadline: Duration) -> BackoffConfig {
@@ -131,32 +167,38 @@ impl KafkaLog {
         result
     }
 
-    async fn partition(&self, tp: &TopicPartition) -> Result<Arc<PartitionClient>, LogError> {
-        if let Some(client) = self.partitions.lock().expect("partitions lock").get(tp) {
-            return Ok(client.clone());
+    async fn partition(&self, tp: &TopicPartition) -> Result<Arc<Partition>, LogError> {
+        if let Some(partition) = self.partitions.lock().expect("partitions lock").get(tp) {
+            return Ok(partition.clone());
         }
-        let partition =
+        let index =
             i32::try_from(tp.partition).map_err(|_| LogError::UnknownPartition(tp.clone()))?;
         let client = self
             .call(
                 Some(tp),
                 "connecting to the partition leader",
                 self.client
-                    .partition_client(&tp.topic, partition, UnknownTopicHandling::Retry),
+                    .partition_client(&tp.topic, index, UnknownTopicHandling::Retry),
             )
             .await?;
-        let client = Arc::new(client);
-        self.partitions
-            .lock()
-            .expect("partitions lock")
-            .insert(tp.clone(), client.clone());
-        Ok(client)
+        let partition = Arc::new(Partition {
+            client,
+            high_watermark: watch::Sender::new(0),
+            checked: Mutex::new(Instant::now() - Duration::from_secs(3600)),
+            ahead: Mutex::new(std::collections::VecDeque::new()),
+        });
+        let mut partitions = self.partitions.lock().expect("partitions lock");
+        Ok(partitions.entry(tp.clone()).or_insert(partition).clone())
+    }
+
+    fn poll(&self) -> Duration {
+        Duration::from_millis(self.config.poll_ms)
     }
 
     async fn offset(&self, tp: &TopicPartition, at: OffsetAt) -> Result<u64, LogError> {
-        let client = self.partition(tp).await?;
+        let partition = self.partition(tp).await?;
         let offset = self
-            .call(Some(tp), "list offsets", client.get_offset(at))
+            .call(Some(tp), "list offsets", partition.client.get_offset(at))
             .await?;
         Ok(offset.max(0) as u64)
     }
@@ -230,7 +272,8 @@ impl Log for KafkaLog {
     }
 
     async fn append(&self, tp: &TopicPartition, records: Vec<Record>) -> Result<u64, LogError> {
-        let client = self.partition(tp).await?;
+        let partition = self.partition(tp).await?;
+        let client = &partition.client;
         let mut first = None;
         let mut records = records.into_iter().peekable();
         while records.peek().is_some() {
@@ -253,6 +296,9 @@ impl Log for KafkaLog {
             if first.is_none() {
                 first = offsets.first().copied();
             }
+            if let Some(&last) = offsets.last().filter(|last| **last >= 0) {
+                partition.saw(last as u64 + 1);
+            }
         }
         Ok(first.map_or(0, |o| o.max(0) as u64))
     }
@@ -263,16 +309,36 @@ impl Log for KafkaLog {
         offset: u64,
         max_records: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
-        let client = self.partition(tp).await?;
+        let partition = self.partition(tp).await?;
+        {
+            let mut ahead = partition.ahead.lock().expect("ahead lock");
+            while ahead.front().is_some_and(|r| r.offset < offset) {
+                ahead.pop_front();
+            }
+            if ahead.front().is_some_and(|r| r.offset == offset) {
+                let take = max_records.min(ahead.len());
+                return Ok(ahead.drain(..take).collect());
+            }
+            ahead.clear();
+        }
+        if *partition.high_watermark.borrow() <= offset && partition.checked_within(self.poll()) {
+            // Nothing new from us, and the broker was asked a moment ago.
+            return Ok(Vec::new());
+        }
         let range = 1..self.config.fetch_max_bytes;
         let fetched = self
             .call(
                 Some(tp),
                 "fetch",
-                empty_when_no_topic(client.fetch_records(offset as i64, range, FETCH_WAIT_MS)),
+                empty_when_no_topic(partition.client.fetch_records(
+                    offset as i64,
+                    range,
+                    FETCH_WAIT_MS,
+                )),
             )
             .await;
-        let (records, _high_watermark) = fetched.map_err(|error| match error {
+        partition.checked_now();
+        let (records, high_watermark) = fetched.map_err(|error| match error {
             LogError::OffsetOutOfRange { tp, .. } => LogError::OffsetOutOfRange {
                 tp,
                 offset,
@@ -280,10 +346,13 @@ impl Log for KafkaLog {
             },
             other => other,
         })?;
-        Ok(records
+        partition.saw(high_watermark.max(0) as u64);
+        if let Some(last) = records.last() {
+            partition.saw(last.offset.max(0) as u64 + 1);
+        }
+        let mut records: std::collections::VecDeque<StoredRecord> = records
             .into_iter()
             .filter(|r| r.offset >= offset as i64)
-            .take(max_records)
             .map(|r| StoredRecord {
                 offset: r.offset as u64,
                 record: Record {
@@ -292,22 +361,31 @@ impl Log for KafkaLog {
                     timestamp_ms: r.record.timestamp.timestamp_millis(),
                 },
             })
-            .collect())
+            .collect();
+        let read = records.drain(..max_records.min(records.len())).collect();
+        *partition.ahead.lock().expect("ahead lock") = records;
+        Ok(read)
     }
 
     async fn high_watermark(&self, tp: &TopicPartition) -> Result<u64, LogError> {
         let latest = self.offset(tp, OffsetAt::Latest).await?;
         // Brokers disagree on "latest" (Kafka: the next offset; Tansu: the
         // last one); a fetch there answers with the high-water mark itself.
-        let client = self.partition(tp).await?;
+        let partition = self.partition(tp).await?;
         let fetched = self
             .call(
                 Some(tp),
                 "fetch (high-water mark)",
-                empty_when_no_topic(client.fetch_records(latest as i64, 1..2, FETCH_WAIT_MS)),
+                empty_when_no_topic(partition.client.fetch_records(
+                    latest as i64,
+                    1..2,
+                    FETCH_WAIT_MS,
+                )),
             )
             .await?;
-        Ok((fetched.1.max(0) as u64).max(latest))
+        let high_watermark = (fetched.1.max(0) as u64).max(latest);
+        partition.saw(high_watermark);
+        Ok(high_watermark)
     }
 
     async fn log_start(&self, tp: &TopicPartition) -> Result<u64, LogError> {
@@ -320,25 +398,41 @@ impl Log for KafkaLog {
         offset: u64,
         timeout: Duration,
     ) -> Result<u64, LogError> {
-        let client = self.partition(tp).await?;
+        let partition = self.partition(tp).await?;
+        let mut known = partition.high_watermark.subscribe();
         let started = tokio::time::Instant::now();
-        // Short fetches that the broker holds until data arrives or the poll
-        // interval passes (some brokers hold them the whole time even when
-        // data arrives, so one long wait would add it to every hop).
-        let poll = Duration::from_millis(self.config.poll_ms);
         loop {
-            let wait = poll.min(timeout.saturating_sub(started.elapsed()));
-            let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX).max(1);
+            let seen = *known.borrow_and_update();
+            if seen > offset || started.elapsed() >= timeout {
+                return Ok(seen);
+            }
+            // Our own appends wake us at once; other producers' records are
+            // found by asking the broker every `poll_ms` (a short fetch it
+            // holds until data arrives, or the poll interval).
+            let until = timeout.saturating_sub(started.elapsed());
+            let poll = self.poll().min(until);
+            tokio::select! {
+                _ = known.changed() => continue,
+                () = tokio::time::sleep(poll) => {}
+            }
+            if partition.checked_within(self.poll()) {
+                continue;
+            }
             let (records, high_watermark) = self
                 .call(
                     Some(tp),
                     "fetch (wait)",
-                    empty_when_no_topic(client.fetch_records(offset as i64, 1..2, wait_ms)),
+                    empty_when_no_topic(partition.client.fetch_records(
+                        offset as i64,
+                        1..2,
+                        FETCH_WAIT_MS,
+                    )),
                 )
                 .await?;
-            let high_watermark = high_watermark.max(0) as u64;
-            if !records.is_empty() || high_watermark > offset || started.elapsed() >= timeout {
-                return Ok(high_watermark.max(offset + u64::from(!records.is_empty())));
+            partition.checked_now();
+            partition.saw(high_watermark.max(0) as u64);
+            if let Some(last) = records.last() {
+                partition.saw(last.offset.max(0) as u64 + 1);
             }
         }
     }
