@@ -391,9 +391,11 @@ impl Config {
             }
             None => {}
         }
+        // Not settings: KPAY_KAFKA_BROKERS is handled below; KPAY_TEST_* belong
+        // to the test suite (the Kafka tests' broker and backend).
         figment = figment.merge(
             Env::prefixed("KPAY_")
-                .ignore(&["KAFKA_BROKERS"])
+                .ignore(&["KAFKA_BROKERS", "TEST_KAFKA", "TEST_BACKEND"])
                 .split("__"),
         );
         // `KPAY_KAFKA_BROKERS` alone switches to Kafka.

@@ -25,7 +25,7 @@
 //! Modules:
 //! - [`config`]: layered settings (defaults ← file ← `KPAY_*` env ← flags).
 //! - [`model`]: money, ids, events and their byte codec.
-//! - [`log`]: the `Log` trait and the embedded durable log.
+//! - [`log`]: the `Log` trait, the embedded durable log and Kafka (rskafka).
 //! - [`store`]: sled-backed state tables and task checkpoints.
 //! - [`runtime`]: tasks per (processor, partition), ingest, flush, retention, shutdown.
 //! - [`pipeline`]: pillar 1, the processors as pure logic.
