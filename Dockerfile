@@ -27,6 +27,7 @@ USER kpay
 # Listening beyond loopback needs tokens: run with e.g.
 #   -e KPAY_TOKENS='<long-secret>:operator,<another>:teller'
 # Without any, kpay is in protected mode and refuses to start on 0.0.0.0.
+# On a Kafka cluster instead of the embedded log: -e KPAY_KAFKA_BROKERS=broker:9092
 ENV KPAY_SERVER__LISTEN=0.0.0.0:8080 \
     KPAY_DATA__DIR=/data
 VOLUME ["/data"]
