@@ -399,13 +399,14 @@ impl Config {
                 .split("__"),
         );
         // `KPAY_KAFKA_BROKERS` alone switches to Kafka.
-        if let Ok(brokers) = std::env::var("KPAY_KAFKA_BROKERS") {
-            let brokers: Vec<String> = brokers
-                .split(',')
-                .map(str::trim)
-                .filter(|b| !b.is_empty())
-                .map(str::to_owned)
-                .collect();
+        let brokers: Vec<String> = std::env::var("KPAY_KAFKA_BROKERS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if !brokers.is_empty() {
             figment = figment
                 .merge(("log.backend", "kafka"))
                 .merge(("log.kafka.brokers", brokers));

@@ -418,6 +418,25 @@ async fn openapi_documents_every_endpoint_and_swagger_serves() {
     let c = reqwest::Client::new();
     let (status, doc) = get(&c, &server.url("/api-docs/openapi.json")).await;
     assert_eq!(status, 200);
+    // Found by API fuzzing: every operation documents the errors any
+    // request can get, and a bad query string answers in the error shape.
+    for status in ["400", "401", "403", "413", "415", "503"] {
+        let response = &doc["paths"]["/api/v1/payments"]["post"]["responses"][status];
+        assert!(
+            response["content"]["application/json"].is_object(),
+            "{status}"
+        );
+    }
+    for query in ["/api/v1/dlq?limit=abc", "/api/v1/payments?limit=-1"] {
+        let response = c.get(server.url(query)).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"));
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    }
     for path in [
         "/api/v1/accounts",
         "/api/v1/accounts/{id}",

@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State as Extract};
+use axum::extract::State as Extract;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::error::{ApiError, ErrorBody, JsonBody};
+use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
 use super::State;
 use crate::model::{now_ms, validate_id, Event};
 use crate::pipeline::account::{Account, AccountStatus};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Query, State as Extract};
+use axum::extract::State as Extract;
 use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Principal;
-use super::error::{ApiError, ErrorBody, JsonBody};
+use super::error::{ApiError, ErrorBody, JsonBody, Query};
 use super::State;
 use crate::control::{self, ControlStatus};
 use crate::model::ControlAction;

@@ -28,10 +28,10 @@ pub struct GeneratorRequest {
     pub action: GeneratorAction,
     /// Payments per second (start; default 100).
     #[schema(example = 200)]
-    pub rate: Option<u64>,
+    pub rate: Option<i64>,
     /// Accounts `gen-00000`, … to use (start; default `generator.accounts`).
     #[schema(example = 1000)]
-    pub accounts: Option<u32>,
+    pub accounts: Option<i64>,
     /// Zipf exponent of account choice: 0 uniform, 1.1 a few hot accounts (start; default 0).
     #[schema(example = 0.0)]
     pub skew: Option<f64>,
@@ -57,11 +57,13 @@ async fn command(
     match request.action {
         GeneratorAction::Stop => Ok(Json(state.generator.stop())),
         GeneratorAction::Start => {
+            let config = &state.runtime.shared.config.generator;
+            // Out-of-range numbers become 0, which the bounds check refuses by name.
             let settings = Settings {
-                rate_per_second: request.rate.unwrap_or(100),
+                rate_per_second: request.rate.map_or(100, |r| u64::try_from(r).unwrap_or(0)),
                 accounts: request
                     .accounts
-                    .unwrap_or(state.runtime.shared.config.generator.accounts),
+                    .map_or(config.accounts, |a| u32::try_from(a).unwrap_or(0)),
                 skew: request.skew.unwrap_or(0.0),
             };
             match Generator::start(&state, settings).await {

@@ -117,6 +117,7 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .merge(stream::router())
         .merge(health::router())
         .split_for_parts();
+    let api = with_error_responses(api);
     let max_body = state.runtime.shared.config.server.max_body_bytes;
     let router = router
         .layer(DefaultBodyLimit::max(max_body))
@@ -130,6 +131,55 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         ))
         .layer(axum::middleware::from_fn(count_requests));
     (router.with_state(state), api)
+}
+
+/// Documents on every operation the errors any request may get, besides
+/// those its handler declares: a bad query, path or body (400), auth (401,
+/// 403), an unknown resource (404), a body too large (413) or not JSON
+/// (415), and the log or intake unavailable (503). Every error has the
+/// `ErrorBody` shape.
+fn with_error_responses(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let common = [
+        ("400", "Invalid request: query, path or body"),
+        ("401", "Missing or unknown bearer token"),
+        ("403", "The token's role may not do this"),
+        ("404", "Not found"),
+        ("413", "Request body larger than the limit"),
+        ("415", "Body is not JSON (Content-Type: application/json)"),
+        (
+            "503",
+            "Unavailable: shutting down, backpressure, or the log is unavailable",
+        ),
+    ];
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for (status, description) in common {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| {
+                        let content = ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build();
+                        ResponseBuilder::new()
+                            .description(description)
+                            .content("application/json", content)
+                            .build()
+                            .into()
+                    });
+            }
+        }
+    }
+    api
 }
 
 /// Records every state-changing API call in the audit trail, refused ones

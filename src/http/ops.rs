@@ -2,7 +2,7 @@
 //! replay, delete), the audit trail, the error log, and raw record injection
 //! for DLQ drills.
 
-use axum::extract::{Path, Query, State as Extract};
+use axum::extract::State as Extract;
 use axum::http::StatusCode;
 use axum::Extension;
 use axum::Json;
@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Principal;
-use super::error::{ApiError, ErrorBody, JsonBody};
+use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
 use super::State;
 use crate::ops::dlq::{self, DeadLetter, Filter};
 

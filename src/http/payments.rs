@@ -1,7 +1,7 @@
 //! `/api/v1/payments`: submit (one or a batch) and follow payments. HTTP types
 //! are translated to events here; events never leak into responses.
 
-use axum::extract::{Path, Query, State as Extract};
+use axum::extract::State as Extract;
 use axum::http::StatusCode;
 use axum::Json;
 use futures::future::join_all;
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::error::{ApiError, ErrorBody, JsonBody};
+use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
 use super::State;
 use crate::model::{new_payment_id, validate_id, Hop, PaymentRef, PaymentStatus};
 use crate::pipeline::inflight::validate_payment;
