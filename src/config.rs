@@ -611,3 +611,37 @@ mod tests {
         assert!(missing.unwrap_err().to_string().contains("does not exist"));
     }
 }
+
+#[cfg(test)]
+mod decoder_fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        // Any settings file text loads or is refused with a message; it never panics.
+        #[test]
+        fn arbitrary_settings_files_never_panic(text in "(\\PC|\\n|=|\\[|\\]|\"){0,300}") {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("kpay.toml");
+            std::fs::write(&path, &text).unwrap();
+            if let Err(error) = Config::load(Some(&path), &Overrides::default()) {
+                prop_assert!(!error.to_string().is_empty());
+            }
+        }
+
+        // Settings-shaped text with arbitrary values: loaded or refused by key.
+        #[test]
+        fn arbitrary_values_never_panic(
+            section in "(server|data|log|log.kafka|topics|pipeline|limits|demo|generator|instrument|slo)",
+            key in "[a-z_]{1,24}",
+            value in "(-?[0-9]{1,22}|\"[^\"\\\\]{0,20}\"|true|false|\\[\\])",
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("kpay.toml");
+            std::fs::write(&path, format!("[{section}]\n{key} = {value}\n")).unwrap();
+            let _ = Config::load(Some(&path), &Overrides::default());
+        }
+    }
+}

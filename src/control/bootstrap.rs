@@ -93,3 +93,18 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod decoder_fuzz {
+    use proptest::prelude::*;
+
+    proptest! {
+        // Any CSV text parses or is refused with the line named; it never panics.
+        #[test]
+        fn arbitrary_csv_never_panics(text in "(\\PC|\\n|,){0,400}") {
+            if let Err(error) = super::parse(&text, 1_000_000) {
+                prop_assert!(!error.to_string().is_empty());
+            }
+        }
+    }
+}

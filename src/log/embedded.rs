@@ -2416,3 +2416,48 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod decoder_fuzz {
+    //! Bytes on disk come from outside the process: whatever a segment holds,
+    //! opening the log gives a log or an error, never a panic, and never an
+    //! allocation sized by a corrupt length field.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        // A segment of arbitrary bytes (also after valid frames) opens or is refused by name.
+        #[test]
+        fn arbitrary_segment_bytes_never_panic(
+            junk in proptest::collection::vec(any::<u8>(), 0..2048),
+            valid_first in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let config = EmbeddedLogConfig::with_dir(dir.path());
+            if valid_first {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async {
+                    let log = EmbeddedLog::open(config.clone()).unwrap();
+                    log.ensure_topic("t", 2).await.unwrap();
+                    let record = Record {
+                        key: Bytes::from_static(b"k"),
+                        value: Bytes::from_static(b"v"),
+                        timestamp_ms: 1,
+                    };
+                    log.append(&TopicPartition::new("t", 1), vec![record]).await.unwrap();
+                    log.close();
+                });
+            }
+            let path = segment_path(dir.path(), 1);
+            let mut bytes = std::fs::read(&path).unwrap_or_default();
+            bytes.extend_from_slice(&junk);
+            std::fs::write(&path, &bytes).unwrap();
+            match EmbeddedLog::open(config) {
+                Ok(log) => log.close(),
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+        }
+    }
+}
