@@ -338,3 +338,30 @@ fn bad_config_stops_the_start_with_the_key_named() {
         "data written before the config was checked"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_lost_under_a_kept_state_is_refused_with_what_to_do() {
+    // New records would reuse offsets the state has read and be skipped: refuse, say why and what to do.
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::test_config(dir.path());
+    let server = common::TestServer::start(config.clone()).await;
+    let client = reqwest::Client::new();
+    common::open_account(&client, &server.base, "a", 1_000).await;
+    common::open_account(&client, &server.base, "b", 0).await;
+    let body = json!({"id": "p-1", "from": "a", "to": "b", "amount": 5});
+    let (status, _) = common::post(&client, &server.url("/api/v1/payments"), body).await;
+    assert_eq!(status, 202);
+    common::terminal(&client, &server.base, "p-1").await;
+    server.stop().await;
+    std::fs::remove_dir_all(dir.path().join("log")).unwrap();
+    let (log, store) = kpay::runtime::open_backends(&config).await.unwrap();
+    let error = kpay::runtime::Runtime::start(config, log, store)
+        .await
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(
+        error.contains("but the log ends at 0") && error.contains("Restore the log"),
+        "{error}"
+    );
+}

@@ -255,6 +255,28 @@ impl Runtime {
     }
 }
 
+/// Refuses to start when the state has consumed records the log no longer
+/// has (a log truncated, lost or replaced under a kept state): new records
+/// would reuse those offsets and be skipped as already read.
+async fn check_state_within_log(
+    log: &dyn Log,
+    topics: &TopicsConfig,
+    offsets: &BTreeMap<(SourceTopic, u32), u64>,
+) -> Result<(), RuntimeError> {
+    for (&(kind, partition), &next) in offsets {
+        let tp = TopicPartition::new(topics.name(kind), partition);
+        let end = log.high_watermark(&tp).await?;
+        if next > end {
+            return Err(RuntimeError::Startup(format!(
+                "the state has read {tp} up to offset {next}, but the log ends at {end}: the \
+                 log was truncated, lost or replaced while the state was kept. Restore the \
+                 log, or move the data directory's state aside to rebuild it from the log"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Where each task (processor name, partition) stops a replay.
 pub type Targets = BTreeMap<(String, u32), task::Positions>;
 
@@ -289,6 +311,15 @@ async fn start_tasks(
         checkpoints.2.push(load_checkpoint::<Confirmed>(&store, p)?);
     }
     let control_checkpoint = load_checkpoint::<ControlPlane>(&store, 0)?;
+    if targets.is_none() {
+        let positions = (checkpoints.0.iter().map(|c| &c.next_offsets))
+            .chain(checkpoints.1.iter().map(|c| &c.next_offsets))
+            .chain(checkpoints.2.iter().map(|c| &c.next_offsets))
+            .chain(std::iter::once(&control_checkpoint.next_offsets));
+        for offsets in positions {
+            check_state_within_log(&*log, &config.topics, offsets).await?;
+        }
+    }
     let instrument = &config.instrument;
     let window_ms = i64::from(instrument.window_seconds) * 1_000;
     let keep = if instrument.enabled {
