@@ -365,3 +365,76 @@ async fn a_log_lost_under_a_kept_state_is_refused_with_what_to_do() {
         "{error}"
     );
 }
+
+/// The newest segment file of the embedded log under `dir`.
+fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut segments: Vec<_> = std::fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    segments.sort();
+    segments.pop().expect("a segment")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_cut_back_and_damage_before_the_end_is_refused() {
+    // A crash mid-write leaves a partial frame (never acknowledged): cut back, every payment
+    // still there once. Damage with valid records after it: refuse, saying what to do.
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::test_config(dir.path());
+    let server = common::TestServer::start(config.clone()).await;
+    let client = reqwest::Client::new();
+    common::open_account(&client, &server.base, "a", 100_000).await;
+    common::open_account(&client, &server.base, "b", 0).await;
+    for n in 0..50 {
+        let body = json!({"id": format!("t-{n}"), "from": "a", "to": "b", "amount": 10});
+        let (status, _) = common::post(&client, &server.url("/api/v1/payments"), body).await;
+        assert_eq!(status, 202);
+    }
+    for n in 0..50 {
+        common::terminal(&client, &server.base, &format!("t-{n}")).await;
+    }
+    server.stop().await;
+
+    // A torn write: the start of a frame that never finished.
+    let segment = last_segment(dir.path());
+    let intact = std::fs::read(&segment).unwrap();
+    let mut torn = intact.clone();
+    torn.extend_from_slice(&intact[..intact.len().min(37)]);
+    std::fs::write(&segment, &torn).unwrap();
+    let server = common::TestServer::start(config.clone()).await;
+    for n in 0..50 {
+        let payment = common::terminal(&client, &server.base, &format!("t-{n}")).await;
+        assert_eq!(payment["status"], "confirmed");
+    }
+    let (_, bob) = get(&client, &server.url("/api/v1/accounts/b")).await;
+    assert_eq!(bob["balance"], 500, "each moved once");
+    let body = json!({"id": "after", "from": "a", "to": "b", "amount": 10});
+    assert_eq!(
+        common::post(&client, &server.url("/api/v1/payments"), body)
+            .await
+            .0,
+        202
+    );
+    assert_eq!(
+        common::terminal(&client, &server.base, "after").await["status"],
+        "confirmed"
+    );
+    server.stop().await;
+
+    // Damage in the middle, valid records after it: acknowledged data is at stake.
+    let segment = last_segment(dir.path());
+    let mut damaged = std::fs::read(&segment).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x5a;
+    std::fs::write(&segment, &damaged).unwrap();
+    let error = match kpay::runtime::open_backends(&config).await {
+        Ok(_) => panic!("a damaged log must be refused"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("corrupt log at") && error.contains("restore the data directory"),
+        "{error}"
+    );
+}

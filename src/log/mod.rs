@@ -79,7 +79,11 @@ pub enum LogError {
     },
     #[error("log is closed")]
     Closed,
-    #[error("corrupt log at {path}: {reason}")]
+    #[error(
+        "corrupt log at {path}: {reason}. kpay does not drop acknowledged records by itself: \
+         restore the data directory from a backup, or, accepting the loss of the records \
+         from that point on, truncate the file there"
+    )]
     Corrupt { path: String, reason: String },
     #[error("log io error at {context}: {source}")]
     Io {
