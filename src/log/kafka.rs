@@ -20,6 +20,7 @@ use rskafka::chrono::{TimeZone, Utc};
 use rskafka::client::error::{Error as KafkaError, ProtocolError};
 use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
+use rskafka::record::RecordAndOffset;
 use rskafka::BackoffConfig;
 
 use super::{Log, LogError, Record, StoredRecord, TopicPartition};
@@ -195,6 +196,37 @@ impl KafkaLog {
         Duration::from_millis(self.config.poll_ms)
     }
 
+    /// One fetch that answers at once, remembering what it says of the
+    /// partition's end: the records from `offset` (up to `max_bytes`) and the
+    /// high-water mark.
+    async fn fetch(
+        &self,
+        tp: &TopicPartition,
+        partition: &Partition,
+        what: &str,
+        offset: u64,
+        max_bytes: i32,
+    ) -> Result<(Vec<RecordAndOffset>, u64), LogError> {
+        let (records, high_watermark) = self
+            .call(
+                Some(tp),
+                what,
+                empty_when_no_topic(partition.client.fetch_records(
+                    offset as i64,
+                    1..max_bytes,
+                    FETCH_WAIT_MS,
+                )),
+            )
+            .await?;
+        partition.checked_now();
+        let high_watermark = high_watermark.max(0) as u64;
+        partition.saw(high_watermark);
+        if let Some(last) = records.last() {
+            partition.saw(last.offset.max(0) as u64 + 1);
+        }
+        Ok((records, high_watermark))
+    }
+
     async fn offset(&self, tp: &TopicPartition, at: OffsetAt) -> Result<u64, LogError> {
         let partition = self.partition(tp).await?;
         let offset = self
@@ -211,10 +243,8 @@ const FETCH_WAIT_MS: i32 = 1;
 /// Some brokers (Tansu) answer a fetch that finds nothing with no topic at
 /// all, which rskafka reports as an invalid response: that is an empty fetch.
 async fn empty_when_no_topic(
-    fetch: impl std::future::Future<
-        Output = Result<(Vec<rskafka::record::RecordAndOffset>, i64), KafkaError>,
-    >,
-) -> Result<(Vec<rskafka::record::RecordAndOffset>, i64), KafkaError> {
+    fetch: impl std::future::Future<Output = Result<(Vec<RecordAndOffset>, i64), KafkaError>>,
+) -> Result<(Vec<RecordAndOffset>, i64), KafkaError> {
     match fetch.await {
         Err(KafkaError::InvalidResponse(message))
             if message.contains("Expected a single topic in response, got 0") =>
@@ -325,20 +355,10 @@ impl Log for KafkaLog {
             // Nothing new from us, and the broker was asked a moment ago.
             return Ok(Vec::new());
         }
-        let range = 1..self.config.fetch_max_bytes;
         let fetched = self
-            .call(
-                Some(tp),
-                "fetch",
-                empty_when_no_topic(partition.client.fetch_records(
-                    offset as i64,
-                    range,
-                    FETCH_WAIT_MS,
-                )),
-            )
+            .fetch(tp, &partition, "fetch", offset, self.config.fetch_max_bytes)
             .await;
-        partition.checked_now();
-        let (records, high_watermark) = fetched.map_err(|error| match error {
+        let (records, _) = fetched.map_err(|error| match error {
             LogError::OffsetOutOfRange { tp, .. } => LogError::OffsetOutOfRange {
                 tp,
                 offset,
@@ -346,10 +366,6 @@ impl Log for KafkaLog {
             },
             other => other,
         })?;
-        partition.saw(high_watermark.max(0) as u64);
-        if let Some(last) = records.last() {
-            partition.saw(last.offset.max(0) as u64 + 1);
-        }
         let mut records: std::collections::VecDeque<StoredRecord> = records
             .into_iter()
             .filter(|r| r.offset >= offset as i64)
@@ -372,20 +388,11 @@ impl Log for KafkaLog {
         // Brokers disagree on "latest" (Kafka: the next offset; Tansu: the
         // last one); a fetch there answers with the high-water mark itself.
         let partition = self.partition(tp).await?;
-        let fetched = self
-            .call(
-                Some(tp),
-                "fetch (high-water mark)",
-                empty_when_no_topic(partition.client.fetch_records(
-                    latest as i64,
-                    1..2,
-                    FETCH_WAIT_MS,
-                )),
-            )
+        let (_, high_watermark) = self
+            .fetch(tp, &partition, "fetch (high-water mark)", latest, 2)
             .await?;
-        let high_watermark = (fetched.1.max(0) as u64).max(latest);
-        partition.saw(high_watermark);
-        Ok(high_watermark)
+        partition.saw(latest);
+        Ok(high_watermark.max(latest))
     }
 
     async fn log_start(&self, tp: &TopicPartition) -> Result<u64, LogError> {
@@ -418,22 +425,8 @@ impl Log for KafkaLog {
             if partition.checked_within(self.poll()) {
                 continue;
             }
-            let (records, high_watermark) = self
-                .call(
-                    Some(tp),
-                    "fetch (wait)",
-                    empty_when_no_topic(partition.client.fetch_records(
-                        offset as i64,
-                        1..2,
-                        FETCH_WAIT_MS,
-                    )),
-                )
+            self.fetch(tp, &partition, "fetch (wait)", offset, 2)
                 .await?;
-            partition.checked_now();
-            partition.saw(high_watermark.max(0) as u64);
-            if let Some(last) = records.last() {
-                partition.saw(last.offset.max(0) as u64 + 1);
-            }
         }
     }
 
