@@ -55,6 +55,27 @@ async fn inject(
         .collect()
 }
 
+/// Injects one record into `topic` and waits until `processor` dead-letters
+/// it; returns the dead letter's id and the letter.
+async fn dead_lettered(
+    c: &reqwest::Client,
+    base: &str,
+    topic: &str,
+    processor: &str,
+    record: Value,
+) -> (String, Value) {
+    let landed = inject(c, base, topic, None, json!([record])).await;
+    let (p, offset) = landed[0];
+    let id = format!("{topic}:{p}:{offset}:{processor}");
+    let url = format!("{base}/api/v1/dlq/{id}");
+    wait_until(Duration::from_secs(10), || async {
+        get(c, &url).await.0 == 200
+    })
+    .await;
+    let (_, letter) = get(c, &url).await;
+    (id, letter)
+}
+
 async fn dlq(c: &reqwest::Client, base: &str, query: &str) -> Value {
     let (status, list) = get(c, &format!("{base}/api/v1/dlq?{query}")).await;
     assert_eq!(status, 200, "{list}");
@@ -195,21 +216,8 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
     open_account(&c, &base, "bob", 0).await;
     // A foreign producer's payment that is not in kpay's format.
     let text = r#"{"id":"fix-me","from":"alice","to":"bob","amount":"5.00"}"#;
-    let landed = inject(
-        &c,
-        &base,
-        "payment.incoming",
-        None,
-        json!([{"key": "fix-me", "value": text}]),
-    )
-    .await;
-    let (p, offset) = landed[0];
-    let id = format!("payment.incoming:{p}:{offset}:inflight");
-    wait_until(Duration::from_secs(10), || async {
-        get(&c, &format!("{base}/api/v1/dlq/{id}")).await.0 == 200
-    })
-    .await;
-    let (_, letter) = get(&c, &format!("{base}/api/v1/dlq/{id}")).await;
+    let record = json!({"key": "fix-me", "value": text});
+    let (id, letter) = dead_lettered(&c, &base, "payment.incoming", "inflight", record).await;
     assert_eq!(letter["value_text"], text, "{letter}");
     let replay_url = format!("{base}/api/v1/dlq/{id}/replay");
     // As stored it still does not decode: refused with a reason, nothing appended.
@@ -244,8 +252,9 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
     );
     assert_eq!(balance(&c, &base, "bob").await, 500);
     // Again, with or without a body: the first answer, nothing appended.
-    let incoming = kpay::log::TopicPartition::new("payment.incoming", p);
     let shared = server.runtime().shared.clone();
+    let p = partition_for("fix-me", shared.config.log.partitions);
+    let incoming = kpay::log::TopicPartition::new("payment.incoming", p);
     let end = shared.log.high_watermark(&incoming).await.unwrap();
     for body in [json!({"value_hex": fixed}), json!({})] {
         let (status, again) = post(&c, &replay_url, body).await;
@@ -270,21 +279,8 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
         amount_cents: 700,
         at_ms: now_ms(),
     });
-    let landed = inject(
-        &c,
-        &base,
-        "payment.inflight",
-        None,
-        json!([{"key": "carol", "value_hex": deposit}]),
-    )
-    .await;
-    let (p, offset) = landed[0];
-    let id = format!("payment.inflight:{p}:{offset}:account");
-    wait_until(Duration::from_secs(10), || async {
-        get(&c, &format!("{base}/api/v1/dlq/{id}")).await.0 == 200
-    })
-    .await;
-    let (_, letter) = get(&c, &format!("{base}/api/v1/dlq/{id}")).await;
+    let record = json!({"key": "carol", "value_hex": deposit});
+    let (id, letter) = dead_lettered(&c, &base, "payment.inflight", "account", record).await;
     assert_eq!(letter["class"], "impossible_state", "{letter}");
     open_account(&c, &base, "carol", 0).await;
     let url = format!("{base}/api/v1/dlq/{id}/replay");
@@ -590,19 +586,8 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
         "rejected"
     );
     // A dead letter, replayed corrected: a replay source in the log.
-    let landed = inject(
-        &c,
-        &base,
-        "payment.incoming",
-        None,
-        json!([{"key": "fixed", "value": "garbage"}]),
-    )
-    .await;
-    let id = format!("payment.incoming:{}:{}:inflight", landed[0].0, landed[0].1);
-    wait_until(Duration::from_secs(10), || async {
-        get(&c, &format!("{base}/api/v1/dlq/{id}")).await.0 == 200
-    })
-    .await;
+    let record = json!({"key": "fixed", "value": "garbage"});
+    let (id, _) = dead_lettered(&c, &base, "payment.incoming", "inflight", record).await;
     let fixed = encoded(Event::PaymentSubmitted(payment(
         "fixed", "alice", "bob", 50,
     )));
