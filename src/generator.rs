@@ -309,23 +309,21 @@ async fn run(app: Arc<AppState>, settings: Settings, stop: CancellationToken) {
         for _ in 0..send {
             sequence += 1;
             let share = rng.gen_range(0..100);
-            let from = if share < config.rejected_percent {
-                EMPTY_ACCOUNT.to_owned()
-            } else {
-                account_id(picker.pick(&mut rng))
+            let rejected = share < config.rejected_percent;
+            let reversed = !rejected && share < config.rejected_percent + config.reversed_percent;
+            let from_index = picker.pick(&mut rng);
+            let mut to_index = picker.pick(&mut rng);
+            if to_index == from_index {
+                // The next account: never the same one (there are at least two).
+                to_index = (to_index + 1) % settings.accounts;
+            }
+            let from = match rejected {
+                true => EMPTY_ACCOUNT.to_owned(),
+                false => account_id(from_index),
             };
-            let to = if (config.rejected_percent..config.rejected_percent + config.reversed_percent)
-                .contains(&share)
-            {
-                MISSING_ACCOUNT.to_owned()
-            } else {
-                let mut to = account_id(picker.pick(&mut rng));
-                if to == from {
-                    // The next account: never the same one (there are at least two).
-                    let index = from[4..].parse::<u32>().unwrap_or(0);
-                    to = account_id((index + 1) % settings.accounts);
-                }
-                to
+            let to = match reversed {
+                true => MISSING_ACCOUNT.to_owned(),
+                false => account_id(to_index),
             };
             let payment = PaymentRef {
                 id: format!("gen-{run_id}-{sequence}"),
