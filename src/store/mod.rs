@@ -117,7 +117,10 @@ impl Store {
             .flush_every_ms(Some(1_000))
             .open()
             .map_err(|error| match &error {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
                     StoreError::Format(format!(
                         "{} is in use by another kpay process: stop it first \
                          (one process per data directory)",

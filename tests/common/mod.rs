@@ -47,7 +47,21 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
-        let (log, store) = open_backends(&config).await.expect("open backends");
+        // A server stopped a moment ago may still be dropping its last
+        // handles on the store (its lock): try again for a little while.
+        let started = Instant::now();
+        let (log, store) = loop {
+            match open_backends(&config).await {
+                Ok(backends) => break backends,
+                Err(error)
+                    if error.to_string().contains("in use by another kpay")
+                        && started.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("open backends: {error}"),
+            }
+        };
         let runtime = Runtime::start(config, log, store).await.expect("start");
         let state = AppState::new(runtime);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
