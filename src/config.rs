@@ -220,6 +220,11 @@ pub struct LimitsConfig {
     pub dlq_entries: usize,
     /// Newest WARN and ERROR log events kept in the store.
     pub error_log_entries: usize,
+    /// How long a settled payment is kept for lookup and deduplication,
+    /// counted from its acceptance to the newest payment record read on its
+    /// partition. A payment older than this when it reaches the log is
+    /// refused (`expired`): it could be a copy of a forgotten one.
+    pub payment_retention_seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -308,6 +313,7 @@ impl Default for LimitsConfig {
             audit_entries: 100_000,
             dlq_entries: 10_000,
             error_log_entries: 10_000,
+            payment_retention_seconds: 3_600,
         }
     }
 }
@@ -533,6 +539,12 @@ impl Config {
         }
         if self.limits.max_amount_cents <= 0 {
             return invalid("limits.max_amount_cents", "must be > 0");
+        }
+        if !(1..=366 * 86_400).contains(&self.limits.payment_retention_seconds) {
+            return invalid(
+                "limits.payment_retention_seconds",
+                "must be between 1 and 31622400 (366 days)",
+            );
         }
         if self.limits.max_batch_payments == 0 || self.limits.max_page_items == 0 {
             return invalid("limits.max_batch_payments", "limits must be at least 1");

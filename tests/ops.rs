@@ -476,7 +476,12 @@ async fn warnings_reach_the_error_log_with_their_context() {
 
 /// Runs `kpay rebuild` on `dir`; returns (success, stdout + stderr).
 fn rebuild(dir: &std::path::Path, dry_run: bool) -> (bool, String) {
+    rebuild_with(dir, dry_run, &[])
+}
+
+fn rebuild_with(dir: &std::path::Path, dry_run: bool, env: &[(&str, &str)]) -> (bool, String) {
     let mut command = kpay_command();
+    command.envs(env.iter().copied());
     command
         .arg("--data-dir")
         .arg(dir)
@@ -767,6 +772,101 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
         200,
         "each moved money once"
     );
+    ledger_ok(&c, &base).await;
+    server.stop().await;
+}
+
+/// An id of the form `{prefix}-{n}` for each partition, in partition order.
+fn one_per_partition(prefix: &str, partitions: u32) -> Vec<String> {
+    (0..partitions)
+        .map(|p| {
+            (0..)
+                .map(|n| format!("{prefix}-{n}"))
+                .find(|id| partition_for(id, partitions) == p)
+                .expect("some id lands on every partition")
+        })
+        .collect()
+}
+
+// Settled payments are forgotten once the retention has passed on their
+// partition, the same way live and in a rebuild; a copy of a forgotten
+// payment is refused as expired instead of moving its money again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settled_payments_are_forgotten_after_the_retention_and_copies_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.limits.payment_retention_seconds = 2;
+    let partitions = config.log.partitions;
+    let server = TestServer::start(config.clone()).await;
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    open_account(&c, &base, "alice", 100_000).await;
+    open_account(&c, &base, "bob", 0).await;
+    let early = one_per_partition("early", partitions);
+    let mut accepted_at = Vec::new();
+    for id in &early {
+        let body = json!({"id": id, "from": "alice", "to": "bob", "amount": 100});
+        let (status, answer) = post(&c, &format!("{base}/api/v1/payments"), body).await;
+        assert_eq!(status, 202, "{answer}");
+        let done = terminal(&c, &base, id).await;
+        assert_eq!(done["status"], "confirmed");
+        accepted_at.push(done["accepted_at"].as_i64().unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    // Newer payments on every partition move its clock past the retention.
+    let late = one_per_partition("late", partitions);
+    for id in &late {
+        pay(&c, &base, id, 10).await;
+    }
+    for id in &late {
+        assert_eq!(terminal(&c, &base, id).await["status"], "confirmed");
+    }
+    for id in &early {
+        let url = format!("{base}/api/v1/payments/{id}");
+        wait_until(Duration::from_secs(10), || async {
+            get(&c, &url).await.0 == 404
+        })
+        .await;
+        let (_, answer) = get(&c, &url).await;
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("kept for 2 s"),
+            "{answer}"
+        );
+    }
+    // A copy of a forgotten payment, as another producer would re-send it.
+    let copy = json!({"id": early[0], "from": "alice", "to": "bob", "amount": 100,
+                      "accepted_at": accepted_at[0]});
+    let record = json!({"key": early[0], "value": copy.to_string()});
+    let (_, letter) = dead_lettered(&c, &base, "payment.incoming", "inflight", record).await;
+    assert_eq!(letter["class"], "expired", "{letter}");
+    assert!(
+        letter["reason"].as_str().unwrap().contains("retention"),
+        "{letter}"
+    );
+    let (status, _) = get(&c, &format!("{base}/api/v1/payments/{}", early[0])).await;
+    assert_eq!(status, 404);
+    let moved = 100 * early.len() as i64 + 10 * late.len() as i64;
+    assert_eq!(balance(&c, &base, "bob").await, moved);
+    ledger_ok(&c, &base).await;
+    server.stop().await;
+
+    let env = [("KPAY_LIMITS__PAYMENT_RETENTION_SECONDS", "2")];
+    let (ok, report) = rebuild_with(dir.path(), true, &env);
+    assert!(ok && !report.contains("DIFFERENT"), "{report}");
+
+    // After a restart the forgotten stay forgotten and payments flow.
+    let server = TestServer::start(config).await;
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let (status, _) = get(&c, &format!("{base}/api/v1/payments/{}", early[1])).await;
+    assert_eq!(status, 404);
+    pay(&c, &base, "after-restart", 1).await;
+    assert_eq!(
+        terminal(&c, &base, "after-restart").await["status"],
+        "confirmed"
+    );
+    assert_eq!(balance(&c, &base, "bob").await, moved + 1);
     ledger_ok(&c, &base).await;
     server.stop().await;
 }

@@ -81,6 +81,7 @@ mod tests {
             received_at_ms: 0,
             now_ms: 0,
             partitions: 1,
+            forgotten_before_ms: i64::MIN,
         };
         ControlPlane::handle(&mut None, state, Event::Control(command), &ctx).unwrap();
     }

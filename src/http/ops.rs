@@ -38,7 +38,7 @@ pub struct DlqQuery {
     pub after: Option<String>,
     /// `waiting` (default) or `replayed`.
     pub status: Option<String>,
-    /// Only this error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`.
+    /// Only this error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`, `expired`.
     pub class: Option<String>,
     /// Only records from this topic.
     pub topic: Option<String>,

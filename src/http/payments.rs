@@ -267,9 +267,12 @@ async fn get_payment(
     Path(id): Path<String>,
 ) -> Result<Json<PaymentView>, ApiError> {
     validate_id(&id).map_err(|e| ApiError::BadRequest(format!("id {e}")))?;
-    find(&state, &id)?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("payment {id} not found")))
+    find(&state, &id)?.map(Json).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "payment {id} not found (settled payments are kept for {} s)",
+            state.runtime.shared.config.limits.payment_retention_seconds
+        ))
+    })
 }
 
 /// Recently accepted payments (since start), newest first.

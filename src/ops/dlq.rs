@@ -57,7 +57,7 @@ pub struct DeadLetter {
     /// processors read `payment.complete`, each may give up on a record).
     #[schema(example = "payment.incoming:3:1017:inflight")]
     pub id: String,
-    /// Error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`.
+    /// Error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`, `expired`.
     #[schema(example = "decode")]
     pub class: String,
     /// What exactly was wrong.

@@ -306,6 +306,7 @@ mod tests {
             received_at_ms: 0,
             now_ms: 5,
             partitions: 1,
+            forgotten_before_ms: i64::MIN,
         }
     }
 

@@ -166,6 +166,7 @@ mod tests {
             received_at_ms: 0,
             now_ms: 0,
             partitions: 1,
+            forgotten_before_ms: i64::MIN,
         };
         let mut apply = |event| Confirmed::handle(&mut None, &mut stats, event, &ctx).unwrap();
         assert!(apply(done(100, Outcome::Confirmed, MS_PER_DAY + 5)).is_some());

@@ -60,6 +60,7 @@ impl World {
             received_at_ms: 0,
             now_ms: 1,
             partitions: PARTITIONS,
+            forgotten_before_ms: i64::MIN,
         };
         let p = partition as usize;
         match topic {

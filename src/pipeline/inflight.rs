@@ -68,6 +68,15 @@ impl Processor for Inflight {
         state.status.is_terminal()
     }
 
+    /// A payment is over once terminal and its completion read (a payment
+    /// rejected at admission still has its completion coming back); it is
+    /// kept for the retention from its acceptance.
+    fn retention(state: &PaymentState) -> Option<i64> {
+        let over = state.status.is_terminal()
+            && state.lineage.last().map(|hop| hop.stage) == Some(Stage::Completed);
+        over.then_some(state.payment.accepted_at_ms)
+    }
+
     fn handle(
         state: &mut Option<PaymentState>,
         stats: &mut InflightStats,
@@ -134,6 +143,18 @@ fn admit(
     if payment.accepted_at_ms == 0 {
         // A payment without its acceptance time: the record's time.
         payment.accepted_at_ms = ctx.received_at_ms;
+    }
+    if payment.accepted_at_ms < ctx.forgotten_before_ms {
+        // A copy of a payment already forgotten would look new and move its
+        // money again. Whether this id is still known or not, the record
+        // goes to the operator: the same decision live and in a replay.
+        return Err(ProcessError::Expired(format!(
+            "payment {} was accepted at {} ms, before {} ms: older than the \
+             retention (limits.payment_retention_seconds), it could be a copy \
+             of a payment already forgotten; replay it without accepted_at to \
+             submit it as new",
+            payment.id, payment.accepted_at_ms, ctx.forgotten_before_ms
+        )));
     }
     if let Some(existing) = state {
         // Every copy of an id lands on this partition, so this is the safety
@@ -227,8 +248,17 @@ fn complete(
         )));
     }
     if current.status.is_terminal() {
-        // Invalid payments are terminal at admission; their completion only
-        // feeds the confirmed processor's counts.
+        // Rejected at admission: the completion only feeds the confirmed
+        // processor's counts. Its hop marks the payment as over.
+        if current.lineage.last().map(|hop| hop.stage) != Some(Stage::Completed) {
+            current.lineage.push(Hop {
+                stage: Stage::Completed,
+                partition: ctx.partition,
+                offset: ctx.offset,
+                at_ms: ctx.now_ms,
+                received_at_ms: ctx.received_at_ms,
+            });
+        }
         return Ok(());
     }
     let amount = checked_sub(
@@ -275,6 +305,7 @@ mod tests {
             received_at_ms: 0,
             now_ms: 10,
             partitions: 1,
+            forgotten_before_ms: i64::MIN,
         }
     }
 
@@ -396,5 +427,93 @@ mod tests {
         };
         let result = Inflight::handle(&mut state, &mut stats, done, &ctx(SourceTopic::Complete, 0));
         assert!(matches!(result, Err(ProcessError::ImpossibleState(_))));
+    }
+
+    // A payment older than the retention is an error for the operator,
+    // known id or not (so a replay decides the same whether or not the row
+    // was forgotten yet). One just inside it is admitted.
+    #[test]
+    fn a_payment_older_than_the_retention_is_refused_known_or_not() {
+        let old = Ctx {
+            forgotten_before_ms: 2,
+            ..ctx(SourceTopic::Incoming, 0)
+        };
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let submit = Event::PaymentSubmitted(payment("p1", 5));
+        let result = Inflight::handle(&mut state, &mut stats, submit.clone(), &old);
+        assert!(
+            matches!(result, Err(ProcessError::Expired(_))),
+            "{result:?}"
+        );
+        assert_eq!((state, stats.admitted_count), (None, 0));
+        let (mut state, mut stats) = (None, InflightStats::default());
+        Inflight::handle(
+            &mut state,
+            &mut stats,
+            submit.clone(),
+            &ctx(SourceTopic::Incoming, 0),
+        )
+        .unwrap();
+        let known = state.clone();
+        let result = Inflight::handle(&mut state, &mut stats, submit, &old);
+        assert!(
+            matches!(result, Err(ProcessError::Expired(_))),
+            "{result:?}"
+        );
+        assert_eq!((state, stats.duplicate_count), (known, 0));
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let recent = Ctx {
+            forgotten_before_ms: 1,
+            ..ctx(SourceTopic::Incoming, 0)
+        };
+        let p = payment("p1", 5);
+        Inflight::handle(&mut state, &mut stats, Event::PaymentSubmitted(p), &recent).unwrap();
+        assert_eq!(state.unwrap().status, PaymentStatus::Inflight);
+    }
+
+    // Only a payment whose completion was read may be forgotten: a payment
+    // rejected at admission waits for its own completion to come back.
+    #[test]
+    fn a_payment_may_be_forgotten_once_its_completion_is_read() {
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let p = payment("p1", -5);
+        let submit = Event::PaymentSubmitted(p.clone());
+        let emit = Inflight::handle(
+            &mut state,
+            &mut stats,
+            submit,
+            &ctx(SourceTopic::Incoming, 0),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(Inflight::retention(state.as_ref().unwrap()), None);
+        let c = ctx(SourceTopic::Complete, 9);
+        Inflight::handle(&mut state, &mut stats, emit.event.clone(), &c).unwrap();
+        let row = state.clone().unwrap();
+        assert_eq!(Inflight::retention(&row), Some(p.accepted_at_ms));
+        assert_eq!(row.lineage.last().unwrap().offset, 9);
+        // Its completion read again changes nothing.
+        Inflight::handle(&mut state, &mut stats, emit.event, &c).unwrap();
+        assert_eq!(state.unwrap(), row);
+
+        let (mut state, mut stats) = (None, InflightStats::default());
+        let p = payment("p2", 5);
+        let submit = Event::PaymentSubmitted(p.clone());
+        Inflight::handle(
+            &mut state,
+            &mut stats,
+            submit,
+            &ctx(SourceTopic::Incoming, 0),
+        )
+        .unwrap();
+        assert_eq!(Inflight::retention(state.as_ref().unwrap()), None);
+        let done = Event::Completed {
+            payment: p,
+            outcome: Outcome::Confirmed,
+            completed_at_ms: 20,
+            lineage: vec![],
+        };
+        Inflight::handle(&mut state, &mut stats, done, &c).unwrap();
+        assert_eq!(Inflight::retention(state.as_ref().unwrap()), Some(1));
     }
 }

@@ -46,6 +46,12 @@ pub struct Ctx {
     pub now_ms: i64,
     /// Partitions of every topic (where a key belongs).
     pub partitions: u32,
+    /// Rows carrying a time before this may have been forgotten (see
+    /// [`Processor::retention`]): the newest append time of a
+    /// `payment.incoming` record read on this partition, this one included,
+    /// less the retention. It depends only on that topic's order, so a
+    /// replay of the log decides the same.
+    pub forgotten_before_ms: i64,
 }
 
 /// A record the processor cannot act on. The runtime dead-letters it and goes
@@ -59,6 +65,10 @@ pub enum ProcessError {
     ImpossibleState(String),
     #[error("arithmetic overflow: {0}")]
     Overflow(String),
+    /// Older than the retention: it could be a copy of a forgotten row, so
+    /// applying it could apply it twice.
+    #[error("expired: {0}")]
+    Expired(String),
 }
 
 /// The contract between pure logic and the runtime.
@@ -92,6 +102,13 @@ pub trait Processor: Send + Sync + 'static {
     /// it from memory as soon as the store has it (a terminal payment).
     fn is_settled(_state: &Self::State) -> bool {
         false
+    }
+
+    /// For a row the runtime may forget (a payment that is over): the time
+    /// it carries; the row goes once that is before
+    /// [`Ctx::forgotten_before_ms`]. `None`: the row is kept for good.
+    fn retention(_state: &Self::State) -> Option<i64> {
+        None
     }
 
     /// Applies `event`. On `Err`, `state` and `stats` must be left unchanged.

@@ -25,7 +25,8 @@ use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, Source
 use crate::ops::dlq::DeadLetter;
 use crate::pipeline::{Ctx, Emit, OutTopic, Processor};
 use crate::store::{
-    checkpoint_key, encode_row, row_key, undo_key, AppliedKey, Checkpoint, RowWrite, StoredBytes,
+    checkpoint_key, encode_row, kept_key, kept_table, row_key, undo_key, AppliedKey, Batch,
+    Checkpoint, RowWrite, StoredBytes, MAX_BATCH_ROWS,
 };
 
 /// A cached state row; `dirty` rows are newer than the store.
@@ -169,6 +170,13 @@ struct TaskLoop<P: Processor> {
     /// The record (input, offset) whose prerequisite does not exist; it is
     /// processed without it (and dead-lettered by the processor).
     orphan: Option<(usize, u64)>,
+    /// The retention's clock: the newest append time of a
+    /// `payment.incoming` record read.
+    clock_ms: i64,
+    /// How long rows that may be forgotten are kept (`limits.payment_retention_seconds`).
+    retention_ms: i64,
+    /// Rows that became forgettable since the last checkpoint: (time, key).
+    newly_kept: Vec<(i64, String)>,
 }
 
 /// Next offset to read per input (topic kind, partition).
@@ -210,6 +218,11 @@ pub async fn run<P: Processor>(
         catch_up: None,
         deferred: None,
         orphan: None,
+        clock_ms: checkpoint.clock_ms,
+        retention_ms: i64::try_from(shared.config.limits.payment_retention_seconds)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000),
+        newly_kept: Vec::new(),
     };
     state.start_positions().await?;
     state.publish_positions();
@@ -439,6 +452,9 @@ impl<P: Processor> TaskLoop<P> {
             let (kind, tp, next) = &mut self.inputs[index];
             debug_assert!(stored.offset >= *next, "offsets only move forward");
             *next = stored.offset + 1;
+            if *kind == SourceTopic::Incoming {
+                self.clock_ms = self.clock_ms.max(stored.record.timestamp_ms);
+            }
             let ctx = Ctx {
                 topic: *kind,
                 partition: tp.partition,
@@ -446,6 +462,7 @@ impl<P: Processor> TaskLoop<P> {
                 received_at_ms: stored.record.timestamp_ms,
                 now_ms: now,
                 partitions: shared.config.log.partitions,
+                forgotten_before_ms: self.forgotten_before_ms(),
             };
             let envelope = match codec::decode(&stored.record.value) {
                 Ok(envelope) => envelope,
@@ -469,9 +486,13 @@ impl<P: Processor> TaskLoop<P> {
             }
             let key = P::state_key(&envelope.event).map(str::to_owned);
             let (mut state, stored_bytes) = self.load_state(&rows, key.as_deref())?;
+            let was_kept = state.as_ref().and_then(P::retention).is_some();
             match P::handle(&mut state, &mut stats, envelope.event, &ctx) {
                 Ok(emit) => {
                     if let (Some(key), Some(value)) = (key, state) {
+                        if let Some(at_ms) = P::retention(&value).filter(|_| !was_kept) {
+                            self.newly_kept.push((at_ms, key.clone()));
+                        }
                         task.presence.insert(key.as_str());
                         self.dirty_rows += 1;
                         let row = Row {
@@ -658,22 +679,24 @@ impl<P: Processor> TaskLoop<P> {
             .iter()
             .map(|(kind, tp, next)| ((*kind, tp.partition), *next))
             .collect();
-        let checkpoint = Checkpoint {
-            next_offsets: next_offsets.clone(),
-            applied_sources: self.applied_sources.clone(),
-            stats: self.task.stats.read().expect("stats lock").clone(),
-        };
-        last.push((
-            checkpoint_key(P::NAME, self.task.partition),
-            encode_row(&checkpoint),
-        ));
-        let store_rows: Vec<RowWrite> = writes
+        let partition = self.task.partition;
+        let mut store_rows: Vec<RowWrite> = writes
             .iter()
             .map(|(key, bytes, old)| (row_key(P::TABLE, key), bytes.clone(), old.clone()))
             .collect();
+        let newly_kept = std::mem::take(&mut self.newly_kept);
+        store_rows.extend(
+            newly_kept
+                .into_iter()
+                .map(|(at_ms, key)| (kept_key(P::TABLE, partition, at_ms, &key), Vec::new(), None)),
+        );
+        last.push((
+            checkpoint_key(P::NAME, partition),
+            encode_row(&self.checkpoint_record(next_offsets.clone())),
+        ));
         let undo = undo_key(P::NAME, self.task.partition);
         self.shared.store.commit(&undo, &store_rows, last)?;
-        *self.task.committed.lock().expect("committed lock") = next_offsets;
+        *self.task.committed.lock().expect("committed lock") = next_offsets.clone();
         self.settle_rows(writes);
         if self.shared.config.instrument.enabled {
             metrics::histogram!("kpay_checkpoint_duration_seconds", "processor" => P::NAME)
@@ -682,7 +705,68 @@ impl<P: Processor> TaskLoop<P> {
         self.last_commit = Instant::now();
         self.uncommitted = false;
         self.dirty_rows = 0;
-        Ok(())
+        self.forget_expired()
+    }
+
+    /// What a checkpoint at `next_offsets` records.
+    fn checkpoint_record(&self, next_offsets: Positions) -> Checkpoint<P::Stats> {
+        Checkpoint {
+            next_offsets,
+            applied_sources: self.applied_sources.clone(),
+            stats: self.task.stats.read().expect("stats lock").clone(),
+            clock_ms: self.clock_ms,
+        }
+    }
+
+    /// Rows carrying a time before this may be forgotten now.
+    fn forgotten_before_ms(&self) -> i64 {
+        self.clock_ms.saturating_sub(self.retention_ms)
+    }
+
+    /// Forgets the rows of the retention index older than the retention,
+    /// right after a checkpoint at `next_offsets`: a chunk's rows and index
+    /// entries go in one atomic batch. Which rows may go depends only on the
+    /// clock, so whatever the timing of checkpoints, a replay of the log to
+    /// the same positions keeps the same rows.
+    fn forget_expired(&mut self) -> Result<(), RuntimeError> {
+        let partition = self.task.partition;
+        let index = kept_table(P::TABLE, partition);
+        let before = self.forgotten_before_ms().max(0);
+        loop {
+            let oldest: Vec<(String, ())> =
+                self.shared.store.scan(&index, None, MAX_BATCH_ROWS / 2)?;
+            let mut batch = Batch::default();
+            let mut keys = Vec::with_capacity(oldest.len());
+            for (entry, ()) in &oldest {
+                // `{time:020}/{key}`
+                let (at, key) = entry.split_at(20.min(entry.len()));
+                if at.parse::<i64>().map_or(true, |at| at >= before) {
+                    break;
+                }
+                let key = key.strip_prefix('/').unwrap_or(key);
+                batch.remove(format!("{index}/{entry}").as_bytes());
+                batch.remove(row_key(P::TABLE, key).as_bytes());
+                keys.push(key.to_owned());
+            }
+            if keys.is_empty() {
+                return Ok(());
+            }
+            self.shared.store.apply(batch)?;
+            let mut rows = self.task.rows.write().expect("rows lock");
+            for key in &keys {
+                if rows.get(key).is_some_and(|row| !row.dirty) {
+                    rows.remove(key);
+                }
+            }
+            drop(rows);
+            if self.shared.config.instrument.enabled {
+                metrics::counter!("kpay_payments_forgotten_total", "processor" => P::NAME)
+                    .increment(keys.len() as u64);
+            }
+            if keys.len() < oldest.len() {
+                return Ok(());
+            }
+        }
     }
 
     /// Marks written rows clean and drops rows memory no longer needs; only
@@ -712,5 +796,6 @@ fn error_class(error: &crate::pipeline::ProcessError) -> &'static str {
         ProcessError::UnexpectedEvent { .. } => "unexpected_event",
         ProcessError::ImpossibleState(_) => "impossible_state",
         ProcessError::Overflow(_) => "overflow",
+        ProcessError::Expired(_) => "expired",
     }
 }

@@ -31,7 +31,7 @@ pub enum StoreError {
 }
 
 /// Layout version of rows and log records; bumped when either changes.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 const FORMAT_KEY: &str = "m/format";
 
 fn sled_error(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {
@@ -55,6 +55,9 @@ pub struct Checkpoint<S> {
     pub applied_sources: BTreeMap<AppliedKey, u64>,
     /// The processor's per-partition statistics at this point.
     pub stats: S,
+    /// The newest append time of a `payment.incoming` record read (the
+    /// retention's clock; 0 before the first).
+    pub clock_ms: i64,
 }
 
 /// The sled database holding every state table.
@@ -97,6 +100,18 @@ const SEGMENT_BYTES: usize = 256 << 10;
 
 pub fn row_key(table: &str, key: &str) -> String {
     format!("{table}/{key}")
+}
+
+/// The retention index of one task: the rows it may forget, oldest first
+/// (`k/{table}/{partition}/{time}/{key}`, empty values).
+pub fn kept_table(table: &str, partition: u32) -> String {
+    format!("k/{table}/{partition:03}")
+}
+
+/// An entry of [`kept_table`]; times (ms, negative as 0) sort as fixed-width decimals.
+pub fn kept_key(table: &str, partition: u32, at_ms: i64, key: &str) -> String {
+    let at = at_ms.max(0);
+    format!("{}/{at:020}/{key}", kept_table(table, partition))
 }
 
 pub fn checkpoint_key(processor: &str, partition: u32) -> String {
