@@ -438,3 +438,99 @@ async fn a_torn_tail_is_cut_back_and_damage_before_the_end_is_refused() {
         "{error}"
     );
 }
+
+/// The most recently modified file under `dir`, at any depth.
+fn newest_file(dir: &std::path::Path) -> std::path::PathBuf {
+    fn walk(dir: &std::path::Path, files: &mut Vec<(std::time::SystemTime, std::path::PathBuf)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, files);
+            } else {
+                files.push((path.metadata().unwrap().modified().unwrap(), path));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files);
+    files.sort();
+    files.pop().expect("a state file").1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_state_file_is_rebuilt_from_the_log_or_refused() {
+    // The newest state file deleted: the state restarts from the log, every
+    // payment once. Deleted after retention removed log history: refused.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(dir.path());
+    config.log.partitions = 1;
+    config.log.history_bytes = 0;
+    let server = common::TestServer::start(config.clone()).await;
+    let client = reqwest::Client::new();
+    common::open_account(&client, &server.base, "a", 1_000_000).await;
+    common::open_account(&client, &server.base, "b", 0).await;
+    for n in 0..40 {
+        let to = if n % 10 == 9 { "nobody" } else { "b" };
+        let body = json!({"id": format!("s-{n}"), "from": "a", "to": to, "amount": 10});
+        let (status, _) = common::post(&client, &server.url("/api/v1/payments"), body).await;
+        assert_eq!(status, 202);
+    }
+    for n in 0..40 {
+        common::terminal(&client, &server.base, &format!("s-{n}")).await;
+    }
+    server.stop().await;
+    let deleted = newest_file(&dir.path().join("state"));
+    std::fs::remove_file(&deleted).unwrap();
+    eprintln!("deleted the newest state file: {}", deleted.display());
+
+    let server = common::TestServer::start(config.clone()).await;
+    for n in 0..40 {
+        let payment = common::terminal(&client, &server.base, &format!("s-{n}")).await;
+        let expected = if n % 10 == 9 { "reversed" } else { "confirmed" };
+        assert_eq!(payment["status"], expected, "after deleting {deleted:?}");
+    }
+    let (_, bob) = get(&client, &server.url("/api/v1/accounts/b")).await;
+    assert_eq!(
+        bob["balance"], 360,
+        "each moved once after deleting {deleted:?}"
+    );
+    let (_, ledger) = get(&client, &server.url("/api/v1/ledger/integrity")).await;
+    assert_eq!(ledger["ok"], true, "{ledger}");
+
+    // Enough traffic to fill segments, which retention then removes.
+    let incoming = kpay::log::TopicPartition::new("payment.incoming".to_string(), 0);
+    let mut batch_no = 0;
+    loop {
+        let start = server
+            .runtime()
+            .shared
+            .log
+            .log_start(&incoming)
+            .await
+            .unwrap();
+        if start > 0 {
+            break;
+        }
+        assert!(batch_no < 40, "retention never removed a segment");
+        let payments: Vec<_> = (0..1_000)
+            .map(|n| json!({"id": format!("bulk-{batch_no}-{n}"), "from": "a", "to": "b", "amount": 1}))
+            .collect();
+        let url = server.url("/api/v1/payments/batch");
+        let (status, body) = common::post(&client, &url, json!({"payments": payments})).await;
+        assert_eq!(status, 200, "{body}");
+        batch_no += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    server.stop().await;
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let (log, store) = kpay::runtime::open_backends(&config).await.unwrap();
+    let error = kpay::runtime::Runtime::start(config, log, store)
+        .await
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(
+        error.contains("removed by retention") && error.contains("Restore the state"),
+        "{error}"
+    );
+}

@@ -277,6 +277,31 @@ async fn check_state_within_log(
     Ok(())
 }
 
+/// Refuses to start when the log no longer holds records the state has not
+/// read (retention removed them): a state lost or deleted after retention
+/// ran, restarted empty, would silently miss them.
+async fn check_log_within_state(
+    log: &dyn Log,
+    topics: &TopicsConfig,
+    inputs: &[(&task::Positions, (SourceTopic, u32))],
+) -> Result<(), RuntimeError> {
+    for (offsets, input) in inputs {
+        let next = offsets.get(input).copied().unwrap_or(0);
+        let tp = TopicPartition::new(topics.name(input.0), input.1);
+        let start = log.log_start(&tp).await?;
+        if next < start {
+            return Err(RuntimeError::Startup(format!(
+                "the state has read {tp} up to offset {next}, but the log now starts at \
+                 {start}: the records before it were removed by retention, so this state \
+                 would never see them. The state directory was lost or replaced by an \
+                 older one after retention ran. Restore the state from a backup taken \
+                 with the log; a state rebuilt from this log would miss those records"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Where each task (processor name, partition) stops a replay.
 pub type Targets = BTreeMap<(String, u32), task::Positions>;
 
@@ -319,6 +344,22 @@ async fn start_tasks(
         for offsets in positions {
             check_state_within_log(&*log, &config.topics, offsets).await?;
         }
+        let mut inputs = Vec::new();
+        for p in 0..partitions {
+            let (a, b, c) = (
+                &checkpoints.0[p as usize],
+                &checkpoints.1[p as usize],
+                &checkpoints.2[p as usize],
+            );
+            inputs.extend([
+                (&a.next_offsets, (SourceTopic::Incoming, p)),
+                (&a.next_offsets, (SourceTopic::Complete, p)),
+                (&b.next_offsets, (SourceTopic::Inflight, p)),
+                (&c.next_offsets, (SourceTopic::Complete, p)),
+            ]);
+        }
+        inputs.push((&control_checkpoint.next_offsets, (SourceTopic::Control, 0)));
+        check_log_within_state(&*log, &config.topics, &inputs).await?;
     }
     let instrument = &config.instrument;
     let window_ms = i64::from(instrument.window_seconds) * 1_000;
