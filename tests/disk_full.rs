@@ -239,7 +239,7 @@ fn payment(tag: &str, worker: usize, n: usize) -> (String, String, String, i64) 
         0 => "ghost".to_owned(),
         _ => account((worker + n + 1 + n % 3) % ACCOUNTS),
     };
-    let amount = if n % 17 == 0 {
+    let amount = if n.is_multiple_of(17) {
         OPENING_CENTS * 10
     } else {
         1 + (n % 500) as i64
