@@ -496,7 +496,7 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
     );
     drop(server);
     println!(
-        "disk full drill: {} acknowledged ({acknowledged_full} before the disk filled), {} refused \
+        "\ndisk full drill: {} acknowledged ({acknowledged_full} before the disk filled), {} refused \
          with 507, {} unanswered, lost {lost}, duplicates {duplicates}, recovered: yes, {} ms \
          after freeing space; ledger intact; {:.1} s in all",
         book.acknowledged.len(),
