@@ -349,6 +349,9 @@ struct Shared {
     sync_count: AtomicU64,
     /// Number of groups refused because the device was full.
     no_space_count: AtomicU64,
+    /// `no_space_count` as of the last group committed: while they are
+    /// equal, the next refusal starts an episode and is warned about.
+    no_space_warned: AtomicU64,
 }
 
 /// One append on its way to the writer thread.
@@ -742,6 +745,7 @@ impl EmbeddedLog {
             retained_bytes: AtomicU64::new(retained_bytes),
             sync_count: AtomicU64::new(0),
             no_space_count: AtomicU64::new(0),
+            no_space_warned: AtomicU64::new(0),
             config,
         });
         Self::start(shared)
@@ -1555,6 +1559,13 @@ impl Writer {
             return;
         }
         self.record_segment_usage(&accepted);
+        let refused = self.shared.no_space_count.load(Ordering::Relaxed);
+        if self.shared.no_space_warned.swap(refused, Ordering::Relaxed) != refused {
+            tracing::info!(
+                refused_groups = refused,
+                "space found again: log appends resumed"
+            );
+        }
         for entry in accepted {
             self.publish(entry);
         }
@@ -1733,14 +1744,19 @@ impl Writer {
     /// Answers every request of a group with [`LogError::NoSpace`].
     fn refuse_for_space(&self, requests: Vec<AppendRequest>, context: &str, error: &io::Error) {
         let path = segment_path(&self.shared.config.dir, self.active);
-        tracing::warn!(
-            path = %path.display(),
-            context,
-            error = %error,
-            appends = requests.len(),
-            "no space left for the log: appends refused, nothing of them kept"
-        );
-        self.shared.no_space_count.fetch_add(1, Ordering::Relaxed);
+        // Warned once per episode: producers retry, and each warning is itself
+        // appended to the error log topic.
+        if self.shared.no_space_count.fetch_add(1, Ordering::Relaxed)
+            == self.shared.no_space_warned.load(Ordering::Relaxed)
+        {
+            tracing::warn!(
+                path = %path.display(),
+                context,
+                error = %error,
+                appends = requests.len(),
+                "no space left for the log: appends refused, nothing of them kept, until space is freed"
+            );
+        }
         for request in requests {
             let _ = request.reply.send(Err(LogError::NoSpace {
                 path: path.display().to_string(),
