@@ -98,6 +98,10 @@ pub struct DataConfig {
     /// Rows per store batch; bigger checkpoints are written in chunks under
     /// an undo record (1–256).
     pub store_batch_rows: usize,
+    /// New payments and accounts are refused (507) while the device holding
+    /// `dir` has less free space than this, so that what was accepted can
+    /// still be processed and the state store never runs out (0: no check).
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -253,6 +257,7 @@ impl Default for DataConfig {
             dir: PathBuf::from("data"),
             state_cache_bytes: 32 << 20,
             store_batch_rows: 256,
+            min_free_bytes: 64 << 20,
         }
     }
 }

@@ -427,6 +427,19 @@ async fn openapi_documents_every_endpoint_and_swagger_serves() {
             "{status}"
         );
     }
+    // Writes document 507 (no space on the data directory's device); reads do not.
+    for (path, method) in [
+        ("/api/v1/payments", "post"),
+        ("/api/v1/accounts", "post"),
+        ("/api/v1/accounts/{id}/deposit", "post"),
+    ] {
+        let response = &doc["paths"][path][method]["responses"]["507"];
+        assert!(
+            response["content"]["application/json"].is_object(),
+            "{method} {path}"
+        );
+    }
+    assert!(doc["paths"]["/api/v1/payments"]["get"]["responses"]["507"].is_null());
     for query in ["/api/v1/dlq?limit=abc", "/api/v1/payments?limit=-1"] {
         let response = c.get(server.url(query)).send().await.unwrap();
         assert_eq!(response.status(), 400, "{query}");

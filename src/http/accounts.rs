@@ -147,6 +147,7 @@ async fn open_account(
         opening_balance_cents: request.opening_balance,
         at_ms: now_ms(),
     };
+    state.runtime.check_space()?;
     state.runtime.append_account_events(vec![event]).await?;
     let deadline = tokio::time::Instant::now() + OPEN_WAIT;
     while tokio::time::Instant::now() < deadline {
@@ -213,6 +214,7 @@ async fn deposit(
         amount_cents: request.amount,
         at_ms: now_ms(),
     };
+    state.runtime.check_space()?;
     state.runtime.append_account_events(vec![event]).await?;
     let change = AccountChange {
         account: id,
@@ -239,6 +241,7 @@ async fn close_account(
         account: id.clone(),
         at_ms: now_ms(),
     };
+    state.runtime.check_space()?;
     state.runtime.append_account_events(vec![event]).await?;
     let change = AccountChange {
         account: id,

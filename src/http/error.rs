@@ -33,6 +33,9 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("{0}")]
     Unavailable(String),
+    /// No space on the data directory's device: nothing was written.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -64,6 +67,9 @@ impl ApiError {
             Self::Unsupported(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -94,6 +100,9 @@ impl IntoResponse for ApiError {
 
 impl From<RuntimeError> for ApiError {
     fn from(error: RuntimeError) -> Self {
+        if error.is_no_space() {
+            return Self::InsufficientStorage(error.to_string());
+        }
         match error {
             RuntimeError::Log(log) => Self::Unavailable(format!("log unavailable: {log}")),
             other => Self::Internal(other.to_string()),
@@ -104,6 +113,10 @@ impl From<RuntimeError> for ApiError {
 impl From<IngestError> for ApiError {
     fn from(error: IngestError) -> Self {
         match error {
+            IngestError::NoSpace(_) => Self::InsufficientStorage(error.to_string()),
+            IngestError::Log(log) if log.is_no_space() => {
+                Self::InsufficientStorage(log.to_string())
+            }
             IngestError::Conflict(_) => Self::Conflict(error.to_string()),
             IngestError::Busy(_)
             | IngestError::Backlog { .. }

@@ -31,13 +31,19 @@ async fn healthz() -> Json<Health> {
     })
 }
 
-/// Readiness: the log answers, and every processor has caught up with it as
-/// it was at start.
+/// Readiness: the log answers, the data directory's device has room (free
+/// space above `data.min_free_bytes`, and the last write did not find it
+/// full), and every processor has caught up with the log as it was at start.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Health), (status = 503, body = super::error::ErrorBody)))]
 async fn readyz(Extract(state): Extract<State>) -> Result<(StatusCode, Json<Health>), ApiError> {
     if state.runtime.shared.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable("shutting down".into()));
+    }
+    if let Some(reason) = state.runtime.shared.space.shortage() {
+        return Err(ApiError::Unavailable(format!(
+            "{reason}; intake answers 507 until space is freed"
+        )));
     }
     if !state.runtime.shared.log.healthy() {
         return Err(ApiError::Unavailable(

@@ -136,8 +136,8 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
 /// Documents on every operation the errors any request may get, besides
 /// those its handler declares: a bad query, path or body (400), auth (401,
 /// 403), an unknown resource (404), a body too large (413) or not JSON
-/// (415), and the log or intake unavailable (503). Every error has the
-/// `ErrorBody` shape.
+/// (415), the log or intake unavailable (503), and on writes no space on
+/// the data directory's device (507). Every error has the `ErrorBody` shape.
 fn with_error_responses(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     let common = [
@@ -152,16 +152,28 @@ fn with_error_responses(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::O
             "Unavailable: shutting down, backpressure, or the log is unavailable",
         ),
     ];
-    for item in api.paths.paths.values_mut() {
+    // Writes may find the data directory's device full (or below
+    // `data.min_free_bytes`); the batch reports it per payment instead.
+    let storage = (
+        "507",
+        "Insufficient storage: no space left on the device holding the data directory \
+         (or less free than data.min_free_bytes); nothing was written, retry once space is freed",
+    );
+    for (path, item) in api.paths.paths.iter_mut() {
+        let writes_whole = path != "/api/v1/payments/batch";
         let operations = [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.patch,
+            (&mut item.get, false),
+            (&mut item.put, writes_whole),
+            (&mut item.post, writes_whole),
+            (&mut item.delete, writes_whole),
+            (&mut item.patch, writes_whole),
         ];
-        for operation in operations.into_iter().flatten() {
-            for (status, description) in common {
+        for (operation, writes) in operations {
+            let Some(operation) = operation else {
+                continue;
+            };
+            let extra = writes.then_some(storage);
+            for (status, description) in common.into_iter().chain(extra) {
                 operation
                     .responses
                     .responses

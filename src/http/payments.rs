@@ -54,7 +54,7 @@ pub struct BatchRequest {
 
 #[derive(Serialize, ToSchema)]
 pub struct BatchItem {
-    /// HTTP status this payment would have had alone (202, 400, 409, 503).
+    /// HTTP status this payment would have had alone (202, 400, 409, 503, 507).
     pub status_code: u16,
     pub id: Option<String>,
     pub status: Option<String>,
@@ -165,11 +165,16 @@ async fn submit_one(state: &State, request: PaymentRequest) -> Result<PaymentAcc
     })
 }
 
-/// Submit a payment. 202 means it is durable in the log.
+/// Submit a payment. 202 means it is durable in the log; 507 means the data
+/// directory's device is full (or below `data.min_free_bytes`) and nothing
+/// was written: retry once space is freed.
 #[utoipa::path(post, path = "/api/v1/payments", tag = "payments", request_body = PaymentRequest,
     responses((status = 202, body = PaymentAccepted), (status = 400, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
-              (status = 503, body = ErrorBody)))]
+              (status = 503, body = ErrorBody),
+              (status = 507, description = "Insufficient storage: no space left on the device \
+                holding the data directory (or less free than data.min_free_bytes); the \
+                payment was not accepted, retry once space is freed", body = ErrorBody)))]
 async fn submit(
     Extract(state): Extract<State>,
     JsonBody(request): JsonBody<PaymentRequest>,

@@ -69,6 +69,10 @@ pub fn describe() {
         "kpay_confirmed_amount_cents_total",
         "Money moved by confirmed payments, in cents."
     );
+    describe_counter!(
+        "kpay_intake_no_space_total",
+        "Payments refused with 507 because the data directory's device is full or below data.min_free_bytes."
+    );
     describe_gauge!(
         "kpay_inflight_payments",
         "Payments admitted and not yet terminal."

@@ -42,6 +42,16 @@
 //! anything else that does not decode is reported as [`LogError::Corrupt`],
 //! because silently skipping it could drop acknowledged records.
 //!
+//! # A full disk
+//!
+//! When the device is full (`ENOSPC`, `EDQUOT`, from the write, the sync or
+//! the creation of a segment), the writer cuts the active segment back to
+//! its last committed byte, syncs that, and answers the group with
+//! [`LogError::NoSpace`]: nothing of it was acknowledged, nothing of it can
+//! be read back, and the next group is written where it started. The writer
+//! stays usable, so appends succeed again once space is freed. Any other IO
+//! error (or a cut that fails) stops the writer until restart.
+//!
 //! # Retention
 //!
 //! Consumers call `release_before`; closed segments are deleted from the
@@ -64,7 +74,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch, Semaphore};
 
-use super::{Log, LogError, Record, StoredRecord, TopicPartition};
+use super::{is_out_of_space, Log, LogError, Record, StoredRecord, TopicPartition};
 
 /// Bytes of the frame header: body length and crc.
 const FRAME_HEADER_BYTES: usize = 8;
@@ -337,6 +347,11 @@ struct Shared {
     retained_bytes: AtomicU64,
     /// Number of `sync_data` calls on segments, to check group commit works.
     sync_count: AtomicU64,
+    /// Number of groups refused because the device was full.
+    no_space_count: AtomicU64,
+    /// `no_space_count` as of the last group committed: while they are
+    /// equal, the next refusal starts an episode and is warned about.
+    no_space_warned: AtomicU64,
 }
 
 /// One append on its way to the writer thread.
@@ -377,7 +392,15 @@ fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// An IO error as a log error: [`LogError::NoSpace`] when the device is
+/// full (the caller has undone what the write left), else [`LogError::Io`].
 fn io_error(context: impl Into<String>, source: io::Error) -> LogError {
+    if is_out_of_space(&source) {
+        return LogError::NoSpace {
+            path: context.into(),
+            detail: source.to_string(),
+        };
+    }
     LogError::Io {
         context: context.into(),
         source,
@@ -406,10 +429,15 @@ fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<(), LogEr
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let context = || format!("writing {}", path.display());
-    let mut file = File::create(&tmp).map_err(|e| io_error(context(), e))?;
-    file.write_all(contents)
-        .map_err(|e| io_error(context(), e))?;
-    file.sync_all().map_err(|e| io_error(context(), e))?;
+    let written = File::create(&tmp).and_then(|mut file| {
+        file.write_all(contents)?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        // A half-written temporary file would only hold space (a full disk).
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error(context(), e));
+    }
     fs::rename(&tmp, &path).map_err(|e| io_error(context(), e))?;
     sync_dir(dir).map_err(|e| io_error(context(), e))
 }
@@ -716,6 +744,8 @@ impl EmbeddedLog {
             retention_lock: Mutex::new(()),
             retained_bytes: AtomicU64::new(retained_bytes),
             sync_count: AtomicU64::new(0),
+            no_space_count: AtomicU64::new(0),
+            no_space_warned: AtomicU64::new(0),
             config,
         });
         Self::start(shared)
@@ -769,6 +799,11 @@ impl EmbeddedLog {
     /// commit it stays far below the number of appends.
     pub fn sync_count(&self) -> u64 {
         self.shared.sync_count.load(Ordering::Relaxed)
+    }
+
+    /// Number of group commits refused because the device was full.
+    pub fn no_space_count(&self) -> u64 {
+        self.shared.no_space_count.load(Ordering::Relaxed)
     }
 
     fn partition(&self, tp: &TopicPartition) -> Result<Arc<Partition>, LogError> {
@@ -1064,7 +1099,11 @@ fn create_segment(dir: &Path, number: u64) -> Result<SegmentInfo, LogError> {
         .create_new(true)
         .open(&path)
         .map_err(|e| io_error(format!("creating {}", path.display()), e))?;
-    sync_dir(dir).map_err(|e| io_error(format!("syncing {}", dir.display()), e))?;
+    if let Err(e) = sync_dir(dir) {
+        // Not in the table yet: remove it, so that the next try can create it.
+        let _ = fs::remove_file(&path);
+        return Err(io_error(format!("syncing {}", dir.display()), e));
+    }
     Ok(SegmentInfo {
         path,
         file: Arc::new(file),
@@ -1498,7 +1537,12 @@ impl Writer {
             return;
         }
         if let Err((context, error)) = self.roll_if_full() {
-            self.fail(group, context, error);
+            if is_out_of_space(&error) {
+                // Nothing was written: the next group tries to roll again.
+                self.refuse_for_space(group, &context, &error);
+            } else {
+                self.fail(group, context, error);
+            }
             return;
         }
         let accepted = self.encode_group(group);
@@ -1506,14 +1550,22 @@ impl Writer {
             return;
         }
         if let Err((context, error)) = self.write_and_sync() {
-            self.fail(
-                accepted.into_iter().map(|a| a.request).collect(),
-                context,
-                error,
-            );
+            let requests = accepted.into_iter().map(|a| a.request).collect();
+            if is_out_of_space(&error) {
+                self.undo_for_space(requests, context, error);
+            } else {
+                self.fail(requests, context, error);
+            }
             return;
         }
         self.record_segment_usage(&accepted);
+        let refused = self.shared.no_space_count.load(Ordering::Relaxed);
+        if self.shared.no_space_warned.swap(refused, Ordering::Relaxed) != refused {
+            tracing::info!(
+                refused_groups = refused,
+                "space found again: log appends resumed"
+            );
+        }
         for entry in accepted {
             self.publish(entry);
         }
@@ -1532,6 +1584,9 @@ impl Writer {
         let number = self.active + 1;
         let info = create_segment(&self.shared.config.dir, number).map_err(|e| match e {
             LogError::Io { context, source } => (context, source),
+            LogError::NoSpace { path, detail } => {
+                (path, io::Error::new(io::ErrorKind::StorageFull, detail))
+            }
             other => (
                 format!("creating segment {number}"),
                 io::Error::other(other.to_string()),
@@ -1663,6 +1718,53 @@ impl Writer {
         let _ = request.reply.send(Ok(first_offset));
     }
 
+    /// Undoes a group the device had no space for and refuses it, leaving
+    /// the writer usable: the segment is cut back to its last committed
+    /// byte and the cut synced, so no part of the group can be read back,
+    /// now or after a restart, and the next group is written where this one
+    /// started. Every earlier group was synced before this one began, so
+    /// what stays in the file is what was acknowledged. If the cut itself
+    /// fails, nobody knows what the file holds: the writer stops as for any
+    /// other IO error.
+    fn undo_for_space(&mut self, requests: Vec<AppendRequest>, context: String, error: io::Error) {
+        let cut = self
+            .active_file
+            .set_len(self.active_bytes)
+            .and_then(|()| self.active_file.sync_data());
+        match cut {
+            Ok(()) => self.refuse_for_space(requests, &context, &error),
+            Err(cut_error) => {
+                let context =
+                    format!("{context}, then cutting the segment back failed ({cut_error})");
+                self.fail(requests, context, error);
+            }
+        }
+    }
+
+    /// Answers every request of a group with [`LogError::NoSpace`].
+    fn refuse_for_space(&self, requests: Vec<AppendRequest>, context: &str, error: &io::Error) {
+        let path = segment_path(&self.shared.config.dir, self.active);
+        // Warned once per episode: producers retry, and each warning is itself
+        // appended to the error log topic.
+        if self.shared.no_space_count.fetch_add(1, Ordering::Relaxed)
+            == self.shared.no_space_warned.load(Ordering::Relaxed)
+        {
+            tracing::warn!(
+                path = %path.display(),
+                context,
+                error = %error,
+                appends = requests.len(),
+                "no space left for the log: appends refused, nothing of them kept, until space is freed"
+            );
+        }
+        for request in requests {
+            let _ = request.reply.send(Err(LogError::NoSpace {
+                path: path.display().to_string(),
+                detail: error.to_string(),
+            }));
+        }
+    }
+
     /// Fails a group after an IO error and stops accepting appends.
     fn fail(&mut self, requests: Vec<AppendRequest>, context: String, error: io::Error) {
         tracing::error!(
@@ -1675,7 +1777,10 @@ impl Writer {
         let _ = self.active_file.set_len(self.active_bytes);
         for request in requests {
             let source = io::Error::new(error.kind(), error.to_string());
-            let _ = request.reply.send(Err(io_error(context.clone(), source)));
+            let _ = request.reply.send(Err(LogError::Io {
+                context: context.clone(),
+                source,
+            }));
         }
         self.failure = Some(format!("{context}: {error}"));
     }

@@ -97,13 +97,34 @@ pub enum LogError {
     /// the same call may succeed later.
     #[error("log unavailable: {0}")]
     Unavailable(String),
+    /// The device holding the log is full. The failed write was cut back, so
+    /// nothing of it is acknowledged or read back; the same call succeeds
+    /// once space is freed.
+    #[error(
+        "no space left on the device holding the log at {path} ({detail}); nothing of this \
+         append was kept; free space on that device and retry"
+    )]
+    NoSpace { path: String, detail: String },
 }
 
 impl LogError {
-    /// Whether retrying the same call later may succeed (the broker is away).
+    /// Whether retrying the same call later may succeed (the broker is
+    /// away, or the disk is full).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::NoSpace { .. })
     }
+
+    /// Whether the device holding the log is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Self::NoSpace { .. })
+    }
+}
+
+/// Whether an IO error says the device (or the user's quota) is full.
+pub fn is_out_of_space(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::StorageFull
+        || error.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// A partitioned, durable, ordered log of records.

@@ -37,6 +37,9 @@ pub enum IngestError {
     },
     #[error("the server is shutting down")]
     Closed,
+    /// Free space below `data.min_free_bytes`; nothing was written.
+    #[error("{0}")]
+    NoSpace(String),
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -230,7 +233,23 @@ impl Sequencer {
                 Verdict::Answer(_) => None,
             })
             .collect();
+        let shortage = if records.is_empty() {
+            None
+        } else {
+            self.shared.space.below_floor()
+        };
+        if let Some(reason) = shortage {
+            self.refuse_for_space(batch, verdicts, &reason);
+            return;
+        }
+        let wrote = !records.is_empty();
         let appended = self.shared.log.append(&self.tp, records).await;
+        if wrote {
+            self.shared.note_append(&appended);
+        }
+        if matches!(&appended, Err(error) if error.is_no_space()) {
+            metrics::counter!("kpay_intake_no_space_total").increment(1);
+        }
         let mut offset = match &appended {
             Ok(first) => *first,
             Err(_) => 0,
@@ -248,6 +267,23 @@ impl Sequencer {
             };
             let _ = submission.reply.send(answer);
         }
+    }
+
+    /// Answers a group whose new payments cannot be kept: free space is
+    /// below the floor. Repeats of known payments still get their answer.
+    fn refuse_for_space(&self, batch: Vec<Submission>, verdicts: Vec<Verdict>, reason: &str) {
+        let mut refused = 0u64;
+        for (submission, verdict) in batch.into_iter().zip(verdicts) {
+            let answer = match verdict {
+                Verdict::Answer(answer) => answer,
+                Verdict::New(_) => {
+                    refused += 1;
+                    Err(IngestError::NoSpace(reason.to_owned()))
+                }
+            };
+            let _ = submission.reply.send(answer);
+        }
+        metrics::counter!("kpay_intake_no_space_total").increment(refused);
     }
 
     fn decide(
@@ -300,6 +336,10 @@ fn clone_log_error(error: &LogError) -> LogError {
             limit_bytes: *limit_bytes,
         },
         LogError::Closed => LogError::Closed,
+        LogError::NoSpace { path, detail } => LogError::NoSpace {
+            path: path.clone(),
+            detail: detail.clone(),
+        },
         other => LogError::Backend(other.to_string()),
     }
 }

@@ -3,6 +3,7 @@
 //! flushes the store and applies retention, and shuts everything down in order.
 
 pub mod ingest;
+pub mod space;
 pub mod task;
 
 use std::collections::BTreeMap;
@@ -41,6 +42,23 @@ pub enum RuntimeError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Startup(String),
+    /// Refused for want of space on the data directory's device; the text
+    /// says how much is free and where.
+    #[error("{0}")]
+    NoSpace(String),
+}
+
+impl RuntimeError {
+    /// Whether this is a full device (of the log, the store or the floor
+    /// `data.min_free_bytes`): the same call may succeed once space is freed.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Self::Log(error) => error.is_no_space(),
+            Self::Store(error) => error.is_no_space(),
+            Self::NoSpace(_) => true,
+            Self::Startup(_) => false,
+        }
+    }
 }
 
 impl TopicsConfig {
@@ -96,9 +114,22 @@ pub struct Shared {
     pub dlq_lock: tokio::sync::Mutex<()>,
     /// Dead letters waiting in the store, against `limits.dlq_entries`.
     dlq_stored: AtomicU64,
+    /// Free space on the data directory's device, and the last write that
+    /// met a full device.
+    pub space: space::SpaceGuard,
 }
 
 impl Shared {
+    /// Notes the outcome of an append for readiness: a full device is
+    /// reported by `/readyz` until an append succeeds again.
+    pub fn note_append<T>(&self, result: &Result<T, LogError>) {
+        match result {
+            Ok(_) => self.space.note_success(),
+            Err(error) if error.is_no_space() => self.space.note_refusal(error.to_string()),
+            Err(_) => {}
+        }
+    }
+
     /// Takes a place for one more stored dead letter; false when the DLQ is
     /// full (the letter then only goes to the DLQ topic).
     pub fn dlq_admit(&self) -> bool {
@@ -372,6 +403,7 @@ async fn start_tasks(
         checkpoint.stats.windows.configure(window_ms, keep);
     }
     let dlq_stored = store.count(crate::ops::dlq::TABLE);
+    let (config_dir, min_free_bytes) = (config.data.dir.clone(), config.data.min_free_bytes);
     let shared = Arc::new(Shared {
         topics: config.topics.clone(),
         inflight: shared_views::<Inflight>(&checkpoints.0, &config),
@@ -390,6 +422,7 @@ async fn start_tasks(
         admission: std::sync::Mutex::new(None),
         dlq_lock: tokio::sync::Mutex::new(()),
         dlq_stored: AtomicU64::new(dlq_stored),
+        space: space::SpaceGuard::new(&config_dir, min_free_bytes),
     });
     note_stored_keys(&shared.store, &shared.inflight)?;
     note_stored_keys(&shared.store, &shared.accounts)?;
@@ -467,6 +500,15 @@ impl Runtime {
             self.shared.log.append(&tp, records).await?;
         }
         Ok(())
+    }
+
+    /// Refuses new work while the data directory's device is below
+    /// `data.min_free_bytes` free.
+    pub fn check_space(&self) -> Result<(), RuntimeError> {
+        match self.shared.space.below_floor() {
+            Some(reason) => Err(RuntimeError::NoSpace(reason)),
+            None => Ok(()),
+        }
     }
 
     /// True once every task has caught up with the log as it was at start.
@@ -565,7 +607,11 @@ impl Runtime {
         self.shared.shutdown.cancel();
         let drain = Duration::from_millis(self.shared.config.pipeline.shutdown_drain_ms);
         let deadline = tokio::time::Instant::now() + drain;
-        while self.inflight_totals().inflight_count > 0 && tokio::time::Instant::now() < deadline {
+        // Processors stopped already (a task failed): nothing would drain.
+        while self.inflight_totals().inflight_count > 0
+            && tokio::time::Instant::now() < deadline
+            && !self.shared.processors_stop.is_cancelled()
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left = self.inflight_totals().inflight_count;
@@ -624,6 +670,23 @@ fn spawn_task<P: Processor>(
         if let Err(error) = task::run(shared.clone(), task, checkpoint, inputs, until).await {
             // A task that cannot go on stops the whole pipeline rather than
             // let the others run ahead of it.
+            if let RuntimeError::Store(store) = &error {
+                if store.is_no_space() {
+                    // sled refuses every write after an IO error until it is
+                    // reopened, so the pipeline cannot go on in this process.
+                    let reason = format!(
+                        "the state store in {} ran out of space ({store}); it refuses every \
+                         write from now on: kpay stops. Free space and start it again: nothing \
+                         acknowledged is lost, the log holds every accepted payment",
+                        shared.config.data.dir.join("state").display()
+                    );
+                    shared.space.note_refusal(reason.clone());
+                    tracing::error!(processor = P::NAME, partition, %reason, "task failed; shutting down");
+                    shared.shutdown.cancel();
+                    shared.processors_stop.cancel();
+                    return;
+                }
+            }
             tracing::error!(processor = P::NAME, partition, %error, "task failed; shutting down");
             shared.shutdown.cancel();
             shared.processors_stop.cancel();

@@ -258,12 +258,22 @@ pub async fn run<P: Processor>(
         let outputs = state.apply(batch)?;
         while state.until.is_none() {
             match state.produce(&outputs).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    if !outputs.is_empty() {
+                        shared.space.note_success();
+                    }
+                    break;
+                }
                 // The outputs are appended again whole: copies of those that
                 // did land are skipped downstream like any replayed record.
+                // A full device is retried the same way: the log cut back
+                // what it could not keep, and appends succeed once space is freed.
                 Err(RuntimeError::Log(error))
                     if error.is_transient() && !shared.processors_stop.is_cancelled() =>
                 {
+                    if error.is_no_space() {
+                        shared.space.note_refusal(error.to_string());
+                    }
                     state.pause_for_log(&error).await;
                 }
                 // Stopping with outputs not appended: no checkpoint past
@@ -591,8 +601,8 @@ impl<P: Processor> TaskLoop<P> {
         self.dead_letters.push(letter);
     }
 
-    /// Waits before calling the log again after it was unavailable (or
-    /// until the processors stop).
+    /// Waits before calling the log again after it was unavailable or its
+    /// device full (or until the processors stop).
     async fn pause_for_log(&self, error: &crate::log::LogError) {
         tracing::debug!(processor = P::NAME, partition = self.task.partition, %error, "log unavailable; retrying");
         tokio::select! {

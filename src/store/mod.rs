@@ -30,6 +30,19 @@ pub enum StoreError {
     Format(String),
 }
 
+impl StoreError {
+    /// Whether sled failed because the device is full.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Self::Sled {
+                source: sled::Error::Io(io),
+                ..
+            } => crate::log::is_out_of_space(io),
+            _ => false,
+        }
+    }
+}
+
 /// Layout version of rows and log records; bumped when either changes.
 pub const FORMAT: u32 = 3;
 const FORMAT_KEY: &str = "m/format";
