@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{RuntimeError, Shared};
+use crate::failpoint::{self, Point};
 use crate::log::{LogError, Record, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, PaymentRef, PaymentStatus};
 
@@ -230,7 +231,14 @@ impl Sequencer {
                 Verdict::Answer(_) => None,
             })
             .collect();
+        let new_payments = records.len();
+        if new_payments > 0 {
+            failpoint::pass(Point::IngestBeforeAppend);
+        }
         let appended = self.shared.log.append(&self.tp, records).await;
+        if new_payments > 0 && appended.is_ok() {
+            failpoint::pass(Point::IngestAfterAppend);
+        }
         let mut offset = match &appended {
             Ok(first) => *first,
             Err(_) => 0,
