@@ -11,6 +11,7 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,9 @@ const fn case(point: &'static str, passes: std::ops::Range<u64>) -> Case {
 /// The payment the replayed dead letter carries once corrected.
 const FIXED: &str = "dlq-fixed";
 
+/// Crashes per case (one for DLQ replays).
+const CRASHES: usize = 2;
+
 /// SIGABRT, what `std::process::abort` ends a process with.
 const SIGABRT: i32 = 6;
 
@@ -84,66 +88,83 @@ async fn run(case: &Case, broker: Option<&str>) {
     let exit = setup.terminate();
     assert!(exit.success(), "setup stop: {exit:?}");
 
-    // Armed: traffic until the process aborts at the point.
-    let nth = rand::thread_rng().gen_range(case.passes.clone());
-    let spec = format!("{}:{nth}", case.point);
-    let mut armed_env = env.clone();
-    armed_env.push(("KPAY_CRASH_AT", &spec));
-    let stderr = dir.path().join("crash-drill.stderr");
-    let mut server = Binary::spawn_logged(dir.path(), free_port(), &armed_env, &stderr);
-    server.wait_ready().await;
+    // Armed: traffic until the process aborts at the point; twice (once
+    // for a replay, which the operator retries only once it is back).
+    let crashes = if case.replay.is_some() { 1 } else { CRASHES };
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let stop = CancellationToken::new();
-    let driver = tokio::spawn(drive(server.base.clone(), ledger.clone(), 0, stop.clone()));
-    let armed_at = Instant::now();
-    if let Some(id) = &letter {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let url = format!("{}/api/v1/dlq/{id}/replay", server.base);
-        let answer = client.post(url).json(&correction()).send().await;
-        assert!(
-            answer.is_err(),
-            "the replay was answered, not cut short: {answer:?}"
-        );
-    }
-    let limit = Duration::from_secs(if broker.is_some() { 60 } else { 30 });
-    let exit = loop {
-        if let Some(exit) = server.child.try_wait().unwrap() {
-            break exit;
+    let mut crashed = Vec::new();
+    for round in 0..crashes {
+        let nth = rand::thread_rng().gen_range(case.passes.clone());
+        let spec = format!("{}:{nth}", case.point);
+        let mut armed_env = env.clone();
+        armed_env.push(("KPAY_CRASH_AT", &spec));
+        let output = dir.path().join(format!("crash-{round}.log"));
+        let mut server = Binary::spawn_logged(dir.path(), free_port(), &armed_env, &output);
+        server.wait_ready().await;
+        if round > 0 {
+            recovered(case, &output);
         }
-        assert!(
-            armed_at.elapsed() < limit,
-            "{spec}: the process did not crash within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let crashed_after = armed_at.elapsed();
-    let acknowledged_before = ledger.lock().unwrap().acknowledged.len();
-    stop.cancel();
-    driver.await.unwrap();
-    let said = std::fs::read_to_string(&stderr).unwrap();
-    assert_eq!(exit.signal(), Some(SIGABRT), "{spec}: {exit:?}\n{said}");
-    let line = format!("kpay: crash drill: aborting at {} (pass {nth})", case.point);
-    assert!(said.contains(&line), "{spec}: stderr says\n{said}");
-    if case.replay.is_none() {
-        assert!(
-            acknowledged_before >= 20,
-            "{spec}: crashed before the traffic got going ({acknowledged_before} acknowledged)"
-        );
+        let stop = CancellationToken::new();
+        let driver = tokio::spawn(drive(
+            server.base.clone(),
+            ledger.clone(),
+            round,
+            stop.clone(),
+        ));
+        let armed_at = Instant::now();
+        let acknowledged_at_start = ledger.lock().unwrap().acknowledged.len();
+        if let Some(id) = &letter {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let url = format!("{}/api/v1/dlq/{id}/replay", server.base);
+            let answer = client.post(url).json(&correction()).send().await;
+            assert!(
+                answer.is_err(),
+                "the replay was answered, not cut short: {answer:?}"
+            );
+        }
+        let limit = Duration::from_secs(if broker.is_some() { 60 } else { 30 });
+        let exit = loop {
+            if let Some(exit) = server.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(
+                armed_at.elapsed() < limit,
+                "{spec}: the process did not crash within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let crashed_after = armed_at.elapsed();
+        let acknowledged = ledger.lock().unwrap().acknowledged.len() - acknowledged_at_start;
+        stop.cancel();
+        driver.await.unwrap();
+        let said = std::fs::read_to_string(&output).unwrap();
+        assert_eq!(exit.signal(), Some(SIGABRT), "{spec}: {exit:?}\n{said}");
+        let line = format!("kpay: crash drill: aborting at {} (pass {nth})", case.point);
+        assert!(said.contains(&line), "{spec}: the output says\n{said}");
+        if case.replay.is_none() {
+            assert!(
+                acknowledged >= 20,
+                "{spec}: crashed before the traffic got going ({acknowledged} acknowledged)"
+            );
+        }
+        crashed.push(format!(
+            "{spec} after {:.2} s and {acknowledged} acknowledged",
+            crashed_after.as_secs_f64()
+        ));
     }
 
     // Restarted without the point: recovery, then more traffic.
     let restart_log = dir.path().join("restart.log");
     let server = Binary::spawn_logged(dir.path(), free_port(), &env, &restart_log);
     server.wait_ready().await;
-    if let Some(line) = case.recovered {
-        let said = std::fs::read_to_string(&restart_log).unwrap();
-        assert!(
-            said.contains(line),
-            "{spec}: no {line:?} at restart:\n{said}"
-        );
-    }
+    recovered(case, &restart_log);
     let stop = CancellationToken::new();
-    let driver = tokio::spawn(drive(server.base.clone(), ledger.clone(), 1, stop.clone()));
+    let driver = tokio::spawn(drive(
+        server.base.clone(),
+        ledger.clone(),
+        crashes,
+        stop.clone(),
+    ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     driver.await.unwrap();
@@ -170,15 +191,15 @@ async fn run(case: &Case, broker: Option<&str>) {
     assert!(exit.success(), "SIGTERM exit: {exit:?}");
     traffic::assert_no_dead_letters(dir.path());
     println!(
-        "crash matrix {spec} on {}: crashed {:.2} s into the traffic with {acknowledged_before} \
-         acknowledged; {} acknowledged and {} unknown in all, {} confirmed, {} rejected, \
-         {} reversed; {:.1} s",
+        "crash matrix {} on {}: crashed at {}; {} acknowledged and {} unknown in all, \
+         {} confirmed, {} rejected, {} reversed; {:.1} s",
+        case.point,
         if broker.is_some() {
             "kafka"
         } else {
             "embedded"
         },
-        crashed_after.as_secs_f64(),
+        crashed.join(", then "),
         ledger.acknowledged.len(),
         ledger.unknown.len(),
         outcome.count("confirmed"),
@@ -186,6 +207,18 @@ async fn run(case: &Case, broker: Option<&str>) {
         outcome.count("reversed"),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Asserts a restarted server's output shows the recovery the case expects.
+fn recovered(case: &Case, output: &Path) {
+    if let Some(line) = case.recovered {
+        let said = std::fs::read_to_string(output).unwrap();
+        assert!(
+            said.contains(line),
+            "{}: no {line:?} at restart:\n{said}",
+            case.point
+        );
+    }
 }
 
 /// The corrected value of the dead letter: a payment in the public format.
