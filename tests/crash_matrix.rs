@@ -71,8 +71,9 @@ async fn run(case: &Case, broker: Option<&str>) {
 
     // Accounts (and a dead letter to replay) first, then a clean stop, so
     // that the passes count from the traffic on.
-    let mut setup = Binary::spawn(dir.path(), free_port(), &env);
-    setup.wait_ready().await;
+    let setup_log = dir.path().join("setup.log");
+    let mut setup = Binary::spawn_logged(dir.path(), free_port(), &env, &setup_log);
+    ready(&mut setup, &setup_log, "setup").await;
     traffic::open_accounts(&client, &setup.base).await;
     let letter = match case.replay {
         Some(_) => {
@@ -100,7 +101,7 @@ async fn run(case: &Case, broker: Option<&str>) {
         armed_env.push(("KPAY_CRASH_AT", &spec));
         let output = dir.path().join(format!("crash-{round}.log"));
         let mut server = Binary::spawn_logged(dir.path(), free_port(), &armed_env, &output);
-        server.wait_ready().await;
+        ready(&mut server, &output, &spec).await;
         if round > 0 {
             recovered(case, &output);
         }
@@ -155,8 +156,8 @@ async fn run(case: &Case, broker: Option<&str>) {
 
     // Restarted without the point: recovery, then more traffic.
     let restart_log = dir.path().join("restart.log");
-    let server = Binary::spawn_logged(dir.path(), free_port(), &env, &restart_log);
-    server.wait_ready().await;
+    let mut server = Binary::spawn_logged(dir.path(), free_port(), &env, &restart_log);
+    ready(&mut server, &restart_log, "restart").await;
     recovered(case, &restart_log);
     let stop = CancellationToken::new();
     let driver = tokio::spawn(drive(
@@ -186,7 +187,6 @@ async fn run(case: &Case, broker: Option<&str>) {
         );
     }
     let outcome = traffic::check(&client, &server.base, &ledger).await;
-    let mut server = server;
     let exit = server.terminate();
     assert!(exit.success(), "SIGTERM exit: {exit:?}");
     traffic::assert_no_dead_letters(dir.path());
@@ -207,6 +207,41 @@ async fn run(case: &Case, broker: Option<&str>) {
         outcome.count("reversed"),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Waits until `server` is ready (caught up with the log); fails at once if it
+/// exits, and after a minute, with what it said and what it lags behind.
+async fn ready(server: &mut Binary, output: &Path, what: &str) {
+    let client = reqwest::Client::new();
+    let url = format!("{}/readyz", server.base);
+    let started = Instant::now();
+    loop {
+        if let Some(exit) = server.child.try_wait().unwrap() {
+            let said = std::fs::read_to_string(output).unwrap_or_default();
+            panic!("{what}: the server exited before it was ready: {exit:?}\n{said}");
+        }
+        let answer = client.get(&url).send().await;
+        if matches!(&answer, Ok(r) if r.status() == 200) {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let readyz = match answer {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(error) => error.to_string(),
+            };
+            let lag = match client
+                .get(format!("{}/api/v1/metrics/lag", server.base))
+                .send()
+                .await
+            {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(error) => error.to_string(),
+            };
+            let said = std::fs::read_to_string(output).unwrap_or_default();
+            panic!("{what}: not ready within a minute: {readyz}\nlag: {lag}\n{said}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Asserts a restarted server's output shows the recovery the case expects.
