@@ -403,10 +403,11 @@ impl Config {
             None => {}
         }
         // Not settings: KPAY_KAFKA_BROKERS is handled below; KPAY_TEST_* belong
-        // to the test suite (the Kafka tests' broker and backend).
+        // to the test suite (the Kafka tests' broker and backend);
+        // KPAY_CRASH_AT arms a crash drill (`failpoint`).
         figment = figment.merge(
             Env::prefixed("KPAY_")
-                .ignore(&["KAFKA_BROKERS", "TEST_KAFKA", "TEST_BACKEND"])
+                .ignore(&["KAFKA_BROKERS", "TEST_KAFKA", "TEST_BACKEND", "CRASH_AT"])
                 .split("__"),
         );
         // `KPAY_KAFKA_BROKERS` alone switches to Kafka.

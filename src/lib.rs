@@ -36,6 +36,7 @@
 //! - [`http`]: the axum server: REST API, auth, audit, OpenAPI, Swagger UI, web UI.
 //! - [`generator`]: payments at a set rate for demos and load, through the ingest path.
 //! - [`bench`]: the end-to-end benchmark behind `kpay bench`.
+//! - [`failpoint`]: crash points for drills (`KPAY_CRASH_AT`), in the IO layers only.
 
 #![forbid(unsafe_code)]
 #![warn(clippy::all)]
@@ -43,6 +44,7 @@
 pub mod bench;
 pub mod config;
 pub mod control;
+pub mod failpoint;
 pub mod generator;
 pub mod http;
 pub mod instrument;

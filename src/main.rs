@@ -101,6 +101,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir: cli.data_dir,
     };
     let config = Config::load(cli.config.as_deref(), &overrides)?;
+    kpay::failpoint::arm_from_env().map_err(anyhow::Error::msg)?;
     match cli.command.unwrap_or(Command::Serve { bootstrap: None }) {
         Command::Serve { bootstrap } => {
             let accounts = match &bootstrap {

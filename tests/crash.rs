@@ -4,102 +4,15 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::traffic::{self, drive, Ledger};
 use common::{free_port, get, kpay_command, Binary};
 use rand::Rng;
 use serde_json::json;
 
-const ACCOUNTS: usize = 12;
-const OPENING_CENTS: i64 = 50_000;
 const KILLS: usize = 6;
-
-/// What the driver learned about each payment it sent.
-#[derive(Default)]
-struct Ledger {
-    /// Payments answered 202: they must exist after any crash.
-    acknowledged: HashMap<String, (String, String, i64)>,
-    /// Payments whose request failed mid-crash: they may or may not exist.
-    unknown: HashMap<String, (String, String, i64)>,
-}
-
-fn account(n: usize) -> String {
-    format!("acc-{n:02}")
-}
-
-/// Sends payments from `workers` tasks until `stop` fires.
-async fn drive(
-    base: String,
-    ledger: Arc<Mutex<Ledger>>,
-    round: usize,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut tasks = Vec::new();
-    for worker in 0..4 {
-        let (base, ledger, stop) = (base.clone(), ledger.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap();
-            let mut n = 0;
-            while !stop.is_cancelled() {
-                n += 1;
-                let id = format!("r{round}-w{worker}-{n}");
-                let (from, to, amount) = {
-                    let mut rng = rand::thread_rng();
-                    let from = account(rng.gen_range(0..ACCOUNTS));
-                    // One payment in ten goes to an account that does not exist (reversed).
-                    let to = if rng.gen_ratio(1, 10) {
-                        "ghost".to_owned()
-                    } else {
-                        account(rng.gen_range(0..ACCOUNTS))
-                    };
-                    // Some amounts exceed what most accounts hold (rejected).
-                    let amount = if rng.gen_ratio(1, 8) {
-                        60_000
-                    } else {
-                        rng.gen_range(1..3_000)
-                    };
-                    (from, to, amount)
-                };
-                if from == to {
-                    continue;
-                }
-                let body = json!({"id": id, "from": from, "to": to, "amount": amount});
-                let sent = client
-                    .post(format!("{base}/api/v1/payments"))
-                    .json(&body)
-                    .send()
-                    .await;
-                let acknowledged = match sent {
-                    Ok(response) if response.status() == 202 => true,
-                    // A server that is stopping refuses with 503; nothing was written.
-                    Ok(response) if response.status() == 503 => false,
-                    Ok(response) => panic!("unexpected answer {} for {body}", response.status()),
-                    Err(_) => false,
-                };
-                {
-                    let mut ledger = ledger.lock().unwrap();
-                    let book = if acknowledged {
-                        &mut ledger.acknowledged
-                    } else {
-                        &mut ledger.unknown
-                    };
-                    book.insert(id, (from, to, amount));
-                }
-                if !acknowledged {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing_and_moves_money_once() {
@@ -128,9 +41,7 @@ async fn crash_run(dir: tempfile::TempDir, backend: Vec<(String, String)>, kills
     env.extend(backend.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut server = Binary::spawn(dir.path(), free_port(), &env);
     server.wait_ready().await;
-    for n in 0..ACCOUNTS {
-        common::open_account(&client, &server.base, &account(n), OPENING_CENTS).await;
-    }
+    traffic::open_accounts(&client, &server.base).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     for round in 0..kills {
         let stop = tokio_util::sync::CancellationToken::new();
@@ -154,101 +65,25 @@ async fn crash_run(dir: tempfile::TempDir, backend: Vec<(String, String)>, kills
         "too little traffic: {}",
         ledger.acknowledged.len()
     );
-
-    let mut statuses: BTreeMap<String, String> = BTreeMap::new();
-    let mut balances = [OPENING_CENTS; ACCOUNTS];
-    let everything = ledger
-        .acknowledged
-        .iter()
-        .map(|p| (p, true))
-        .chain(ledger.unknown.iter().map(|p| (p, false)));
-    for ((id, (from, to, amount)), acknowledged) in everything {
-        let url = format!("{}/api/v1/payments/{id}", server.base);
-        let payment = loop {
-            let (status, body) = get(&client, &url).await;
-            if status == 404 {
-                assert!(!acknowledged, "acknowledged payment {id} was lost");
-                break None;
-            }
-            if ["confirmed", "rejected", "reversed"].contains(&body["status"].as_str().unwrap()) {
-                break Some(body);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let Some(payment) = payment else { continue };
-        assert_eq!(
-            (&payment["from"], &payment["to"], &payment["amount"]),
-            (&json!(from), &json!(to), &json!(amount))
-        );
-        let status = payment["status"].as_str().unwrap().to_owned();
-        if status == "confirmed" {
-            let index = |name: &str| name[4..].parse::<usize>().unwrap();
-            balances[index(from)] -= amount;
-            balances[index(to)] += amount;
-        }
-        statuses.insert(id.clone(), status);
-    }
-    for (n, expected) in balances.iter().enumerate() {
-        let (_, body) = get(
-            &client,
-            &format!("{}/api/v1/accounts/{}", server.base, account(n)),
-        )
-        .await;
-        assert_eq!(
-            body["balance"].as_i64().unwrap(),
-            *expected,
-            "{}: money moved more or less than once",
-            account(n)
-        );
-        assert!(*expected >= 0);
-    }
-    let count = |s: &str| statuses.values().filter(|v| v.as_str() == s).count() as u64;
-    let (_, metrics) = get(&client, &format!("{}/api/v1/metrics/pipeline", server.base)).await;
-    assert_eq!(
-        metrics["confirmed"]["count"].as_u64().unwrap(),
-        count("confirmed"),
-        "{metrics}"
-    );
-    assert_eq!(
-        metrics["rejected"]["count"].as_u64().unwrap(),
-        count("rejected"),
-        "{metrics}"
-    );
-    assert_eq!(
-        metrics["reversed"]["count"].as_u64().unwrap(),
-        count("reversed"),
-        "{metrics}"
-    );
-    assert_eq!(metrics["inflight"]["count"], 0);
+    let outcome = traffic::check(&client, &server.base, &ledger).await;
     assert!(
-        count("confirmed") > 0 && count("rejected") > 0 && count("reversed") > 0,
+        outcome.count("confirmed") > 0
+            && outcome.count("rejected") > 0
+            && outcome.count("reversed") > 0,
         "every path taken"
-    );
-    let (_, integrity) = get(&client, &format!("{}/api/v1/ledger/integrity", server.base)).await;
-    assert_eq!(integrity["ok"], true, "{integrity}");
-    assert_eq!(integrity["in_transit"], 0, "{integrity}");
-    assert_eq!(
-        integrity["total_funded"].as_i64().unwrap(),
-        OPENING_CENTS * ACCOUNTS as i64
     );
 
     // A graceful stop exits 0, and replays left no dead letters behind.
     let exit = server.terminate();
     assert!(exit.success(), "SIGTERM exit: {exit:?}");
-    let store = kpay::store::Store::open(&dir.path().join("state"), 1 << 20).unwrap();
-    let letters: Vec<(String, kpay::ops::dlq::DeadLetter)> =
-        store.scan(kpay::ops::dlq::TABLE, None, 10).unwrap();
-    assert!(
-        letters.is_empty(),
-        "dead letters after crashes: {letters:?}"
-    );
+    traffic::assert_no_dead_letters(dir.path());
     println!(
         "crash test: {} acknowledged, {} unknown, {} confirmed, {} rejected, {} reversed",
         ledger.acknowledged.len(),
         ledger.unknown.len(),
-        count("confirmed"),
-        count("rejected"),
-        count("reversed")
+        outcome.count("confirmed"),
+        outcome.count("rejected"),
+        outcome.count("reversed")
     );
 }
 
@@ -259,9 +94,7 @@ async fn sigterm_drains_inflight_payments_and_exits_zero() {
     let client = reqwest::Client::new();
     let mut server = Binary::spawn(dir.path(), free_port(), &[]);
     server.wait_ready().await;
-    for n in 0..ACCOUNTS {
-        common::open_account(&client, &server.base, &account(n), OPENING_CENTS).await;
-    }
+    traffic::open_accounts(&client, &server.base).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = tokio_util::sync::CancellationToken::new();
     let driver = tokio::spawn(drive(server.base.clone(), ledger.clone(), 0, stop.clone()));

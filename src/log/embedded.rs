@@ -75,6 +75,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch, Semaphore};
 
 use super::{is_out_of_space, Log, LogError, Record, StoredRecord, TopicPartition};
+use crate::failpoint::{self, Point};
 
 /// Bytes of the frame header: body length and crc.
 const FRAME_HEADER_BYTES: usize = 8;
@@ -1549,6 +1550,10 @@ impl Writer {
         if accepted.is_empty() {
             return;
         }
+        let frames: usize = accepted.iter().map(|a| a.positions.len()).sum();
+        if frames > 1 && failpoint::reached(Point::LogMidWrite) {
+            self.write_torn(&accepted);
+        }
         if let Err((context, error)) = self.write_and_sync() {
             let requests = accepted.into_iter().map(|a| a.request).collect();
             if is_out_of_space(&error) {
@@ -1664,6 +1669,21 @@ impl Writer {
             .retained_bytes
             .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// For the `log.mid_write` drill: writes the group up to the middle of
+    /// its last frame, without syncing, and aborts the process.
+    fn write_torn(&self, accepted: &[Accepted]) -> ! {
+        let last_start = accepted
+            .iter()
+            .flat_map(|a| a.positions.last())
+            .max()
+            .map_or(0, |pos| (pos - self.active_bytes) as usize);
+        let cut = last_start + (self.buf.len() - last_start) / 2;
+        let _ = self
+            .active_file
+            .write_all_at(&self.buf[..cut], self.active_bytes);
+        failpoint::crash(Point::LogMidWrite)
     }
 
     /// Updates the active segment's size and per-partition highest offsets.

@@ -25,6 +25,7 @@ use rskafka::BackoffConfig;
 
 use super::{Log, LogError, Record, StoredRecord, TopicPartition};
 use crate::config::KafkaConfig;
+use crate::failpoint::{self, Point};
 
 pub struct KafkaLog {
     client: Client,
@@ -328,6 +329,10 @@ impl Log for KafkaLog {
             }
             if let Some(&last) = offsets.last().filter(|last| **last >= 0) {
                 partition.saw(last as u64 + 1);
+            }
+            if records.peek().is_some() {
+                // Part of this append acknowledged, the rest not sent.
+                failpoint::pass(Point::KafkaMidAppend);
             }
         }
         Ok(first.map_or(0, |o| o.max(0) as u64))

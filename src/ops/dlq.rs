@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::failpoint::{self, Point};
 use crate::log::{Record, StoredRecord, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
 use crate::pipeline::{account::Accounts, inflight::Inflight, Processor};
@@ -371,6 +372,7 @@ pub async fn replay(
     shared.store.apply(batch)?;
     // Durable before the append: a crash after it is settled by `seq`.
     shared.store.flush().await?;
+    failpoint::pass(Point::DlqAfterReserve);
     let wrapped = Envelope {
         source: Some(Source {
             topic: SourceTopic::Replay,
@@ -385,6 +387,7 @@ pub async fn replay(
         timestamp_ms: now_ms(),
     };
     let offset = shared.log.append(&tp, vec![record]).await?;
+    failpoint::pass(Point::DlqAfterAppend);
     tracing::info!(id, %tp, offset, seq, corrected, principal, "dead letter replayed");
     settle(shared, &suffix, letter, pending, offset).await
 }

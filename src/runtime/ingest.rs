@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{RuntimeError, Shared};
+use crate::failpoint::{self, Point};
 use crate::log::{LogError, Record, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, PaymentRef, PaymentStatus};
 
@@ -243,9 +244,15 @@ impl Sequencer {
             return;
         }
         let wrote = !records.is_empty();
+        if wrote {
+            failpoint::pass(Point::IngestBeforeAppend);
+        }
         let appended = self.shared.log.append(&self.tp, records).await;
         if wrote {
             self.shared.note_append(&appended);
+        }
+        if wrote && appended.is_ok() {
+            failpoint::pass(Point::IngestAfterAppend);
         }
         if matches!(&appended, Err(error) if error.is_no_space()) {
             metrics::counter!("kpay_intake_no_space_total").increment(1);

@@ -20,6 +20,7 @@ use fastbloom::AtomicBloomFilter;
 use futures::future::{select_all, try_join_all};
 
 use super::{RuntimeError, Shared};
+use crate::failpoint::{self, Point};
 use crate::log::{Record, StoredRecord, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
 use crate::ops::dlq::DeadLetter;
@@ -280,6 +281,9 @@ pub async fn run<P: Processor>(
                 // them; the next start processes this batch again.
                 Err(error) => return Err(error),
             }
+        }
+        if state.until.is_none() {
+            failpoint::pass(Point::TaskAfterProduce);
         }
         let rows = state.dirty_rows;
         if rows >= shared.config.pipeline.checkpoint_max_rows
@@ -647,11 +651,15 @@ impl<P: Processor> TaskLoop<P> {
             groups.entry(tp).or_default().push(letter.to_record(now));
         }
         let log = &self.shared.log;
-        try_join_all(
-            groups
-                .into_iter()
-                .map(|(tp, records)| async move { log.append(&tp, records).await }),
-        )
+        let several = groups.len() > 1;
+        try_join_all(groups.into_iter().map(|(tp, records)| async move {
+            let first = log.append(&tp, records).await?;
+            if several {
+                // One topic-partition done; the others may still be on their way.
+                failpoint::pass(Point::TaskMidProduce);
+            }
+            Ok::<_, crate::log::LogError>(first)
+        }))
         .await?;
         self.dead_letters
             .iter_mut()
@@ -705,7 +713,13 @@ impl<P: Processor> TaskLoop<P> {
             encode_row(&self.checkpoint_record(next_offsets.clone())),
         ));
         let undo = undo_key(P::NAME, self.task.partition);
+        failpoint::pass(Point::TaskBeforeCommit);
         self.shared.store.commit(&undo, &store_rows, last)?;
+        if failpoint::reached(Point::TaskAfterCommit) {
+            // On disk, as sled's own timer or the flusher could have made it.
+            let _ = self.shared.store.flush_blocking();
+            failpoint::crash(Point::TaskAfterCommit);
+        }
         *self.task.committed.lock().expect("committed lock") = next_offsets.clone();
         self.settle_rows(writes);
         if self.shared.config.instrument.enabled {

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::failpoint::{self, Point};
 use crate::model::SourceTopic;
 
 /// Errors of the state store, with the key or step they concern.
@@ -338,6 +339,11 @@ impl Store {
                 batch.insert(key.as_bytes(), bytes.as_slice());
             }
             self.apply(batch)?;
+            if failpoint::reached(Point::StoreMidCommit) {
+                // The undo record and this chunk on disk, the rest not.
+                let _ = self.flush_blocking();
+                failpoint::crash(Point::StoreMidCommit);
+            }
         }
         let mut batch = Batch::default();
         for (key, bytes, _) in final_chunk {
@@ -408,6 +414,12 @@ impl Store {
     /// Makes everything applied so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await.map_err(sled_error("flush"))?;
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable, blocking the calling thread.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(sled_error("flush"))?;
         Ok(())
     }
 

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod traffic;
+
 use kpay::config::Config;
 use kpay::http::{AppState, State};
 use kpay::runtime::{open_backends, Runtime};
@@ -171,9 +173,11 @@ pub async fn terminal(client: &reqwest::Client, base: &str, id: &str) -> Value {
 }
 
 /// The `kpay` binary as a command, without the test suite's own `KPAY_TEST_*`
-/// variables (kpay refuses unknown `KPAY_*` settings).
+/// variables (kpay refuses unknown `KPAY_*` settings) and without a crash
+/// drill unless a test arms one.
 pub fn kpay_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kpay"));
+    command.env_remove("KPAY_CRASH_AT");
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("KPAY_TEST_") {
             command.env_remove(key);
@@ -200,6 +204,32 @@ impl Binary {
         extra_env: &[(&str, &str)],
         serve_args: &[&str],
     ) -> Self {
+        Self::spawn_to(
+            dir,
+            port,
+            extra_env,
+            serve_args,
+            Stdio::null(),
+            Stdio::inherit(),
+        )
+    }
+
+    /// Like `spawn`, with stdout (its log, WARN and up) and stderr written
+    /// to the file `output` (created).
+    pub fn spawn_logged(dir: &Path, port: u16, extra_env: &[(&str, &str)], output: &Path) -> Self {
+        let file = std::fs::File::create(output).expect("create the output file");
+        let stdout = Stdio::from(file.try_clone().expect("clone the output file"));
+        Self::spawn_to(dir, port, extra_env, &[], stdout, Stdio::from(file))
+    }
+
+    fn spawn_to(
+        dir: &Path,
+        port: u16,
+        extra_env: &[(&str, &str)],
+        serve_args: &[&str],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Self {
         let mut command = kpay_command();
         if !serve_args.is_empty() {
             command.arg("serve").args(serve_args);
@@ -211,8 +241,8 @@ impl Binary {
             .arg(format!("127.0.0.1:{port}"))
             .env("KPAY_DEMO__ACCOUNTS", "0")
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stdout(stdout)
+            .stderr(stderr);
         for (key, value) in extra_env {
             command.env(key, value);
         }

@@ -1,0 +1,221 @@
+//! The crash tests' traffic and their final check: payments driven over HTTP
+//! among a dozen accounts (some rejected, some reversed), a ledger of what was
+//! acknowledged, and the proof afterwards that each acknowledged payment is
+//! terminal exactly once and money moved exactly once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::get;
+
+pub const ACCOUNTS: usize = 12;
+pub const OPENING_CENTS: i64 = 50_000;
+
+/// What the driver learned about each payment it sent: (from, to, amount).
+#[derive(Default)]
+pub struct Ledger {
+    /// Payments answered 202: they must exist after any crash.
+    pub acknowledged: HashMap<String, (String, String, i64)>,
+    /// Payments whose request failed mid-crash: they may or may not exist.
+    pub unknown: HashMap<String, (String, String, i64)>,
+}
+
+pub fn account(n: usize) -> String {
+    format!("acc-{n:02}")
+}
+
+pub async fn open_accounts(client: &reqwest::Client, base: &str) {
+    for n in 0..ACCOUNTS {
+        super::open_account(client, base, &account(n), OPENING_CENTS).await;
+    }
+}
+
+/// Sends payments from four workers until `stop` fires; ids start with
+/// `r{round}-`.
+pub async fn drive(
+    base: String,
+    ledger: Arc<Mutex<Ledger>>,
+    round: usize,
+    stop: CancellationToken,
+) {
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let (base, ledger, stop) = (base.clone(), ledger.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                n += 1;
+                let id = format!("r{round}-w{worker}-{n}");
+                let (from, to, amount) = {
+                    let mut rng = rand::thread_rng();
+                    let from = account(rng.gen_range(0..ACCOUNTS));
+                    // One payment in ten goes to an account that does not exist (reversed).
+                    let to = if rng.gen_ratio(1, 10) {
+                        "ghost".to_owned()
+                    } else {
+                        account(rng.gen_range(0..ACCOUNTS))
+                    };
+                    // Some amounts exceed what most accounts hold (rejected).
+                    let amount = if rng.gen_ratio(1, 8) {
+                        60_000
+                    } else {
+                        rng.gen_range(1..3_000)
+                    };
+                    (from, to, amount)
+                };
+                if from == to {
+                    continue;
+                }
+                let body = json!({"id": id, "from": from, "to": to, "amount": amount});
+                let sent = client
+                    .post(format!("{base}/api/v1/payments"))
+                    .json(&body)
+                    .send()
+                    .await;
+                let acknowledged = match sent {
+                    Ok(response) if response.status() == 202 => true,
+                    // A server that is stopping refuses with 503; nothing was written.
+                    Ok(response) if response.status() == 503 => false,
+                    Ok(response) => panic!("unexpected answer {} for {body}", response.status()),
+                    Err(_) => false,
+                };
+                {
+                    let mut ledger = ledger.lock().unwrap();
+                    let book = if acknowledged {
+                        &mut ledger.acknowledged
+                    } else {
+                        &mut ledger.unknown
+                    };
+                    book.insert(id, (from, to, amount));
+                }
+                if !acknowledged {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// Terminal states found by [`check`].
+pub struct Outcome {
+    pub statuses: BTreeMap<String, String>,
+}
+
+impl Outcome {
+    pub fn count(&self, status: &str) -> u64 {
+        self.statuses
+            .values()
+            .filter(|v| v.as_str() == status)
+            .count() as u64
+    }
+}
+
+/// Checks, on a running server, that every acknowledged payment is terminal
+/// with its own body and the hops of its outcome each once; every balance is
+/// its opening balance plus exactly the confirmed payments; the pipeline's
+/// counts match; nothing is in flight; money is conserved.
+pub async fn check(client: &reqwest::Client, base: &str, ledger: &Ledger) -> Outcome {
+    let mut statuses: BTreeMap<String, String> = BTreeMap::new();
+    let mut balances = [OPENING_CENTS; ACCOUNTS];
+    let everything = ledger
+        .acknowledged
+        .iter()
+        .map(|p| (p, true))
+        .chain(ledger.unknown.iter().map(|p| (p, false)));
+    for ((id, (from, to, amount)), acknowledged) in everything {
+        let url = format!("{base}/api/v1/payments/{id}");
+        let started = std::time::Instant::now();
+        let payment = loop {
+            let (status, body) = get(client, &url).await;
+            if status == 404 {
+                assert!(!acknowledged, "acknowledged payment {id} was lost");
+                break None;
+            }
+            if ["confirmed", "rejected", "reversed"].contains(&body["status"].as_str().unwrap()) {
+                break Some(body);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "payment {id} not terminal: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let Some(payment) = payment else { continue };
+        assert_eq!(
+            (&payment["from"], &payment["to"], &payment["amount"]),
+            (&json!(from), &json!(to), &json!(amount))
+        );
+        let status = payment["status"].as_str().unwrap().to_owned();
+        // Each hop once: a record applied twice would show twice.
+        let stages: Vec<&str> = payment["lineage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["stage"].as_str().unwrap())
+            .collect();
+        let expected: &[&str] = match status.as_str() {
+            "confirmed" => &["admitted", "debited", "credited", "completed"],
+            "rejected" => &["admitted", "rejected", "completed"],
+            _ => &["admitted", "debited", "rejected", "refunded", "completed"],
+        };
+        assert_eq!(stages, expected, "{id}: {payment}");
+        if status == "confirmed" {
+            let index = |name: &str| name[4..].parse::<usize>().unwrap();
+            balances[index(from)] -= amount;
+            balances[index(to)] += amount;
+        }
+        statuses.insert(id.clone(), status);
+    }
+    for (n, expected) in balances.iter().enumerate() {
+        let (_, body) = get(client, &format!("{base}/api/v1/accounts/{}", account(n))).await;
+        assert_eq!(
+            body["balance"].as_i64().unwrap(),
+            *expected,
+            "{}: money moved more or less than once",
+            account(n)
+        );
+        assert!(*expected >= 0);
+    }
+    let outcome = Outcome { statuses };
+    let (_, metrics) = get(client, &format!("{base}/api/v1/metrics/pipeline")).await;
+    for status in ["confirmed", "rejected", "reversed"] {
+        assert_eq!(
+            metrics[status]["count"].as_u64().unwrap(),
+            outcome.count(status),
+            "{status}: {metrics}"
+        );
+    }
+    assert_eq!(metrics["inflight"]["count"], 0, "{metrics}");
+    let (_, integrity) = get(client, &format!("{base}/api/v1/ledger/integrity")).await;
+    assert_eq!(integrity["ok"], true, "{integrity}");
+    assert_eq!(integrity["in_transit"], 0, "{integrity}");
+    assert_eq!(
+        integrity["total_funded"].as_i64().unwrap(),
+        OPENING_CENTS * ACCOUNTS as i64
+    );
+    outcome
+}
+
+/// Asserts the store of a stopped server under `dir` holds no dead letter.
+pub fn assert_no_dead_letters(dir: &Path) {
+    let store = kpay::store::Store::open(&dir.join("state"), 1 << 20).unwrap();
+    let letters: Vec<(String, kpay::ops::dlq::DeadLetter)> =
+        store.scan(kpay::ops::dlq::TABLE, None, 10).unwrap();
+    assert!(
+        letters.is_empty(),
+        "dead letters after crashes: {letters:?}"
+    );
+}
