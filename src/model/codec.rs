@@ -210,12 +210,6 @@ mod tests {
             };
             prop_assert_eq!(decode(&encode(&envelope)).unwrap(), envelope);
         }
-
-        // Arbitrary bytes never panic the decoder; they give an error or an event.
-        #[test]
-        fn arbitrary_bytes_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode(&bytes);
-        }
     }
 
     // The public JSON payment decodes (any Kafka client may write it); our own JSON round-trips; bad JSON is refused by name.
@@ -285,5 +279,26 @@ mod tests {
             decode(&[SCHEMA_VERSION, 200]),
             Err(DecodeError::Malformed(_))
         ));
+    }
+}
+
+/// Bytes from outside the process (`cargo test decoder_fuzz` runs every decoder's).
+#[cfg(test)]
+mod decoder_fuzz {
+    use super::decode;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Arbitrary bytes never panic the decoder; they give an error or an event.
+        #[test]
+        fn arbitrary_bytes_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+        }
+
+        // Bytes that start like JSON take the JSON path: error or payment, no panic.
+        #[test]
+        fn arbitrary_json_like_bytes_do_not_panic(text in "\\{(\\PC){0,200}") {
+            let _ = decode(text.as_bytes());
+        }
     }
 }
