@@ -1288,6 +1288,20 @@ fn cut_torn_tail(
     let context = || format!("truncating the torn tail of {}", info.path.display());
     info.file.set_len(pos).map_err(|e| io_error(context(), e))?;
     info.file.sync_data().map_err(|e| io_error(context(), e))?;
+    if matches!(error, FrameError::BadCrc { next_pos } if *next_pos == reader.file_len) {
+        // All its bytes were there: a write torn inside the frame, or damage
+        // to a frame that was synced. A state that read it refuses to start
+        // (it is ahead of the log); otherwise it was never acknowledged or is lost.
+        tracing::error!(
+            path = %info.path.display(),
+            valid_bytes = pos,
+            dropped_bytes = reader.file_len - pos,
+            reason = %error,
+            "cut the last log frame: complete in length but failing its checksum (a torn \
+             write, or damage to a synced frame whose record is then lost)"
+        );
+        return Ok(());
+    }
     tracing::warn!(
         path = %info.path.display(),
         valid_bytes = pos,
