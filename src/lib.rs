@@ -22,6 +22,10 @@
 //! A record no processor can act on goes to `ops::dlq` (store + `payment.dlq`)
 //! and the task goes on; an operator replays it to its source topic.
 //!
+//! A settled payment is forgotten after `limits.payment_retention_seconds`
+//! (`runtime::task`, after a checkpoint); a record older than that is
+//! dead-lettered as `expired` rather than risk applying a forgotten copy.
+//!
 //! Modules:
 //! - [`config`]: layered settings (defaults ← file ← `KPAY_*` env ← flags).
 //! - [`model`]: money, ids, events and their byte codec.
