@@ -702,12 +702,14 @@ impl<P: Processor> TaskLoop<P> {
             .iter()
             .map(|(key, bytes, old)| (row_key(P::TABLE, key), bytes.clone(), old.clone()))
             .collect();
-        let newly_kept = std::mem::take(&mut self.newly_kept);
-        store_rows.extend(
-            newly_kept
-                .into_iter()
-                .map(|(at_ms, key)| (kept_key(P::TABLE, partition, at_ms, &key), Vec::new(), None)),
-        );
+        // One index entry per checkpoint: the rows it made forgettable,
+        // oldest first, under the oldest one's time and key.
+        let mut newly_kept = std::mem::take(&mut self.newly_kept);
+        newly_kept.sort_unstable();
+        if let Some((at_ms, key)) = newly_kept.first() {
+            let entry = kept_key(P::TABLE, partition, *at_ms, key);
+            store_rows.push((entry, encode_row(&newly_kept), None));
+        }
         last.push((
             checkpoint_key(P::NAME, partition),
             encode_row(&self.checkpoint_record(next_offsets.clone())),
@@ -748,36 +750,47 @@ impl<P: Processor> TaskLoop<P> {
     }
 
     /// Forgets the rows of the retention index older than the retention,
-    /// right after a checkpoint at `next_offsets`: a chunk's rows and index
-    /// entries go in one atomic batch. Which rows may go depends only on the
-    /// clock, so whatever the timing of checkpoints, a replay of the log to
-    /// the same positions keeps the same rows.
+    /// right after a checkpoint. The index holds one entry per checkpoint
+    /// (its rows, oldest first) keyed by its oldest row, so the first entry
+    /// holds the oldest row of all. Each step forgets up to 128 of its
+    /// expired rows and rewrites the entry without them, in one atomic batch.
+    /// Which rows go depends only on the clock, so whatever the timing of
+    /// checkpoints, a replay of the log to the same positions keeps the same.
     fn forget_expired(&mut self) -> Result<(), RuntimeError> {
+        const STEP: usize = MAX_BATCH_ROWS / 2;
         let partition = self.task.partition;
         let index = kept_table(P::TABLE, partition);
         let before = self.forgotten_before_ms().max(0);
         loop {
-            let oldest: Vec<(String, ())> =
-                self.shared.store.scan(&index, None, MAX_BATCH_ROWS / 2)?;
-            let mut batch = Batch::default();
-            let mut keys = Vec::with_capacity(oldest.len());
-            for (entry, ()) in &oldest {
-                // `{time:020}/{key}`
-                let (at, key) = entry.split_at(20.min(entry.len()));
-                if at.parse::<i64>().map_or(true, |at| at >= before) {
-                    break;
-                }
-                let key = key.strip_prefix('/').unwrap_or(key);
-                batch.remove(format!("{index}/{entry}").as_bytes());
-                batch.remove(row_key(P::TABLE, key).as_bytes());
-                keys.push(key.to_owned());
-            }
-            if keys.is_empty() {
+            let Some((entry, kept)) = self
+                .shared
+                .store
+                .scan::<Vec<(i64, String)>>(&index, None, 1)?
+                .pop()
+            else {
                 return Ok(());
+            };
+            let expired = kept
+                .iter()
+                .take(STEP)
+                .take_while(|(at_ms, _)| *at_ms < before)
+                .count();
+            if expired == 0 {
+                return Ok(());
+            }
+            let mut batch = Batch::default();
+            batch.remove(format!("{index}/{entry}").as_bytes());
+            for (_, key) in &kept[..expired] {
+                batch.remove(row_key(P::TABLE, key).as_bytes());
+            }
+            if let Some((at_ms, key)) = kept.get(expired) {
+                let rest = &kept[expired..];
+                let entry = kept_key(P::TABLE, partition, *at_ms, key);
+                batch.insert(entry.as_bytes(), encode_row(&rest));
             }
             self.shared.store.apply(batch)?;
             let mut rows = self.task.rows.write().expect("rows lock");
-            for key in &keys {
+            for (_, key) in &kept[..expired] {
                 if rows.get(key).is_some_and(|row| !row.dirty) {
                     rows.remove(key);
                 }
@@ -785,10 +798,7 @@ impl<P: Processor> TaskLoop<P> {
             drop(rows);
             if self.shared.config.instrument.enabled {
                 metrics::counter!("kpay_payments_forgotten_total", "processor" => P::NAME)
-                    .increment(keys.len() as u64);
-            }
-            if keys.len() < oldest.len() {
-                return Ok(());
+                    .increment(expired as u64);
             }
         }
     }

@@ -116,8 +116,9 @@ pub fn row_key(table: &str, key: &str) -> String {
     format!("{table}/{key}")
 }
 
-/// The retention index of one task: the rows it may forget, oldest first
-/// (`k/{table}/{partition}/{time}/{key}`, empty values).
+/// The retention index of one task: the rows it may forget, one entry per
+/// checkpoint holding its rows' (time, key), oldest first, keyed
+/// `k/{table}/{partition}/{time}/{key}` by the oldest of them.
 pub fn kept_table(table: &str, partition: u32) -> String {
     format!("k/{table}/{partition:03}")
 }
