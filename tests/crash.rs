@@ -187,16 +187,21 @@ async fn a_log_lost_under_a_kept_state_is_refused_with_what_to_do() {
     common::terminal(&client, &server.base, "p-1").await;
     server.stop().await;
     std::fs::remove_dir_all(dir.path().join("log")).unwrap();
-    let (log, store) = kpay::runtime::open_backends(&config).await.unwrap();
-    let error = kpay::runtime::Runtime::start(config, log, store)
-        .await
-        .err()
-        .expect("must refuse")
-        .to_string();
+    let error = refused_start(config).await;
     assert!(
         error.contains("but the log ends at 0") && error.contains("Restore the log"),
         "{error}"
     );
+}
+
+/// Why the server refuses to start on `config`'s data (it must refuse).
+async fn refused_start(config: kpay::config::Config) -> String {
+    let (log, store) = kpay::runtime::open_backends(&config).await.unwrap();
+    kpay::runtime::Runtime::start(config, log, store)
+        .await
+        .err()
+        .expect("must refuse")
+        .to_string()
 }
 
 /// The newest segment file of the embedded log under `dir`.
@@ -356,12 +361,7 @@ async fn a_deleted_state_file_is_rebuilt_from_the_log_or_refused() {
     }
     server.stop().await;
     std::fs::remove_dir_all(dir.path().join("state")).unwrap();
-    let (log, store) = kpay::runtime::open_backends(&config).await.unwrap();
-    let error = kpay::runtime::Runtime::start(config, log, store)
-        .await
-        .err()
-        .expect("must refuse")
-        .to_string();
+    let error = refused_start(config).await;
     assert!(
         error.contains("removed by retention") && error.contains("Restore the state"),
         "{error}"

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{checked_add, checked_sub, Ctx, Emit, OutTopic, ProcessError, Processor};
+use super::{checked_add, checked_sub, hop, Ctx, Emit, OutTopic, ProcessError, Processor};
 use crate::model::{Event, Hop, Outcome, PaymentRef, Reason, Stage};
 
 /// Whether an account can move money.
@@ -158,16 +158,6 @@ fn deposit(
     stats.funded_cents = funded;
     stats.balance_sum_cents = sum;
     Ok(None)
-}
-
-fn hop(stage: Stage, ctx: &Ctx) -> Hop {
-    Hop {
-        stage,
-        partition: ctx.partition,
-        offset: ctx.offset,
-        at_ms: ctx.now_ms,
-        received_at_ms: ctx.received_at_ms,
-    }
 }
 
 fn completed(payment: PaymentRef, outcome: Outcome, lineage: Vec<Hop>, ctx: &Ctx) -> Emit {

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{checked_add, checked_sub, Ctx, Emit, OutTopic, ProcessError, Processor};
+use super::{checked_add, checked_sub, hop, Ctx, Emit, OutTopic, ProcessError, Processor};
 use crate::model::{
     partition_for, validate_id, Event, Hop, Outcome, PaymentRef, PaymentStatus, Reason,
     SourceTopic, Stage,
@@ -73,7 +73,7 @@ impl Processor for Inflight {
     /// kept for the retention from its acceptance.
     fn retention(state: &PaymentState) -> Option<i64> {
         let over = state.status.is_terminal()
-            && state.lineage.last().map(|hop| hop.stage) == Some(Stage::Completed);
+            && state.lineage.last().map(|h| h.stage) == Some(Stage::Completed);
         over.then_some(state.payment.accepted_at_ms)
     }
 
@@ -168,13 +168,7 @@ fn admit(
             payment.id
         )));
     }
-    let hop = Hop {
-        stage: Stage::Admitted,
-        partition: ctx.partition,
-        offset: ctx.offset,
-        at_ms: ctx.now_ms,
-        received_at_ms: ctx.received_at_ms,
-    };
+    let admitted = hop(Stage::Admitted, ctx);
     if validate_payment(&payment).is_err() {
         // Records written by other producers skip the HTTP checks; they end
         // as a business rejection, not a dead letter.
@@ -184,7 +178,7 @@ fn admit(
             status: PaymentStatus::Rejected,
             reason: Some(Reason::Invalid),
             completed_at_ms: Some(ctx.now_ms),
-            lineage: vec![hop.clone()],
+            lineage: vec![admitted.clone()],
         });
         return Ok(Some(Emit {
             topic: OutTopic::Complete,
@@ -193,7 +187,7 @@ fn admit(
                 payment,
                 outcome,
                 completed_at_ms: ctx.now_ms,
-                lineage: vec![hop],
+                lineage: vec![admitted],
             },
         }));
     }
@@ -210,14 +204,14 @@ fn admit(
         status: PaymentStatus::Inflight,
         reason: None,
         completed_at_ms: None,
-        lineage: vec![hop.clone()],
+        lineage: vec![admitted.clone()],
     });
     Ok(Some(Emit {
         topic: OutTopic::Inflight,
         key: payment.from.clone(),
         event: Event::Debit {
             payment,
-            lineage: vec![hop],
+            lineage: vec![admitted],
         },
     }))
 }
@@ -250,14 +244,8 @@ fn complete(
     if current.status.is_terminal() {
         // Rejected at admission: the completion only feeds the confirmed
         // processor's counts. Its hop marks the payment as over.
-        if current.lineage.last().map(|hop| hop.stage) != Some(Stage::Completed) {
-            current.lineage.push(Hop {
-                stage: Stage::Completed,
-                partition: ctx.partition,
-                offset: ctx.offset,
-                at_ms: ctx.now_ms,
-                received_at_ms: ctx.received_at_ms,
-            });
+        if current.lineage.last().map(|h| h.stage) != Some(Stage::Completed) {
+            current.lineage.push(hop(Stage::Completed, ctx));
         }
         return Ok(());
     }
@@ -273,13 +261,7 @@ fn complete(
     current.reason = completion.outcome.reason();
     current.completed_at_ms = Some(completion.completed_at_ms);
     current.lineage = completion.lineage;
-    current.lineage.push(Hop {
-        stage: Stage::Completed,
-        partition: ctx.partition,
-        offset: ctx.offset,
-        at_ms: ctx.now_ms,
-        received_at_ms: ctx.received_at_ms,
-    });
+    current.lineage.push(hop(Stage::Completed, ctx));
     Ok(())
 }
 

@@ -11,7 +11,7 @@ pub mod inflight;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::model::{Event, SourceTopic};
+use crate::model::{Event, Hop, SourceTopic, Stage};
 
 /// Topics a processor writes to (names come from config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,6 +118,17 @@ pub trait Processor: Send + Sync + 'static {
         event: Event,
         ctx: &Ctx,
     ) -> Result<Option<Emit>, ProcessError>;
+}
+
+/// The hop of `stage` for the record `ctx` describes.
+pub(crate) fn hop(stage: Stage, ctx: &Ctx) -> Hop {
+    Hop {
+        stage,
+        partition: ctx.partition,
+        offset: ctx.offset,
+        at_ms: ctx.now_ms,
+        received_at_ms: ctx.received_at_ms,
+    }
 }
 
 /// Adds with overflow as an error naming what overflowed.
