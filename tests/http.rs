@@ -163,19 +163,8 @@ async fn business_rules_end_in_the_right_terminal_state() {
         let payment = terminal(&c, &base, id).await;
         assert_eq!(payment["status"], *status, "{payment}");
         assert_eq!(payment["reason"].as_str(), *reason, "{payment}");
-        let stages: Vec<&str> = payment["lineage"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["stage"].as_str().unwrap())
-            .collect();
-        let expected: &[&str] = match *status {
-            "confirmed" => &["admitted", "debited", "credited", "completed"],
-            "rejected" => &["admitted", "rejected", "completed"],
-            // The saga: the credit is refused, the debit refunded to `from`.
-            _ => &["admitted", "debited", "rejected", "refunded", "completed"],
-        };
-        assert_eq!(stages, expected, "{payment}");
+        let stages = common::lineage_stages(&payment);
+        assert_eq!(stages, common::expected_stages(status), "{payment}");
         let hops = payment["lineage"].as_array().unwrap();
         let topics = &server.runtime().shared.topics;
         for hop in hops {

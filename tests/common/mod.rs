@@ -368,3 +368,23 @@ pub fn kafka_config(dir: &Path, broker: &str) -> Config {
     }
     config
 }
+
+/// The stages of a payment's lineage, in order.
+pub fn lineage_stages(payment: &Value) -> Vec<&str> {
+    payment["lineage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|hop| hop["stage"].as_str().unwrap())
+        .collect()
+}
+
+/// The stages a payment with terminal `status` passes, each once.
+pub fn expected_stages(status: &str) -> &'static [&'static str] {
+    match status {
+        "confirmed" => &["admitted", "debited", "credited", "completed"],
+        "rejected" => &["admitted", "rejected", "completed"],
+        // The saga: the credit is refused, the debit refunded to `from`.
+        _ => &["admitted", "debited", "rejected", "refunded", "completed"],
+    }
+}

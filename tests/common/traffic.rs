@@ -160,18 +160,8 @@ pub async fn check(client: &reqwest::Client, base: &str, ledger: &Ledger) -> Out
         );
         let status = payment["status"].as_str().unwrap().to_owned();
         // Each hop once: a record applied twice would show twice.
-        let stages: Vec<&str> = payment["lineage"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["stage"].as_str().unwrap())
-            .collect();
-        let expected: &[&str] = match status.as_str() {
-            "confirmed" => &["admitted", "debited", "credited", "completed"],
-            "rejected" => &["admitted", "rejected", "completed"],
-            _ => &["admitted", "debited", "rejected", "refunded", "completed"],
-        };
-        assert_eq!(stages, expected, "{id}: {payment}");
+        let stages = super::lineage_stages(&payment);
+        assert_eq!(stages, super::expected_stages(&status), "{id}: {payment}");
         if status == "confirmed" {
             let index = |name: &str| name[4..].parse::<usize>().unwrap();
             balances[index(from)] -= amount;
