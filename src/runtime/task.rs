@@ -26,8 +26,8 @@ use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, Source
 use crate::ops::dlq::DeadLetter;
 use crate::pipeline::{Ctx, Emit, OutTopic, Processor};
 use crate::store::{
-    checkpoint_key, encode_row, kept_key, kept_table, row_key, undo_key, AppliedKey, Batch,
-    Checkpoint, RowWrite, StoredBytes, MAX_BATCH_ROWS,
+    checkpoint_key, encode_row, kept_key, kept_table, parts_by_size, row_key, undo_key, AppliedKey,
+    Batch, Checkpoint, RowWrite, StoredBytes, MAX_BATCH_ROWS,
 };
 
 /// A cached state row; `dirty` rows are newer than the store.
@@ -702,13 +702,14 @@ impl<P: Processor> TaskLoop<P> {
             .iter()
             .map(|(key, bytes, old)| (row_key(P::TABLE, key), bytes.clone(), old.clone()))
             .collect();
-        // One index entry per checkpoint: the rows it made forgettable,
-        // oldest first, under the oldest one's time and key.
+        // Index entries of about VALUE_BYTES each: the rows this checkpoint
+        // made forgettable, oldest first, each under its oldest row's time and key.
         let mut newly_kept = std::mem::take(&mut self.newly_kept);
         newly_kept.sort_unstable();
-        if let Some((at_ms, key)) = newly_kept.first() {
-            let entry = kept_key(P::TABLE, partition, *at_ms, key);
-            store_rows.push((entry, encode_row(&newly_kept), None));
+        for entry in parts_by_size(&newly_kept, |(_, key)| key.len() + 10) {
+            let (at_ms, key) = &entry[0];
+            let entry_key = kept_key(P::TABLE, partition, *at_ms, key);
+            store_rows.push((entry_key, encode_row(&entry), None));
         }
         last.push((
             checkpoint_key(P::NAME, partition),
@@ -750,10 +751,11 @@ impl<P: Processor> TaskLoop<P> {
     }
 
     /// Forgets the rows of the retention index older than the retention,
-    /// right after a checkpoint. The index holds one entry per checkpoint
-    /// (its rows, oldest first) keyed by its oldest row, so the first entry
-    /// holds the oldest row of all. Each step forgets up to 128 of its
-    /// expired rows and rewrites the entry without them, in one atomic batch.
+    /// right after a checkpoint. Each checkpoint writes its rows as entries
+    /// of about `VALUE_BYTES` (oldest first), each keyed by its oldest row,
+    /// so the first entry holds the oldest row of all. Each step forgets up
+    /// to 128 of its expired rows and rewrites the entry without them, in
+    /// one atomic batch.
     /// Which rows go depends only on the clock, so whatever the timing of
     /// checkpoints, a replay of the log to the same positions keeps the same.
     fn forget_expired(&mut self) -> Result<(), RuntimeError> {

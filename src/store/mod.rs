@@ -3,8 +3,10 @@
 //! `apply_batch`.
 //!
 //! Keys: `a/<account id>` accounts, `p/<payment id>` payments,
-//! `t/<processor>/<partition>` task checkpoints, `d/<source>/<partition>/<offset>`
-//! dead letters, `m/<name>` metadata.
+//! `t/<processor>/<partition>` task checkpoints, `u/<processor>/<partition>`
+//! the undo record of an interrupted checkpoint, `k/<table>/<partition>/…`
+//! the retention index, `d/<source>/<partition>/<offset>` dead letters,
+//! `m/<name>` metadata.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -106,6 +108,32 @@ struct Undo {
 
 pub fn undo_key(processor: &str, partition: u32) -> String {
     format!("u/{processor}/{partition}")
+}
+
+/// Soft bound on the bytes of one retention index entry. sled splits a leaf
+/// at 17 entries whatever their size and writes a page over 64 KiB (a quarter
+/// of [`SEGMENT_BYTES`]) as a file of its own, rewritten whole on each change:
+/// with one entry per checkpoint (about 35 KB at 10,000 payments/s), such
+/// files grew by 0.5 MB/s in a model of the soak's writes; entries of about
+/// 2 KiB wrote none.
+pub const VALUE_BYTES: usize = 2 << 10;
+
+/// Splits `items` into runs of about [`VALUE_BYTES`] by `size` (at least one item each).
+pub fn parts_by_size<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let item_bytes = size(item);
+        if i > start && bytes + item_bytes > VALUE_BYTES {
+            parts.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += item_bytes;
+    }
+    if start < items.len() {
+        parts.push(&items[start..]);
+    }
+    parts
 }
 
 /// sled segment size (its default is 512 KiB). With 1,000-row random-key
@@ -516,6 +544,25 @@ mod tests {
         assert_eq!(rest, vec![("c".into(), "C".into())]);
         assert_eq!(store.get::<String>("a/c").unwrap().as_deref(), Some("C"));
         assert_eq!(store.get::<String>("a/x").unwrap(), None);
+    }
+}
+
+#[cfg(test)]
+mod parts_tests {
+    use super::*;
+
+    // Items are split in order into runs of at most VALUE_BYTES, except a single item larger than that.
+    #[test]
+    fn parts_stay_within_the_bound_and_keep_every_item_in_order() {
+        let sizes = [100, 1_500, 600, 2_100, 5_000, 10, 20, 2_048];
+        let parts = parts_by_size(&sizes, |s| *s);
+        assert_eq!(parts.concat(), sizes.to_vec());
+        for part in &parts {
+            let bytes: usize = part.iter().sum();
+            assert!(bytes <= VALUE_BYTES || part.len() == 1, "{part:?}");
+        }
+        assert_eq!(parts.len(), 6, "{parts:?}");
+        assert!(parts_by_size(&[] as &[usize], |s| *s).is_empty());
     }
 }
 
