@@ -6,7 +6,6 @@
 //! offer `--rate` payments/s for `--latency-seconds` and measure submit →
 //! terminal per payment. Then peak RSS and disk used after retention.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -14,7 +13,7 @@ use rand::Rng;
 
 use crate::config::Config;
 use crate::model::{now_ms, Event, PaymentRef};
-use crate::runtime::{open_backends, Runtime};
+use crate::runtime::Runtime;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -53,7 +52,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let dir = config.data.dir.join(&run);
     config.data.dir = dir.clone();
     config.demo.accounts = 0;
-    if config.log.backend == "kafka" {
+    if config.log.is_kafka() {
         // Topics of this run only: a broker keeps those of earlier runs.
         let topics = &mut config.topics;
         for name in [
@@ -73,8 +72,8 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             config.log.kafka.brokers.join(",")
         );
     }
-    let (log, store) = open_backends(&config).await?;
-    let runtime = Arc::new(Runtime::start(config, log, store).await?);
+    let state = crate::app::start(config).await?;
+    let runtime = state.runtime.clone();
     open_accounts(&runtime, args.accounts).await?;
     println!("accounts: {} opened", args.accounts);
 
@@ -87,7 +86,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         submitted as f64 / elapsed,
         submitted,
         elapsed,
-        runtime.shared.config.log.partitions
+        runtime.config().log.partitions
     );
     if args.rate > 0 {
         latency_phase(&runtime, &args, submitted).await?;
@@ -96,12 +95,9 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     println!("ledger integrity ok: {}", ledger.ok);
     let total = submitted + args.rate * args.latency_seconds;
     report_resources(&runtime, total).await;
-    let runtime = Arc::into_inner(runtime).expect("bench tasks finished");
-    let runtime = if args.http_seconds > 0 {
-        http_phase(runtime, &args).await?
-    } else {
-        runtime
-    };
+    if args.http_seconds > 0 {
+        http_phase(state, &args).await?;
+    }
     runtime.shutdown().await?;
     if !args.keep_data {
         let _ = std::fs::remove_dir_all(&dir);
@@ -144,7 +140,7 @@ fn random_payment(id: String, accounts: u32) -> PaymentRef {
     }
 }
 
-async fn throughput_phase(runtime: &Arc<Runtime>, args: &BenchArgs) -> anyhow::Result<u64> {
+async fn throughput_phase(runtime: &Runtime, args: &BenchArgs) -> anyhow::Result<u64> {
     let per_worker = args.payments / args.concurrency;
     let mut workers = tokio::task::JoinSet::new();
     for worker in 0..args.concurrency {
@@ -154,7 +150,7 @@ async fn throughput_phase(runtime: &Arc<Runtime>, args: &BenchArgs) -> anyhow::R
             for n in 0..per_worker {
                 let payment = random_payment(format!("t{worker}-{n}"), accounts);
                 loop {
-                    match runtime.ingest.submit(payment.clone()).await {
+                    match runtime.ingest().submit(payment.clone()).await {
                         Ok(_) => break,
                         Err(
                             crate::runtime::ingest::IngestError::Busy(_)
@@ -185,11 +181,7 @@ async fn wait_terminal(runtime: &Runtime, expected: u64) {
     }
 }
 
-async fn latency_phase(
-    runtime: &Arc<Runtime>,
-    args: &BenchArgs,
-    before: u64,
-) -> anyhow::Result<()> {
+async fn latency_phase(runtime: &Runtime, args: &BenchArgs, before: u64) -> anyhow::Result<()> {
     let total = args.rate * args.latency_seconds;
     let tick = Duration::from_millis(10);
     let per_tick = (args.rate / 100).max(1);
@@ -204,7 +196,7 @@ async fn latency_phase(
             let payment = random_payment(format!("l{}", sent.len()), args.accounts);
             sent.push((payment.id.clone(), epoch_ms_f64()));
             let runtime = runtime.clone();
-            inflight.spawn(async move { runtime.ingest.submit(payment).await });
+            inflight.spawn(async move { runtime.ingest().submit(payment).await });
         }
     }
     while let Some(result) = inflight.join_next().await {
@@ -214,8 +206,7 @@ async fn latency_phase(
     wait_terminal(runtime, before + total).await;
     let mut histogram = Histogram::<u64>::new(3)?;
     for (id, start_ms) in &sent {
-        let partition = crate::model::partition_for(id, runtime.shared.config.log.partitions);
-        let row = runtime.shared.inflight[partition as usize].get(&runtime.shared, id)?;
+        let row = runtime.payment(id)?;
         let done_ms = row.and_then(|r| r.completed_at_ms).unwrap_or(0) as f64;
         histogram.record(((done_ms - start_ms).max(0.0) * 1000.0) as u64)?;
     }
@@ -251,11 +242,11 @@ async fn report_resources(runtime: &Runtime, payments: u64) {
         .to_owned();
     println!("peak RSS: {peak}");
     // Let two flush cycles run so retention has applied the final offsets.
-    let flush = runtime.shared.config.pipeline.flush_interval_ms;
-    let commit = runtime.shared.config.pipeline.commit_interval_ms;
+    let flush = runtime.config().pipeline.flush_interval_ms;
+    let commit = runtime.config().pipeline.commit_interval_ms;
     tokio::time::sleep(Duration::from_millis(2 * (flush + commit))).await;
-    let log_bytes = runtime.shared.log.disk_bytes();
-    let state_bytes = runtime.shared.store.disk_bytes();
+    let log_bytes = runtime.log().disk_bytes();
+    let state_bytes = runtime.store().disk_bytes();
     let per_million = |b: u64| b as f64 * 1e6 / payments.max(1) as f64 / (1 << 20) as f64;
     println!(
         "disk after retention: log {:.1} MiB, state {:.1} MiB per million payments",
@@ -266,8 +257,7 @@ async fn report_resources(runtime: &Runtime, payments: u64) {
 
 /// Serves the API on a loopback port and posts single payments over
 /// keep-alive connections with a minimal HTTP/1.1 client.
-async fn http_phase(runtime: Runtime, args: &BenchArgs) -> anyhow::Result<Runtime> {
-    let state = crate::http::AppState::new(runtime);
+async fn http_phase(state: crate::http::State, args: &BenchArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let app = crate::http::app(state.clone(), std::path::PathBuf::from("static"));
@@ -296,8 +286,7 @@ async fn http_phase(runtime: Runtime, args: &BenchArgs) -> anyhow::Result<Runtim
     );
     stop.cancel();
     server.await??;
-    let state = Arc::into_inner(state).expect("server stopped");
-    Ok(state.runtime)
+    Ok(())
 }
 
 async fn post_loop(

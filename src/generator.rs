@@ -25,10 +25,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
-use crate::http::AppState;
 use crate::model::{now_ms, Event, PaymentRef};
 use crate::runtime::ingest::{Admission, IngestError};
-use crate::runtime::RuntimeError;
+use crate::runtime::{Runtime, RuntimeError};
 
 /// The account every rejected payment comes from (opened with nothing).
 pub const EMPTY_ACCOUNT: &str = "gen-empty";
@@ -62,9 +61,10 @@ struct Running {
     stop: CancellationToken,
 }
 
-/// The generator's state, held by the HTTP layer.
-#[derive(Default)]
+/// The generator: the runtime it submits to and the state of its runs.
 pub struct Generator {
+    /// Where payments go (through the ingest path, as HTTP submissions do).
+    runtime: Runtime,
     running: Mutex<Option<Running>>,
     /// Settings of the last run, shown after it stopped.
     last: Mutex<Option<Settings>>,
@@ -104,6 +104,16 @@ pub enum GeneratorError {
 }
 
 impl Generator {
+    pub fn new(runtime: Runtime) -> Arc<Self> {
+        Arc::new(Self {
+            runtime,
+            running: Mutex::default(),
+            last: Mutex::default(),
+            counters: Arc::default(),
+            last_refusal: Arc::default(),
+        })
+    }
+
     pub fn status(&self) -> GeneratorStatus {
         let running = self.running.lock().expect("generator lock");
         let settings = running
@@ -126,8 +136,8 @@ impl Generator {
     }
 
     /// Checks `settings` against the configured bounds.
-    pub fn validate(app: &AppState, settings: &Settings) -> Result<(), GeneratorError> {
-        let config = &app.runtime.shared.config.generator;
+    pub fn validate(&self, settings: &Settings) -> Result<(), GeneratorError> {
+        let config = &self.runtime.config().generator;
         let invalid = |m: String| Err(GeneratorError::Invalid(m));
         if !(1..=config.max_rate_per_second).contains(&settings.rate_per_second) {
             return invalid(format!(
@@ -150,13 +160,13 @@ impl Generator {
     /// Opens the accounts (idempotently) and starts sending; a running
     /// generator is stopped first and its counters start again.
     pub async fn start(
-        app: &Arc<AppState>,
+        self: &Arc<Self>,
         settings: Settings,
     ) -> Result<GeneratorStatus, GeneratorError> {
-        Self::validate(app, &settings)?;
-        let generator = &app.generator;
+        self.validate(&settings)?;
+        let generator = self;
         generator.stop();
-        open_accounts(app, settings.accounts).await?;
+        open_accounts(&self.runtime, settings.accounts).await?;
         let stop = CancellationToken::new();
         {
             let mut running = generator.running.lock().expect("generator lock");
@@ -178,8 +188,7 @@ impl Generator {
             skew = settings.skew,
             "generator started"
         );
-        let tracker = app.runtime.shared.tracker.clone();
-        tracker.spawn(run(app.clone(), settings, stop));
+        self.runtime.spawn(run(self.clone(), settings, stop));
         Ok(generator.status())
     }
 
@@ -198,8 +207,8 @@ pub fn account_id(n: u32) -> String {
     format!("gen-{n:05}")
 }
 
-async fn open_accounts(app: &AppState, accounts: u32) -> Result<(), RuntimeError> {
-    let balance = app.runtime.shared.config.generator.opening_balance_cents;
+async fn open_accounts(runtime: &Runtime, accounts: u32) -> Result<(), RuntimeError> {
+    let balance = runtime.config().generator.opening_balance_cents;
     let at_ms = now_ms();
     let open = |account: String, opening_balance_cents| Event::OpenAccount {
         account,
@@ -209,7 +218,7 @@ async fn open_accounts(app: &AppState, accounts: u32) -> Result<(), RuntimeError
     let mut events = vec![open(EMPTY_ACCOUNT.to_owned(), 0)];
     events.extend((0..accounts).map(|n| open(account_id(n), balance)));
     for chunk in events.chunks(10_000) {
-        app.runtime.append_account_events(chunk.to_vec()).await?;
+        runtime.append_account_events(chunk.to_vec()).await?;
     }
     Ok(())
 }
@@ -264,10 +273,11 @@ fn amount(rng: &mut StdRng) -> i64 {
 
 type Pending = Pin<Box<dyn Future<Output = Result<Admission, IngestError>> + Send>>;
 
-async fn run(app: Arc<AppState>, settings: Settings, stop: CancellationToken) {
-    let shared = app.runtime.shared.clone();
-    let config = shared.config.generator.clone();
-    let counters = app.generator.counters.clone();
+async fn run(generator: Arc<Generator>, settings: Settings, stop: CancellationToken) {
+    let runtime = generator.runtime.clone();
+    let config = runtime.config().generator.clone();
+    let counters = generator.counters.clone();
+    let intake_closing = runtime.intake_closing();
     let picker = Picker::new(settings.accounts, settings.skew);
     let mut rng = StdRng::from_entropy();
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
@@ -279,20 +289,20 @@ async fn run(app: Arc<AppState>, settings: Settings, stop: CancellationToken) {
         tokio::select! {
             _ = ticker.tick() => {}
             Some(answer) = pending.next(), if !pending.is_empty() => {
-                count(&app, answer);
+                count(&generator, answer);
                 continue;
             }
             () = stop.cancelled() => break,
-            () = shared.shutdown.cancelled() => break,
+            () = intake_closing.cancelled() => break,
         }
         let now = Instant::now();
         let dt = now.duration_since(last).as_secs_f64();
         last = now;
-        if shared.admission_paused() {
+        if runtime.admission_paused() {
             budget = 0.0;
             continue;
         }
-        let limit = shared.control_state().rate_limit_per_second;
+        let limit = runtime.control_state().rate_limit_per_second;
         let rate = match limit {
             0 => settings.rate_per_second,
             limit => settings.rate_per_second.min(limit),
@@ -333,11 +343,11 @@ async fn run(app: Arc<AppState>, settings: Settings, stop: CancellationToken) {
                 accepted_at_ms: 0,
             };
             counters.sent.fetch_add(1, Ordering::Relaxed);
-            let app = app.clone();
+            let generator = generator.clone();
             pending.push(Box::pin(async move {
-                let answer = app.runtime.ingest.submit(payment).await;
+                let answer = generator.runtime.ingest().submit(payment).await;
                 if let Ok(Admission::Accepted(payment)) = &answer {
-                    app.remember_payment(&payment.id);
+                    generator.runtime.remember_payment(&payment.id);
                 }
                 answer
             }));
@@ -345,16 +355,16 @@ async fn run(app: Arc<AppState>, settings: Settings, stop: CancellationToken) {
     }
     // Every submission made is answered before the generator is gone.
     while let Some(answer) = pending.next().await {
-        count(&app, answer);
+        count(&generator, answer);
     }
 }
 
-fn count(app: &AppState, answer: Result<Admission, IngestError>) {
-    let counters = &app.generator.counters;
+fn count(generator: &Generator, answer: Result<Admission, IngestError>) {
+    let counters = &generator.counters;
     match answer {
         Ok(_) => counters.accepted.fetch_add(1, Ordering::Relaxed),
         Err(error) => {
-            *app.generator.last_refusal.lock().expect("generator lock") = Some(error.to_string());
+            *generator.last_refusal.lock().expect("generator lock") = Some(error.to_string());
             counters.refused.fetch_add(1, Ordering::Relaxed)
         }
     };

@@ -45,6 +45,7 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::all)]
 
+pub mod app;
 pub mod bench;
 pub mod config;
 pub mod control;

@@ -111,7 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.server.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-            kpay::http::serve(config, listener, accounts, kpay::control::shutdown_signal()).await
+            kpay::app::serve(config, listener, accounts, kpay::control::shutdown_signal()).await
         }
         Command::Bench(args) => kpay::bench::run(config, args).await,
         Command::Rebuild { dry_run } => {

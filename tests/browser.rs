@@ -231,10 +231,8 @@ async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
 
     // Pause with payments held in flight: draining, then paused, and the
     // confirmed count stops rising.
-    let shared = server.runtime().shared.clone();
-    for task in &shared.accounts {
-        task.hold(SourceTopic::Inflight, true);
-    }
+    let shared = server.runtime().clone();
+    shared.hold_input("account", SourceTopic::Inflight, true);
     eventually("payments in flight", seconds(10), || async {
         number(client, "#m-inflight-count").await.unwrap_or(0.0) > 0.0
     })
@@ -245,9 +243,7 @@ async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
     })
     .await?;
     screenshot(client, "control-draining.png").await;
-    for task in &shared.accounts {
-        task.hold(SourceTopic::Inflight, false);
-    }
+    shared.hold_input("account", SourceTopic::Inflight, false);
     eventually("paused", seconds(10), || async {
         text(client, "#control-state").await.trim() == "paused"
     })

@@ -248,7 +248,10 @@ async fn tokens_and_roles_guard_every_change() {
     // With tokens configured: no or unknown token → 401, a token without the role → 403, the right role acts; reads stay open.
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.tokens = "operator-secret:operator,teller-secret:teller,viewer-secret:viewer".into();
+    config.tokens = kpay::config::Tokens::parse(
+        "operator-secret:operator,teller-secret:teller,viewer-secret:viewer",
+    )
+    .unwrap();
     let server = TestServer::start(config).await;
     let c = reqwest::Client::new();
     let call = |method: reqwest::Method, path: &str, token: Option<&str>, body: Value| {
@@ -336,7 +339,7 @@ async fn tokens_and_roles_guard_every_change() {
         call(Method::GET, "/api/v1/control/status", None, json!(null)).await,
         200
     );
-    let last = server.runtime().shared.control_state().last_principal;
+    let last = server.runtime().control_state().last_principal;
     assert_eq!(
         last.as_deref(),
         Some("operator#0"),
@@ -459,10 +462,8 @@ async fn pause_reports_draining_until_admitted_payments_finish() {
     let c = reqwest::Client::new();
     open_account(&c, &server.base, "a", 1_000).await;
     open_account(&c, &server.base, "b", 0).await;
-    let shared = server.runtime().shared.clone();
-    for task in &shared.accounts {
-        task.hold(kpay::model::SourceTopic::Inflight, true);
-    }
+    let shared = server.runtime().clone();
+    shared.hold_input("account", kpay::model::SourceTopic::Inflight, true);
     for n in 0..10 {
         let body = json!({"id": format!("d{n}"), "from": "a", "to": "b", "amount": 3});
         assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
@@ -479,9 +480,7 @@ async fn pause_reports_draining_until_admitted_payments_finish() {
     .await;
     assert_eq!(draining["state"], "draining", "{draining}");
     assert_eq!(draining["inflight"], json!({"count": 10, "amount": 30}));
-    for task in &shared.accounts {
-        task.hold(kpay::model::SourceTopic::Inflight, false);
-    }
+    shared.hold_input("account", kpay::model::SourceTopic::Inflight, false);
     common::wait_until(Duration::from_secs(10), || async {
         status_of(&c, &server).await["state"] == "paused"
     })

@@ -196,8 +196,7 @@ async fn a_log_lost_under_a_kept_state_is_refused_with_what_to_do() {
 
 /// Why the server refuses to start on `config`'s data (it must refuse).
 async fn refused_start(config: kpay::config::Config) -> String {
-    let (log, store) = kpay::runtime::open_backends(&config).await.unwrap();
-    kpay::runtime::Runtime::start(config, log, store)
+    kpay::app::start(config)
         .await
         .err()
         .expect("must refuse")
@@ -339,13 +338,7 @@ async fn a_deleted_state_file_is_rebuilt_from_the_log_or_refused() {
     let incoming = kpay::log::TopicPartition::new("payment.incoming".to_string(), 0);
     let mut batch_no = 0;
     loop {
-        let start = server
-            .runtime()
-            .shared
-            .log
-            .log_start(&incoming)
-            .await
-            .unwrap();
+        let start = server.runtime().log().log_start(&incoming).await.unwrap();
         if start > 0 {
             break;
         }

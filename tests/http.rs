@@ -9,11 +9,11 @@ use kpay::log::TopicPartition;
 use serde_json::{json, Value};
 
 async fn incoming_records(server: &TestServer) -> u64 {
-    let shared = &server.runtime().shared;
+    let shared = server.runtime();
     let mut total = 0;
-    for p in 0..shared.config.log.partitions {
-        let tp = TopicPartition::new(shared.topics.incoming.clone(), p);
-        total += shared.log.high_watermark(&tp).await.unwrap();
+    for p in 0..shared.config().log.partitions {
+        let tp = TopicPartition::new(shared.topics().incoming.clone(), p);
+        total += shared.log().high_watermark(&tp).await.unwrap();
     }
     total
 }
@@ -166,7 +166,7 @@ async fn business_rules_end_in_the_right_terminal_state() {
         let stages = common::lineage_stages(&payment);
         assert_eq!(stages, common::expected_stages(status), "{payment}");
         let hops = payment["lineage"].as_array().unwrap();
-        let topics = &server.runtime().shared.topics;
+        let topics = server.runtime().topics();
         for hop in hops {
             let (processor, topic) = match hop["stage"].as_str().unwrap() {
                 "admitted" => ("inflight", &topics.incoming),

@@ -126,10 +126,8 @@ async fn lag_grows_while_a_processor_is_stopped_and_drains_after() {
     let c = reqwest::Client::new();
     open_account(&c, &server.base, "a", 1_000_000).await;
     open_account(&c, &server.base, "b", 0).await;
-    let shared = server.runtime().shared.clone();
-    for task in &shared.confirmed {
-        task.hold(kpay::model::SourceTopic::Complete, true);
-    }
+    let shared = server.runtime().clone();
+    shared.hold_input("confirmed", kpay::model::SourceTopic::Complete, true);
     for n in 0..40 {
         let body = json!({"id": format!("l{n}"), "from": "a", "to": "b", "amount": 5});
         assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
@@ -164,9 +162,7 @@ async fn lag_grows_while_a_processor_is_stopped_and_drains_after() {
         .sum();
     assert_eq!(others, 0, "{view}");
     assert_eq!(server.runtime().confirmed_totals().confirmed_count, 0);
-    for task in &shared.confirmed {
-        task.hold(kpay::model::SourceTopic::Complete, false);
-    }
+    shared.hold_input("confirmed", kpay::model::SourceTopic::Complete, false);
     common::wait_until(std::time::Duration::from_secs(10), || async {
         let (_, view) = get(&c, &server.url("/api/v1/metrics/lag")).await;
         view["total_lag_records"] == 0
@@ -206,14 +202,14 @@ async fn slo_reports_goals_and_flips_when_the_dlq_fills() {
         "p99 latency < 200 ms"
     );
     assert_eq!(before["all_met"], true);
-    let shared = server.runtime().shared.clone();
-    let tp = kpay::log::TopicPartition::new(shared.topics.incoming.clone(), 0);
+    let shared = server.runtime().clone();
+    let tp = kpay::log::TopicPartition::new(shared.topics().incoming.clone(), 0);
     let junk = kpay::log::Record {
         key: "k".into(),
         value: "junk".into(),
         timestamp_ms: 0,
     };
-    shared.log.append(&tp, vec![junk]).await.unwrap();
+    shared.log().append(&tp, vec![junk]).await.unwrap();
     common::wait_until(std::time::Duration::from_secs(10), || async {
         let (_, view) = get(&c, &server.url("/api/v1/metrics/slo")).await;
         goal(&view, "dlq_empty")["met"] == false

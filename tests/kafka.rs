@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::{free_port, get, kafka_broker, kafka_config, kpay_command, post, wait_until};
 use common::{open_account, terminal, TestServer};
-use kpay::runtime::{open_backends, Runtime};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -57,8 +56,7 @@ async fn an_existing_topic_with_other_partitions_is_refused() {
     server.stop().await;
     let mut config = kafka_config(dir.path(), &broker);
     config.log.partitions = 8;
-    let (log, store) = open_backends(&config).await.unwrap();
-    let error = Runtime::start(config.clone(), log, store)
+    let error = kpay::app::start(config.clone())
         .await
         .err()
         .expect("must refuse")

@@ -252,10 +252,10 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
     );
     assert_eq!(balance(&c, &base, "bob").await, 500);
     // Again, with or without a body: the first answer, nothing appended.
-    let shared = server.runtime().shared.clone();
-    let p = partition_for("fix-me", shared.config.log.partitions);
+    let shared = server.runtime().clone();
+    let p = partition_for("fix-me", shared.config().log.partitions);
     let incoming = kpay::log::TopicPartition::new("payment.incoming", p);
-    let end = shared.log.high_watermark(&incoming).await.unwrap();
+    let end = shared.log().high_watermark(&incoming).await.unwrap();
     for body in [json!({"value_hex": fixed}), json!({})] {
         let (status, again) = post(&c, &replay_url, body).await;
         assert_eq!(status, 200, "{again}");
@@ -265,7 +265,7 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
             first["dead_letter"]["replay"]
         );
     }
-    assert_eq!(shared.log.high_watermark(&incoming).await.unwrap(), end);
+    assert_eq!(shared.log().high_watermark(&incoming).await.unwrap(), end);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(balance(&c, &base, "bob").await, 500);
     assert_eq!(dlq(&c, &base, "").await["waiting"], 0);
@@ -407,9 +407,9 @@ async fn the_dlq_is_bounded_and_overflow_is_counted() {
     .await;
     assert_eq!(dlq(&c, &base, "").await["waiting"], 2);
     // Still on the DLQ topic, for other tools.
-    let shared = server.runtime().shared.clone();
-    let topic = kpay::log::TopicPartition::new(shared.topics.dlq.clone(), 0);
-    assert_eq!(shared.log.high_watermark(&topic).await.unwrap(), 3);
+    let shared = server.runtime().clone();
+    let topic = kpay::log::TopicPartition::new(shared.topics().dlq.clone(), 0);
+    assert_eq!(shared.log().high_watermark(&topic).await.unwrap(), 3);
     // Unknown topics and partitions are refused with a reason.
     for (body, want) in [
         (json!({"topic": "nope", "records": [{"value": "x"}]}), 422),
@@ -683,7 +683,7 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
     let (c, base) = (reqwest::Client::new(), server.base.clone());
     open_account(&c, &base, "alice", 10_000).await;
     open_account(&c, &base, "bob", 0).await;
-    let shared = server.runtime().shared.clone();
+    let shared = server.runtime().clone();
     let junk = json!([{"key": "landed", "value": "x"}, {"key": "lost", "value": "y"}]);
     let landed = inject(&c, &base, "payment.incoming", Some(0), junk).await;
     let ids: Vec<String> = landed
@@ -704,20 +704,20 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
         let seq = 1_000 + n as u64;
         let (p, o) = landed[n];
         let key = format!("d/payment.incoming:{p:05}:{o:020}:inflight");
-        let mut letter: DeadLetter = shared.store.get(&key).unwrap().unwrap();
+        let mut letter: DeadLetter = shared.store().get(&key).unwrap().unwrap();
         assert_eq!(&letter.id, id);
         letter.replay = Some(Replay {
             seq,
             topic: tp.topic.clone(),
             partition,
-            from_offset: shared.log.high_watermark(&tp).await.unwrap(),
+            from_offset: shared.log().high_watermark(&tp).await.unwrap(),
             offset: None,
             at_ms: now_ms(),
             principal: "local".into(),
             corrected: true,
         });
         letter.value_hex = encoded(event.clone());
-        shared.store.put(&key, &letter).unwrap();
+        shared.store().put(&key, &letter).unwrap();
         if name == "landed" {
             let envelope = Envelope {
                 source: Some(Source {
@@ -734,15 +734,15 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
             };
             appended = Some((
                 tp.clone(),
-                shared.log.append(&tp, vec![record]).await.unwrap(),
+                shared.log().append(&tp, vec![record]).await.unwrap(),
             ));
         }
     }
     // The counter moves with each reservation (in the same store batch).
-    shared.store.put("m/replay_seq", &1_001u64).unwrap();
+    shared.store().put("m/replay_seq", &1_001u64).unwrap();
     let (tp, offset) = appended.unwrap();
     assert_eq!(terminal(&c, &base, "landed").await["status"], "confirmed");
-    let end = shared.log.high_watermark(&tp).await.unwrap();
+    let end = shared.log().high_watermark(&tp).await.unwrap();
     // It landed: settled at that offset, nothing appended again.
     let (status, answer) = post(
         &c,
@@ -756,7 +756,7 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
         "{answer}"
     );
     assert_eq!(answer["dead_letter"]["replay"]["seq"], 1_000);
-    assert_eq!(shared.log.high_watermark(&tp).await.unwrap(), end);
+    assert_eq!(shared.log().high_watermark(&tp).await.unwrap(), end);
     // It did not land: appended now, once.
     let (status, answer) = post(
         &c,

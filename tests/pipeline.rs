@@ -20,7 +20,7 @@ async fn submit_many(server: &TestServer, prefix: &str, count: usize) {
             amount_cents: 1,
             accepted_at_ms: 0,
         };
-        server.runtime().ingest.submit(payment).await.unwrap();
+        server.runtime().ingest().submit(payment).await.unwrap();
     }
 }
 
@@ -39,21 +39,25 @@ async fn undecodable_records_are_dead_lettered_and_the_rest_flows() {
     let client = reqwest::Client::new();
     open_account(&client, &server.base, "a", 1_000_000).await;
     open_account(&client, &server.base, "b", 0).await;
-    let shared = server.runtime().shared.clone();
+    let shared = server.runtime().clone();
     let garbage = Record {
         key: Bytes::from_static(b"junk"),
         value: Bytes::from_static(b"\xff\x00 not an event"),
         timestamp_ms: 0,
     };
     let topics = [
-        &shared.topics.incoming,
-        &shared.topics.inflight,
-        &shared.topics.complete,
+        &shared.topics().incoming,
+        &shared.topics().inflight,
+        &shared.topics().complete,
     ];
     let mut expected = Vec::new();
     for topic in topics {
         let tp = TopicPartition::new(topic.clone(), 1);
-        let offset = shared.log.append(&tp, vec![garbage.clone()]).await.unwrap();
+        let offset = shared
+            .log()
+            .append(&tp, vec![garbage.clone()])
+            .await
+            .unwrap();
         expected.push((topic.clone(), offset));
     }
     submit_many(&server, "after", 200).await;
@@ -105,7 +109,7 @@ async fn retention_drops_segments_every_processor_has_passed() {
     let client = reqwest::Client::new();
     open_account(&client, &server.base, "a", 1_000_000_000).await;
     open_account(&client, &server.base, "b", 0).await;
-    let shared = server.runtime().shared.clone();
+    let shared = server.runtime().clone();
     // About 3 MiB of records in all: three times the 1 MiB segment size.
     for (round, tag) in ["first", "second", "third"].into_iter().enumerate() {
         submit_many(&server, tag, 6_000).await;
@@ -113,19 +117,19 @@ async fn retention_drops_segments_every_processor_has_passed() {
     }
     let bound = 2 << 20;
     wait_until(Duration::from_secs(10), || async {
-        let tp = TopicPartition::new(shared.topics.incoming.clone(), 0);
-        shared.log.log_start(&tp).await.unwrap() > 0 && shared.log.disk_bytes() <= bound
+        let tp = TopicPartition::new(shared.topics().incoming.clone(), 0);
+        shared.log().log_start(&tp).await.unwrap() > 0 && shared.log().disk_bytes() <= bound
     })
     .await;
     for topic in [
-        &shared.topics.incoming,
-        &shared.topics.inflight,
-        &shared.topics.complete,
+        &shared.topics().incoming,
+        &shared.topics().inflight,
+        &shared.topics().complete,
     ] {
         for p in 0..4 {
             let tp = TopicPartition::new(topic.clone(), p);
-            let start = shared.log.log_start(&tp).await.unwrap();
-            let end = shared.log.high_watermark(&tp).await.unwrap();
+            let start = shared.log().log_start(&tp).await.unwrap();
+            let end = shared.log().high_watermark(&tp).await.unwrap();
             if end > 1_000 {
                 assert!(start > 0 && start <= end, "{tp}: start {start}, end {end}");
             }

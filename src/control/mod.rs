@@ -1,9 +1,10 @@
 //! Pillar 3, the control plane: commands as events through
-//! `control.commands` (pause with drain, resume, rate limit), applied by the
-//! control processor; and the shutdown signal (SIGTERM or Ctrl-C).
+//! `control.commands` (pause with drain, resume, rate limit), the status an
+//! operator sees, bootstrap, and the shutdown signal (SIGTERM or Ctrl-C).
+//! The commands are applied by the control processor, which is pure logic
+//! like every processor and so lives with them (`pipeline::control`).
 
 pub mod bootstrap;
-pub mod processor;
 
 /// Resolves when the process is asked to stop.
 pub async fn shutdown_signal() {
@@ -40,6 +41,9 @@ use utoipa::ToSchema;
 use crate::instrument::CountAmount;
 use crate::log::{Record, TopicPartition};
 use crate::model::{codec, now_ms, ControlAction, ControlCommand, Envelope, Event, SourceTopic};
+use crate::pipeline::control::ControlPlane;
+use crate::pipeline::inflight::Inflight;
+use crate::pipeline::Processor;
 use crate::runtime::{Runtime, RuntimeError};
 
 /// How long a command call waits for the control processor to apply it.
@@ -71,7 +75,7 @@ pub async fn command(
     principal: &str,
     reason: Option<String>,
 ) -> Result<(), RuntimeError> {
-    let shared = &runtime.shared;
+    let runtime = &runtime;
     let envelope = Envelope {
         source: None,
         event: Event::Control(ControlCommand {
@@ -86,8 +90,8 @@ pub async fn command(
         value: Bytes::from(codec::encode(&envelope)),
         timestamp_ms: now_ms(),
     };
-    let tp = TopicPartition::new(shared.topics.commands.clone(), 0);
-    let offset = shared.log.append(&tp, vec![record]).await?;
+    let tp = TopicPartition::new(runtime.topics().commands.clone(), 0);
+    let offset = runtime.log().append(&tp, vec![record]).await?;
     let deadline = tokio::time::Instant::now() + APPLY_WAIT;
     while applied_position(runtime) <= offset && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -95,39 +99,31 @@ pub async fn command(
     Ok(())
 }
 
+/// The next offset of `control.commands` the control processor will read.
 fn applied_position(runtime: &Runtime) -> u64 {
-    let positions = runtime
-        .shared
-        .control
-        .positions
-        .lock()
-        .expect("positions lock");
-    positions
-        .get(&(SourceTopic::Control, 0))
-        .copied()
-        .unwrap_or(0)
+    runtime
+        .input_positions()
+        .into_iter()
+        .find(|input| input.processor == ControlPlane::NAME)
+        .map_or(0, |input| input.position)
 }
 
 /// Running, draining or paused, with what is in flight and queued.
 pub async fn status(runtime: &Runtime) -> Result<ControlStatus, RuntimeError> {
-    let shared = &runtime.shared;
-    let control = shared.control_state();
+    let control = runtime.control_state();
     let inflight = runtime.inflight_totals();
     let mut queued = 0;
-    for task in &shared.inflight {
-        let position = task
-            .positions
-            .lock()
-            .expect("positions lock")
-            .get(&(SourceTopic::Incoming, task.partition))
-            .copied()
-            .unwrap_or(0);
-        let tp = TopicPartition::new(shared.topics.incoming.clone(), task.partition);
-        queued += shared
-            .log
+    let admissions = runtime
+        .input_positions()
+        .into_iter()
+        .filter(|input| input.processor == Inflight::NAME && input.topic == SourceTopic::Incoming);
+    for input in admissions {
+        let tp = TopicPartition::new(runtime.topics().incoming.clone(), input.partition);
+        queued += runtime
+            .log()
             .high_watermark(&tp)
             .await?
-            .saturating_sub(position);
+            .saturating_sub(input.position);
     }
     let state = match (control.paused, inflight.inflight_count) {
         (false, _) => "running",

@@ -109,7 +109,7 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 }
 
 fn check_amount(state: &State, amount: i64, what: &str, min: i64) -> Result<(), ApiError> {
-    let max = state.runtime.shared.config.limits.max_amount_cents;
+    let max = state.runtime.config().limits.max_amount_cents;
     if amount < min || amount > max {
         return Err(ApiError::BadRequest(format!(
             "{what} must be between {min} and {max} cents, got {amount}"

@@ -8,32 +8,10 @@ use axum::extract::{Request, State as Extract};
 use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::State;
-
-/// Roles, each allowed what the one before it is, and more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    /// Reads (when reads are protected).
-    Viewer,
-    /// Accounts and payments.
-    Teller,
-    /// Everything, including control.
-    Operator,
-}
-
-impl Role {
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "viewer" => Some(Self::Viewer),
-            "teller" => Some(Self::Teller),
-            "operator" => Some(Self::Operator),
-            _ => None,
-        }
-    }
-}
+use crate::config::Role;
 
 /// Who made a request, for commands and the audit trail: `local` in
 /// protected mode, else the role and the token's position in the list.
@@ -42,16 +20,6 @@ pub struct Principal {
     pub name: String,
     /// `operator`, `teller`, `viewer`, `local`, or `none` (no valid token).
     pub role: &'static str,
-}
-
-impl Role {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Viewer => "viewer",
-            Self::Teller => "teller",
-            Self::Operator => "operator",
-        }
-    }
 }
 
 /// Runs the request as `principal` and tags the response with it too, so
@@ -76,50 +44,6 @@ fn refuse(error: ApiError, principal: Principal) -> Response {
     response
 }
 
-/// The configured tokens.
-#[derive(Debug, Clone, Default)]
-pub struct Tokens {
-    entries: Vec<(Vec<u8>, Role)>,
-}
-
-impl Tokens {
-    /// Parses `token:role,token:role`; names what is wrong.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut entries = Vec::new();
-        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let (token, role) = item.rsplit_once(':').ok_or_else(|| {
-                format!(
-                    "token entry {:?}... has no `:role`",
-                    &item[..item.len().min(3)]
-                )
-            })?;
-            let role = Role::parse(role)
-                .ok_or_else(|| format!("role {role:?} is not one of operator, teller, viewer"))?;
-            if token.len() < 8 {
-                return Err("tokens must be at least 8 characters long".into());
-            }
-            entries.push((token.as_bytes().to_vec(), role));
-        }
-        Ok(Self { entries })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The role and position of `presented`, comparing against every
-    /// configured token in constant time.
-    fn find(&self, presented: &[u8]) -> Option<(usize, Role)> {
-        let mut found = None;
-        for (index, (token, role)) in self.entries.iter().enumerate() {
-            if bool::from(token.as_slice().ct_eq(presented)) {
-                found = Some((index, *role));
-            }
-        }
-        found
-    }
-}
-
 /// The role a request needs, from its method and path; `None`: open.
 fn required_role(method: &Method, path: &str, protect_reads: bool) -> Option<Role> {
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
@@ -133,7 +57,7 @@ fn required_role(method: &Method, path: &str, protect_reads: bool) -> Option<Rol
 
 /// Checks the bearer token of every API request against the role it needs.
 pub async fn authorize(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
-    let tokens = &state.tokens;
+    let tokens = &state.runtime.config().tokens;
     if tokens.is_empty() {
         let local = Principal {
             name: "local".into(),
@@ -141,7 +65,7 @@ pub async fn authorize(Extract(state): Extract<State>, request: Request, next: N
         };
         return run_as(local, request, next).await;
     }
-    let protect_reads = state.runtime.shared.config.server.protect_reads;
+    let protect_reads = state.runtime.config().server.protect_reads;
     let needed = required_role(request.method(), request.uri().path(), protect_reads);
     let presented = request
         .headers()
@@ -181,24 +105,6 @@ pub async fn authorize(Extract(state): Extract<State>, request: Request, next: N
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    // Token lists parse with roles, refuse bad entries by reason, and match only exact tokens.
-    #[test]
-    fn tokens_parse_and_match() {
-        let tokens = Tokens::parse("s3cret-op:operator, t3ller-1:teller").unwrap();
-        assert_eq!(tokens.find(b"s3cret-op"), Some((0, Role::Operator)));
-        assert_eq!(tokens.find(b"t3ller-1"), Some((1, Role::Teller)));
-        assert_eq!(tokens.find(b"t3ller-"), None);
-        assert_eq!(tokens.find(b""), None);
-        assert!(Tokens::parse("nocolon").unwrap_err().contains("no `:role`"));
-        assert!(Tokens::parse("longenough:boss")
-            .unwrap_err()
-            .contains("not one of"));
-        assert!(Tokens::parse("short:viewer")
-            .unwrap_err()
-            .contains("8 characters"));
-        assert!(Tokens::parse("").unwrap().is_empty());
-    }
 
     // Writes need teller (money) or operator (everything else); reads are open unless protected.
     #[test]

@@ -8,7 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, ErrorBody, JsonBody};
 use super::State;
-use crate::generator::{Generator, GeneratorError, GeneratorStatus, Settings};
+use crate::generator::{GeneratorError, GeneratorStatus, Settings};
 
 pub fn router() -> OpenApiRouter<State> {
     OpenApiRouter::new().routes(routes!(status, command))
@@ -57,7 +57,7 @@ async fn command(
     match request.action {
         GeneratorAction::Stop => Ok(Json(state.generator.stop())),
         GeneratorAction::Start => {
-            let config = &state.runtime.shared.config.generator;
+            let config = &state.runtime.config().generator;
             // Out-of-range numbers become 0, which the bounds check refuses by name.
             let settings = Settings {
                 rate_per_second: request.rate.map_or(100, |r| u64::try_from(r).unwrap_or(0)),
@@ -66,7 +66,7 @@ async fn command(
                     .map_or(config.accounts, |a| u32::try_from(a).unwrap_or(0)),
                 skew: request.skew.unwrap_or(0.0),
             };
-            match Generator::start(&state, settings).await {
+            match state.generator.start(settings).await {
                 Ok(status) => Ok(Json(status)),
                 Err(GeneratorError::Invalid(message)) => Err(ApiError::BadRequest(message)),
                 Err(GeneratorError::Runtime(error)) => Err(error.into()),

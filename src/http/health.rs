@@ -37,15 +37,15 @@ async fn healthz() -> Json<Health> {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Health), (status = 503, body = super::error::ErrorBody)))]
 async fn readyz(Extract(state): Extract<State>) -> Result<(StatusCode, Json<Health>), ApiError> {
-    if state.runtime.shared.shutdown.is_cancelled() {
+    if state.runtime.intake_closing().is_cancelled() {
         return Err(ApiError::Unavailable("shutting down".into()));
     }
-    if let Some(reason) = state.runtime.shared.space.shortage() {
+    if let Some(reason) = state.runtime.space().shortage() {
         return Err(ApiError::Unavailable(format!(
             "{reason}; intake answers 507 until space is freed"
         )));
     }
-    if !state.runtime.shared.log.healthy() {
+    if !state.runtime.log().healthy() {
         return Err(ApiError::Unavailable(
             "the log (Kafka) is unavailable; intake answers 503 until it is back".into(),
         ));

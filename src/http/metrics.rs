@@ -30,7 +30,7 @@ pub fn router() -> OpenApiRouter<State> {
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
               (status = 503, body = super::error::ErrorBody)))]
 async fn prometheus(Extract(state): Extract<State>) -> Result<impl IntoResponse, ApiError> {
-    if !state.runtime.shared.config.instrument.enabled {
+    if !state.runtime.config().instrument.enabled {
         return Err(ApiError::Unavailable(
             "instrumentation is off (instrument.enabled = false)".into(),
         ));
@@ -56,7 +56,7 @@ pub struct SloList {
 #[utoipa::path(get, path = "/api/v1/metrics/slo", tag = "metrics",
     responses((status = 200, body = SloList), (status = 503, body = super::error::ErrorBody)))]
 async fn slo(Extract(state): Extract<State>) -> Result<Json<SloList>, ApiError> {
-    let goals = crate::runtime::slo_status(&state.runtime.shared).await?;
+    let goals = crate::instrument::slo::status(&state.runtime, &state.slo).await?;
     let all_met = goals.iter().all(|g| g.met);
     Ok(Json(SloList { goals, all_met }))
 }
@@ -73,7 +73,7 @@ pub struct LagList {
 #[utoipa::path(get, path = "/api/v1/metrics/lag", tag = "metrics",
     responses((status = 200, body = LagList), (status = 503, body = super::error::ErrorBody)))]
 async fn lag(Extract(state): Extract<State>) -> Result<Json<LagList>, ApiError> {
-    let items = crate::instrument::lag::lag(&state.runtime.shared).await?;
+    let items = crate::instrument::lag::lag(&state.runtime).await?;
     let total_lag_records = items.iter().map(|i| i.lag_records).sum();
     Ok(Json(LagList {
         items,
@@ -85,7 +85,7 @@ async fn lag(Extract(state): Extract<State>) -> Result<Json<LagList>, ApiError> 
 #[utoipa::path(get, path = "/api/v1/metrics/throughput", tag = "metrics",
     responses((status = 200, body = ThroughputView)))]
 async fn throughput(Extract(state): Extract<State>) -> Json<ThroughputView> {
-    let merged = crate::runtime::windows(&state.runtime.shared);
+    let merged = state.runtime.windows();
     Json(ThroughputView::from(&merged))
 }
 

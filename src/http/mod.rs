@@ -12,9 +12,8 @@ pub mod ops;
 pub mod payments;
 pub mod stream;
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
@@ -23,23 +22,25 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::generator::Generator;
+use crate::instrument::live::LiveView;
+use crate::instrument::slo::SloTracker;
+use crate::ops::audit::AuditLog;
 use crate::runtime::Runtime;
 
-/// Most payment ids remembered for `GET /payments` (recent payments).
-pub const RECENT_PAYMENTS: usize = 10_000;
-
-/// What every handler can reach.
+/// What every handler can reach: the runtime and the planes' handles,
+/// wired by the composition root (`app`).
 pub struct AppState {
     /// The running pipeline.
     pub runtime: Runtime,
-    /// Ids of recently accepted payments, newest last, for the recent list.
-    pub recent_payments: Mutex<VecDeque<String>>,
-    /// Bearer tokens and their roles; empty: protected mode (loopback only).
-    pub tokens: auth::Tokens,
     /// Where state-changing calls are recorded.
-    pub audit: crate::ops::audit::AuditLog,
+    pub audit: AuditLog,
     /// The payment generator (started and stopped over the API).
-    pub generator: crate::generator::Generator,
+    pub generator: Arc<Generator>,
+    /// The last two minutes of completions, for the dashboard.
+    pub live: Arc<LiveView>,
+    /// Since when each business goal has been met or missed.
+    pub slo: Arc<SloTracker>,
     /// Cancelled when the HTTP server begins its graceful stop, so that
     /// long-lived responses (the event stream) end and do not hold it open.
     pub closing: tokio_util::sync::CancellationToken,
@@ -47,37 +48,13 @@ pub struct AppState {
 
 pub type State = Arc<AppState>;
 
-impl AppState {
-    pub fn new(runtime: Runtime) -> State {
-        // The config was validated at load, so the token list parses.
-        let tokens = auth::Tokens::parse(&runtime.shared.config.tokens).unwrap_or_default();
-        let audit = crate::ops::audit::start(&runtime.shared);
-        Arc::new(Self {
-            runtime,
-            recent_payments: Mutex::new(VecDeque::with_capacity(RECENT_PAYMENTS)),
-            tokens,
-            audit,
-            generator: crate::generator::Generator::default(),
-            closing: tokio_util::sync::CancellationToken::new(),
-        })
-    }
-
-    pub fn remember_payment(&self, id: &str) {
-        let mut recent = self.recent_payments.lock().expect("recent lock");
-        if recent.len() == RECENT_PAYMENTS {
-            recent.pop_front();
-        }
-        recent.push_back(id.to_owned());
-    }
-}
-
 /// A list endpoint's `limit`: `default` when absent, else 1 to the configured page bound.
 pub fn page_limit(
     state: &State,
     requested: Option<usize>,
     default: usize,
 ) -> Result<usize, error::ApiError> {
-    let max = state.runtime.shared.config.limits.max_page_items;
+    let max = state.runtime.config().limits.max_page_items;
     match requested.unwrap_or(default) {
         limit @ 1.. if limit <= max => Ok(limit),
         _ => Err(error::ApiError::BadRequest(format!(
@@ -118,7 +95,7 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .merge(health::router())
         .split_for_parts();
     let api = with_error_responses(api);
-    let max_body = state.runtime.shared.config.server.max_body_bytes;
+    let max_body = state.runtime.config().server.max_body_bytes;
     let router = router
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
@@ -270,44 +247,4 @@ pub fn app(state: State, static_dir: PathBuf) -> Router {
     router
         .merge(SwaggerUi::new("/swagger-ui").url("/api-docs/openapi.json", api))
         .fallback_service(ServeDir::new(static_dir))
-}
-
-/// Runs the whole system on `listener` until `stop` resolves, then shuts
-/// down in order: HTTP intake, drain, processors, store.
-pub async fn serve(
-    config: crate::config::Config,
-    listener: tokio::net::TcpListener,
-    bootstrap: Vec<crate::model::Event>,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let (log, store) = crate::runtime::open_backends(&config).await?;
-    let static_dir = config.server.static_dir.clone();
-    let runtime = Runtime::start(config, log, store).await?;
-    if !bootstrap.is_empty() {
-        let count = bootstrap.len();
-        // Opening is idempotent, so a second run opens nothing twice.
-        for chunk in bootstrap.chunks(10_000) {
-            runtime.append_account_events(chunk.to_vec()).await?;
-        }
-        tracing::info!(count, "bootstrap accounts appended");
-    }
-    let state = AppState::new(runtime);
-    let router = app(state.clone(), static_dir);
-    tracing::info!(address = %listener.local_addr()?, "kpay listening");
-    let intake = state.runtime.shared.shutdown.clone();
-    let closing = state.closing.clone();
-    let stop = async move {
-        tokio::select! {
-            () = stop => {}
-            () = intake.cancelled() => {}
-        }
-        closing.cancel();
-    };
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(stop)
-        .await?;
-    state.runtime.shutdown().await?;
-    tracing::info!("kpay stopped cleanly");
-    Ok(())
 }

@@ -106,11 +106,11 @@ async fn list_dead_letters(
         topic: query.topic,
         processor: query.processor,
     };
-    let shared = &state.runtime.shared;
-    let (items, next) = dlq::list(shared, &filter, query.after.as_deref(), limit)?;
+    let runtime = &state.runtime;
+    let (items, next) = dlq::list(runtime, &filter, query.after.as_deref(), limit)?;
     Ok(Json(DeadLetterList {
         items: items.into_iter().map(DeadLetterView::from).collect(),
-        waiting: dlq::waiting(shared),
+        waiting: dlq::waiting(runtime),
         next,
     }))
 }
@@ -124,7 +124,7 @@ async fn get_dead_letter(
     Extract(state): Extract<State>,
     Path(id): Path<String>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
-    dlq::find(&state.runtime.shared, &id)?
+    dlq::find(&state.runtime, &id)?
         .map(|letter| Json(letter.into()))
         .ok_or_else(|| ApiError::NotFound(format!("dead letter {id} not found")))
 }
@@ -138,7 +138,7 @@ async fn delete_dead_letter(
     Extract(state): Extract<State>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    dlq::delete(&state.runtime.shared, &id).await?;
+    dlq::delete(&state.runtime, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -186,7 +186,7 @@ async fn replay_dead_letter(
         (None, Some(hex)) => Some(dlq::unhex(&hex).map_err(ApiError::BadRequest)?),
         (None, None) => None,
     };
-    let done = dlq::replay(&state.runtime.shared, &id, correction, &principal(who)).await?;
+    let done = dlq::replay(&state.runtime, &id, correction, &principal(who)).await?;
     Ok(Json(ReplayResponse {
         dead_letter: done.letter.into(),
         already_replayed: done.already,
@@ -240,8 +240,8 @@ async fn inject_records(
     Extract(state): Extract<State>,
     JsonBody(request): JsonBody<InjectRequest>,
 ) -> Result<(StatusCode, Json<InjectResponse>), ApiError> {
-    let shared = &state.runtime.shared;
-    let max = shared.config.limits.max_batch_payments;
+    let runtime = &state.runtime;
+    let max = runtime.config().limits.max_batch_payments;
     if request.records.is_empty() || request.records.len() > max {
         return Err(ApiError::BadRequest(format!(
             "records must hold 1 to {max} records"
@@ -262,7 +262,7 @@ async fn inject_records(
         };
         records.push((record.key, value));
     }
-    let landed = dlq::inject(shared, &request.topic, request.partition, records).await?;
+    let landed = dlq::inject(runtime, &request.topic, request.partition, records).await?;
     tracing::info!(topic = %request.topic, records = landed.len(), "raw records injected");
     Ok((
         StatusCode::CREATED,
@@ -298,8 +298,7 @@ async fn audit_log(
     let limit = super::page_limit(&state, query.limit, 100)?;
     let items = state
         .runtime
-        .shared
-        .store
+        .store()
         .scan_last(crate::ops::audit::TABLE, limit)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(AuditList { items }))
@@ -336,7 +335,7 @@ async fn error_log(
             "level {other:?} is not one of warn, error"
         )));
     }
-    let items = crate::ops::logs::newest(&state.runtime.shared, level, limit)
+    let items = crate::ops::logs::newest(&state.runtime, level, limit)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(ErrorLogList { items }))
 }

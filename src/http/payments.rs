@@ -137,7 +137,7 @@ fn to_payment(state: &State, request: PaymentRequest) -> Result<PaymentRef, ApiE
         accepted_at_ms: 0,
     };
     validate_payment(&payment).map_err(ApiError::BadRequest)?;
-    let max = state.runtime.shared.config.limits.max_amount_cents;
+    let max = state.runtime.config().limits.max_amount_cents;
     if payment.amount_cents > max {
         return Err(ApiError::BadRequest(format!(
             "amount {} is above the limit of {max} cents",
@@ -149,10 +149,10 @@ fn to_payment(state: &State, request: PaymentRequest) -> Result<PaymentRef, ApiE
 
 async fn submit_one(state: &State, request: PaymentRequest) -> Result<PaymentAccepted, ApiError> {
     let payment = to_payment(state, request)?;
-    let admission = state.runtime.ingest.submit(payment).await?;
+    let admission = state.runtime.ingest().submit(payment).await?;
     Ok(match admission {
         Admission::Accepted(payment) => {
-            state.remember_payment(&payment.id);
+            state.runtime.remember_payment(&payment.id);
             PaymentAccepted {
                 id: payment.id,
                 status: PaymentStatus::Accepted.as_str().into(),
@@ -191,7 +191,7 @@ async fn submit_batch(
     Extract(state): Extract<State>,
     JsonBody(request): JsonBody<BatchRequest>,
 ) -> Result<Json<BatchResponse>, ApiError> {
-    let max = state.runtime.shared.config.limits.max_batch_payments;
+    let max = state.runtime.config().limits.max_batch_payments;
     if request.payments.is_empty() || request.payments.len() > max {
         return Err(ApiError::BadRequest(format!(
             "a batch holds 1 to {max} payments, got {}",
@@ -233,8 +233,7 @@ fn hop_view(topics: &crate::config::TopicsConfig, hop: Hop) -> HopView {
 
 fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
     let runtime = &state.runtime;
-    let partition = crate::model::partition_for(id, runtime.shared.config.log.partitions);
-    let row = runtime.shared.inflight[partition as usize].get(&runtime.shared, id)?;
+    let row = runtime.payment(id)?;
     if let Some(row) = row {
         return Ok(Some(PaymentView {
             id: row.payment.id,
@@ -246,11 +245,11 @@ fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
             accepted_at: row.payment.accepted_at_ms,
             completed_at: row.completed_at_ms,
             lineage: (row.lineage.into_iter())
-                .map(|hop| hop_view(&runtime.shared.topics, hop))
+                .map(|hop| hop_view(runtime.topics(), hop))
                 .collect(),
         }));
     }
-    Ok(runtime.ingest.accepted(id).map(|payment| PaymentView {
+    Ok(runtime.ingest().accepted(id).map(|payment| PaymentView {
         id: payment.id,
         from: payment.from,
         to: payment.to,
@@ -275,7 +274,7 @@ async fn get_payment(
     find(&state, &id)?.map(Json).ok_or_else(|| {
         ApiError::NotFound(format!(
             "payment {id} not found (settled payments are kept for {} s)",
-            state.runtime.shared.config.limits.payment_retention_seconds
+            state.runtime.config().limits.payment_retention_seconds
         ))
     })
 }
@@ -296,10 +295,7 @@ async fn list_payments(
             ))
         })?),
     };
-    let ids: Vec<String> = {
-        let recent = state.recent_payments.lock().expect("recent lock");
-        recent.iter().rev().cloned().collect()
-    };
+    let ids = state.runtime.recent_payments();
     let mut items = Vec::new();
     for id in ids {
         let Some(view) = find(&state, &id)? else {

@@ -53,16 +53,15 @@ pub struct Snapshot {
 /// Builds one snapshot.
 pub async fn snapshot(state: &State) -> Result<Snapshot, crate::runtime::RuntimeError> {
     let runtime = &state.runtime;
-    let shared = &runtime.shared;
-    let lag = crate::instrument::lag::lag(shared).await?;
-    let goals = crate::runtime::slo_status(shared).await?;
+    let lag = crate::instrument::lag::lag(runtime).await?;
+    let goals = crate::instrument::slo::status(runtime, &state.slo).await?;
     let at = crate::model::now_ms();
     Ok(Snapshot {
         at,
         pipeline: PipelineMetrics::new(&runtime.inflight_totals(), &runtime.confirmed_totals()),
         control: crate::control::status(runtime).await?,
         generator: state.generator.status(),
-        dlq_waiting: crate::ops::dlq::waiting(shared),
+        dlq_waiting: crate::ops::dlq::waiting(runtime),
         lag: LagTotal {
             records: lag.iter().map(|l| l.lag_records).sum(),
             oldest_age_ms: lag.iter().map(|l| l.oldest_age_ms).max().unwrap_or(0),
@@ -71,7 +70,7 @@ pub async fn snapshot(state: &State) -> Result<Snapshot, crate::runtime::Runtime
             all_met: goals.iter().all(|g| g.met),
             goals,
         },
-        live: crate::instrument::live::points(at),
+        live: state.live.points(at),
     })
 }
 
@@ -82,7 +81,7 @@ pub async fn snapshot(state: &State) -> Result<Snapshot, crate::runtime::Runtime
 async fn stream(
     Extract(state): Extract<State>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let (closing, shutdown) = (state.closing.clone(), state.runtime.shared.shutdown.clone());
+    let (closing, shutdown) = (state.closing.clone(), state.runtime.intake_closing());
     let stop = async move {
         tokio::select! {
             () = closing.cancelled() => {}

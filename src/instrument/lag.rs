@@ -6,9 +6,7 @@ use utoipa::ToSchema;
 
 use crate::log::TopicPartition;
 use crate::model::now_ms;
-use crate::pipeline::Processor;
-use crate::runtime::task::TaskShared;
-use crate::runtime::{RuntimeError, Shared};
+use crate::runtime::{Runtime, RuntimeError};
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct LagView {
@@ -27,34 +25,18 @@ pub struct LagView {
     pub oldest_age_ms: i64,
 }
 
-/// Lag of every task over every input it reads.
-pub async fn lag(shared: &Shared) -> Result<Vec<LagView>, RuntimeError> {
-    let mut views = Vec::new();
-    for task in &shared.inflight {
-        views.extend(task_lag(shared, task).await?);
-    }
-    for task in &shared.accounts {
-        views.extend(task_lag(shared, task).await?);
-    }
-    for task in &shared.confirmed {
-        views.extend(task_lag(shared, task).await?);
-    }
-    Ok(views)
-}
-
-async fn task_lag<P: Processor>(
-    shared: &Shared,
-    task: &TaskShared<P>,
-) -> Result<Vec<LagView>, RuntimeError> {
-    let positions = task.positions.lock().expect("positions lock").clone();
+/// Lag of every processor task over every input it reads.
+pub async fn lag(runtime: &Runtime) -> Result<Vec<LagView>, RuntimeError> {
+    let log = runtime.log();
+    let positions = runtime.input_positions();
     let mut views = Vec::with_capacity(positions.len());
-    for ((kind, partition), position) in positions {
-        let tp = TopicPartition::new(shared.topics.name(kind), partition);
-        let high_watermark = shared.log.high_watermark(&tp).await?;
-        let lag_records = high_watermark.saturating_sub(position);
+    for input in positions.into_iter().filter(|i| i.processor != "control") {
+        let tp = TopicPartition::new(runtime.topics().name(input.topic), input.partition);
+        let high_watermark = log.high_watermark(&tp).await?;
+        let lag_records = high_watermark.saturating_sub(input.position);
         let oldest_age_ms = match lag_records {
             0 => 0,
-            _ => match shared.log.read(&tp, position, 1).await {
+            _ => match log.read(&tp, input.position, 1).await {
                 Ok(records) => records
                     .first()
                     .map_or(0, |r| (now_ms() - r.record.timestamp_ms).max(0)),
@@ -63,10 +45,10 @@ async fn task_lag<P: Processor>(
             },
         };
         views.push(LagView {
-            processor: P::NAME.to_owned(),
+            processor: input.processor.to_owned(),
             topic: tp.topic,
-            partition,
-            position,
+            partition: input.partition,
+            position: input.position,
             high_watermark,
             lag_records,
             oldest_age_ms,

@@ -7,7 +7,6 @@ pub mod lag;
 pub mod live;
 pub mod prometheus;
 pub mod slo;
-pub mod windows;
 
 use std::collections::BTreeMap;
 
@@ -17,6 +16,7 @@ use utoipa::ToSchema;
 use crate::pipeline::account::AccountStats;
 use crate::pipeline::confirmed::ConfirmedStats;
 use crate::pipeline::inflight::InflightStats;
+use crate::pipeline::windows::WindowStats;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CountAmount {
@@ -143,8 +143,8 @@ pub struct ThroughputView {
     pub late_dropped: u64,
 }
 
-impl From<&windows::WindowStats> for ThroughputView {
-    fn from(stats: &windows::WindowStats) -> Self {
+impl From<&WindowStats> for ThroughputView {
+    fn from(stats: &WindowStats) -> Self {
         let seconds = stats.window_ms / 1_000;
         let windows = stats
             .windows

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{dead_letter, Runtime, RuntimeError};
 
 /// Payment latency buckets, seconds: 1 ms to 1 minute.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -138,7 +138,7 @@ pub async fn render(runtime: &Runtime) -> Result<String, RuntimeError> {
     let inflight = runtime.inflight_totals();
     gauge!("kpay_inflight_payments").set(inflight.inflight_count as f64);
     gauge!("kpay_inflight_amount_cents").set(inflight.inflight_amount_cents as f64);
-    for lag in crate::instrument::lag::lag(&runtime.shared).await? {
+    for lag in super::lag::lag(runtime).await? {
         let labels = [
             ("processor", lag.processor),
             ("topic", lag.topic),
@@ -147,12 +147,30 @@ pub async fn render(runtime: &Runtime) -> Result<String, RuntimeError> {
         gauge!("kpay_consumer_lag_records", &labels).set(lag.lag_records as f64);
         gauge!("kpay_consumer_lag_oldest_seconds", &labels).set(lag.oldest_age_ms as f64 / 1_000.0);
     }
-    let dlq = runtime.shared.store.count(crate::ops::dlq::TABLE);
+    let dlq = runtime.store().count(dead_letter::TABLE);
     gauge!("kpay_dlq_records").set(dlq as f64);
     gauge!("kpay_process_resident_memory_bytes").set(resident_bytes() as f64);
-    let ledger = crate::instrument::Integrity::from(&runtime.ledger());
+    let ledger = super::Integrity::from(&runtime.ledger());
     gauge!("kpay_ledger_ok").set(if ledger.ok { 1.0 } else { 0.0 });
     Ok(handle.render())
+}
+
+/// Folds recorded histogram samples into their buckets every few seconds,
+/// until the processors stop: the exporter keeps raw samples until then,
+/// which would grow without bound between scrapes.
+pub fn keep_up(runtime: &Runtime) {
+    let Some(handle) = HANDLE.get() else {
+        return;
+    };
+    let stop = runtime.clone();
+    runtime.spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(5)) => handle.run_upkeep(),
+                () = stop.stopped() => break,
+            }
+        }
+    });
 }
 
 /// Resident set size from `/proc/self/statm` (pages × page size); 0 elsewhere.

@@ -3,13 +3,16 @@
 //! it is met and since when.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::windows::WindowStats;
 use crate::config::SloConfig;
+use crate::model::now_ms;
+use crate::pipeline::windows::WindowStats;
+use crate::runtime::{dead_letter, Runtime, RuntimeError};
 
 /// A goal checked once: what it is, the value now, whether it holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,10 +130,49 @@ impl SloTracker {
     }
 }
 
+/// Every business goal now: value, met or not, since when.
+pub async fn status(
+    runtime: &Runtime,
+    tracker: &SloTracker,
+) -> Result<Vec<SloStatus>, RuntimeError> {
+    let lag_records = super::lag::lag(runtime)
+        .await?
+        .iter()
+        .map(|l| l.lag_records)
+        .sum();
+    let dlq_size = runtime.store().count(dead_letter::TABLE);
+    let now = now_ms();
+    let windows = runtime.windows();
+    let inputs = Inputs {
+        windows: &windows,
+        dlq_size,
+        lag_records,
+        now_ms: now,
+    };
+    Ok(tracker.observe(evaluate(&runtime.config().slo, &inputs), now))
+}
+
+/// Judges the business goals every second, so `since` is right to the
+/// second, until the processors stop.
+pub fn watch(runtime: &Runtime, tracker: Arc<SloTracker>) {
+    let handle = runtime.clone();
+    runtime.spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = handle.stopped() => break,
+            }
+            if let Err(error) = status(&handle, &tracker).await {
+                tracing::warn!(%error, "cannot judge business goals");
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instrument::windows::Window;
+    use crate::pipeline::windows::Window;
 
     fn windows(counts_and_p99: &[(i64, u64, u64)]) -> WindowStats {
         let mut stats = WindowStats::new(1_000, 10);

@@ -4,13 +4,11 @@
 //! `ops.audit` (for outside consumers) and keeps the newest entries in the
 //! store for `GET /api/v1/logs/audit`.
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::journal::{Entry, Journal, Target};
-use crate::runtime::Shared;
+use crate::runtime::Runtime;
 
 /// Store table prefix of audit entries.
 pub const TABLE: &str = "l";
@@ -56,11 +54,11 @@ impl Entry for AuditEntry {
 pub type AuditLog = Journal<AuditEntry>;
 
 /// Starts the writer task; returns the handle the HTTP layer records with.
-pub fn start(shared: &Arc<Shared>) -> AuditLog {
+pub fn start(runtime: &Runtime) -> AuditLog {
     let target = Target {
-        topic: shared.topics.audit.clone(),
+        topic: runtime.topics().audit.clone(),
         table: TABLE,
-        keep: shared.config.limits.audit_entries,
+        keep: runtime.config().limits.audit_entries,
     };
-    Journal::start(shared, target)
+    Journal::start(runtime, target)
 }

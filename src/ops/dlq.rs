@@ -12,135 +12,22 @@
 //! Waiting letters live under `d/`, replayed ones move to `r/`.
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::failpoint::{self, Point};
-use crate::log::{Record, StoredRecord, TopicPartition};
+use crate::log::{Record, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
 use crate::pipeline::{account::Accounts, inflight::Inflight, Processor};
-use crate::runtime::{RuntimeError, Shared};
+use crate::runtime::dead_letter::suffix;
+pub use crate::runtime::dead_letter::{hex, DeadLetter, Replay, TABLE};
+use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{encode_row, Batch, StoreError};
 
-/// Store table of dead letters waiting for an operator.
-pub const TABLE: &str = "d";
 /// Store table of dead letters that were replayed (kept for idempotency).
 pub const REPLAYED: &str = "r";
 /// The last replay sequence number handed out.
 const REPLAY_SEQ_KEY: &str = "m/replay_seq";
 /// Most records searched to settle a replay a crash left in doubt.
 const MAX_DOUBT_SCAN: u64 = 10_000_000;
-
-/// A replay of a dead letter: reserved (durably) before the append, settled
-/// with the offset it landed at.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Replay {
-    /// The replay's sequence number, its source offset downstream.
-    pub seq: u64,
-    /// Where it was appended.
-    pub topic: String,
-    pub partition: u32,
-    /// The partition's end when the replay was reserved; it lands at or after.
-    pub from_offset: u64,
-    /// Offset it landed at; `None` while a crash leaves it in doubt.
-    pub offset: Option<u64>,
-    /// When it was replayed, ms since the epoch.
-    pub at_ms: i64,
-    /// Who replayed it.
-    pub principal: String,
-    /// Whether the operator sent a corrected value.
-    pub corrected: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct DeadLetter {
-    /// `<topic>:<partition>:<offset>:<processor>`; unique and stable (two
-    /// processors read `payment.complete`, each may give up on a record).
-    #[schema(example = "payment.incoming:3:1017:inflight")]
-    pub id: String,
-    /// Error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`, `expired`.
-    #[schema(example = "decode")]
-    pub class: String,
-    /// What exactly was wrong.
-    pub reason: String,
-    /// The processor that gave up on it.
-    pub processor: String,
-    /// Where the record sits, so it can be found and replayed.
-    pub source_topic: String,
-    pub source_partition: u32,
-    pub source_offset: u64,
-    /// The record's key, lossily decoded as UTF-8.
-    pub key: String,
-    /// When it was dead-lettered, ms since the epoch.
-    pub at_ms: i64,
-    /// The record's value as it was, hex-encoded.
-    pub value_hex: String,
-    /// Set once an operator replayed it.
-    pub replay: Option<Replay>,
-    /// Whether it has been appended to the DLQ topic (not persisted).
-    #[serde(skip)]
-    #[schema(ignore)]
-    pub published: bool,
-}
-
-impl DeadLetter {
-    pub fn new(
-        processor: &str,
-        tp: &TopicPartition,
-        stored: &StoredRecord,
-        class: &str,
-        reason: String,
-    ) -> Self {
-        Self {
-            id: format!(
-                "{}:{}:{}:{processor}",
-                tp.topic, tp.partition, stored.offset
-            ),
-            class: class.to_owned(),
-            reason,
-            processor: processor.to_owned(),
-            source_topic: tp.topic.clone(),
-            source_partition: tp.partition,
-            source_offset: stored.offset,
-            key: String::from_utf8_lossy(&stored.record.key).into_owned(),
-            at_ms: now_ms(),
-            value_hex: hex(&stored.record.value),
-            replay: None,
-            published: false,
-        }
-    }
-
-    /// Store key (in the waiting table); ordered by topic, partition and
-    /// (zero-padded) offset.
-    pub fn store_key(&self) -> String {
-        format!("{TABLE}/{}", self.suffix())
-    }
-
-    fn suffix(&self) -> String {
-        suffix(
-            &self.source_topic,
-            self.source_partition,
-            self.source_offset,
-            &self.processor,
-        )
-    }
-
-    pub fn to_record(&self, timestamp_ms: i64) -> Record {
-        Record {
-            key: Bytes::from(self.id.clone().into_bytes()),
-            value: Bytes::from(serde_json::to_vec(self).expect("plain struct serializes")),
-            timestamp_ms,
-        }
-    }
-}
-
-fn suffix(topic: &str, partition: u32, offset: u64, processor: &str) -> String {
-    format!("{topic}:{partition:05}:{offset:020}:{processor}")
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
     if !text.len().is_multiple_of(2) {
@@ -224,7 +111,7 @@ impl Filter {
 /// A page of dead letters in (topic, partition, offset) order after the id
 /// `after`, and the id to continue from when there may be more.
 pub fn list(
-    shared: &Shared,
+    runtime: &Runtime,
     filter: &Filter,
     after: Option<&str>,
     limit: usize,
@@ -233,7 +120,8 @@ pub fn list(
     let mut cursor = after.map(parse_id).transpose()?;
     let mut items = Vec::new();
     loop {
-        let rows: Vec<(String, DeadLetter)> = shared.store.scan(table, cursor.as_deref(), 256)?;
+        let rows: Vec<(String, DeadLetter)> =
+            runtime.store().scan(table, cursor.as_deref(), 256)?;
         let exhausted = rows.len() < 256;
         for (key, letter) in rows {
             cursor = Some(key);
@@ -252,10 +140,10 @@ pub fn list(
 }
 
 /// A dead letter, waiting or replayed.
-pub fn find(shared: &Shared, id: &str) -> Result<Option<DeadLetter>, DlqError> {
+pub fn find(runtime: &Runtime, id: &str) -> Result<Option<DeadLetter>, DlqError> {
     let suffix = parse_id(id)?;
     for table in [TABLE, REPLAYED] {
-        if let Some(letter) = shared.store.get(&format!("{table}/{suffix}"))? {
+        if let Some(letter) = runtime.store().get(&format!("{table}/{suffix}"))? {
             return Ok(Some(letter));
         }
     }
@@ -263,23 +151,23 @@ pub fn find(shared: &Shared, id: &str) -> Result<Option<DeadLetter>, DlqError> {
 }
 
 /// Dead letters waiting for an operator.
-pub fn waiting(shared: &Shared) -> u64 {
-    shared.store.count(TABLE)
+pub fn waiting(runtime: &Runtime) -> u64 {
+    runtime.store().count(TABLE)
 }
 
 /// Deletes a dead letter (waiting or replayed).
-pub async fn delete(shared: &Shared, id: &str) -> Result<(), DlqError> {
+pub async fn delete(runtime: &Runtime, id: &str) -> Result<(), DlqError> {
     let suffix = parse_id(id)?;
-    let _guard = shared.dlq_lock.lock().await;
+    let _guard = runtime.dlq_lock().lock().await;
     for table in [TABLE, REPLAYED] {
         let key = format!("{table}/{suffix}");
-        if shared.store.get::<DeadLetter>(&key)?.is_some() {
+        if runtime.store().get::<DeadLetter>(&key)?.is_some() {
             let mut batch = Batch::default();
             batch.remove(key.as_bytes());
-            shared.store.apply(batch)?;
-            shared.store.flush().await?;
+            runtime.store().apply(batch)?;
+            runtime.store().flush().await?;
             if table == TABLE {
-                shared.dlq_released(1);
+                runtime.dlq_released(1);
             }
             tracing::info!(id, "dead letter deleted");
             return Ok(());
@@ -301,16 +189,16 @@ pub struct Replayed {
 /// `correction` in its place. Idempotent: once replayed, a replay answers
 /// with the first one's result and appends nothing.
 pub async fn replay(
-    shared: &Shared,
+    runtime: &Runtime,
     id: &str,
     correction: Option<Vec<u8>>,
     principal: &str,
 ) -> Result<Replayed, DlqError> {
     let suffix = parse_id(id)?;
-    let _guard = shared.dlq_lock.lock().await;
+    let _guard = runtime.dlq_lock().lock().await;
     let waiting_key = format!("{TABLE}/{suffix}");
-    let Some(mut letter) = shared.store.get::<DeadLetter>(&waiting_key)? else {
-        return match shared.store.get(&format!("{REPLAYED}/{suffix}"))? {
+    let Some(mut letter) = runtime.store().get::<DeadLetter>(&waiting_key)? else {
+        return match runtime.store().get(&format!("{REPLAYED}/{suffix}"))? {
             Some(letter) => Ok(Replayed {
                 letter,
                 already: true,
@@ -320,9 +208,9 @@ pub async fn replay(
     };
     if let Some(pending) = letter.replay.clone() {
         // Reserved, then a crash: it landed or it did not.
-        if let Some(offset) = find_in_log(shared, &pending).await? {
+        if let Some(offset) = find_in_log(runtime, &pending).await? {
             tracing::warn!(id, offset, "replay in doubt found in the log");
-            return settle(shared, &suffix, letter, pending, offset).await;
+            return settle(runtime, &suffix, letter, pending, offset).await;
         }
     }
     let corrected = correction.is_some();
@@ -336,7 +224,7 @@ pub async fn replay(
             "the {which} value does not decode ({error}); replay it with a corrected value"
         ))
     })?;
-    let kind = input_kind(shared, &letter.source_topic).ok_or_else(|| {
+    let kind = input_kind(runtime, &letter.source_topic).ok_or_else(|| {
         DlqError::Unprocessable(format!(
             "{} is not an input topic of the pipeline",
             letter.source_topic
@@ -351,15 +239,15 @@ pub async fn replay(
     })?;
     let partition = match kind {
         SourceTopic::Control => 0,
-        _ => partition_for(&key, shared.config.log.partitions),
+        _ => partition_for(&key, runtime.config().log.partitions),
     };
     let tp = TopicPartition::new(letter.source_topic.clone(), partition);
-    let seq = shared.store.get::<u64>(REPLAY_SEQ_KEY)?.unwrap_or(0) + 1;
+    let seq = runtime.store().get::<u64>(REPLAY_SEQ_KEY)?.unwrap_or(0) + 1;
     let pending = Replay {
         seq,
         topic: tp.topic.clone(),
         partition,
-        from_offset: shared.log.high_watermark(&tp).await?,
+        from_offset: runtime.log().high_watermark(&tp).await?,
         offset: None,
         at_ms: now_ms(),
         principal: principal.to_owned(),
@@ -369,9 +257,9 @@ pub async fn replay(
     let mut batch = Batch::default();
     batch.insert(waiting_key.as_bytes(), encode_row(&letter));
     batch.insert(REPLAY_SEQ_KEY.as_bytes(), encode_row(&seq));
-    shared.store.apply(batch)?;
+    runtime.store().apply(batch)?;
     // Durable before the append: a crash after it is settled by `seq`.
-    shared.store.flush().await?;
+    runtime.store().flush().await?;
     failpoint::pass(Point::DlqAfterReserve);
     let wrapped = Envelope {
         source: Some(Source {
@@ -386,15 +274,15 @@ pub async fn replay(
         value: Bytes::from(codec::encode(&wrapped)),
         timestamp_ms: now_ms(),
     };
-    let offset = shared.log.append(&tp, vec![record]).await?;
+    let offset = runtime.log().append(&tp, vec![record]).await?;
     failpoint::pass(Point::DlqAfterAppend);
     tracing::info!(id, %tp, offset, seq, corrected, principal, "dead letter replayed");
-    settle(shared, &suffix, letter, pending, offset).await
+    settle(runtime, &suffix, letter, pending, offset).await
 }
 
 /// Moves a replayed letter to the replayed table, oldest dropped beyond the bound.
 async fn settle(
-    shared: &Shared,
+    runtime: &Runtime,
     suffix: &str,
     mut letter: DeadLetter,
     mut replay: Replay,
@@ -408,8 +296,8 @@ async fn settle(
         format!("{REPLAYED}/{suffix}").as_bytes(),
         encode_row(&letter),
     );
-    let replayed: Vec<(String, DeadLetter)> = shared.store.scan(REPLAYED, None, usize::MAX)?;
-    let bound = shared.config.limits.dlq_entries.max(1);
+    let replayed: Vec<(String, DeadLetter)> = runtime.store().scan(REPLAYED, None, usize::MAX)?;
+    let bound = runtime.config().limits.dlq_entries.max(1);
     if replayed.len() >= bound {
         let mut by_age: Vec<_> = replayed
             .iter()
@@ -420,9 +308,9 @@ async fn settle(
             batch.remove(format!("{REPLAYED}/{key}").as_bytes());
         }
     }
-    shared.store.apply(batch)?;
-    shared.store.flush().await?;
-    shared.dlq_released(1);
+    runtime.store().apply(batch)?;
+    runtime.store().flush().await?;
+    runtime.dlq_released(1);
     Ok(Replayed {
         letter,
         already: false,
@@ -430,10 +318,10 @@ async fn settle(
 }
 
 /// The offset a reserved replay landed at, if it did.
-async fn find_in_log(shared: &Shared, replay: &Replay) -> Result<Option<u64>, DlqError> {
+async fn find_in_log(runtime: &Runtime, replay: &Replay) -> Result<Option<u64>, DlqError> {
     let tp = TopicPartition::new(replay.topic.clone(), replay.partition);
-    let mut next = replay.from_offset.max(shared.log.log_start(&tp).await?);
-    let end = shared.log.high_watermark(&tp).await?;
+    let mut next = replay.from_offset.max(runtime.log().log_start(&tp).await?);
+    let end = runtime.log().high_watermark(&tp).await?;
     if end.saturating_sub(next) > MAX_DOUBT_SCAN {
         return Err(DlqError::Unprocessable(format!(
             "a replay of this letter was interrupted and more than {MAX_DOUBT_SCAN} records \
@@ -448,7 +336,7 @@ async fn find_in_log(shared: &Shared, replay: &Replay) -> Result<Option<u64>, Dl
         offset: replay.seq,
     };
     while next < end {
-        let records = shared.log.read(&tp, next, 1024).await?;
+        let records = runtime.log().read(&tp, next, 1024).await?;
         let Some(last) = records.last() else { break };
         next = last.offset + 1;
         for stored in &records {
@@ -463,7 +351,7 @@ async fn find_in_log(shared: &Shared, replay: &Replay) -> Result<Option<u64>, Dl
 }
 
 /// The input kind of a topic name, if the pipeline reads it.
-fn input_kind(shared: &Shared, topic: &str) -> Option<SourceTopic> {
+fn input_kind(runtime: &Runtime, topic: &str) -> Option<SourceTopic> {
     [
         SourceTopic::Incoming,
         SourceTopic::Inflight,
@@ -471,7 +359,7 @@ fn input_kind(shared: &Shared, topic: &str) -> Option<SourceTopic> {
         SourceTopic::Control,
     ]
     .into_iter()
-    .find(|kind| shared.topics.name(*kind) == topic)
+    .find(|kind| runtime.topics().name(*kind) == topic)
 }
 
 /// The partitioning key of `event` on the input `kind`, if it belongs there.
@@ -489,18 +377,18 @@ fn route_key(kind: SourceTopic, event: &Event) -> Option<String> {
 /// Appends raw records to a topic, for tests and drills of the DLQ path.
 /// Without a partition each record goes where its key belongs.
 pub async fn inject(
-    shared: &Shared,
+    runtime: &Runtime,
     topic: &str,
     partition: Option<u32>,
     records: Vec<(String, Vec<u8>)>,
 ) -> Result<Vec<(u32, u64)>, DlqError> {
-    let partitions = if topic == shared.topics.commands
-        || topic == shared.topics.audit
-        || topic == shared.topics.logs
+    let partitions = if topic == runtime.topics().commands
+        || topic == runtime.topics().audit
+        || topic == runtime.topics().logs
     {
         1
-    } else if shared.topics.all().contains(&topic) {
-        shared.config.log.partitions
+    } else if runtime.topics().all().contains(&topic) {
+        runtime.config().log.partitions
     } else {
         return Err(DlqError::Unprocessable(format!(
             "topic {topic:?} is not one of kpay's topics"
@@ -523,8 +411,8 @@ pub async fn inject(
     }
     for (p, group) in groups {
         let count = group.len() as u64;
-        let first = shared
-            .log
+        let first = runtime
+            .log()
             .append(&TopicPartition::new(topic, p), group)
             .await?;
         landed.extend((first..first + count).map(|offset| (p, offset)));

@@ -5,14 +5,13 @@
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::mpsc;
 
 use crate::log::{Record, TopicPartition};
-use crate::runtime::{RuntimeError, Shared};
+use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{encode_row, Batch, MAX_BATCH_ROWS};
 
 /// Entries waiting for the writer; beyond it entries are counted as dropped.
@@ -46,18 +45,38 @@ pub struct Journal<T> {
     _entries: PhantomData<fn(T)>,
 }
 
+/// The writing side, until it is started on a running runtime; entries
+/// queue (up to [`QUEUE`]) meanwhile.
+pub struct JournalWriter<T> {
+    target: Target,
+    receiver: mpsc::Receiver<T>,
+}
+
+impl<T: Entry> JournalWriter<T> {
+    /// Starts the writer task; it stops with the runtime's processors,
+    /// after writing what is still queued.
+    pub fn start(self, runtime: &Runtime) {
+        runtime.spawn(writer(runtime.clone(), self.target, self.receiver));
+    }
+}
+
 impl<T: Entry> Journal<T> {
-    /// Starts the writer task with the runtime's task tracker.
-    pub fn start(shared: &Arc<Shared>, target: Target) -> Self {
+    /// A journal and its writer, not started yet.
+    pub fn new(target: Target) -> (Self, JournalWriter<T>) {
         let (queue, receiver) = mpsc::channel(QUEUE);
-        shared
-            .tracker
-            .spawn(writer(shared.clone(), target, receiver));
-        Self {
+        let journal = Self {
             queue,
             dropped: AtomicU64::new(0),
             _entries: PhantomData,
-        }
+        };
+        (journal, JournalWriter { target, receiver })
+    }
+
+    /// A journal whose writer runs with `runtime`.
+    pub fn start(runtime: &Runtime, target: Target) -> Self {
+        let (journal, writer) = Self::new(target);
+        writer.start(runtime);
+        journal
     }
 
     /// Queues an entry without waiting; returns false when it was dropped (counted).
@@ -70,12 +89,12 @@ impl<T: Entry> Journal<T> {
     }
 }
 
-async fn writer<T: Entry>(shared: Arc<Shared>, target: Target, mut receiver: mpsc::Receiver<T>) {
+async fn writer<T: Entry>(runtime: Runtime, target: Target, mut receiver: mpsc::Receiver<T>) {
     let mut batch = Vec::with_capacity(MAX_BATCH_ROWS);
     loop {
         let stopping = tokio::select! {
             received = receiver.recv_many(&mut batch, MAX_BATCH_ROWS) => received == 0,
-            () = shared.processors_stop.cancelled() => true,
+            () = runtime.stopped() => true,
         };
         if stopping {
             // Write what is still queued, then stop with the processors.
@@ -87,7 +106,7 @@ async fn writer<T: Entry>(shared: Arc<Shared>, target: Target, mut receiver: mps
         let mut entries = entries.into_iter().peekable();
         while entries.peek().is_some() {
             let chunk: Vec<T> = entries.by_ref().take(MAX_BATCH_ROWS).collect();
-            if let Err(error) = write(&shared, &target, chunk).await {
+            if let Err(error) = write(&runtime, &target, chunk).await {
                 // Printed, not traced: a traced error could feed the error log itself.
                 eprintln!("kpay: journal {} not written: {error}", target.topic);
             }
@@ -99,7 +118,7 @@ async fn writer<T: Entry>(shared: Arc<Shared>, target: Target, mut receiver: mps
 }
 
 async fn write<T: Entry>(
-    shared: &Shared,
+    runtime: &Runtime,
     target: &Target,
     mut entries: Vec<T>,
 ) -> Result<(), RuntimeError> {
@@ -112,7 +131,7 @@ async fn write<T: Entry>(
             timestamp_ms: e.at_ms(),
         })
         .collect();
-    let first = shared.log.append(&tp, records).await?;
+    let first = runtime.log().append(&tp, records).await?;
     let mut batch = Batch::default();
     let last = first + entries.len() as u64 - 1;
     for (n, entry) in entries.iter_mut().enumerate() {
@@ -127,7 +146,7 @@ async fn write<T: Entry>(
     {
         batch.remove(row_key(target.table, seq).as_bytes());
     }
-    shared.store.apply(batch)?;
+    runtime.store().apply(batch)?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! store for `GET /api/v1/logs/errors`. Logs to stdout are unaffected.
 //!
 //! The layer is process-wide (installed by `main`); it forwards to the
-//! journal of the runtime started last, and drops events while none runs.
+//! journal opened last, and drops events while none is open.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,9 +16,10 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::Context;
 use utoipa::ToSchema;
 
-use super::journal::{Entry, Journal, Target};
+use super::journal::{Entry, Journal, JournalWriter, Target};
+use crate::config::Config;
 use crate::model::now_ms;
-use crate::runtime::Shared;
+use crate::runtime::Runtime;
 
 /// Store table prefix of error log entries.
 pub const TABLE: &str = "e";
@@ -60,30 +61,33 @@ impl Entry for LogEntry {
 /// Where the layer sends entries: the journal of the running runtime.
 static SINK: RwLock<Option<Arc<Journal<LogEntry>>>> = RwLock::new(None);
 
-/// Starts the error log's journal and points the layer at it.
-pub fn start(shared: &Arc<Shared>) {
+/// Opens the error log's journal and points the layer at it, before the
+/// runtime starts, so that what the runtime logs while starting queues up;
+/// its writer starts once the runtime runs.
+pub fn open(config: &Config) -> JournalWriter<LogEntry> {
     let target = Target {
-        topic: shared.topics.logs.clone(),
+        topic: config.topics.logs.clone(),
         table: TABLE,
-        keep: shared.config.limits.error_log_entries,
+        keep: config.limits.error_log_entries,
     };
-    let journal = Arc::new(Journal::start(shared, target));
-    *SINK.write().unwrap_or_else(|e| e.into_inner()) = Some(journal);
+    let (journal, writer) = Journal::new(target);
+    *SINK.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(journal));
+    writer
 }
 
 /// Newest entries first, at most `limit`, optionally of one level.
 pub fn newest(
-    shared: &Shared,
+    runtime: &Runtime,
     level: Option<&str>,
     limit: usize,
 ) -> Result<Vec<LogEntry>, crate::store::StoreError> {
     let Some(level) = level else {
-        return shared.store.scan_last(TABLE, limit);
+        return runtime.store().scan_last(TABLE, limit);
     };
     // The table is bounded (`limits.error_log_entries`), so a full scan is too.
-    let all: Vec<LogEntry> = shared
-        .store
-        .scan_last(TABLE, shared.config.limits.error_log_entries)?;
+    let all: Vec<LogEntry> = runtime
+        .store()
+        .scan_last(TABLE, runtime.config().limits.error_log_entries)?;
     Ok(all
         .into_iter()
         .filter(|e| e.level.eq_ignore_ascii_case(level))

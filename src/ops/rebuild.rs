@@ -22,10 +22,10 @@ use anyhow::{bail, Context};
 use serde::de::DeserializeOwned;
 
 use crate::config::Config;
-use crate::control::processor::ControlPlane;
 use crate::log::{Log, TopicPartition};
 use crate::pipeline::account::{Account, Accounts};
 use crate::pipeline::confirmed::Confirmed;
+use crate::pipeline::control::ControlPlane;
 use crate::pipeline::inflight::{Inflight, PaymentState};
 use crate::pipeline::Processor;
 use crate::runtime::{open_backends, Runtime, Targets};

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::windows::WindowStats;
 use super::{checked_add, Ctx, Emit, OutTopic, ProcessError, Processor};
-use crate::instrument::windows::WindowStats;
 use crate::model::{Event, Outcome};
 
 /// Milliseconds in a UTC day; "today" is `completed_at_ms / MS_PER_DAY`.
@@ -48,27 +48,12 @@ impl Processor for Confirmed {
     type Stats = ConfirmedStats;
     const NAME: &'static str = "confirmed";
     const TABLE: &'static str = "-";
+    /// Every completion passes here once: the live view and the latency
+    /// histogram observe them.
+    const OBSERVED: bool = true;
 
     fn state_key(_event: &Event) -> Option<&str> {
         None
-    }
-
-    fn observe(event: &Event) {
-        if let Event::Completed {
-            payment,
-            completed_at_ms,
-            ..
-        } = event
-        {
-            // The handle is looked up once; the recorder is installed before
-            // any task runs.
-            static LATENCY: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
-            let latency_ms = (completed_at_ms - payment.accepted_at_ms).max(0);
-            LATENCY
-                .get_or_init(|| metrics::histogram!("kpay_payment_latency_seconds"))
-                .record(latency_ms as f64 / 1_000.0);
-            crate::instrument::live::record(*completed_at_ms, latency_ms, payment.amount_cents);
-        }
     }
 
     fn handle(

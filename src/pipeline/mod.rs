@@ -7,7 +7,9 @@
 
 pub mod account;
 pub mod confirmed;
+pub mod control;
 pub mod inflight;
+pub mod windows;
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -86,9 +88,10 @@ pub trait Processor: Send + Sync + 'static {
     /// The state key `event` reads and writes, if any.
     fn state_key(event: &Event) -> Option<&str>;
 
-    /// Sees each decoded event before `handle`, to record instrumentation
-    /// (process-wide metrics only; never state, never output).
-    fn observe(_event: &Event) {}
+    /// Whether the runtime shows this processor's input events (those not
+    /// already applied) to the instrumentation plane's observer before
+    /// `handle`. The processor itself stays pure: it never records anything.
+    const OBSERVED: bool = false;
 
     /// The record of another input that must be applied before `event`, as
     /// (input, partition, offset): a completion needs its payment's

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{RuntimeError, Shared};
+use super::{Core, RuntimeError};
 use crate::failpoint::{self, Point};
 use crate::log::{LogError, Record, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, PaymentRef, PaymentStatus};
@@ -121,20 +121,20 @@ impl Ingest {
 
 /// Starts one sequencer per partition; `recent` is rebuilt from the log
 /// between the inflight processor's checkpoint and the high-water mark.
-pub async fn start(shared: &Arc<Shared>) -> Result<Ingest, RuntimeError> {
-    let partitions = shared.config.log.partitions;
+pub(super) async fn start(core: &Arc<Core>) -> Result<Ingest, RuntimeError> {
+    let partitions = core.config.log.partitions;
     let mut queues = Vec::new();
     let mut recents = Vec::new();
     for partition in 0..partitions {
-        let tp = TopicPartition::new(shared.topics.incoming.clone(), partition);
-        let recent = Arc::new(Mutex::new(recover(shared, &tp).await?));
-        let (sender, receiver) = mpsc::channel(shared.config.pipeline.ingest_queue);
+        let tp = TopicPartition::new(core.config.topics.incoming.clone(), partition);
+        let recent = Arc::new(Mutex::new(recover(core, &tp).await?));
+        let (sender, receiver) = mpsc::channel(core.config.pipeline.ingest_queue);
         let sequencer = Sequencer {
-            shared: shared.clone(),
+            core: core.clone(),
             tp,
             recent: recent.clone(),
         };
-        shared.tracker.spawn(sequencer.run(receiver));
+        core.tracker.spawn(sequencer.run(receiver));
         queues.push(sender);
         recents.push(recent);
     }
@@ -144,14 +144,14 @@ pub async fn start(shared: &Arc<Shared>) -> Result<Ingest, RuntimeError> {
     })
 }
 
-async fn recover(shared: &Shared, tp: &TopicPartition) -> Result<Recent, RuntimeError> {
-    let inflight = &shared.inflight[tp.partition as usize];
+async fn recover(core: &Core, tp: &TopicPartition) -> Result<Recent, RuntimeError> {
+    let inflight = &core.inflight[tp.partition as usize];
     let mut offset = inflight.durable_offset((crate::model::SourceTopic::Incoming, tp.partition));
-    offset = offset.max(shared.log.log_start(tp).await?);
-    let end = shared.log.high_watermark(tp).await?;
+    offset = offset.max(core.log.log_start(tp).await?);
+    let end = core.log.high_watermark(tp).await?;
     let mut recent = Recent::default();
     while offset < end {
-        let records = shared.log.read(tp, offset, 4_096).await?;
+        let records = core.log.read(tp, offset, 4_096).await?;
         let Some(last) = records.last() else { break };
         offset = last.offset + 1;
         for stored in records {
@@ -168,7 +168,7 @@ async fn recover(shared: &Shared, tp: &TopicPartition) -> Result<Recent, Runtime
 }
 
 struct Sequencer {
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     tp: TopicPartition,
     recent: Arc<Mutex<Recent>>,
 }
@@ -181,12 +181,12 @@ enum Verdict {
 
 impl Sequencer {
     async fn run(self, mut queue: mpsc::Receiver<Submission>) {
-        let max = self.shared.config.pipeline.ingest_batch;
+        let max = self.core.config.pipeline.ingest_batch;
         let mut batch = Vec::with_capacity(max);
         loop {
             let received = tokio::select! {
                 n = queue.recv_many(&mut batch, max) => n,
-                () = self.shared.shutdown.cancelled() => 0,
+                () = self.core.shutdown.cancelled() => 0,
             };
             if received == 0 {
                 break;
@@ -202,14 +202,14 @@ impl Sequencer {
     /// Decides, appends and answers one group of submissions.
     async fn commit(&self, batch: Vec<Submission>) {
         let accepted_at_ms = now_ms();
-        let durable = self.shared.inflight[self.tp.partition as usize]
+        let durable = self.core.inflight[self.tp.partition as usize]
             .durable_offset((crate::model::SourceTopic::Incoming, self.tp.partition));
         let mut fresh: HashMap<String, PaymentRef> = HashMap::new();
         let mut verdicts = Vec::with_capacity(batch.len());
         {
             let mut recent = self.recent.lock().expect("recent lock");
             recent.forget_below(durable);
-            let limit = self.shared.config.pipeline.max_pending_payments;
+            let limit = self.core.config.pipeline.max_pending_payments;
             for submission in &batch {
                 if recent.len() + fresh.len() >= limit {
                     verdicts.push(Verdict::Answer(Err(IngestError::Backlog {
@@ -237,7 +237,7 @@ impl Sequencer {
         let shortage = if records.is_empty() {
             None
         } else {
-            self.shared.space.below_floor()
+            self.core.space.below_floor()
         };
         if let Some(reason) = shortage {
             self.refuse_for_space(batch, verdicts, &reason);
@@ -247,9 +247,9 @@ impl Sequencer {
         if wrote {
             failpoint::pass(Point::IngestBeforeAppend);
         }
-        let appended = self.shared.log.append(&self.tp, records).await;
+        let appended = self.core.log.append(&self.tp, records).await;
         if wrote {
-            self.shared.note_append(&appended);
+            self.core.note_append(&appended);
         }
         if wrote && appended.is_ok() {
             failpoint::pass(Point::IngestAfterAppend);
@@ -301,8 +301,8 @@ impl Sequencer {
     ) -> Verdict {
         // The processor's row knows the real status, so it is asked first;
         // the recent index covers what the processor has not admitted yet.
-        let processed = self.shared.inflight[self.tp.partition as usize]
-            .get(&self.shared, &payment.id)
+        let processed = self.core.inflight[self.tp.partition as usize]
+            .get(&self.core, &payment.id)
             .map(|row| row.map(|s| (s.payment, s.status)));
         let known = match processed {
             Ok(Some(known)) => Some(known),

@@ -95,7 +95,7 @@ pub type StoredBytes = sled::IVec;
 /// gigabytes under atomic batches of 1,000+ random keys (1M keys: 500-row
 /// batches 156 MB, 1,000-row 1.0 GB, 4,000-row 2.6 GB, measured), so a larger
 /// checkpoint is written in chunks under an undo record (see [`Store::commit`]).
-pub const MAX_BATCH_ROWS: usize = 256;
+pub const MAX_BATCH_ROWS: usize = crate::config::MAX_STORE_BATCH_ROWS;
 
 /// One row of a checkpoint: key, new bytes, bytes it replaces (`None`: new row).
 pub type RowWrite = (String, Vec<u8>, Option<StoredBytes>);

@@ -5,13 +5,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod traffic;
 
 use kpay::config::Config;
-use kpay::http::{AppState, State};
+use kpay::http::State;
 use kpay::runtime::{open_backends, Runtime};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -64,8 +63,9 @@ impl TestServer {
                 Err(error) => panic!("open backends: {error}"),
             }
         };
-        let runtime = Runtime::start(config, log, store).await.expect("start");
-        let state = AppState::new(runtime);
+        let state = kpay::app::start_on(config, log, store)
+            .await
+            .expect("start");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = kpay::http::app(state.clone(), PathBuf::from("static"));
@@ -293,8 +293,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub type Shared = Arc<kpay::runtime::Shared>;
-
 /// The Kafka-protocol broker for the Kafka variants of the tests
 /// (`KPAY_TEST_KAFKA=host:port`). Without it they print why they are
 /// skipped; in CI (which starts one) its absence is a failure.
@@ -349,7 +347,7 @@ pub fn kafka_topics(broker: &str, dir: &Path) -> Vec<(String, String)> {
 /// [`test_config`] on the Kafka broker, with topics unique to this test.
 pub fn kafka_config(dir: &Path, broker: &str) -> Config {
     let mut config = embedded_config(dir);
-    config.log.backend = "kafka".into();
+    config.log.backend = kpay::config::BackendKind::Kafka;
     config.log.kafka.brokers = vec![broker.to_owned()];
     config.log.kafka.request_timeout_ms = 3_000;
     for (key, name) in kafka_topics(broker, dir).into_iter().skip(1) {

@@ -5,8 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{Ctx, Emit, ProcessError, Processor};
 use crate::model::{ControlAction, Event};
-use crate::pipeline::{Ctx, Emit, ProcessError, Processor};
 
 /// What the control plane has been told, in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,109 @@
+//! The composition root: the one place that wires kpay together. It opens
+//! the backends, installs the instrumentation recorder, opens the error log,
+//! starts the runtime (tasks, sequencers, flusher) with the planes' hooks,
+//! starts the audit trail and the planes' background loops, serves HTTP, and
+//! owns the order of shutdown: HTTP intake, drain, processors, store.
+//!
+//! Nothing below imports this module; `main` and `bench` call it.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::generator::Generator;
+use crate::http::{AppState, State};
+use crate::instrument::live::LiveView;
+use crate::instrument::slo::SloTracker;
+use crate::instrument::{prometheus, slo};
+use crate::log::Log;
+use crate::model::Event;
+use crate::ops;
+use crate::runtime::{open_backends, Runtime, RuntimeError};
+use crate::store::Store;
+
+/// Opens the backends named by `config` and starts everything but the HTTP
+/// listener; returns what the HTTP handlers reach.
+pub async fn start(config: Config) -> Result<State, RuntimeError> {
+    let (log, store) = open_backends(&config).await?;
+    start_on(config, log, store).await
+}
+
+/// Starts everything but the HTTP listener over opened backends.
+pub async fn start_on(
+    config: Config,
+    log: Arc<dyn Log>,
+    store: Store,
+) -> Result<State, RuntimeError> {
+    let instrumented = config.instrument.enabled;
+    if instrumented {
+        // Before any task runs: handles looked up earlier would record nowhere.
+        prometheus::install()?;
+        prometheus::describe();
+    }
+    // Opened first, so that what the runtime logs while starting is kept.
+    let error_log = ops::logs::open(&config);
+    let live = Arc::new(LiveView::default());
+    let runtime = Runtime::start(config, log, store, live.clone()).await?;
+    error_log.start(&runtime);
+    let slo = Arc::new(SloTracker::default());
+    slo::watch(&runtime, slo.clone());
+    if instrumented {
+        prometheus::keep_up(&runtime);
+    }
+    Ok(Arc::new(AppState {
+        audit: ops::audit::start(&runtime),
+        generator: Generator::new(runtime.clone()),
+        runtime,
+        live,
+        slo,
+        closing: tokio_util::sync::CancellationToken::new(),
+    }))
+}
+
+/// Runs the whole system on `listener` until `stop` resolves (or a task
+/// fails), then shuts down in order: HTTP intake, drain, processors, store.
+pub async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    bootstrap: Vec<Event>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let static_dir = config.server.static_dir.clone();
+    let state = start(config).await?;
+    open_bootstrap_accounts(&state.runtime, bootstrap).await?;
+    let router = crate::http::app(state.clone(), static_dir);
+    tracing::info!(address = %listener.local_addr()?, "kpay listening");
+    let intake = state.runtime.intake_closing();
+    let closing = state.closing.clone();
+    let stop = async move {
+        tokio::select! {
+            () = stop => {}
+            () = intake.cancelled() => {}
+        }
+        closing.cancel();
+    };
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
+        .with_graceful_shutdown(stop)
+        .await?;
+    state.runtime.shutdown().await?;
+    tracing::info!("kpay stopped cleanly");
+    Ok(())
+}
+
+/// Appends the `--bootstrap` accounts; opening is idempotent, so a second
+/// run opens nothing twice.
+async fn open_bootstrap_accounts(
+    runtime: &Runtime,
+    bootstrap: Vec<Event>,
+) -> Result<(), RuntimeError> {
+    if bootstrap.is_empty() {
+        return Ok(());
+    }
+    let count = bootstrap.len();
+    for chunk in bootstrap.chunks(10_000) {
+        runtime.append_account_events(chunk.to_vec()).await?;
+    }
+    tracing::info!(count, "bootstrap accounts appended");
+    Ok(())
+}

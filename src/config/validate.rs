@@ -1,0 +1,170 @@
+//! The checks a loaded configuration must pass before anything starts: one
+//! function per section, each error naming the key at fault.
+
+use super::{BackendKind, Config, ConfigError, KafkaConfig};
+
+/// Most rows in one store batch (`data.store_batch_rows`).
+pub const MAX_STORE_BATCH_ROWS: usize = 256;
+
+/// Largest segment file of the embedded log (`log.segment_bytes`).
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
+
+type Checked = Result<(), ConfigError>;
+
+fn invalid(key: &'static str, message: impl Into<String>) -> Checked {
+    Err(ConfigError::Invalid {
+        key,
+        message: message.into(),
+    })
+}
+
+impl Config {
+    /// Checks every section; the first error found is returned.
+    pub fn validate(&self) -> Checked {
+        self.validate_server()?;
+        self.validate_log()?;
+        self.validate_data_and_pipeline()?;
+        self.validate_generator()?;
+        self.validate_limits()?;
+        self.validate_instrument_and_demo()
+    }
+
+    fn validate_server(&self) -> Checked {
+        if self.tokens.is_empty() && !self.server.listen.ip().is_loopback() {
+            return invalid(
+                "server.listen",
+                "protected mode: with no token configured (KPAY_TOKENS) kpay listens on loopback only",
+            );
+        }
+        if self.tokens.is_empty() && self.server.protect_reads {
+            return invalid("server.protect_reads", "needs tokens (KPAY_TOKENS)");
+        }
+        Ok(())
+    }
+
+    fn validate_log(&self) -> Checked {
+        let log = &self.log;
+        if !(1..=256).contains(&log.partitions) {
+            return invalid("log.partitions", "must be between 1 and 256");
+        }
+        if log.backend == BackendKind::Kafka {
+            validate_kafka(&log.kafka)?;
+        }
+        if !(1 << 20..=MAX_SEGMENT_BYTES).contains(&log.segment_bytes) {
+            return invalid("log.segment_bytes", "must be between 1 MiB and 1 GiB");
+        }
+        if log.history_bytes >= log.max_retained_bytes {
+            return invalid("log.history_bytes", "must be below log.max_retained_bytes");
+        }
+        Ok(())
+    }
+
+    fn validate_data_and_pipeline(&self) -> Checked {
+        if !(1..=MAX_STORE_BATCH_ROWS).contains(&self.data.store_batch_rows) {
+            return invalid("data.store_batch_rows", "must be between 1 and 256");
+        }
+        let pipeline = &self.pipeline;
+        if !(1..=1_000_000).contains(&pipeline.checkpoint_max_rows) {
+            return invalid(
+                "pipeline.checkpoint_max_rows",
+                "must be between 1 and 1000000",
+            );
+        }
+        if pipeline.batch_records == 0 || pipeline.ingest_batch == 0 {
+            return invalid("pipeline.batch_records", "batch sizes must be at least 1");
+        }
+        if pipeline.ingest_queue == 0 {
+            return invalid("pipeline.ingest_queue", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn validate_generator(&self) -> Checked {
+        let generator = &self.generator;
+        if generator.accounts < 2 || generator.accounts > generator.max_accounts {
+            return invalid(
+                "generator.accounts",
+                "must be between 2 and generator.max_accounts",
+            );
+        }
+        if generator.rejected_percent + generator.reversed_percent > 100 {
+            return invalid(
+                "generator.rejected_percent",
+                "rejected_percent + reversed_percent must be at most 100",
+            );
+        }
+        if generator.max_in_flight == 0 || generator.max_rate_per_second == 0 {
+            return invalid(
+                "generator.max_in_flight",
+                "generator bounds must be above 0",
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Checked {
+        let limits = &self.limits;
+        if limits.max_amount_cents <= 0 {
+            return invalid("limits.max_amount_cents", "must be > 0");
+        }
+        if !(1..=366 * 86_400).contains(&limits.payment_retention_seconds) {
+            return invalid(
+                "limits.payment_retention_seconds",
+                "must be between 1 and 31622400 (366 days)",
+            );
+        }
+        if limits.max_batch_payments == 0 || limits.max_page_items == 0 {
+            return invalid("limits.max_batch_payments", "limits must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn validate_instrument_and_demo(&self) -> Checked {
+        if !(1..=86_400).contains(&self.instrument.window_seconds) {
+            return invalid("instrument.window_seconds", "must be between 1 and 86400");
+        }
+        if !(1..=10_000).contains(&self.instrument.windows_kept) {
+            return invalid("instrument.windows_kept", "must be between 1 and 10000");
+        }
+        if self.demo.opening_balance_cents < 0 {
+            return invalid("demo.opening_balance_cents", "must be >= 0");
+        }
+        Ok(())
+    }
+}
+
+fn validate_kafka(kafka: &KafkaConfig) -> Checked {
+    fn valid_broker(broker: &str) -> bool {
+        broker
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    }
+    if kafka.brokers.is_empty() {
+        return invalid(
+            "log.kafka.brokers",
+            "the kafka backend needs at least one broker (host:port)",
+        );
+    }
+    if let Some(bad) = kafka.brokers.iter().find(|b| !valid_broker(b)) {
+        return invalid("log.kafka.brokers", format!("{bad:?} is not host:port"));
+    }
+    if !["none", "gzip", "lz4", "snappy"].contains(&kafka.compression.as_str()) {
+        return invalid(
+            "log.kafka.compression",
+            "must be one of none, gzip, lz4, snappy",
+        );
+    }
+    if kafka.replication_factor < 1
+        || kafka.poll_ms == 0
+        || kafka.request_timeout_ms == 0
+        || kafka.max_batch_records == 0
+        || kafka.fetch_max_bytes < 1024
+    {
+        return invalid(
+            "log.kafka",
+            "replication_factor, poll_ms, request_timeout_ms and max_batch_records must be \
+             above 0, fetch_max_bytes at least 1024",
+        );
+    }
+    Ok(())
+}

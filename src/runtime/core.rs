@@ -1,0 +1,187 @@
+//! The state the runtime's tasks, sequencers and views share: the backends,
+//! each task's view per partition, the gates and the stop signals. Private
+//! to the runtime: the layers above see `Runtime`'s named methods.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::space::SpaceGuard;
+use super::task_view::TaskView;
+use crate::config::Config;
+use crate::log::{Log, LogError};
+use crate::model::Event;
+use crate::pipeline::account::Accounts;
+use crate::pipeline::confirmed::Confirmed;
+use crate::pipeline::control::{ControlPlane, ControlState};
+use crate::pipeline::inflight::Inflight;
+use crate::store::Store;
+
+/// Sees every event the processors that declare [`Processor::OBSERVED`]
+/// apply (each completion once), so that the instrumentation plane can keep
+/// its live views without a processor doing any IO. Set by the composition
+/// root; a replay uses [`NoObserver`].
+///
+/// [`Processor::OBSERVED`]: crate::pipeline::Processor::OBSERVED
+pub trait Observer: Send + Sync + 'static {
+    fn observe(&self, event: &Event);
+}
+
+/// Observes nothing (replays, benchmarks without instrumentation).
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn observe(&self, _event: &Event) {}
+}
+
+/// Most payment ids remembered for the recent list (`GET /payments`).
+pub const RECENT_PAYMENTS: usize = 10_000;
+
+/// Ids of recently accepted payments, newest last, bounded.
+#[derive(Default)]
+pub(super) struct RecentPayments {
+    ids: Mutex<VecDeque<String>>,
+}
+
+impl RecentPayments {
+    pub(super) fn remember(&self, id: &str) {
+        let mut recent = self.ids.lock().expect("recent lock");
+        if recent.len() == RECENT_PAYMENTS {
+            recent.pop_front();
+        }
+        recent.push_back(id.to_owned());
+    }
+
+    /// Newest first.
+    pub(super) fn newest(&self, limit: usize) -> Vec<String> {
+        let recent = self.ids.lock().expect("recent lock");
+        recent.iter().rev().take(limit).cloned().collect()
+    }
+}
+
+/// Everything the runtime's tasks, sequencers and views share.
+pub(super) struct Core {
+    /// The settings the runtime was started with (topic names included).
+    pub(super) config: Config,
+    /// Where every topic lives.
+    pub(super) log: Arc<dyn Log>,
+    /// The state tables and checkpoints.
+    pub(super) store: Store,
+    /// Per partition, the tasks' shared views (index = partition).
+    pub(super) inflight: Vec<Arc<TaskView<Inflight>>>,
+    pub(super) accounts: Vec<Arc<TaskView<Accounts>>>,
+    pub(super) confirmed: Vec<Arc<TaskView<Confirmed>>>,
+    /// The control processor (pillar 3): paused or not, rate limit.
+    pub(super) control: Arc<TaskView<ControlPlane>>,
+    /// Tasks hold it shared while applying a batch; readers that need one
+    /// consistent view across partitions (the ledger check) hold it exclusively.
+    pub(super) apply_gate: RwLock<()>,
+    /// Cancelled first: stop intake (HTTP submissions, sequencers).
+    pub(super) shutdown: CancellationToken,
+    /// Cancelled after the drain: processors checkpoint and stop.
+    pub(super) processors_stop: CancellationToken,
+    /// Every spawned task, so shutdown can wait for all of them.
+    pub(super) tracker: TaskTracker,
+    /// Sees each completion, for the instrumentation plane.
+    pub(super) observer: Arc<dyn Observer>,
+    /// Ids of recently accepted payments, for the recent list.
+    pub(super) recent: RecentPayments,
+    /// The admission token bucket, rebuilt when the rate limit changes.
+    pub(super) admission: Mutex<Option<(u64, Arc<DefaultDirectRateLimiter>)>>,
+    /// Serialises replays and deletions of dead letters.
+    pub(super) dlq_lock: tokio::sync::Mutex<()>,
+    /// Dead letters waiting in the store, against `limits.dlq_entries`.
+    pub(super) dlq_stored: AtomicU64,
+    /// Free space on the data directory's device, and the last write that
+    /// met a full device.
+    pub(super) space: SpaceGuard,
+}
+
+impl Core {
+    /// Notes the outcome of an append for readiness: a full device is
+    /// reported by `/readyz` until an append succeeds again.
+    pub(super) fn note_append<T>(&self, result: &Result<T, LogError>) {
+        match result {
+            Ok(_) => self.space.note_success(),
+            Err(error) if error.is_no_space() => self.space.note_refusal(error.to_string()),
+            Err(_) => {}
+        }
+    }
+
+    /// Takes a place for one more stored dead letter; false when the DLQ is
+    /// full (the letter then only goes to the DLQ topic).
+    pub(super) fn dlq_admit(&self) -> bool {
+        let limit = self.config.limits.dlq_entries as u64;
+        self.dlq_stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back places of dead letters replayed or deleted.
+    pub(super) fn dlq_released(&self, count: u64) {
+        let _ = self
+            .dlq_stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(count))
+            });
+    }
+
+    /// The control state as applied so far.
+    pub(super) fn control_state(&self) -> ControlState {
+        self.control.stats.read().expect("stats lock").clone()
+    }
+
+    /// Whether the inflight processor must leave `payment.incoming` alone:
+    /// paused by command, or shutting down (a stop is pause + drain, but
+    /// not a command: the next start runs as before).
+    pub(super) fn admission_paused(&self) -> bool {
+        self.shutdown.is_cancelled() || self.control.stats.read().expect("stats lock").paused
+    }
+
+    /// Whether a rate limit is set.
+    pub(super) fn admission_limited(&self) -> bool {
+        self.control
+            .stats
+            .read()
+            .expect("stats lock")
+            .rate_limit_per_second
+            > 0
+    }
+
+    /// How many of `wanted` new payments may be admitted now under the rate
+    /// limit (a token bucket; bursts up to 1/5 s of the rate, so a task
+    /// loop that takes that long, as one round trip to a Kafka broker may,
+    /// still admits the full rate).
+    pub(super) fn admission_tokens(&self, wanted: usize) -> usize {
+        let rate = self
+            .control
+            .stats
+            .read()
+            .expect("stats lock")
+            .rate_limit_per_second;
+        let Some(per_second) = NonZeroU32::new(rate.min(u64::from(u32::MAX)) as u32) else {
+            return wanted;
+        };
+        let limiter = {
+            let mut current = self.admission.lock().expect("admission lock");
+            match current.as_ref() {
+                Some((r, limiter)) if *r == rate => limiter.clone(),
+                _ => {
+                    let burst = NonZeroU32::new((per_second.get() / 5).max(1)).expect("at least 1");
+                    let quota = Quota::per_second(per_second).allow_burst(burst);
+                    let limiter = Arc::new(RateLimiter::direct(quota));
+                    *current = Some((rate, limiter.clone()));
+                    limiter
+                }
+            }
+        };
+        (0..wanted).take_while(|_| limiter.check().is_ok()).count()
+    }
+}

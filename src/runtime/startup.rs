@@ -1,0 +1,353 @@
+//! Startup: open the backends, create the topics, load every task's
+//! checkpoint, refuse a state and a log that do not belong together, and
+//! spawn one task per (processor, partition), live or replaying.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::core::{Core, Observer, RecentPayments};
+use super::space::SpaceGuard;
+use super::task::{self, Positions};
+use super::task_view::TaskView;
+use super::{dead_letter, RuntimeError, Targets};
+use crate::config::{Backend, Config, TopicsConfig};
+use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
+use crate::log::{Log, TopicPartition};
+use crate::model::{partition_for, SourceTopic};
+use crate::pipeline::account::Accounts;
+use crate::pipeline::confirmed::Confirmed;
+use crate::pipeline::control::ControlPlane;
+use crate::pipeline::inflight::Inflight;
+use crate::pipeline::Processor;
+use crate::store::{checkpoint_key, Checkpoint, Store, StoreError};
+
+/// Opens the backends named by `config`: the store, then the embedded log
+/// or a connection to the Kafka cluster.
+pub async fn open_backends(config: &Config) -> Result<(Arc<dyn Log>, Store), RuntimeError> {
+    let dir = &config.data.dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| RuntimeError::Startup(format!("cannot create {}: {e}", dir.display())))?;
+    // The store first: sled holds an exclusive lock on its directory, so a
+    // second kpay on the same data stops here, before it touches the log.
+    let store = Store::open(&dir.join("state"), config.data.state_cache_bytes)?
+        .with_batch_rows(config.data.store_batch_rows);
+    let log: Arc<dyn Log> = match config.log.backend() {
+        Backend::Kafka(kafka) => crate::log::kafka::KafkaLog::connect(kafka).await?,
+        Backend::Embedded(settings) => {
+            let log_config = EmbeddedLogConfig {
+                segment_bytes: settings.segment_bytes,
+                max_retained_bytes: settings.max_retained_bytes,
+                history_bytes: settings.history_bytes,
+                tail_cache_records: settings.tail_cache_records,
+                ..EmbeddedLogConfig::with_dir(dir.join("log"))
+            };
+            EmbeddedLog::open(log_config)?
+        }
+    };
+    Ok((log, store))
+}
+
+/// The checkpoint of every task, as the store holds them.
+struct Checkpoints {
+    /// Per partition (index = partition).
+    inflight: Vec<Checkpoint<<Inflight as Processor>::Stats>>,
+    accounts: Vec<Checkpoint<<Accounts as Processor>::Stats>>,
+    confirmed: Vec<Checkpoint<<Confirmed as Processor>::Stats>>,
+    /// The one control task.
+    control: Checkpoint<<ControlPlane as Processor>::Stats>,
+}
+
+impl Checkpoints {
+    fn load(store: &Store, partitions: u32) -> Result<Self, StoreError> {
+        let mut all = Self {
+            inflight: Vec::new(),
+            accounts: Vec::new(),
+            confirmed: Vec::new(),
+            control: load_checkpoint::<ControlPlane>(store, 0)?,
+        };
+        for p in 0..partitions {
+            all.inflight.push(load_checkpoint::<Inflight>(store, p)?);
+            all.accounts.push(load_checkpoint::<Accounts>(store, p)?);
+            all.confirmed.push(load_checkpoint::<Confirmed>(store, p)?);
+        }
+        Ok(all)
+    }
+
+    /// Every task's next offsets.
+    fn positions(&self) -> impl Iterator<Item = &Positions> {
+        (self.inflight.iter().map(|c| &c.next_offsets))
+            .chain(self.accounts.iter().map(|c| &c.next_offsets))
+            .chain(self.confirmed.iter().map(|c| &c.next_offsets))
+            .chain(std::iter::once(&self.control.next_offsets))
+    }
+
+    /// Every task input with the offsets of the task that reads it.
+    fn inputs(&self) -> Vec<(&Positions, (SourceTopic, u32))> {
+        let mut inputs = Vec::new();
+        for (p, ((inflight, accounts), confirmed)) in (self.inflight.iter())
+            .zip(&self.accounts)
+            .zip(&self.confirmed)
+            .enumerate()
+        {
+            let p = p as u32;
+            inputs.extend([
+                (&inflight.next_offsets, (SourceTopic::Incoming, p)),
+                (&inflight.next_offsets, (SourceTopic::Complete, p)),
+                (&accounts.next_offsets, (SourceTopic::Inflight, p)),
+                (&confirmed.next_offsets, (SourceTopic::Complete, p)),
+            ]);
+        }
+        inputs.push((&self.control.next_offsets, (SourceTopic::Control, 0)));
+        inputs
+    }
+}
+
+fn load_checkpoint<P: Processor>(
+    store: &Store,
+    partition: u32,
+) -> Result<Checkpoint<P::Stats>, StoreError> {
+    Ok(store
+        .get(&checkpoint_key(P::NAME, partition))?
+        .unwrap_or_default())
+}
+
+/// Refuses to start when the state has consumed records the log no longer
+/// has (a log truncated, lost or replaced under a kept state): new records
+/// would reuse those offsets and be skipped as already read.
+async fn check_state_within_log(
+    log: &dyn Log,
+    topics: &TopicsConfig,
+    offsets: &Positions,
+) -> Result<(), RuntimeError> {
+    for (&(kind, partition), &next) in offsets {
+        let tp = TopicPartition::new(topics.name(kind), partition);
+        let end = log.high_watermark(&tp).await?;
+        if next > end {
+            return Err(RuntimeError::Startup(format!(
+                "the state has read {tp} up to offset {next}, but the log ends at {end}: the \
+                 log was truncated, lost or replaced while the state was kept. Restore the \
+                 log, or move the data directory's state aside to rebuild it from the log"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to start when the log no longer holds records the state has not
+/// read (retention removed them): a state lost or deleted after retention
+/// ran, restarted empty, would silently miss them.
+async fn check_log_within_state(
+    log: &dyn Log,
+    topics: &TopicsConfig,
+    inputs: &[(&Positions, (SourceTopic, u32))],
+) -> Result<(), RuntimeError> {
+    for (offsets, input) in inputs {
+        let next = offsets.get(input).copied().unwrap_or(0);
+        let tp = TopicPartition::new(topics.name(input.0), input.1);
+        let start = log.log_start(&tp).await?;
+        if next < start {
+            return Err(RuntimeError::Startup(format!(
+                "the state has read {tp} up to offset {next}, but the log now starts at \
+                 {start}: the records before it were removed by retention, so this state \
+                 would never see them. The state directory was lost or replaced by an \
+                 older one after retention ran. Restore the state from a backup taken \
+                 with the log; a state rebuilt from this log would miss those records"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Creates every topic kpay uses (if missing) and checks the store's format.
+async fn prepare(config: &Config, log: &dyn Log, store: &Store) -> Result<(), RuntimeError> {
+    let partitions = config.log.partitions;
+    for topic in config.topics.all() {
+        log.ensure_topic(topic, partitions).await?;
+    }
+    for one_partition in [
+        &config.topics.commands,
+        &config.topics.audit,
+        &config.topics.logs,
+    ] {
+        log.ensure_topic(one_partition, 1).await?;
+    }
+    store.check_format()?;
+    let restored = store.roll_back_partial()?;
+    if restored > 0 {
+        tracing::warn!(restored, "rolled back a checkpoint a crash interrupted");
+    }
+    Ok(())
+}
+
+/// Opens the topics and the store's checkpoints and spawns every task: live,
+/// or replaying up to `targets`.
+pub(super) async fn start_tasks(
+    config: Config,
+    log: Arc<dyn Log>,
+    store: Store,
+    observer: Arc<dyn Observer>,
+    targets: Option<&Targets>,
+) -> Result<Arc<Core>, RuntimeError> {
+    prepare(&config, &*log, &store).await?;
+    let mut checkpoints = Checkpoints::load(&store, config.log.partitions)?;
+    if targets.is_none() {
+        for offsets in checkpoints.positions() {
+            check_state_within_log(&*log, &config.topics, offsets).await?;
+        }
+        check_log_within_state(&*log, &config.topics, &checkpoints.inputs()).await?;
+    }
+    let instrument = &config.instrument;
+    let window_ms = i64::from(instrument.window_seconds) * 1_000;
+    let keep = if instrument.enabled {
+        instrument.windows_kept
+    } else {
+        0
+    };
+    for checkpoint in &mut checkpoints.confirmed {
+        checkpoint.stats.windows.configure(window_ms, keep);
+    }
+    let core = Arc::new(new_core(config, log, store, observer, &checkpoints));
+    note_stored_keys(&core.store, &core.inflight)?;
+    note_stored_keys(&core.store, &core.accounts)?;
+    spawn_tasks(&core, checkpoints, targets);
+    Ok(core)
+}
+
+fn new_core(
+    config: Config,
+    log: Arc<dyn Log>,
+    store: Store,
+    observer: Arc<dyn Observer>,
+    checkpoints: &Checkpoints,
+) -> Core {
+    let dlq_stored = store.count(dead_letter::TABLE);
+    let space = SpaceGuard::new(&config.data.dir, config.data.min_free_bytes);
+    Core {
+        inflight: shared_views::<Inflight>(&checkpoints.inflight, &config),
+        accounts: shared_views::<Accounts>(&checkpoints.accounts, &config),
+        confirmed: shared_views::<Confirmed>(&checkpoints.confirmed, &config),
+        control: shared_views::<ControlPlane>(std::slice::from_ref(&checkpoints.control), &config)
+            .remove(0),
+        config,
+        log,
+        store,
+        apply_gate: RwLock::new(()),
+        shutdown: CancellationToken::new(),
+        processors_stop: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        observer,
+        recent: RecentPayments::default(),
+        admission: std::sync::Mutex::new(None),
+        dlq_lock: tokio::sync::Mutex::new(()),
+        dlq_stored: AtomicU64::new(dlq_stored),
+        space,
+    }
+}
+
+/// One task per processor and partition, and the control task.
+fn spawn_tasks(core: &Arc<Core>, checkpoints: Checkpoints, targets: Option<&Targets>) {
+    let Checkpoints {
+        inflight,
+        accounts,
+        confirmed,
+        control,
+    } = checkpoints;
+    for (p, ((a, b), c)) in inflight
+        .into_iter()
+        .zip(accounts)
+        .zip(confirmed)
+        .enumerate()
+    {
+        let p32 = p as u32;
+        let inflight_inputs = vec![(SourceTopic::Incoming, p32), (SourceTopic::Complete, p32)];
+        spawn_task(core, core.inflight[p].clone(), a, inflight_inputs, targets);
+        let account_inputs = vec![(SourceTopic::Inflight, p32)];
+        spawn_task(core, core.accounts[p].clone(), b, account_inputs, targets);
+        let confirmed_inputs = vec![(SourceTopic::Complete, p32)];
+        spawn_task(
+            core,
+            core.confirmed[p].clone(),
+            c,
+            confirmed_inputs,
+            targets,
+        );
+    }
+    let control_inputs = vec![(SourceTopic::Control, 0)];
+    spawn_task(core, core.control.clone(), control, control_inputs, targets);
+}
+
+fn shared_views<P: Processor>(
+    checkpoints: &[Checkpoint<P::Stats>],
+    config: &Config,
+) -> Vec<Arc<TaskView<P>>> {
+    let items = match P::TABLE {
+        "-" => 1,
+        _ => config.pipeline.presence_filter_items,
+    };
+    checkpoints
+        .iter()
+        .enumerate()
+        .map(|(p, c)| Arc::new(TaskView::new(p as u32, c, items)))
+        .collect()
+}
+
+/// Fills each task's presence filter with the keys already in the store.
+fn note_stored_keys<P: Processor>(
+    store: &Store,
+    views: &[Arc<TaskView<P>>],
+) -> Result<(), StoreError> {
+    let partitions = views.len() as u32;
+    store.for_each_key(P::TABLE, |key| {
+        views[partition_for(key, partitions) as usize].note_present(key);
+    })
+}
+
+fn spawn_task<P: Processor>(
+    core: &Arc<Core>,
+    task: Arc<TaskView<P>>,
+    checkpoint: Checkpoint<P::Stats>,
+    inputs: Vec<(SourceTopic, u32)>,
+    targets: Option<&Targets>,
+) {
+    let core = core.clone();
+    let tracker = core.tracker.clone();
+    let until = targets.map(|targets| {
+        let key = (P::NAME.to_owned(), task.partition);
+        targets.get(&key).cloned().unwrap_or_default()
+    });
+    tracker.spawn(async move {
+        let partition = task.partition;
+        if let Err(error) = task::run(core.clone(), task, checkpoint, inputs, until).await {
+            // A task that cannot go on stops the whole pipeline rather than
+            // let the others run ahead of it.
+            stop_after_failure(&core, P::NAME, partition, &error);
+        }
+    });
+}
+
+/// Stops intake and the processors after a task failed, saying why.
+fn stop_after_failure(core: &Core, processor: &str, partition: u32, error: &RuntimeError) {
+    if let RuntimeError::Store(store) = error {
+        if store.is_no_space() {
+            // sled refuses every write after an IO error until it is
+            // reopened, so the pipeline cannot go on in this process.
+            let reason = format!(
+                "the state store in {} ran out of space ({store}); it refuses every \
+                 write from now on: kpay stops. Free space and start it again: nothing \
+                 acknowledged is lost, the log holds every accepted payment",
+                core.config.data.dir.join("state").display()
+            );
+            core.space.note_refusal(reason.clone());
+            tracing::error!(processor, partition, %reason, "task failed; shutting down");
+            core.shutdown.cancel();
+            core.processors_stop.cancel();
+            return;
+        }
+    }
+    tracing::error!(processor, partition, %error, "task failed; shutting down");
+    core.shutdown.cancel();
+    core.processors_stop.cancel();
+}

@@ -1,0 +1,254 @@
+//! A batch through the processor: decode, skip copies already applied, wait
+//! for prerequisites, apply, dead-letter what cannot be applied, and append
+//! the outputs (durably) before anything is checkpointed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use futures::future::try_join_all;
+
+use super::{error_class, TaskLoop, LOG_RETRY_PAUSE};
+use crate::failpoint::{self, Point};
+use crate::log::{Record, StoredRecord, TopicPartition};
+use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
+use crate::pipeline::{Ctx, Emit, OutTopic, Processor};
+use crate::runtime::dead_letter::DeadLetter;
+use crate::runtime::task_view::Row;
+use crate::runtime::RuntimeError;
+use crate::store::StoredBytes;
+
+impl<P: Processor> TaskLoop<P> {
+    /// Applies a batch to the state; returns the records to append.
+    pub(super) fn apply(
+        &mut self,
+        batch: Vec<(usize, StoredRecord)>,
+    ) -> Result<Vec<(Emit, Source)>, RuntimeError> {
+        // Guards borrow local handles, so the loop may call `&mut self` helpers.
+        let (core, task) = (self.core.clone(), self.task.clone());
+        let gate = core.apply_gate.read().expect("apply gate");
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut rows = task.rows.write().expect("rows lock");
+        let mut stats = task.stats.write().expect("stats lock");
+        let now = now_ms();
+        let count = batch.len() as u64;
+        let instrumented = core.config.instrument.enabled;
+        if instrumented {
+            metrics::histogram!("kpay_task_batch_records", "processor" => P::NAME)
+                .record(count as f64);
+        }
+        for (index, stored) in batch {
+            let (kind, tp, next) = &mut self.inputs[index];
+            debug_assert!(stored.offset >= *next, "offsets only move forward");
+            *next = stored.offset + 1;
+            if *kind == SourceTopic::Incoming {
+                self.clock_ms = self.clock_ms.max(stored.record.timestamp_ms);
+            }
+            let ctx = Ctx {
+                topic: *kind,
+                partition: tp.partition,
+                offset: stored.offset,
+                received_at_ms: stored.record.timestamp_ms,
+                now_ms: now,
+                partitions: core.config.log.partitions,
+                forgotten_before_ms: self.forgotten_before_ms(),
+            };
+            let envelope = match codec::decode(&stored.record.value) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    self.dead_letter(index, &stored, "decode", error.to_string());
+                    continue;
+                }
+            };
+            if let Some(wanted) = self.unmet_prerequisite(&envelope.event, index, stored.offset) {
+                // Read again after the prerequisite; nothing of this record is applied.
+                self.inputs[index].2 = stored.offset;
+                self.catch_up = Some(wanted);
+                self.deferred = Some((index, stored.offset));
+                break;
+            }
+            if self.already_applied(&ctx, envelope.source) {
+                continue;
+            }
+            if instrumented && P::OBSERVED {
+                core.observer.observe(&envelope.event);
+            }
+            let key = P::state_key(&envelope.event).map(str::to_owned);
+            let (mut state, stored_bytes) = self.load_state(&rows, key.as_deref())?;
+            let was_kept = state.as_ref().and_then(P::retention).is_some();
+            match P::handle(&mut state, &mut stats, envelope.event, &ctx) {
+                Ok(emit) => {
+                    if let (Some(key), Some(value)) = (key, state) {
+                        if let Some(at_ms) = P::retention(&value).filter(|_| !was_kept) {
+                            self.newly_kept.push((at_ms, key.clone()));
+                        }
+                        task.presence.insert(key.as_str());
+                        self.dirty_rows += 1;
+                        let row = Row {
+                            value,
+                            dirty: true,
+                            stored: stored_bytes,
+                        };
+                        rows.insert(key, row);
+                    }
+                    let source = Source {
+                        topic: ctx.topic,
+                        partition: ctx.partition,
+                        offset: ctx.offset,
+                    };
+                    outputs.extend(emit.map(|emit| (emit, source)));
+                }
+                Err(error) => {
+                    self.dead_letter(index, &stored, error_class(&error), error.to_string())
+                }
+            }
+        }
+        drop((rows, stats, gate));
+        self.publish_positions();
+        self.uncommitted = true;
+        Ok(outputs)
+    }
+
+    /// The (input, offset) still to be read before `event` can be applied, if any.
+    pub(super) fn unmet_prerequisite(
+        &self,
+        event: &Event,
+        input: usize,
+        offset: u64,
+    ) -> Option<(usize, u64)> {
+        if self.orphan == Some((input, offset)) {
+            return None;
+        }
+        let (kind, partition, needed) = P::prerequisite(event)?;
+        let index = self
+            .inputs
+            .iter()
+            .position(|(k, tp, _)| *k == kind && tp.partition == partition)?;
+        (self.inputs[index].2 <= needed).then_some((index, needed))
+    }
+
+    /// True for a copy of a record already applied (re-emitted by an upstream
+    /// task replaying after a crash); otherwise records it as applied.
+    pub(super) fn already_applied(&mut self, ctx: &Ctx, source: Option<Source>) -> bool {
+        let Some(upstream) = source else {
+            return false;
+        };
+        let key = (ctx.topic, ctx.partition, upstream.topic, upstream.partition);
+        match self.applied_sources.get(&key) {
+            Some(&applied) if upstream.offset <= applied => true,
+            _ => {
+                self.applied_sources.insert(key, upstream.offset);
+                false
+            }
+        }
+    }
+
+    /// The current row for `key` and its stored bytes: cache, else store.
+    pub(super) fn load_state(
+        &self,
+        rows: &HashMap<String, Row<P::State>>,
+        key: Option<&str>,
+    ) -> Result<(Option<P::State>, Option<StoredBytes>), RuntimeError> {
+        let Some(key) = key else {
+            return Ok((None, None));
+        };
+        if let Some(row) = rows.get(key) {
+            return Ok((Some(row.value.clone()), row.stored.clone()));
+        }
+        Ok(match self.task.load_raw(&self.core, key)? {
+            Some((value, bytes)) => (Some(value), Some(bytes)),
+            None => (None, None),
+        })
+    }
+
+    /// Keeps a record the processor cannot act on for the DLQ and goes on.
+    pub(super) fn dead_letter(
+        &mut self,
+        input: usize,
+        stored: &StoredRecord,
+        class: &str,
+        reason: String,
+    ) {
+        let (kind, tp, _) = &self.inputs[input];
+        let key = String::from_utf8_lossy(&stored.record.key);
+        // The key says whose record it is: a payment id or an account id.
+        let (payment_id, account) = match kind {
+            SourceTopic::Inflight => (None, Some(&*key)),
+            _ => (Some(&*key), None),
+        };
+        tracing::warn!(
+            processor = P::NAME,
+            topic = %tp.topic,
+            partition = tp.partition,
+            offset = stored.offset,
+            payment_id,
+            account,
+            class,
+            %reason,
+            "dead-lettered"
+        );
+        let letter = DeadLetter::new(P::NAME, tp, stored, class, reason);
+        self.dead_letters.push(letter);
+    }
+
+    /// Waits before calling the log again after it was unavailable or its
+    /// device full (or until the processors stop).
+    pub(super) async fn pause_for_log(&self, error: &crate::log::LogError) {
+        tracing::debug!(processor = P::NAME, partition = self.task.partition, %error, "log unavailable; retrying");
+        tokio::select! {
+            () = tokio::time::sleep(LOG_RETRY_PAUSE) => {}
+            () = self.core.processors_stop.cancelled() => {}
+        }
+    }
+
+    /// Appends outputs and dead letters, grouped per topic-partition in emit
+    /// order, and returns once all are durable.
+    pub(super) async fn produce(&mut self, outputs: &[(Emit, Source)]) -> Result<(), RuntimeError> {
+        let topics = &self.core.config.topics;
+        let partitions = self.core.config.log.partitions;
+        let mut groups: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
+        let now = now_ms();
+        for (emit, source) in outputs {
+            let (emit, source) = (emit.clone(), *source);
+            let topic = match emit.topic {
+                OutTopic::Incoming => &topics.incoming,
+                OutTopic::Inflight => &topics.inflight,
+                OutTopic::Complete => &topics.complete,
+                OutTopic::Confirmed => &topics.confirmed,
+            };
+            let tp = TopicPartition::new(topic.clone(), partition_for(&emit.key, partitions));
+            let envelope = Envelope {
+                source: Some(source),
+                event: emit.event,
+            };
+            // `payment.confirmed` is for outside consumers: public JSON.
+            let value = match emit.topic {
+                OutTopic::Confirmed => codec::encode_completed_json(&envelope.event),
+                _ => None,
+            };
+            groups.entry(tp).or_default().push(Record {
+                key: Bytes::from(emit.key.into_bytes()),
+                value: Bytes::from(value.unwrap_or_else(|| codec::encode(&envelope))),
+                timestamp_ms: now,
+            });
+        }
+        for letter in self.dead_letters.iter().filter(|l| !l.published) {
+            let tp = TopicPartition::new(topics.dlq.clone(), letter.source_partition % partitions);
+            groups.entry(tp).or_default().push(letter.to_record(now));
+        }
+        let log = &self.core.log;
+        let several = groups.len() > 1;
+        try_join_all(groups.into_iter().map(|(tp, records)| async move {
+            let first = log.append(&tp, records).await?;
+            if several {
+                // One topic-partition done; the others may still be on their way.
+                failpoint::pass(Point::TaskMidProduce);
+            }
+            Ok::<_, crate::log::LogError>(first)
+        }))
+        .await?;
+        self.dead_letters
+            .iter_mut()
+            .for_each(|l| l.published = true);
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! A task's view shared with the rest of the runtime: its cached rows, its
+//! statistics, the offsets it has checkpointed and made durable, where it
+//! reads, and the presence filter of its keys. The task's loop writes it;
+//! the views, the flusher and the ingest sequencers read it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, RwLock};
+
+use fastbloom::AtomicBloomFilter;
+
+use super::core::Core;
+use super::RuntimeError;
+use crate::model::SourceTopic;
+use crate::pipeline::Processor;
+use crate::store::{row_key, Checkpoint, StoredBytes};
+
+/// A cached state row; `dirty` rows are newer than the store.
+pub(super) struct Row<S> {
+    pub(super) value: S,
+    pub(super) dirty: bool,
+    /// The row's bytes in the store (`None`: not stored yet), kept so a
+    /// chunked checkpoint can be undone without reading the store again.
+    pub(super) stored: Option<StoredBytes>,
+}
+
+/// What a task shares with the runtime's views and the flusher.
+pub(super) struct TaskView<P: Processor> {
+    /// The partition this task owns.
+    pub(super) partition: u32,
+    /// Rows read or written recently; the store has the rest.
+    pub(super) rows: RwLock<HashMap<String, Row<P::State>>>,
+    /// Live statistics (checkpointed with the offsets).
+    pub(super) stats: RwLock<P::Stats>,
+    /// Input offsets of the last checkpoint applied to the store.
+    pub(super) committed: Mutex<BTreeMap<(SourceTopic, u32), u64>>,
+    /// Input offsets of the last checkpoint the store has flushed to disk;
+    /// retention and the ingest dedup index trust only these.
+    pub(super) durable: Mutex<BTreeMap<(SourceTopic, u32), u64>>,
+    /// Set once the task has read up to the high-water mark seen at start.
+    pub(super) caught_up: AtomicBool,
+    /// Next offset to read per input, as of the last batch (for lag).
+    pub(super) positions: Mutex<BTreeMap<(SourceTopic, u32), u64>>,
+    /// Input topics this task does not read for now (a stopped stream);
+    /// records wait in the log and show up as lag.
+    pub(super) held: Mutex<Vec<SourceTopic>>,
+    /// Every key this task has ever stored (with rare false positives): a
+    /// miss here skips the store lookup, which most new payment ids would
+    /// otherwise pay twice (ingest dedup and admission).
+    pub(super) presence: AtomicBloomFilter,
+}
+
+impl<P: Processor> TaskView<P> {
+    pub(super) fn new(
+        partition: u32,
+        checkpoint: &Checkpoint<P::Stats>,
+        filter_items: usize,
+    ) -> Self {
+        Self {
+            presence: AtomicBloomFilter::with_false_pos(0.01).expected_items(filter_items.max(1)),
+            partition,
+            rows: RwLock::new(HashMap::new()),
+            stats: RwLock::new(checkpoint.stats.clone()),
+            committed: Mutex::new(checkpoint.next_offsets.clone()),
+            durable: Mutex::new(checkpoint.next_offsets.clone()),
+            caught_up: AtomicBool::new(false),
+            positions: Mutex::new(checkpoint.next_offsets.clone()),
+            held: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The freshest value of a row: the task's cache, else the store.
+    pub(super) fn get(&self, core: &Core, key: &str) -> Result<Option<P::State>, RuntimeError> {
+        if let Some(row) = self.rows.read().expect("rows lock").get(key) {
+            return Ok(Some(row.value.clone()));
+        }
+        self.load(core, key)
+    }
+
+    /// Reads a row from the store, unless the presence filter knows it is absent.
+    pub(super) fn load(&self, core: &Core, key: &str) -> Result<Option<P::State>, RuntimeError> {
+        Ok(self.load_raw(core, key)?.map(|(value, _)| value))
+    }
+
+    pub(super) fn load_raw(
+        &self,
+        core: &Core,
+        key: &str,
+    ) -> Result<Option<(P::State, StoredBytes)>, RuntimeError> {
+        if !self.presence.contains(key) {
+            return Ok(None);
+        }
+        Ok(core.store.get_raw(&row_key(P::TABLE, key))?)
+    }
+
+    /// Records that `key` exists in the store (called for rows found at start).
+    pub(super) fn note_present(&self, key: &str) {
+        self.presence.insert(key);
+    }
+
+    /// Rows in the cache newer than the store, with keys after `after` (for listings).
+    pub(super) fn dirty_rows_after(&self, after: Option<&str>) -> Vec<(String, P::State)> {
+        let rows = self.rows.read().expect("rows lock");
+        rows.iter()
+            .filter(|(key, row)| row.dirty && after.is_none_or(|a| key.as_str() > a))
+            .map(|(key, row)| (key.clone(), row.value.clone()))
+            .collect()
+    }
+
+    /// Stops (`true`) or restarts reading the inputs of kind `topic`.
+    pub(super) fn hold(&self, topic: SourceTopic, held: bool) {
+        let mut inputs = self.held.lock().expect("held lock");
+        inputs.retain(|t| *t != topic);
+        if held {
+            inputs.push(topic);
+        }
+    }
+
+    pub(super) fn is_held(&self, topic: SourceTopic) -> bool {
+        self.held.lock().expect("held lock").contains(&topic)
+    }
+
+    pub(super) fn durable_offset(&self, input: (SourceTopic, u32)) -> u64 {
+        self.durable
+            .lock()
+            .expect("durable lock")
+            .get(&input)
+            .copied()
+            .unwrap_or(0)
+    }
+}
