@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
+use crate::config::GeneratorConfig;
 use crate::model::{now_ms, Event, PaymentRef};
 use crate::runtime::ingest::{Admission, IngestError};
 use crate::runtime::{Runtime, RuntimeError};
@@ -318,30 +319,8 @@ async fn run(generator: Arc<Generator>, settings: Settings, stop: CancellationTo
             .fetch_add((wanted - send) as u64, Ordering::Relaxed);
         for _ in 0..send {
             sequence += 1;
-            let share = rng.gen_range(0..100);
-            let rejected = share < config.rejected_percent;
-            let reversed = !rejected && share < config.rejected_percent + config.reversed_percent;
-            let from_index = picker.pick(&mut rng);
-            let mut to_index = picker.pick(&mut rng);
-            if to_index == from_index {
-                // The next account: never the same one (there are at least two).
-                to_index = (to_index + 1) % settings.accounts;
-            }
-            let from = match rejected {
-                true => EMPTY_ACCOUNT.to_owned(),
-                false => account_id(from_index),
-            };
-            let to = match reversed {
-                true => MISSING_ACCOUNT.to_owned(),
-                false => account_id(to_index),
-            };
-            let payment = PaymentRef {
-                id: format!("gen-{run_id}-{sequence}"),
-                from,
-                to,
-                amount_cents: amount(&mut rng),
-                accepted_at_ms: 0,
-            };
+            let id = format!("gen-{run_id}-{sequence}");
+            let payment = next_payment(id, &config, &settings, &picker, &mut rng);
             counters.sent.fetch_add(1, Ordering::Relaxed);
             let generator = generator.clone();
             pending.push(Box::pin(async move {
@@ -356,6 +335,41 @@ async fn run(generator: Arc<Generator>, settings: Settings, stop: CancellationTo
     // Every submission made is answered before the generator is gone.
     while let Some(answer) = pending.next().await {
         count(&generator, answer);
+    }
+}
+
+/// A payment between two generator accounts (never the same one), from
+/// the empty account or to the missing one in the configured shares.
+fn next_payment(
+    id: String,
+    config: &GeneratorConfig,
+    settings: &Settings,
+    picker: &Picker,
+    rng: &mut StdRng,
+) -> PaymentRef {
+    let share = rng.gen_range(0..100);
+    let rejected = share < config.rejected_percent;
+    let reversed = !rejected && share < config.rejected_percent + config.reversed_percent;
+    let from_index = picker.pick(rng);
+    let mut to_index = picker.pick(rng);
+    if to_index == from_index {
+        // The next account: never the same one (there are at least two).
+        to_index = (to_index + 1) % settings.accounts;
+    }
+    let from = match rejected {
+        true => EMPTY_ACCOUNT.to_owned(),
+        false => account_id(from_index),
+    };
+    let to = match reversed {
+        true => MISSING_ACCOUNT.to_owned(),
+        false => account_id(to_index),
+    };
+    PaymentRef {
+        id,
+        from,
+        to,
+        amount_cents: amount(rng),
+        accepted_at_ms: 0,
     }
 }
 

@@ -38,9 +38,10 @@ use bytes::Bytes;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::instrument::CountAmount;
 use crate::log::{Record, TopicPartition};
-use crate::model::{codec, now_ms, ControlAction, ControlCommand, Envelope, Event, SourceTopic};
+use crate::model::{
+    codec, now_ms, ControlAction, ControlCommand, CountAmount, Envelope, Event, SourceTopic,
+};
 use crate::pipeline::control::ControlPlane;
 use crate::pipeline::inflight::Inflight;
 use crate::pipeline::Processor;

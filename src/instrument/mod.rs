@@ -18,12 +18,7 @@ use crate::pipeline::confirmed::ConfirmedStats;
 use crate::pipeline::inflight::InflightStats;
 use crate::pipeline::windows::WindowStats;
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CountAmount {
-    pub count: u64,
-    /// Cents.
-    pub amount: i64,
-}
+pub use crate::model::CountAmount;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ConfirmedView {

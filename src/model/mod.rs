@@ -57,6 +57,15 @@ pub fn partition_for(key: &str, partitions: u32) -> u32 {
     (hash % u64::from(partitions)) as u32
 }
 
+/// How many payments and how much money they carry (an API shape shared by
+/// the planes' views: money in flight, for one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct CountAmount {
+    pub count: u64,
+    /// Cents.
+    pub amount: i64,
+}
+
 /// Milliseconds since the Unix epoch, the one clock every event carries.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

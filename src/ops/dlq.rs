@@ -214,33 +214,7 @@ pub async fn replay(
         }
     }
     let corrected = correction.is_some();
-    let bytes = match correction {
-        Some(bytes) => bytes,
-        None => unhex(&letter.value_hex).map_err(DlqError::Unprocessable)?,
-    };
-    let envelope = codec::decode(&bytes).map_err(|error| {
-        let which = if corrected { "corrected" } else { "stored" };
-        DlqError::Unprocessable(format!(
-            "the {which} value does not decode ({error}); replay it with a corrected value"
-        ))
-    })?;
-    let kind = input_kind(runtime, &letter.source_topic).ok_or_else(|| {
-        DlqError::Unprocessable(format!(
-            "{} is not an input topic of the pipeline",
-            letter.source_topic
-        ))
-    })?;
-    let key = route_key(kind, &envelope.event).ok_or_else(|| {
-        DlqError::Unprocessable(format!(
-            "a {} event does not belong on {}; correct the value",
-            envelope.event.kind(),
-            letter.source_topic
-        ))
-    })?;
-    let partition = match kind {
-        SourceTopic::Control => 0,
-        _ => partition_for(&key, runtime.config().log.partitions),
-    };
+    let (envelope, key, partition) = route(runtime, &letter, correction)?;
     let tp = TopicPartition::new(letter.source_topic.clone(), partition);
     let seq = runtime.store().get::<u64>(REPLAY_SEQ_KEY)?.unwrap_or(0) + 1;
     let pending = Replay {
@@ -278,6 +252,44 @@ pub async fn replay(
     failpoint::pass(Point::DlqAfterAppend);
     tracing::info!(id, %tp, offset, seq, corrected, principal, "dead letter replayed");
     settle(runtime, &suffix, letter, pending, offset).await
+}
+
+/// What a replay appends and where: the stored (or corrected) value
+/// decoded, its routing key and the partition that key belongs to.
+fn route(
+    runtime: &Runtime,
+    letter: &DeadLetter,
+    correction: Option<Vec<u8>>,
+) -> Result<(Envelope, String, u32), DlqError> {
+    let corrected = correction.is_some();
+    let bytes = match correction {
+        Some(bytes) => bytes,
+        None => unhex(&letter.value_hex).map_err(DlqError::Unprocessable)?,
+    };
+    let envelope = codec::decode(&bytes).map_err(|error| {
+        let which = if corrected { "corrected" } else { "stored" };
+        DlqError::Unprocessable(format!(
+            "the {which} value does not decode ({error}); replay it with a corrected value"
+        ))
+    })?;
+    let kind = input_kind(runtime, &letter.source_topic).ok_or_else(|| {
+        DlqError::Unprocessable(format!(
+            "{} is not an input topic of the pipeline",
+            letter.source_topic
+        ))
+    })?;
+    let key = route_key(kind, &envelope.event).ok_or_else(|| {
+        DlqError::Unprocessable(format!(
+            "a {} event does not belong on {}; correct the value",
+            envelope.event.kind(),
+            letter.source_topic
+        ))
+    })?;
+    let partition = match kind {
+        SourceTopic::Control => 0,
+        _ => partition_for(&key, runtime.config().log.partitions),
+    };
+    Ok((envelope, key, partition))
 }
 
 /// Moves a replayed letter to the replayed table, oldest dropped beyond the bound.

@@ -172,24 +172,7 @@ fn admit(
     if validate_payment(&payment).is_err() {
         // Records written by other producers skip the HTTP checks; they end
         // as a business rejection, not a dead letter.
-        let outcome = Outcome::Rejected(Reason::Invalid);
-        *state = Some(PaymentState {
-            payment: payment.clone(),
-            status: PaymentStatus::Rejected,
-            reason: Some(Reason::Invalid),
-            completed_at_ms: Some(ctx.now_ms),
-            lineage: vec![admitted.clone()],
-        });
-        return Ok(Some(Emit {
-            topic: OutTopic::Complete,
-            key: payment.id.clone(),
-            event: Event::Completed {
-                payment,
-                outcome,
-                completed_at_ms: ctx.now_ms,
-                lineage: vec![admitted],
-            },
-        }));
+        return Ok(Some(reject_invalid(state, payment, admitted, ctx)));
     }
     let amount = checked_add(
         stats.inflight_amount_cents,
@@ -214,6 +197,33 @@ fn admit(
             lineage: vec![admitted],
         },
     }))
+}
+
+/// Ends an invalid payment as rejected at admission.
+fn reject_invalid(
+    state: &mut Option<PaymentState>,
+    payment: PaymentRef,
+    admitted: Hop,
+    ctx: &Ctx,
+) -> Emit {
+    let outcome = Outcome::Rejected(Reason::Invalid);
+    *state = Some(PaymentState {
+        payment: payment.clone(),
+        status: PaymentStatus::Rejected,
+        reason: Some(Reason::Invalid),
+        completed_at_ms: Some(ctx.now_ms),
+        lineage: vec![admitted.clone()],
+    });
+    Emit {
+        topic: OutTopic::Complete,
+        key: payment.id.clone(),
+        event: Event::Completed {
+            payment,
+            outcome,
+            completed_at_ms: ctx.now_ms,
+            lineage: vec![admitted],
+        },
+    }
 }
 
 /// The parts of a `Completed` event.

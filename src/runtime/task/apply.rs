@@ -37,21 +37,7 @@ impl<P: Processor> TaskLoop<P> {
                 .record(count as f64);
         }
         for (index, stored) in batch {
-            let (kind, tp, next) = &mut self.inputs[index];
-            debug_assert!(stored.offset >= *next, "offsets only move forward");
-            *next = stored.offset + 1;
-            if *kind == SourceTopic::Incoming {
-                self.clock_ms = self.clock_ms.max(stored.record.timestamp_ms);
-            }
-            let ctx = Ctx {
-                topic: *kind,
-                partition: tp.partition,
-                offset: stored.offset,
-                received_at_ms: stored.record.timestamp_ms,
-                now_ms: now,
-                partitions: core.config.log.partitions,
-                forgotten_before_ms: self.forgotten_before_ms(),
-            };
+            let ctx = self.advance(index, &stored, now);
             let envelope = match codec::decode(&stored.record.value) {
                 Ok(envelope) => envelope,
                 Err(error) => {
@@ -78,17 +64,12 @@ impl<P: Processor> TaskLoop<P> {
             match P::handle(&mut state, &mut stats, envelope.event, &ctx) {
                 Ok(emit) => {
                     if let (Some(key), Some(value)) = (key, state) {
-                        if let Some(at_ms) = P::retention(&value).filter(|_| !was_kept) {
-                            self.newly_kept.push((at_ms, key.clone()));
-                        }
-                        task.presence.insert(key.as_str());
-                        self.dirty_rows += 1;
                         let row = Row {
                             value,
                             dirty: true,
                             stored: stored_bytes,
                         };
-                        rows.insert(key, row);
+                        self.keep_row(&mut rows, key, row, was_kept);
                     }
                     let source = Source {
                         topic: ctx.topic,
@@ -106,6 +87,43 @@ impl<P: Processor> TaskLoop<P> {
         self.publish_positions();
         self.uncommitted = true;
         Ok(outputs)
+    }
+
+    /// Moves input `index` past `stored` (and the retention clock with it)
+    /// and says where the record sits.
+    fn advance(&mut self, index: usize, stored: &StoredRecord, now: i64) -> Ctx {
+        let (kind, tp, next) = &mut self.inputs[index];
+        debug_assert!(stored.offset >= *next, "offsets only move forward");
+        *next = stored.offset + 1;
+        if *kind == SourceTopic::Incoming {
+            self.clock_ms = self.clock_ms.max(stored.record.timestamp_ms);
+        }
+        Ctx {
+            topic: *kind,
+            partition: tp.partition,
+            offset: stored.offset,
+            received_at_ms: stored.record.timestamp_ms,
+            now_ms: now,
+            partitions: self.core.config.log.partitions,
+            forgotten_before_ms: self.forgotten_before_ms(),
+        }
+    }
+
+    /// Keeps a row the processor changed, dirty until the next checkpoint;
+    /// notes it for retention when it just became forgettable.
+    fn keep_row(
+        &mut self,
+        rows: &mut HashMap<String, Row<P::State>>,
+        key: String,
+        row: Row<P::State>,
+        was_kept: bool,
+    ) {
+        if let Some(at_ms) = P::retention(&row.value).filter(|_| !was_kept) {
+            self.newly_kept.push((at_ms, key.clone()));
+        }
+        self.task.presence.insert(key.as_str());
+        self.dirty_rows += 1;
+        rows.insert(key, row);
     }
 
     /// The (input, offset) still to be read before `event` can be applied, if any.

@@ -25,8 +25,8 @@ use super::task_view::TaskView;
 use super::RuntimeError;
 use crate::failpoint::{self, Point};
 use crate::log::TopicPartition;
-use crate::model::SourceTopic;
-use crate::pipeline::Processor;
+use crate::model::{Source, SourceTopic};
+use crate::pipeline::{Emit, Processor};
 use crate::store::{AppliedKey, Checkpoint};
 
 /// The running state of one task, owned by its loop.
@@ -85,34 +85,7 @@ pub async fn run<P: Processor>(
     input_partitions: Vec<(SourceTopic, u32)>,
     until: Option<Positions>,
 ) -> Result<(), RuntimeError> {
-    let inputs = input_partitions
-        .into_iter()
-        .map(|(kind, partition)| {
-            let tp = TopicPartition::new(core.config.topics.name(kind), partition);
-            let next = checkpoint.next_offsets.get(&(kind, partition)).copied();
-            (kind, tp, next.unwrap_or(0))
-        })
-        .collect();
-    let mut state = TaskLoop {
-        core: core.clone(),
-        task,
-        inputs,
-        applied_sources: checkpoint.applied_sources,
-        dead_letters: Vec::new(),
-        last_commit: Instant::now(),
-        uncommitted: false,
-        dirty_rows: 0,
-        throttled: false,
-        until,
-        catch_up: None,
-        deferred: None,
-        orphan: None,
-        clock_ms: checkpoint.clock_ms,
-        retention_ms: i64::try_from(core.config.limits.payment_retention_seconds)
-            .unwrap_or(i64::MAX)
-            .saturating_mul(1000),
-        newly_kept: Vec::new(),
-    };
+    let mut state = TaskLoop::new(core.clone(), task, checkpoint, input_partitions, until);
     state.start_positions().await?;
     state.publish_positions();
     let start_hw = state.high_watermarks().await?;
@@ -145,13 +118,73 @@ pub async fn run<P: Processor>(
             continue;
         }
         let outputs = state.apply(batch)?;
-        while state.until.is_none() {
-            match state.produce(&outputs).await {
+        if state.until.is_none() {
+            state.produce_until_durable(&outputs).await?;
+            failpoint::pass(Point::TaskAfterProduce);
+        }
+        let rows = state.dirty_rows;
+        if rows >= core.config.pipeline.checkpoint_max_rows
+            || state.last_commit.elapsed() >= commit_every
+        {
+            state.checkpoint()?;
+        }
+    }
+    state.checkpoint()
+}
+
+impl<P: Processor> TaskLoop<P> {
+    fn new(
+        core: Arc<Core>,
+        task: Arc<TaskView<P>>,
+        checkpoint: Checkpoint<P::Stats>,
+        input_partitions: Vec<(SourceTopic, u32)>,
+        until: Option<Positions>,
+    ) -> Self {
+        let inputs = input_partitions
+            .into_iter()
+            .map(|(kind, partition)| {
+                let tp = TopicPartition::new(core.config.topics.name(kind), partition);
+                let next = checkpoint.next_offsets.get(&(kind, partition)).copied();
+                (kind, tp, next.unwrap_or(0))
+            })
+            .collect();
+        let retention_ms = i64::try_from(core.config.limits.payment_retention_seconds)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        Self {
+            core,
+            task,
+            inputs,
+            applied_sources: checkpoint.applied_sources,
+            dead_letters: Vec::new(),
+            last_commit: Instant::now(),
+            uncommitted: false,
+            dirty_rows: 0,
+            throttled: false,
+            until,
+            catch_up: None,
+            deferred: None,
+            orphan: None,
+            clock_ms: checkpoint.clock_ms,
+            retention_ms,
+            newly_kept: Vec::new(),
+        }
+    }
+
+    /// Appends a batch's outputs, retrying while the log is unavailable or
+    /// its device full, until they are durable or the processors stop.
+    async fn produce_until_durable(
+        &mut self,
+        outputs: &[(Emit, Source)],
+    ) -> Result<(), RuntimeError> {
+        let core = self.core.clone();
+        loop {
+            match self.produce(outputs).await {
                 Ok(()) => {
                     if !outputs.is_empty() {
                         core.space.note_success();
                     }
-                    break;
+                    return Ok(());
                 }
                 // The outputs are appended again whole: copies of those that
                 // did land are skipped downstream like any replayed record.
@@ -163,24 +196,14 @@ pub async fn run<P: Processor>(
                     if error.is_no_space() {
                         core.space.note_refusal(error.to_string());
                     }
-                    state.pause_for_log(&error).await;
+                    self.pause_for_log(&error).await;
                 }
                 // Stopping with outputs not appended: no checkpoint past
                 // them; the next start processes this batch again.
                 Err(error) => return Err(error),
             }
         }
-        if state.until.is_none() {
-            failpoint::pass(Point::TaskAfterProduce);
-        }
-        let rows = state.dirty_rows;
-        if rows >= core.config.pipeline.checkpoint_max_rows
-            || state.last_commit.elapsed() >= commit_every
-        {
-            state.checkpoint()?;
-        }
     }
-    state.checkpoint()
 }
 
 fn error_class(error: &crate::pipeline::ProcessError) -> &'static str {
