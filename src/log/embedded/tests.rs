@@ -1,0 +1,624 @@
+//! Tests of the log as a whole, through the `Log` trait: appends and reads
+//! across topics, reopening, waiting for the high-water mark and the limits
+//! checked before an append is queued. Tests of one concern live beside it.
+
+use super::test_support::{flip_byte, read_all, record, records, segment_files, values};
+use super::*;
+use proptest::prelude::*;
+use std::time::Instant;
+
+// Appends to several topics and partitions read back intact, with dense offsets from 0.
+#[tokio::test]
+async fn round_trip_across_topics_and_partitions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EmbeddedLog::open(EmbeddedLogConfig::with_dir(dir.path())).expect("open");
+    log.ensure_topic("payment.incoming", 3)
+        .await
+        .expect("topic");
+    log.ensure_topic("ledger", 2).await.expect("topic");
+    let mut expected: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
+    for round in 0..4 {
+        for (topic, partitions) in [("payment.incoming", 3), ("ledger", 2)] {
+            for partition in 0..partitions {
+                let tp = TopicPartition::new(topic, partition);
+                let batch = records(&format!("{tp}-{round}"), round + 1);
+                let first = log.append(&tp, batch.clone()).await.expect("append");
+                let appended = expected.entry(tp).or_default();
+                assert_eq!(first, appended.len() as u64);
+                appended.extend(batch);
+            }
+        }
+    }
+    for (tp, appended) in &expected {
+        assert_eq!(
+            log.high_watermark(tp).await.expect("hwm"),
+            appended.len() as u64
+        );
+        assert_eq!(log.log_start(tp).await.expect("start"), 0);
+        let stored = log.read(tp, 0, 1000).await.expect("read");
+        let offsets: Vec<u64> = stored.iter().map(|s| s.offset).collect();
+        assert_eq!(offsets, (0..appended.len() as u64).collect::<Vec<_>>());
+        assert_eq!(&values(&stored), appended);
+        let middle = log.read(tp, 3, 2).await.expect("read middle");
+        assert_eq!(values(&middle), appended[3..5].to_vec());
+        let at_end = log
+            .read(tp, appended.len() as u64, 10)
+            .await
+            .expect("read end");
+        assert!(at_end.is_empty());
+    }
+    let empty = log
+        .append(&TopicPartition::new("ledger", 1), Vec::new())
+        .await;
+    assert_eq!(empty.expect("empty append"), 10);
+}
+
+// Concurrent appends get distinct, consecutive offset ranges and share fsyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_are_group_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EmbeddedLog::open(EmbeddedLogConfig::with_dir(dir.path())).expect("open");
+    log.ensure_topic("t", 8).await.expect("topic");
+    let (tasks, appends_per_task, batch) = (32u32, 20u32, 3usize);
+    let mut handles = Vec::new();
+    for task in 0..tasks {
+        let log = Arc::clone(&log);
+        handles.push(tokio::spawn(async move {
+            let tp = TopicPartition::new("t", task % 8);
+            let mut done = Vec::new();
+            for append in 0..appends_per_task {
+                let batch = records(&format!("{task}-{append}"), batch);
+                let first = log.append(&tp, batch.clone()).await.expect("append");
+                done.push((tp.clone(), first, batch));
+            }
+            done
+        }));
+    }
+    let mut by_partition: BTreeMap<TopicPartition, Vec<(u64, Vec<Record>)>> = BTreeMap::new();
+    for handle in handles {
+        for (tp, first, batch) in handle.await.expect("task") {
+            by_partition.entry(tp).or_default().push((first, batch));
+        }
+    }
+    for (tp, mut ranges) in by_partition {
+        ranges.sort_by_key(|(first, _)| *first);
+        let mut next = 0;
+        let mut expected = Vec::new();
+        for (first, batch) in ranges {
+            assert_eq!(
+                first, next,
+                "ranges of {tp} must tile without gaps or overlaps"
+            );
+            next += batch.len() as u64;
+            expected.extend(batch);
+        }
+        assert_eq!(log.high_watermark(&tp).await.expect("hwm"), next);
+        assert_eq!(values(&read_all(&log, &tp).await), expected);
+    }
+    let appends = u64::from(tasks * appends_per_task);
+    let syncs = log.sync_count();
+    println!("{appends} appends took {syncs} fsyncs");
+    assert!(syncs * 4 <= appends, "{syncs} fsyncs for {appends} appends");
+}
+
+// Closing and reopening keeps records, topics and the next offsets.
+#[tokio::test]
+async fn reopen_keeps_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = EmbeddedLogConfig {
+        segment_bytes: 700,
+        ..EmbeddedLogConfig::with_dir(dir.path())
+    };
+    let tp0 = TopicPartition::new("a", 0);
+    let tp1 = TopicPartition::new("a", 1);
+    {
+        let log = EmbeddedLog::open(config.clone()).expect("open");
+        log.ensure_topic("a", 2).await.expect("topic");
+        log.append(&tp0, records("x", 20)).await.expect("append");
+        log.append(&tp1, records("y", 5)).await.expect("append");
+        log.close();
+        let closed = log.append(&tp0, records("z", 1)).await;
+        assert!(matches!(closed, Err(LogError::Closed)), "{closed:?}");
+    }
+    assert!(
+        segment_files(dir.path()).len() > 1,
+        "the test should span segments"
+    );
+    let log = EmbeddedLog::open(config).expect("reopen");
+    assert_eq!(log.high_watermark(&tp0).await.expect("hwm"), 20);
+    assert_eq!(values(&read_all(&log, &tp0).await), records("x", 20));
+    assert_eq!(values(&read_all(&log, &tp1).await), records("y", 5));
+    assert_eq!(log.append(&tp1, records("w", 2)).await.expect("append"), 5);
+    log.ensure_topic("a", 2).await.expect("same count is fine");
+    assert!(log.ensure_topic("a", 3).await.is_err(), "topic remembered");
+}
+
+/// Appends `count` single-record batches to `t/0` and closes the log.
+async fn write_and_close(config: &EmbeddedLogConfig, count: usize) -> Vec<Record> {
+    let log = EmbeddedLog::open(config.clone()).expect("open");
+    log.ensure_topic("t", 1).await.expect("topic");
+    let all = records("r", count);
+    for record in &all {
+        log.append(&TopicPartition::new("t", 0), vec![record.clone()])
+            .await
+            .expect("append");
+    }
+    log.close();
+    all
+}
+
+/// Reopens after damage and checks the last record is gone and appends go on.
+async fn check_last_record_dropped(config: &EmbeddedLogConfig, all: &[Record]) {
+    let log = EmbeddedLog::open(config.clone()).expect("reopen after a torn tail");
+    let tp = TopicPartition::new("t", 0);
+    let kept = all.len() - 1;
+    assert_eq!(log.high_watermark(&tp).await.expect("hwm"), kept as u64);
+    assert_eq!(values(&read_all(&log, &tp).await), all[..kept].to_vec());
+    let next = log.append(&tp, records("new", 1)).await.expect("append");
+    assert_eq!(next, kept as u64);
+    log.close();
+    let log = EmbeddedLog::open(config.clone()).expect("reopen again");
+    assert_eq!(
+        log.read(&tp, next, 1).await.expect("read")[0].record,
+        records("new", 1)[0]
+    );
+}
+
+// A torn last frame (cut short or with a flipped byte) is dropped on reopen, nothing else.
+#[tokio::test]
+async fn torn_tail_is_truncated() {
+    let last_frame_bytes = frame_bytes("t", &records("r", 10)[9]) as u64;
+    for damage in ["cut", "flip"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = EmbeddedLogConfig::with_dir(dir.path());
+        let all = write_and_close(&config, 10).await;
+        let last = segment_files(dir.path()).pop().expect("a segment");
+        let len = fs::metadata(&last).expect("metadata").len();
+        match damage {
+            "cut" => {
+                let file = OpenOptions::new().write(true).open(&last).expect("open");
+                file.set_len(len - last_frame_bytes / 2).expect("truncate");
+            }
+            _ => flip_byte(&last, len - 3),
+        }
+        check_last_record_dropped(&config, &all).await;
+    }
+}
+
+// A bad frame in the last segment with valid frames after it is corruption, not a torn tail.
+#[tokio::test]
+async fn damage_before_valid_frames_is_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = EmbeddedLogConfig::with_dir(dir.path());
+    write_and_close(&config, 10).await;
+    let last = segment_files(dir.path()).pop().expect("a segment");
+    flip_byte(&last, 20);
+    let error = EmbeddedLog::open(config).expect_err("must refuse to open");
+    assert!(matches!(error, LogError::Corrupt { .. }), "{error}");
+    assert!(
+        error.to_string().contains("followed by a valid frame"),
+        "{error}"
+    );
+}
+
+// Damage in a segment other than the last one refuses to open, naming the file.
+#[tokio::test]
+async fn corruption_in_an_older_segment_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = EmbeddedLogConfig {
+        segment_bytes: 300,
+        ..EmbeddedLogConfig::with_dir(dir.path())
+    };
+    write_and_close(&config, 20).await;
+    let files = segment_files(dir.path());
+    assert!(
+        files.len() >= 3,
+        "expected several segments, got {}",
+        files.len()
+    );
+    flip_byte(&files[0], 30);
+    let error = EmbeddedLog::open(config).expect_err("must refuse to open");
+    match &error {
+        LogError::Corrupt { path, .. } => {
+            assert!(path.ends_with("00000000000000000001.wal"), "{error}")
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
+}
+
+/// Topic `r`: partition 2 gets 3 records at the start, partitions 0 and 1
+/// get 60 each, interleaved so that every segment holds both.
+async fn fill_for_retention(log: &EmbeddedLog) -> Vec<TopicPartition> {
+    log.ensure_topic("r", 3).await.expect("topic");
+    let tps: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new("r", p)).collect();
+    log.append(&tps[2], records("early", 3))
+        .await
+        .expect("append");
+    for round in 0..30 {
+        for tp in &tps[..2] {
+            log.append(tp, records(&format!("{round}"), 2))
+                .await
+                .expect("append");
+        }
+    }
+    tps
+}
+
+// With a history bound, released segments stay until the log outgrows it, then only the oldest go.
+#[tokio::test]
+async fn history_keeps_released_segments_within_its_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = EmbeddedLogConfig {
+        segment_bytes: 400,
+        history_bytes: 1 << 20,
+        ..EmbeddedLogConfig::with_dir(dir.path())
+    };
+    let log = EmbeddedLog::open(config).expect("open");
+    let tps = fill_for_retention(&log).await;
+    let files_before = segment_files(dir.path()).len();
+    for tp in &tps {
+        let hwm = log.high_watermark(tp).await.expect("hwm");
+        log.release_before(tp, hwm).await.expect("release");
+    }
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        files_before,
+        "all kept as history"
+    );
+    assert_eq!(log.log_start(&tps[0]).await.expect("start"), 0);
+    drop(log);
+
+    let bound = 1_000;
+    let config = EmbeddedLogConfig {
+        segment_bytes: 400,
+        history_bytes: bound,
+        ..EmbeddedLogConfig::with_dir(dir.path())
+    };
+    let log = EmbeddedLog::open(config).expect("reopen");
+    let bytes_before = log.disk_bytes();
+    for tp in &tps {
+        let hwm = log.high_watermark(tp).await.expect("hwm");
+        log.release_before(tp, hwm).await.expect("release");
+    }
+    let kept = log.disk_bytes();
+    assert!(
+        kept < bytes_before && kept >= bound,
+        "{kept} of {bytes_before}"
+    );
+    assert!(log.log_start(&tps[0]).await.expect("start") > 0);
+}
+
+// Released segments are deleted, log starts move and survive reopen; unreleased data stays.
+#[tokio::test]
+async fn retention_deletes_released_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = EmbeddedLogConfig {
+        segment_bytes: 400,
+        ..EmbeddedLogConfig::with_dir(dir.path())
+    };
+    let log = EmbeddedLog::open(config.clone()).expect("open");
+    let tps = fill_for_retention(&log).await;
+    let files_before = segment_files(dir.path()).len();
+    let bytes_before = log.disk_bytes();
+    assert!(
+        files_before >= 5,
+        "expected several segments, got {files_before}"
+    );
+    for tp in [&tps[0], &tps[2]] {
+        let hwm = log.high_watermark(tp).await.expect("hwm");
+        log.release_before(tp, hwm).await.expect("release");
+    }
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        files_before,
+        "partition 1 keeps them alive"
+    );
+    log.release_before(&tps[1], 50).await.expect("release");
+    log.release_before(&tps[1], 10)
+        .await
+        .expect("smaller release is a no-op");
+    let files_after = segment_files(dir.path()).len();
+    assert!(
+        files_after < files_before,
+        "{files_after} files left of {files_before}"
+    );
+    assert!(log.disk_bytes() < bytes_before);
+    let start = log.log_start(&tps[1]).await.expect("start");
+    assert!(start > 0 && start <= 50, "log start {start}");
+    let below = log.read(&tps[1], start - 1, 1).await;
+    assert!(
+        matches!(below, Err(LogError::OffsetOutOfRange { .. })),
+        "{below:?}"
+    );
+    let rest = log.read(&tps[1], start, 100).await.expect("read");
+    assert_eq!(rest.len() as u64, 60 - start);
+    assert_eq!(log.log_start(&tps[2]).await.expect("start"), 3);
+    log.close();
+    drop(log);
+    let log = EmbeddedLog::open(config).expect("reopen");
+    assert_eq!(log.log_start(&tps[1]).await.expect("start"), start);
+    assert_eq!(
+        log.high_watermark(&tps[2]).await.expect("hwm"),
+        3,
+        "no offset reuse"
+    );
+    assert_eq!(
+        log.append(&tps[2], records("late", 1))
+            .await
+            .expect("append"),
+        3
+    );
+}
+
+// wait_for returns when another task appends and gives up after the timeout otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_wakes_and_times_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EmbeddedLog::open(EmbeddedLogConfig::with_dir(dir.path())).expect("open");
+    log.ensure_topic("w", 1).await.expect("topic");
+    let tp = TopicPartition::new("w", 0);
+    let writer = {
+        let (log, tp) = (Arc::clone(&log), tp.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            log.append(&tp, records("a", 2)).await.expect("append");
+        })
+    };
+    let started = Instant::now();
+    let seen = log
+        .wait_for(&tp, 0, Duration::from_secs(10))
+        .await
+        .expect("wait");
+    assert_eq!(seen, 2);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    writer.await.expect("writer");
+    let immediate = log
+        .wait_for(&tp, 1, Duration::from_secs(10))
+        .await
+        .expect("wait");
+    assert_eq!(immediate, 2);
+    let started = Instant::now();
+    let timed_out = log
+        .wait_for(&tp, 2, Duration::from_millis(100))
+        .await
+        .expect("wait");
+    assert_eq!(timed_out, 2);
+    assert!(started.elapsed() >= Duration::from_millis(100));
+}
+
+// Records older than the tail cache come back from disk equal to what was appended.
+#[tokio::test]
+async fn disk_reads_equal_cache_reads() {
+    for cache_records in [0, 2] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = EmbeddedLogConfig {
+            tail_cache_records: cache_records,
+            segment_bytes: 500,
+            ..EmbeddedLogConfig::with_dir(dir.path())
+        };
+        let log = EmbeddedLog::open(config).expect("open");
+        log.ensure_topic("c", 2).await.expect("topic");
+        let tp = TopicPartition::new("c", 0);
+        let mut all = Vec::new();
+        for round in 0..10 {
+            let batch = records(&format!("{round}"), 5);
+            log.append(&tp, batch.clone()).await.expect("append");
+            log.append(&TopicPartition::new("c", 1), records("other", 2))
+                .await
+                .expect("append");
+            all.extend(batch);
+        }
+        let mixed = log.read(&tp, 0, 100).await.expect("read");
+        assert_eq!(values(&mixed), all);
+        for (offset, appended) in all.iter().enumerate() {
+            let one = log.read(&tp, offset as u64, 1).await.expect("read");
+            assert_eq!(one[0].offset, offset as u64);
+            assert_eq!(&one[0].record, appended);
+        }
+        let tail = log.read(&tp, 48, 10).await.expect("read tail");
+        assert_eq!(values(&tail), all[48..].to_vec());
+        let across = log.read(&tp, 45, 4).await.expect("read across");
+        assert_eq!(values(&across), all[45..49].to_vec());
+    }
+}
+
+// Size limits, retention limit and partition count mismatches are refused with clear errors.
+#[tokio::test]
+async fn limits_are_enforced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = EmbeddedLogConfig {
+        max_record_bytes: 100,
+        max_retained_bytes: 1000,
+        ..EmbeddedLogConfig::with_dir(dir.path())
+    };
+    let log = EmbeddedLog::open(config).expect("open");
+    log.ensure_topic("l", 2).await.expect("topic");
+    let tp = TopicPartition::new("l", 0);
+    let big = record("key", &"v".repeat(98), 0);
+    let too_large = log.append(&tp, vec![big]).await;
+    assert!(
+        matches!(
+            too_large,
+            Err(LogError::RecordTooLarge {
+                size_bytes: 101,
+                limit_bytes: 100
+            })
+        ),
+        "{too_large:?}"
+    );
+    let mut appended = 0;
+    let full = loop {
+        match log.append(&tp, vec![record("k", &"v".repeat(90), 0)]).await {
+            Ok(_) => appended += 1,
+            Err(error) => break error,
+        }
+    };
+    assert!(
+        matches!(
+            full,
+            LogError::Full {
+                limit_bytes: 1000,
+                ..
+            }
+        ),
+        "{full}"
+    );
+    assert_eq!(appended, 7, "seven 137-byte frames fit in 1000 bytes");
+    assert!(log.disk_bytes() <= 1000);
+    let mismatch = log.ensure_topic("l", 3).await.expect_err("count mismatch");
+    assert!(
+        mismatch
+            .to_string()
+            .contains("topic l has 2 partitions, config asks for 3"),
+        "{mismatch}"
+    );
+    let unknown = log
+        .append(&TopicPartition::new("l", 2), records("u", 1))
+        .await;
+    assert!(
+        matches!(unknown, Err(LogError::UnknownPartition(_))),
+        "{unknown:?}"
+    );
+    let unknown = log.read(&TopicPartition::new("nope", 0), 0, 1).await;
+    assert!(
+        matches!(unknown, Err(LogError::UnknownPartition(_))),
+        "{unknown:?}"
+    );
+    assert!(log.ensure_topic(&"n".repeat(256), 1).await.is_err());
+    assert!(log.ensure_topic(&"n".repeat(255), 1).await.is_ok());
+}
+
+// A record of an unknown topic on disk (topics.json lost) refuses to open.
+#[tokio::test]
+async fn records_of_unknown_topics_are_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = EmbeddedLogConfig::with_dir(dir.path());
+    write_and_close(&config, 3).await;
+    fs::write(dir.path().join(TOPICS_FILE), b"{}").expect("rewrite topics");
+    let error = EmbeddedLog::open(config).expect_err("must refuse to open");
+    assert!(error.to_string().contains("does not list"), "{error}");
+}
+
+// Frame decoding turns arbitrary bytes into errors, never panics.
+#[test]
+fn decoding_garbage_fails_cleanly() {
+    let mut buf = Vec::new();
+    let tp = TopicPartition::new("g", 1);
+    encode_frame(&mut buf, &tp, 7, &record("k", "v", 3));
+    let frame = decode_body(&buf[FRAME_HEADER_BYTES..]).expect("decodes");
+    assert_eq!((frame.topic, frame.partition, frame.offset), ("g", 1, 7));
+    for cut in 0..buf.len() - FRAME_HEADER_BYTES {
+        assert!(decode_body(&buf[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + cut]).is_err());
+    }
+    let mut huge = buf[FRAME_HEADER_BYTES..].to_vec();
+    let key_len_at = 1 + 1 + 4 + 8 + 8;
+    huge[key_len_at..key_len_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(decode_body(&huge).is_err());
+}
+
+fn append_ops() -> impl Strategy<Value = Vec<(u32, usize, usize)>> {
+    prop::collection::vec((0u32..4, 1usize..5, 0usize..40), 1..40)
+}
+
+/// Applies `ops` (partition, batch size, value size) to a fresh log, reopens
+/// it and returns what was appended and what was read back per partition.
+fn append_reopen_read(ops: &[(u32, usize, usize)]) -> (Vec<Vec<Record>>, Vec<Vec<Record>>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = EmbeddedLogConfig {
+        segment_bytes: 600,
+        tail_cache_records: 3,
+        ..EmbeddedLogConfig::with_dir(dir.path())
+    };
+    let mut appended: Vec<Vec<Record>> = vec![Vec::new(); 4];
+    runtime.block_on(async {
+        let log = EmbeddedLog::open(config.clone()).expect("open");
+        log.ensure_topic("p", 4).await.expect("topic");
+        for (index, (partition, count, value_bytes)) in ops.iter().enumerate() {
+            let value = "x".repeat(*value_bytes);
+            let batch: Vec<Record> = (0..*count)
+                .map(|i| record(&format!("{index}"), &value, (index * 10 + i) as i64))
+                .collect();
+            let tp = TopicPartition::new("p", *partition);
+            let first = log.append(&tp, batch.clone()).await.expect("append");
+            assert_eq!(first, appended[*partition as usize].len() as u64);
+            appended[*partition as usize].extend(batch);
+        }
+        log.close();
+    });
+    let reread = runtime.block_on(async {
+        let log = EmbeddedLog::open(config).expect("reopen");
+        let mut reread = Vec::new();
+        for partition in 0..4 {
+            let tp = TopicPartition::new("p", partition);
+            reread.push(values(&read_all(&log, &tp).await));
+        }
+        reread
+    });
+    (appended, reread)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    // Any sequence of appends to any partitions reads back identically after reopen.
+    #[test]
+    fn appends_survive_reopen(ops in append_ops()) {
+        let (appended, reread) = append_reopen_read(&ops);
+        prop_assert_eq!(reread, appended);
+    }
+}
+
+// Throughput: 1,000,000 records of 128 bytes from 8 tasks in batches of 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run with --release -- --ignored --nocapture"]
+async fn bench_append_throughput() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EmbeddedLog::open(EmbeddedLogConfig::with_dir(dir.path())).expect("open");
+    log.ensure_topic("bench", 8).await.expect("topic");
+    let (tasks, batches_per_task, batch_records) = (8u32, 250usize, 500usize);
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for task in 0..tasks {
+        let log = Arc::clone(&log);
+        handles.push(tokio::spawn(async move {
+            let tp = TopicPartition::new("bench", task);
+            for batch in 0..batches_per_task {
+                let records: Vec<Record> = (0..batch_records)
+                    .map(|i| Record {
+                        key: Bytes::from(format!("{task:04}-{batch:06}-{i:04}")),
+                        value: Bytes::from(vec![(i % 251) as u8; 128 - 16]),
+                        timestamp_ms: i as i64,
+                    })
+                    .collect();
+                log.append(&tp, records).await.expect("append");
+            }
+        }));
+    }
+    for handle in handles {
+        handle.await.expect("task");
+    }
+    let elapsed = started.elapsed();
+    let total = u64::from(tasks) * (batches_per_task * batch_records) as u64;
+    println!(
+        "{total} records in {elapsed:?}: {:.0} records/s, {} fsyncs, {} MiB on disk",
+        total as f64 / elapsed.as_secs_f64(),
+        log.sync_count(),
+        log.disk_bytes() >> 20
+    );
+    let tp = TopicPartition::new("bench", 3);
+    let tail = log.read(&tp, 124_999, 10).await.expect("read");
+    assert_eq!(tail.len(), 1);
+    let started = Instant::now();
+    let mut offset = 0;
+    while offset < 125_000 {
+        offset += log.read(&tp, offset, 1000).await.expect("read").len() as u64;
+    }
+    println!(
+        "read 125000 records of one partition from disk in {:?}",
+        started.elapsed()
+    );
+}
