@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use tokio::sync::Semaphore;
 
-use super::{BODY_FIXED_BYTES, LOG_TARGET, MAX_TOPIC_BYTES};
+use super::frame::{BODY_FIXED_BYTES, MAX_TOPIC_BYTES};
+use super::LOG_TARGET;
 use crate::log::LogError;
 
 /// Largest `segment_bytes`.
