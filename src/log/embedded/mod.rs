@@ -78,6 +78,7 @@ use crate::failpoint::{self, Point};
 
 mod config;
 mod frame;
+mod segment;
 
 pub use config::{EmbeddedLogConfig, MAX_SEGMENT_BYTES};
 
@@ -85,6 +86,7 @@ use frame::{
     decode_body, encode_frame, frame_bytes, validate_topic_name, FrameError, FrameReader,
     FrameView, MAX_TOPIC_BYTES,
 };
+use segment::{create_segment, list_segments, segment_path, sync_dir, SegmentInfo, SegmentTable};
 
 /// Target of the tracing events of this log. Every file of this folder
 /// gives its events the target they had while the log was one file, so
@@ -102,8 +104,6 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const TOPICS_FILE: &str = "topics.json";
 /// Name of the file recording each partition's log start after retention.
 const LOG_STARTS_FILE: &str = "log_starts.json";
-/// Extension of segment files.
-const SEGMENT_EXTENSION: &str = "wal";
 
 /// Where one record sits on disk.
 #[derive(Debug, Clone, Copy)]
@@ -232,28 +232,6 @@ impl Registry {
     }
 }
 
-/// What the log knows about one segment file.
-#[derive(Debug)]
-struct SegmentInfo {
-    /// Path, for error messages and deletion.
-    path: PathBuf,
-    /// Shared handle for positioned reads (and the writer's positioned writes).
-    file: Arc<File>,
-    /// Bytes of valid frames; reads never go past it.
-    bytes: u64,
-    /// Highest offset each partition (by id) has in this segment, for retention.
-    max_offsets: HashMap<usize, u64>,
-}
-
-/// The live segments, oldest first.
-#[derive(Debug, Default)]
-struct SegmentTable {
-    /// Segment number to its description.
-    segments: BTreeMap<u64, SegmentInfo>,
-    /// Number of the segment being appended to; never deleted.
-    active: u64,
-}
-
 /// State shared by the handle, the writer thread and readers.
 #[derive(Debug)]
 struct Shared {
@@ -336,15 +314,6 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> LogError {
         path: path.display().to_string(),
         reason: reason.into(),
     }
-}
-
-fn segment_path(dir: &Path, number: u64) -> PathBuf {
-    dir.join(format!("{number:020}.{SEGMENT_EXTENSION}"))
-}
-
-/// Makes file creations, renames and deletions in `dir` durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Replaces `dir/name` with `contents` so that a crash leaves either the old
@@ -734,59 +703,6 @@ fn load_registry(dir: &Path) -> Result<Registry, LogError> {
         registry.add_topic(topic, *partitions, starts.get(topic));
     }
     Ok(registry)
-}
-
-/// Numbers of the segment files in `dir`, ascending and without gaps.
-fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
-    let context = || format!("listing {}", dir.display());
-    let mut numbers = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| io_error(context(), e))? {
-        let path = entry.map_err(|e| io_error(context(), e))?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some(SEGMENT_EXTENSION) {
-            continue;
-        }
-        let number = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.parse::<u64>().ok());
-        match number {
-            Some(number) => numbers.push(number),
-            None => return Err(corrupt(&path, "segment file name is not a number")),
-        }
-    }
-    numbers.sort_unstable();
-    for pair in numbers.windows(2) {
-        if pair[1] != pair[0] + 1 {
-            let missing = segment_path(dir, pair[0] + 1);
-            return Err(corrupt(
-                &missing,
-                "segment file is missing between two others; restore it from a backup",
-            ));
-        }
-    }
-    Ok(numbers)
-}
-
-/// Creates an empty segment file and makes its directory entry durable.
-fn create_segment(dir: &Path, number: u64) -> Result<SegmentInfo, LogError> {
-    let path = segment_path(dir, number);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| io_error(format!("creating {}", path.display()), e))?;
-    if let Err(e) = sync_dir(dir) {
-        // Not in the table yet: remove it, so that the next try can create it.
-        let _ = fs::remove_file(&path);
-        return Err(io_error(format!("syncing {}", dir.display()), e));
-    }
-    Ok(SegmentInfo {
-        path,
-        file: Arc::new(file),
-        bytes: 0,
-        max_offsets: HashMap::new(),
-    })
 }
 
 /// After recovery, marks everything below each log start as released and

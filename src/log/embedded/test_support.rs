@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
+use super::segment::SEGMENT_EXTENSION;
 use super::EmbeddedLog;
-use super::SEGMENT_EXTENSION;
 use crate::log::{Log, Record, StoredRecord, TopicPartition};
 
 /// One record with the given key, value and timestamp.
