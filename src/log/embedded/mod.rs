@@ -59,9 +59,9 @@
 //! prefix keeps each partition's retained offsets contiguous, which both the
 //! in-memory index and recovery rely on.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,20 +71,24 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 use super::{is_out_of_space, Log, LogError, Record, StoredRecord, TopicPartition};
 use crate::failpoint::{self, Point};
 
 mod config;
 mod frame;
+mod index;
 mod segment;
 
 pub use config::{EmbeddedLogConfig, MAX_SEGMENT_BYTES};
 
 use frame::{
-    decode_body, encode_frame, frame_bytes, validate_topic_name, FrameError, FrameReader,
-    FrameView, MAX_TOPIC_BYTES,
+    decode_body, encode_frame, frame_bytes, validate_topic_name, FrameError, FrameReader, FrameView,
+};
+use index::{
+    load_registry, write_atomically, Partition, RecordPosition, Registry, LOG_STARTS_FILE,
+    TOPICS_FILE,
 };
 use segment::{create_segment, list_segments, segment_path, sync_dir, SegmentInfo, SegmentTable};
 
@@ -100,137 +104,9 @@ const MAX_GROUP_BYTES: usize = 64 << 20;
 const RECOVERY_CHUNK_BYTES: usize = 1 << 20;
 /// Size of the window read at once when serving reads from disk.
 const READ_CHUNK_BYTES: usize = 64 << 10;
-/// Name of the file listing the topics.
-const TOPICS_FILE: &str = "topics.json";
-/// Name of the file recording each partition's log start after retention.
-const LOG_STARTS_FILE: &str = "log_starts.json";
-
-/// Where one record sits on disk.
-#[derive(Debug, Clone, Copy)]
-struct RecordPosition {
-    /// Number of the segment file holding the record.
-    segment: u32,
-    /// Byte position of the record's frame in that file. Segments stay below
-    /// 4 GiB: at most `MAX_SEGMENT_BYTES` before a group, whose first append
-    /// is at most `MAX_APPEND_BYTES` and the rest `MAX_GROUP_BYTES`.
-    pos: u32,
-}
 
 /// Largest single append, in frame bytes.
 const MAX_APPEND_BYTES: u64 = 1 << 30;
-
-impl RecordPosition {
-    /// The compact position (8 bytes per retained record in memory), if it fits.
-    fn new(segment: u64, pos: u64) -> Option<Self> {
-        Some(Self {
-            segment: u32::try_from(segment).ok()?,
-            pos: u32::try_from(pos).ok()?,
-        })
-    }
-}
-
-/// Mutable state of one partition; guarded by [`Partition::state`].
-#[derive(Debug)]
-struct PartitionState {
-    /// First retained offset; `positions[0]` belongs to it.
-    log_start: u64,
-    /// Offset the next record will get; everything below is durable.
-    high_watermark: u64,
-    /// Consumers are done with offsets below this; retention may drop them.
-    released: u64,
-    /// Disk position of every retained record, offset `log_start + index`.
-    positions: VecDeque<RecordPosition>,
-    /// The newest records, so readers at the tail are served from memory.
-    tail: VecDeque<StoredRecord>,
-}
-
-/// One topic-partition of the log.
-#[derive(Debug)]
-struct Partition {
-    /// Index into [`Registry::by_id`]; segments refer to partitions by it.
-    id: usize,
-    /// Name of the partition, written into each of its frames.
-    tp: TopicPartition,
-    /// Index, high-water mark and tail cache.
-    state: Mutex<PartitionState>,
-    /// Publishes the high-water mark so `wait_for` can sleep until it moves.
-    hwm: watch::Sender<u64>,
-}
-
-impl Partition {
-    fn new(id: usize, tp: TopicPartition, log_start: u64) -> Self {
-        Self {
-            id,
-            tp,
-            state: Mutex::new(PartitionState {
-                log_start,
-                high_watermark: log_start,
-                released: log_start,
-                positions: VecDeque::new(),
-                tail: VecDeque::new(),
-            }),
-            hwm: watch::Sender::new(log_start),
-        }
-    }
-}
-
-/// A topic's place in the registry.
-#[derive(Debug, Clone, Copy)]
-struct TopicEntry {
-    /// Id of partition 0; partition `p` has id `first_id + p`.
-    first_id: usize,
-    /// Number of partitions of the topic.
-    partitions: u32,
-}
-
-/// Every known topic and partition.
-#[derive(Debug, Default)]
-struct Registry {
-    /// Topic name to its partitions, to resolve names from appends and frames.
-    topics: BTreeMap<String, TopicEntry>,
-    /// All partitions by id, for retention which walks segments by id.
-    by_id: Vec<Arc<Partition>>,
-}
-
-impl Registry {
-    /// Registers a topic; `starts` gives each partition's log start, if known.
-    fn add_topic(&mut self, topic: &str, partitions: u32, starts: Option<&Vec<u64>>) {
-        let first_id = self.by_id.len();
-        for partition in 0..partitions {
-            let log_start = starts
-                .and_then(|starts| starts.get(partition as usize))
-                .copied()
-                .unwrap_or(0);
-            let tp = TopicPartition::new(topic, partition);
-            self.by_id.push(Arc::new(Partition::new(
-                first_id + partition as usize,
-                tp,
-                log_start,
-            )));
-        }
-        let entry = TopicEntry {
-            first_id,
-            partitions,
-        };
-        self.topics.insert(topic.to_owned(), entry);
-    }
-
-    fn lookup(&self, topic: &str, partition: u32) -> Option<&Arc<Partition>> {
-        let entry = self.topics.get(topic)?;
-        if partition >= entry.partitions {
-            return None;
-        }
-        self.by_id.get(entry.first_id + partition as usize)
-    }
-
-    /// Topic name to partition count, as stored in `topics.json`.
-    fn topic_counts(&self) -> BTreeMap<String, u32> {
-        self.topics
-            .iter()
-            .map(|(name, entry)| (name.clone(), entry.partitions))
-            .collect()
-    }
-}
 
 /// State shared by the handle, the writer thread and readers.
 #[derive(Debug)]
@@ -314,40 +190,6 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> LogError {
         path: path.display().to_string(),
         reason: reason.into(),
     }
-}
-
-/// Replaces `dir/name` with `contents` so that a crash leaves either the old
-/// or the new version, never a mix.
-fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> Result<(), LogError> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let context = || format!("writing {}", path.display());
-    let written = File::create(&tmp).and_then(|mut file| {
-        file.write_all(contents)?;
-        file.sync_all()
-    });
-    if let Err(e) = written {
-        // A half-written temporary file would only hold space (a full disk).
-        let _ = fs::remove_file(&tmp);
-        return Err(io_error(context(), e));
-    }
-    fs::rename(&tmp, &path).map_err(|e| io_error(context(), e))?;
-    sync_dir(dir).map_err(|e| io_error(context(), e))
-}
-
-/// Reads and parses a JSON file; a missing file yields the default.
-fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T, LogError> {
-    let text = match fs::read(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(T::default()),
-        Err(e) => return Err(io_error(format!("reading {}", path.display()), e)),
-    };
-    serde_json::from_slice(&text).map_err(|e| {
-        corrupt(
-            path,
-            format!("not valid JSON ({e}); restore it from a backup or fix it by hand"),
-        )
-    })
 }
 
 impl EmbeddedLog {
@@ -685,24 +527,6 @@ fn read_one(
         ));
     }
     Ok(frame.to_stored())
-}
-
-/// Loads `topics.json` and `log_starts.json` into a registry.
-fn load_registry(dir: &Path) -> Result<Registry, LogError> {
-    let topics_path = dir.join(TOPICS_FILE);
-    let topics: BTreeMap<String, u32> = read_json(&topics_path)?;
-    let starts: BTreeMap<String, Vec<u64>> = read_json(&dir.join(LOG_STARTS_FILE))?;
-    let mut registry = Registry::default();
-    for (topic, partitions) in &topics {
-        if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES || *partitions == 0 {
-            return Err(corrupt(
-                &topics_path,
-                format!("topic {topic:?} with {partitions} partitions is not valid"),
-            ));
-        }
-        registry.add_topic(topic, *partitions, starts.get(topic));
-    }
-    Ok(registry)
 }
 
 /// After recovery, marks everything below each log start as released and
