@@ -2,7 +2,7 @@
 //! across topics, reopening, waiting for the high-water mark and the limits
 //! checked before an append is queued. Tests of one concern live beside it.
 
-use super::test_support::{flip_byte, read_all, record, records, segment_files, values};
+use super::test_support::{read_all, record, records, segment_files, values};
 use super::*;
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -132,99 +132,6 @@ async fn reopen_keeps_everything() {
     assert_eq!(log.append(&tp1, records("w", 2)).await.expect("append"), 5);
     log.ensure_topic("a", 2).await.expect("same count is fine");
     assert!(log.ensure_topic("a", 3).await.is_err(), "topic remembered");
-}
-
-/// Appends `count` single-record batches to `t/0` and closes the log.
-async fn write_and_close(config: &EmbeddedLogConfig, count: usize) -> Vec<Record> {
-    let log = EmbeddedLog::open(config.clone()).expect("open");
-    log.ensure_topic("t", 1).await.expect("topic");
-    let all = records("r", count);
-    for record in &all {
-        log.append(&TopicPartition::new("t", 0), vec![record.clone()])
-            .await
-            .expect("append");
-    }
-    log.close();
-    all
-}
-
-/// Reopens after damage and checks the last record is gone and appends go on.
-async fn check_last_record_dropped(config: &EmbeddedLogConfig, all: &[Record]) {
-    let log = EmbeddedLog::open(config.clone()).expect("reopen after a torn tail");
-    let tp = TopicPartition::new("t", 0);
-    let kept = all.len() - 1;
-    assert_eq!(log.high_watermark(&tp).await.expect("hwm"), kept as u64);
-    assert_eq!(values(&read_all(&log, &tp).await), all[..kept].to_vec());
-    let next = log.append(&tp, records("new", 1)).await.expect("append");
-    assert_eq!(next, kept as u64);
-    log.close();
-    let log = EmbeddedLog::open(config.clone()).expect("reopen again");
-    assert_eq!(
-        log.read(&tp, next, 1).await.expect("read")[0].record,
-        records("new", 1)[0]
-    );
-}
-
-// A torn last frame (cut short or with a flipped byte) is dropped on reopen, nothing else.
-#[tokio::test]
-async fn torn_tail_is_truncated() {
-    let last_frame_bytes = frame_bytes("t", &records("r", 10)[9]) as u64;
-    for damage in ["cut", "flip"] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = EmbeddedLogConfig::with_dir(dir.path());
-        let all = write_and_close(&config, 10).await;
-        let last = segment_files(dir.path()).pop().expect("a segment");
-        let len = fs::metadata(&last).expect("metadata").len();
-        match damage {
-            "cut" => {
-                let file = OpenOptions::new().write(true).open(&last).expect("open");
-                file.set_len(len - last_frame_bytes / 2).expect("truncate");
-            }
-            _ => flip_byte(&last, len - 3),
-        }
-        check_last_record_dropped(&config, &all).await;
-    }
-}
-
-// A bad frame in the last segment with valid frames after it is corruption, not a torn tail.
-#[tokio::test]
-async fn damage_before_valid_frames_is_corrupt() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = EmbeddedLogConfig::with_dir(dir.path());
-    write_and_close(&config, 10).await;
-    let last = segment_files(dir.path()).pop().expect("a segment");
-    flip_byte(&last, 20);
-    let error = EmbeddedLog::open(config).expect_err("must refuse to open");
-    assert!(matches!(error, LogError::Corrupt { .. }), "{error}");
-    assert!(
-        error.to_string().contains("followed by a valid frame"),
-        "{error}"
-    );
-}
-
-// Damage in a segment other than the last one refuses to open, naming the file.
-#[tokio::test]
-async fn corruption_in_an_older_segment_is_reported() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = EmbeddedLogConfig {
-        segment_bytes: 300,
-        ..EmbeddedLogConfig::with_dir(dir.path())
-    };
-    write_and_close(&config, 20).await;
-    let files = segment_files(dir.path());
-    assert!(
-        files.len() >= 3,
-        "expected several segments, got {}",
-        files.len()
-    );
-    flip_byte(&files[0], 30);
-    let error = EmbeddedLog::open(config).expect_err("must refuse to open");
-    match &error {
-        LogError::Corrupt { path, .. } => {
-            assert!(path.ends_with("00000000000000000001.wal"), "{error}")
-        }
-        other => panic!("expected Corrupt, got {other}"),
-    }
 }
 
 /// Topic `r`: partition 2 gets 3 records at the start, partitions 0 and 1
@@ -487,17 +394,6 @@ async fn limits_are_enforced() {
     );
     assert!(log.ensure_topic(&"n".repeat(256), 1).await.is_err());
     assert!(log.ensure_topic(&"n".repeat(255), 1).await.is_ok());
-}
-
-// A record of an unknown topic on disk (topics.json lost) refuses to open.
-#[tokio::test]
-async fn records_of_unknown_topics_are_corrupt() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = EmbeddedLogConfig::with_dir(dir.path());
-    write_and_close(&config, 3).await;
-    fs::write(dir.path().join(TOPICS_FILE), b"{}").expect("rewrite topics");
-    let error = EmbeddedLog::open(config).expect_err("must refuse to open");
-    assert!(error.to_string().contains("does not list"), "{error}");
 }
 
 fn append_ops() -> impl Strategy<Value = Vec<(u32, usize, usize)>> {
