@@ -59,7 +59,7 @@
 //! prefix keeps each partition's retained offsets contiguous, which both the
 //! in-memory index and recovery rely on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -80,17 +80,15 @@ mod config;
 mod frame;
 mod index;
 mod recovery;
+mod retention;
 mod segment;
 
 pub use config::{EmbeddedLogConfig, MAX_SEGMENT_BYTES};
 
 use frame::{decode_body, encode_frame, frame_bytes, validate_topic_name, FrameError, FrameReader};
-use index::{
-    load_registry, write_atomically, Partition, RecordPosition, Registry, LOG_STARTS_FILE,
-    TOPICS_FILE,
-};
+use index::{load_registry, write_atomically, Partition, RecordPosition, Registry, TOPICS_FILE};
 use recovery::{finish_partitions, scan_segments};
-use segment::{create_segment, segment_path, sync_dir, SegmentTable};
+use segment::{create_segment, segment_path, SegmentTable};
 
 /// Target of the tracing events of this log. Every file of this folder
 /// gives its events the target they had while the log was one file, so
@@ -515,149 +513,6 @@ fn read_one(
         ));
     }
     Ok(frame.to_stored())
-}
-
-/// A segment chosen for deletion.
-struct DoomedSegment {
-    /// Segment number.
-    number: u64,
-    /// Path of the file to delete.
-    path: PathBuf,
-    /// Highest offset each partition (by id) has in it.
-    max_offsets: HashMap<usize, u64>,
-}
-
-impl Shared {
-    /// Deletes the closed segments at the front whose records are all
-    /// released, recording the new log starts first.
-    fn collect_garbage(&self) -> Result<(), LogError> {
-        let _guard = lock(&self.retention_lock);
-        let doomed = self.deletable_prefix();
-        if doomed.is_empty() {
-            return Ok(());
-        }
-        let new_starts = self.log_starts_after(&doomed);
-        self.write_log_starts(&new_starts)?;
-        self.advance_log_starts(&new_starts);
-        self.drop_segments(&doomed);
-        Ok(())
-    }
-
-    /// The oldest closed segments that hold only released records. Only a
-    /// prefix is taken, so every partition's retained offsets stay contiguous.
-    fn deletable_prefix(&self) -> Vec<DoomedSegment> {
-        let registry = read_lock(&self.registry);
-        let table = lock(&self.segments);
-        let mut doomed = Vec::new();
-        let mut retained = self.retained_bytes.load(Ordering::Relaxed);
-        for (number, info) in &table.segments {
-            if *number == table.active || retained < self.config.history_bytes + info.bytes {
-                // Kept as history while the log stays within its bound.
-                break;
-            }
-            retained -= info.bytes;
-            let all_released = info.max_offsets.iter().all(|(id, max_offset)| {
-                registry
-                    .by_id
-                    .get(*id)
-                    .is_some_and(|p| *max_offset < lock(&p.state).released)
-            });
-            if !all_released {
-                break;
-            }
-            doomed.push(DoomedSegment {
-                number: *number,
-                path: info.path.clone(),
-                max_offsets: info.max_offsets.clone(),
-            });
-        }
-        doomed
-    }
-
-    /// Each affected partition's first offset left after the deletion.
-    fn log_starts_after(&self, doomed: &[DoomedSegment]) -> HashMap<usize, u64> {
-        let mut starts: HashMap<usize, u64> = HashMap::new();
-        for segment in doomed {
-            for (id, max_offset) in &segment.max_offsets {
-                let start = starts.entry(*id).or_insert(0);
-                *start = (*start).max(max_offset + 1);
-            }
-        }
-        starts
-    }
-
-    /// Persists every partition's log start, so that reopening after the
-    /// deletion neither reuses offsets nor mistakes deleted records for lost ones.
-    fn write_log_starts(&self, new_starts: &HashMap<usize, u64>) -> Result<(), LogError> {
-        let starts: BTreeMap<String, Vec<u64>> = {
-            let registry = read_lock(&self.registry);
-            registry
-                .topics
-                .iter()
-                .map(|(topic, entry)| {
-                    let ids = entry.first_id..entry.first_id + entry.partitions as usize;
-                    let starts = registry.by_id[ids]
-                        .iter()
-                        .map(|p| {
-                            let current = lock(&p.state).log_start;
-                            new_starts.get(&p.id).map_or(current, |s| current.max(*s))
-                        })
-                        .collect();
-                    (topic.clone(), starts)
-                })
-                .collect()
-        };
-        let json = serde_json::to_vec_pretty(&starts)
-            .map_err(|e| LogError::Backend(format!("encoding {LOG_STARTS_FILE}: {e}")))?;
-        write_atomically(&self.config.dir, LOG_STARTS_FILE, &json)
-    }
-
-    /// Moves log starts forward and forgets the index entries below them.
-    fn advance_log_starts(&self, new_starts: &HashMap<usize, u64>) {
-        let registry = read_lock(&self.registry);
-        for (id, new_start) in new_starts {
-            let Some(partition) = registry.by_id.get(*id) else {
-                continue;
-            };
-            let mut state = lock(&partition.state);
-            if *new_start <= state.log_start {
-                continue;
-            }
-            let dropped = ((new_start - state.log_start) as usize).min(state.positions.len());
-            state.positions.drain(..dropped);
-            state.log_start = *new_start;
-            while state.tail.front().is_some_and(|r| r.offset < *new_start) {
-                state.tail.pop_front();
-            }
-        }
-    }
-
-    /// Forgets and deletes the segment files.
-    fn drop_segments(&self, doomed: &[DoomedSegment]) {
-        {
-            let mut table = lock(&self.segments);
-            for segment in doomed {
-                if let Some(info) = table.segments.remove(&segment.number) {
-                    self.retained_bytes.fetch_sub(info.bytes, Ordering::Relaxed);
-                }
-            }
-        }
-        for segment in doomed {
-            // A file left behind is harmless: log_starts.json already says its
-            // records are gone, and the next open takes it back in.
-            match fs::remove_file(&segment.path) {
-                Ok(()) => tracing::debug!(path = %segment.path.display(), "deleted log segment"),
-                Err(e) => tracing::warn!(
-                    path = %segment.path.display(),
-                    error = %e,
-                    "could not delete log segment"
-                ),
-            }
-        }
-        if let Err(e) = sync_dir(&self.config.dir) {
-            tracing::warn!(error = %e, "could not sync the log directory after deleting segments");
-        }
-    }
 }
 
 /// An append accepted into the current group, waiting for the fsync.

@@ -6,6 +6,7 @@ use super::test_support::{read_all, record, records, segment_files, values};
 use super::*;
 use bytes::Bytes;
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 // Appends to several topics and partitions read back intact, with dense offsets from 0.
@@ -132,130 +133,6 @@ async fn reopen_keeps_everything() {
     assert_eq!(log.append(&tp1, records("w", 2)).await.expect("append"), 5);
     log.ensure_topic("a", 2).await.expect("same count is fine");
     assert!(log.ensure_topic("a", 3).await.is_err(), "topic remembered");
-}
-
-/// Topic `r`: partition 2 gets 3 records at the start, partitions 0 and 1
-/// get 60 each, interleaved so that every segment holds both.
-async fn fill_for_retention(log: &EmbeddedLog) -> Vec<TopicPartition> {
-    log.ensure_topic("r", 3).await.expect("topic");
-    let tps: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new("r", p)).collect();
-    log.append(&tps[2], records("early", 3))
-        .await
-        .expect("append");
-    for round in 0..30 {
-        for tp in &tps[..2] {
-            log.append(tp, records(&format!("{round}"), 2))
-                .await
-                .expect("append");
-        }
-    }
-    tps
-}
-
-// With a history bound, released segments stay until the log outgrows it, then only the oldest go.
-#[tokio::test]
-async fn history_keeps_released_segments_within_its_bound() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = EmbeddedLogConfig {
-        segment_bytes: 400,
-        history_bytes: 1 << 20,
-        ..EmbeddedLogConfig::with_dir(dir.path())
-    };
-    let log = EmbeddedLog::open(config).expect("open");
-    let tps = fill_for_retention(&log).await;
-    let files_before = segment_files(dir.path()).len();
-    for tp in &tps {
-        let hwm = log.high_watermark(tp).await.expect("hwm");
-        log.release_before(tp, hwm).await.expect("release");
-    }
-    assert_eq!(
-        segment_files(dir.path()).len(),
-        files_before,
-        "all kept as history"
-    );
-    assert_eq!(log.log_start(&tps[0]).await.expect("start"), 0);
-    drop(log);
-
-    let bound = 1_000;
-    let config = EmbeddedLogConfig {
-        segment_bytes: 400,
-        history_bytes: bound,
-        ..EmbeddedLogConfig::with_dir(dir.path())
-    };
-    let log = EmbeddedLog::open(config).expect("reopen");
-    let bytes_before = log.disk_bytes();
-    for tp in &tps {
-        let hwm = log.high_watermark(tp).await.expect("hwm");
-        log.release_before(tp, hwm).await.expect("release");
-    }
-    let kept = log.disk_bytes();
-    assert!(
-        kept < bytes_before && kept >= bound,
-        "{kept} of {bytes_before}"
-    );
-    assert!(log.log_start(&tps[0]).await.expect("start") > 0);
-}
-
-// Released segments are deleted, log starts move and survive reopen; unreleased data stays.
-#[tokio::test]
-async fn retention_deletes_released_segments() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = EmbeddedLogConfig {
-        segment_bytes: 400,
-        ..EmbeddedLogConfig::with_dir(dir.path())
-    };
-    let log = EmbeddedLog::open(config.clone()).expect("open");
-    let tps = fill_for_retention(&log).await;
-    let files_before = segment_files(dir.path()).len();
-    let bytes_before = log.disk_bytes();
-    assert!(
-        files_before >= 5,
-        "expected several segments, got {files_before}"
-    );
-    for tp in [&tps[0], &tps[2]] {
-        let hwm = log.high_watermark(tp).await.expect("hwm");
-        log.release_before(tp, hwm).await.expect("release");
-    }
-    assert_eq!(
-        segment_files(dir.path()).len(),
-        files_before,
-        "partition 1 keeps them alive"
-    );
-    log.release_before(&tps[1], 50).await.expect("release");
-    log.release_before(&tps[1], 10)
-        .await
-        .expect("smaller release is a no-op");
-    let files_after = segment_files(dir.path()).len();
-    assert!(
-        files_after < files_before,
-        "{files_after} files left of {files_before}"
-    );
-    assert!(log.disk_bytes() < bytes_before);
-    let start = log.log_start(&tps[1]).await.expect("start");
-    assert!(start > 0 && start <= 50, "log start {start}");
-    let below = log.read(&tps[1], start - 1, 1).await;
-    assert!(
-        matches!(below, Err(LogError::OffsetOutOfRange { .. })),
-        "{below:?}"
-    );
-    let rest = log.read(&tps[1], start, 100).await.expect("read");
-    assert_eq!(rest.len() as u64, 60 - start);
-    assert_eq!(log.log_start(&tps[2]).await.expect("start"), 3);
-    log.close();
-    drop(log);
-    let log = EmbeddedLog::open(config).expect("reopen");
-    assert_eq!(log.log_start(&tps[1]).await.expect("start"), start);
-    assert_eq!(
-        log.high_watermark(&tps[2]).await.expect("hwm"),
-        3,
-        "no offset reuse"
-    );
-    assert_eq!(
-        log.append(&tps[2], records("late", 1))
-            .await
-            .expect("append"),
-        3
-    );
 }
 
 // wait_for returns when another task appends and gives up after the timeout otherwise.
