@@ -4,7 +4,6 @@
 
 use super::test_support::{read_all, record, records, segment_files, values};
 use super::*;
-use bytes::Bytes;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -53,54 +52,6 @@ async fn round_trip_across_topics_and_partitions() {
         .append(&TopicPartition::new("ledger", 1), Vec::new())
         .await;
     assert_eq!(empty.expect("empty append"), 10);
-}
-
-// Concurrent appends get distinct, consecutive offset ranges and share fsyncs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_appends_are_group_committed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = EmbeddedLog::open(EmbeddedLogConfig::with_dir(dir.path())).expect("open");
-    log.ensure_topic("t", 8).await.expect("topic");
-    let (tasks, appends_per_task, batch) = (32u32, 20u32, 3usize);
-    let mut handles = Vec::new();
-    for task in 0..tasks {
-        let log = Arc::clone(&log);
-        handles.push(tokio::spawn(async move {
-            let tp = TopicPartition::new("t", task % 8);
-            let mut done = Vec::new();
-            for append in 0..appends_per_task {
-                let batch = records(&format!("{task}-{append}"), batch);
-                let first = log.append(&tp, batch.clone()).await.expect("append");
-                done.push((tp.clone(), first, batch));
-            }
-            done
-        }));
-    }
-    let mut by_partition: BTreeMap<TopicPartition, Vec<(u64, Vec<Record>)>> = BTreeMap::new();
-    for handle in handles {
-        for (tp, first, batch) in handle.await.expect("task") {
-            by_partition.entry(tp).or_default().push((first, batch));
-        }
-    }
-    for (tp, mut ranges) in by_partition {
-        ranges.sort_by_key(|(first, _)| *first);
-        let mut next = 0;
-        let mut expected = Vec::new();
-        for (first, batch) in ranges {
-            assert_eq!(
-                first, next,
-                "ranges of {tp} must tile without gaps or overlaps"
-            );
-            next += batch.len() as u64;
-            expected.extend(batch);
-        }
-        assert_eq!(log.high_watermark(&tp).await.expect("hwm"), next);
-        assert_eq!(values(&read_all(&log, &tp).await), expected);
-    }
-    let appends = u64::from(tasks * appends_per_task);
-    let syncs = log.sync_count();
-    println!("{appends} appends took {syncs} fsyncs");
-    assert!(syncs * 4 <= appends, "{syncs} fsyncs for {appends} appends");
 }
 
 // Closing and reopening keeps records, topics and the next offsets.
@@ -327,55 +278,4 @@ proptest! {
         let (appended, reread) = append_reopen_read(&ops);
         prop_assert_eq!(reread, appended);
     }
-}
-
-// Throughput: 1,000,000 records of 128 bytes from 8 tasks in batches of 500.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark; run with --release -- --ignored --nocapture"]
-async fn bench_append_throughput() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = EmbeddedLog::open(EmbeddedLogConfig::with_dir(dir.path())).expect("open");
-    log.ensure_topic("bench", 8).await.expect("topic");
-    let (tasks, batches_per_task, batch_records) = (8u32, 250usize, 500usize);
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for task in 0..tasks {
-        let log = Arc::clone(&log);
-        handles.push(tokio::spawn(async move {
-            let tp = TopicPartition::new("bench", task);
-            for batch in 0..batches_per_task {
-                let records: Vec<Record> = (0..batch_records)
-                    .map(|i| Record {
-                        key: Bytes::from(format!("{task:04}-{batch:06}-{i:04}")),
-                        value: Bytes::from(vec![(i % 251) as u8; 128 - 16]),
-                        timestamp_ms: i as i64,
-                    })
-                    .collect();
-                log.append(&tp, records).await.expect("append");
-            }
-        }));
-    }
-    for handle in handles {
-        handle.await.expect("task");
-    }
-    let elapsed = started.elapsed();
-    let total = u64::from(tasks) * (batches_per_task * batch_records) as u64;
-    println!(
-        "{total} records in {elapsed:?}: {:.0} records/s, {} fsyncs, {} MiB on disk",
-        total as f64 / elapsed.as_secs_f64(),
-        log.sync_count(),
-        log.disk_bytes() >> 20
-    );
-    let tp = TopicPartition::new("bench", 3);
-    let tail = log.read(&tp, 124_999, 10).await.expect("read");
-    assert_eq!(tail.len(), 1);
-    let started = Instant::now();
-    let mut offset = 0;
-    while offset < 125_000 {
-        offset += log.read(&tp, offset, 1000).await.expect("read").len() as u64;
-    }
-    println!(
-        "read 125000 records of one partition from disk in {:?}",
-        started.elapsed()
-    );
 }
