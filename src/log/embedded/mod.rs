@@ -58,10 +58,20 @@
 //! oldest on, as long as every record they hold is released. Deleting only a
 //! prefix keeps each partition's retained offsets contiguous, which both the
 //! in-memory index and recovery rely on.
+//!
+//! # Where the code is
+//!
+//! This file holds the handle, [`EmbeddedLog`], and its [`Log`]
+//! implementation. `config` has the settings, `frame` the format above,
+//! `index` the partitions and the two JSON files, `segment` the segment
+//! files, `recovery` the scan on open, `read` the read path, `writer` group
+//! commit and the full disk, and `retention` the deletion of released
+//! segments. Each file's tests sit beside its code; `tests` tests the log as
+//! a whole.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -76,6 +86,7 @@ use super::{is_out_of_space, Log, LogError, Record, StoredRecord, TopicPartition
 mod config;
 mod frame;
 mod index;
+mod read;
 mod recovery;
 mod retention;
 mod segment;
@@ -83,19 +94,17 @@ mod writer;
 
 pub use config::{EmbeddedLogConfig, MAX_SEGMENT_BYTES};
 
-use frame::{decode_body, frame_bytes, validate_topic_name, FrameError, FrameReader};
-use index::{load_registry, write_atomically, Partition, RecordPosition, Registry, TOPICS_FILE};
+use frame::{frame_bytes, validate_topic_name};
+use index::{load_registry, write_atomically, Partition, Registry, TOPICS_FILE};
 use recovery::{finish_partitions, scan_segments};
 use segment::{create_segment, SegmentTable};
 use writer::AppendRequest;
 
-/// Target of the tracing events of this log. Every file of this folder
-/// gives its events the target they had while the log was one file, so
-/// log filters and the error log see the same names as before.
+/// Target of the tracing events of this log. Log filters select events by
+/// target and the error log records it, so every file of this folder gives
+/// its events this module's target, the one they had while the log was a
+/// single file.
 const LOG_TARGET: &str = module_path!();
-
-/// Size of the window read at once when serving reads from disk.
-const READ_CHUNK_BYTES: usize = 64 << 10;
 
 /// State shared by the handle, the writer thread and readers.
 #[derive(Debug)]
@@ -290,101 +299,6 @@ impl EmbeddedLog {
         answer.await.map_err(|_| LogError::Closed)?
     }
 
-    /// Serves a read from the index, the tail cache and the segment files.
-    fn read_records(
-        &self,
-        tp: &TopicPartition,
-        offset: u64,
-        max_records: usize,
-    ) -> Result<Vec<StoredRecord>, LogError> {
-        let partition = self.partition(tp)?;
-        let (positions, cached) = {
-            let state = lock(&partition.state);
-            if offset < state.log_start {
-                return Err(LogError::OffsetOutOfRange {
-                    tp: tp.clone(),
-                    offset,
-                    log_start: state.log_start,
-                });
-            }
-            if offset >= state.high_watermark || max_records == 0 {
-                return Ok(Vec::new());
-            }
-            let available = state.high_watermark - offset;
-            let end = offset + available.min(max_records as u64);
-            let cache_start = state
-                .tail
-                .front()
-                .map_or(state.high_watermark, |r| r.offset);
-            let disk_end = end.min(cache_start.max(offset));
-            let first_index = (offset - state.log_start) as usize;
-            let disk_count = (disk_end - offset) as usize;
-            let positions: Vec<RecordPosition> = state
-                .positions
-                .range(first_index..first_index + disk_count)
-                .copied()
-                .collect();
-            let cache_from = disk_end.saturating_sub(cache_start) as usize;
-            let cached: Vec<StoredRecord> = state
-                .tail
-                .range(cache_from..)
-                .take((end - disk_end) as usize)
-                .cloned()
-                .collect();
-            (positions, cached)
-        };
-        let mut records = self.read_from_disk(&partition, offset, &positions)?;
-        records.extend(cached);
-        Ok(records)
-    }
-
-    /// Reads the frames at `positions`, which hold offsets from `offset` on.
-    fn read_from_disk(
-        &self,
-        partition: &Partition,
-        offset: u64,
-        positions: &[RecordPosition],
-    ) -> Result<Vec<StoredRecord>, LogError> {
-        let mut records = Vec::with_capacity(positions.len());
-        let mut next = 0;
-        while next < positions.len() {
-            let segment = positions[next].segment;
-            let run = positions[next..]
-                .iter()
-                .take_while(|p| p.segment == segment)
-                .count();
-            let Some((path, file, bytes)) = self.segment_handle(u64::from(segment)) else {
-                // Retention deleted the segment after the index was read.
-                let log_start = lock(&partition.state).log_start;
-                return Err(LogError::OffsetOutOfRange {
-                    tp: partition.tp.clone(),
-                    offset,
-                    log_start,
-                });
-            };
-            let max_body_bytes = self.shared.config.max_body_bytes();
-            let mut reader = FrameReader::new(&file, bytes, max_body_bytes, READ_CHUNK_BYTES);
-            for (index, position) in positions[next..next + run].iter().enumerate() {
-                let expected = offset + (next + index) as u64;
-                records.push(read_one(
-                    &mut reader,
-                    &path,
-                    u64::from(position.pos),
-                    &partition.tp,
-                    expected,
-                )?);
-            }
-            next += run;
-        }
-        Ok(records)
-    }
-
-    fn segment_handle(&self, number: u64) -> Option<(PathBuf, Arc<File>, u64)> {
-        let table = lock(&self.shared.segments);
-        let info = table.segments.get(&number)?;
-        Some((info.path.clone(), Arc::clone(&info.file), info.bytes))
-    }
-
     /// Registers a topic, persisting the topic list first.
     fn ensure_topic_sync(&self, topic: &str, partitions: u32) -> Result<(), LogError> {
         validate_topic_name(topic)?;
@@ -435,36 +349,6 @@ fn check_partition_count(topic: &str, existing: u32, wanted: u32) -> Result<(), 
         "topic {topic} has {existing} partitions, config asks for {wanted}; \
          partition counts cannot change, because keys would move to other partitions"
     )))
-}
-
-/// Reads and checks the frame of one expected record.
-fn read_one(
-    reader: &mut FrameReader<'_>,
-    path: &Path,
-    pos: u64,
-    tp: &TopicPartition,
-    expected_offset: u64,
-) -> Result<StoredRecord, LogError> {
-    let (body, _) = reader.frame_at(pos).map_err(|e| match e {
-        FrameError::Io(source) => {
-            io_error(format!("reading {} at byte {pos}", path.display()), source)
-        }
-        other => corrupt(path, format!("frame at byte {pos}: {other}")),
-    })?;
-    let frame =
-        decode_body(body).map_err(|e| corrupt(path, format!("frame at byte {pos}: {e}")))?;
-    if frame.topic != tp.topic || frame.partition != tp.partition || frame.offset != expected_offset
-    {
-        return Err(corrupt(
-            path,
-            format!(
-                "frame at byte {pos} holds {}/{} offset {}, the index expected {tp} offset \
-                 {expected_offset}",
-                frame.topic, frame.partition, frame.offset
-            ),
-        ));
-    }
-    Ok(frame.to_stored())
 }
 
 impl Drop for EmbeddedLog {

@@ -2,11 +2,15 @@
 //! across topics, reopening, waiting for the high-water mark and the limits
 //! checked before an append is queued. Tests of one concern live beside it.
 
-use super::test_support::{read_all, record, records, segment_files, values};
-use super::*;
-use proptest::prelude::*;
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::test_support::{read_all, record, records, segment_files, values};
+use super::{EmbeddedLog, EmbeddedLogConfig};
+use crate::log::{Log, LogError, Record, TopicPartition};
 
 // Appends to several topics and partitions read back intact, with dense offsets from 0.
 #[tokio::test]
@@ -120,42 +124,6 @@ async fn wait_for_wakes_and_times_out() {
         .expect("wait");
     assert_eq!(timed_out, 2);
     assert!(started.elapsed() >= Duration::from_millis(100));
-}
-
-// Records older than the tail cache come back from disk equal to what was appended.
-#[tokio::test]
-async fn disk_reads_equal_cache_reads() {
-    for cache_records in [0, 2] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = EmbeddedLogConfig {
-            tail_cache_records: cache_records,
-            segment_bytes: 500,
-            ..EmbeddedLogConfig::with_dir(dir.path())
-        };
-        let log = EmbeddedLog::open(config).expect("open");
-        log.ensure_topic("c", 2).await.expect("topic");
-        let tp = TopicPartition::new("c", 0);
-        let mut all = Vec::new();
-        for round in 0..10 {
-            let batch = records(&format!("{round}"), 5);
-            log.append(&tp, batch.clone()).await.expect("append");
-            log.append(&TopicPartition::new("c", 1), records("other", 2))
-                .await
-                .expect("append");
-            all.extend(batch);
-        }
-        let mixed = log.read(&tp, 0, 100).await.expect("read");
-        assert_eq!(values(&mixed), all);
-        for (offset, appended) in all.iter().enumerate() {
-            let one = log.read(&tp, offset as u64, 1).await.expect("read");
-            assert_eq!(one[0].offset, offset as u64);
-            assert_eq!(&one[0].record, appended);
-        }
-        let tail = log.read(&tp, 48, 10).await.expect("read tail");
-        assert_eq!(values(&tail), all[48..].to_vec());
-        let across = log.read(&tp, 45, 4).await.expect("read across");
-        assert_eq!(values(&across), all[45..49].to_vec());
-    }
 }
 
 // Size limits, retention limit and partition count mismatches are refused with clear errors.
