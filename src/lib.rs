@@ -16,31 +16,41 @@
 //! 4. `pipeline::inflight` records the terminal state and the lineage (every
 //!    hop's processor, partition, offset, time in and out); `pipeline::confirmed`
 //!    counts it, adds it to the throughput/latency windows
-//!    (`instrument::windows`) and forwards confirmed payments to
-//!    `payment.confirmed`.
+//!    (`pipeline::windows`) and forwards confirmed payments to
+//!    `payment.confirmed`. The runtime shows each completion to the
+//!    observer `app` wired in (`instrument::live`: the dashboard's last two
+//!    minutes and the latency histogram).
 //!
-//! A record no processor can act on goes to `ops::dlq` (store + `payment.dlq`)
-//! and the task goes on; an operator replays it to its source topic.
+//! A record no processor can act on becomes a `runtime::dead_letter` (store +
+//! `payment.dlq`) and the task goes on; an operator replays it (`ops::dlq`)
+//! to its source topic.
 //!
 //! A settled payment is forgotten after `limits.payment_retention_seconds`
 //! (`runtime::task`, after a checkpoint); a record older than that is
 //! dead-lettered as `expired` rather than risk applying a forgotten copy.
 //!
-//! Modules:
-//! - [`config`]: layered settings (defaults ← file ← `KPAY_*` env ← flags).
-//! - [`model`]: money, ids, events and their byte codec.
+//! Modules, in layers that only import downward (`tests/architecture.rs`
+//! holds the list):
+//! - [`model`]: money, ids, events and their byte codec; [`failpoint`]: crash
+//!   points for drills (`KPAY_CRASH_AT`), in the IO layers only.
+//! - [`config`]: layered settings (defaults ← file ← `KPAY_*` env ← flags),
+//!   their types (tokens, backend) and limits.
 //! - [`log`]: the `Log` trait, the embedded durable log and Kafka (rskafka).
 //! - [`store`]: sled-backed state tables and task checkpoints.
-//! - [`runtime`]: tasks per (processor, partition), ingest, flush, retention, shutdown.
-//! - [`pipeline`]: pillar 1, the processors as pure logic.
-//! - [`instrument`]: pillar 2, business metrics: windows, SLOs, lag, Prometheus.
-//! - [`control`]: pillar 3, commands through the log: pause with drain, rate limit, bootstrap.
+//! - [`pipeline`]: pillar 1, every processor as pure logic (inflight,
+//!   account, confirmed, and the control processor that applies commands).
+//! - [`runtime`]: all IO of the pipeline: tasks per (processor, partition),
+//!   ingest, flush, retention, shutdown; reached through `Runtime`'s methods.
+//! - [`instrument`]: pillar 2, business metrics: live view, SLOs, lag, Prometheus.
+//! - [`control`]: pillar 3, commands through the log: pause with drain,
+//!   rate limit, status, bootstrap, the shutdown signal.
 //! - [`ops`]: pillar 4: dead letters and replay, audit trail and error log
 //!   (journals), `kpay rebuild` (state from the log).
-//! - [`http`]: the axum server: REST API, auth, audit, OpenAPI, Swagger UI, web UI.
 //! - [`generator`]: payments at a set rate for demos and load, through the ingest path.
+//! - [`http`]: the axum server: REST API, auth, audit, OpenAPI, Swagger UI, web UI.
+//! - [`app`]: the composition root: opens the backends, starts the runtime
+//!   and the planes, serves HTTP, owns the order of shutdown.
 //! - [`bench`]: the end-to-end benchmark behind `kpay bench`.
-//! - [`failpoint`]: crash points for drills (`KPAY_CRASH_AT`), in the IO layers only.
 
 #![forbid(unsafe_code)]
 #![warn(clippy::all)]

@@ -10,8 +10,9 @@ use super::frame::{BODY_FIXED_BYTES, MAX_TOPIC_BYTES};
 use super::LOG_TARGET;
 use crate::log::LogError;
 
-/// Largest `segment_bytes`.
-pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
+/// Largest `segment_bytes`: the limit `config` checks `log.segment_bytes`
+/// against, so that the two can never disagree.
+pub use crate::config::MAX_SEGMENT_BYTES;
 
 /// Settings of an [`EmbeddedLog`](super::EmbeddedLog).
 #[derive(Debug, Clone)]
