@@ -24,7 +24,8 @@ async fn kill_9_at_random_moments_loses_nothing_and_moves_money_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_on_kafka_loses_nothing_and_moves_money_once() {
     // The same on the Kafka backend: offsets live in the store, the log on the broker.
-    let Some(broker) = common::kafka_broker("kill_9_on_kafka") else {
+    let test = "kill_9_on_kafka_loses_nothing_and_moves_money_once";
+    let Some(broker) = common::kafka_broker(test) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, get, post, Binary};
+use common::{free_port, get, post, skip_or_fail_in_ci, Binary};
 use kpay::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
 use kpay::log::{Log, LogError, Record, TopicPartition};
 use serde_json::{json, Value};
@@ -99,14 +99,10 @@ fn mount_or_skip(test: &str, mib: u64) -> Option<Tmpfs> {
     match Tmpfs::mount(test, mib) {
         Ok(tmpfs) => Some(tmpfs),
         Err(why) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: CI runs as root and must be able to mount a size-limited tmpfs: {why}"
+            let why = format!(
+                "cannot mount a size-limited tmpfs ({why}); run as root to drill a full disk"
             );
-            eprintln!(
-                "\n*** SKIPPED {test}: cannot mount a size-limited tmpfs ({why}); \
-                 run as root to drill a full disk ***\n"
-            );
+            skip_or_fail_in_ci(test, &why);
             None
         }
     }
@@ -134,7 +130,7 @@ fn segment_bytes(dir: &Path) -> u64 {
 async fn full_device_leaves_no_torn_frame_and_the_log_appends_again_once_freed() {
     // Appends on a full device fail with NoSpace naming the segment, nothing partial stays on disk,
     // the writer keeps working once space is freed, and a reopen reads exactly the acknowledged records.
-    let test = "disk_full_log";
+    let test = "full_device_leaves_no_torn_frame_and_the_log_appends_again_once_freed";
     let Some(tmpfs) = mount_or_skip(test, 4) else {
         return;
     };
@@ -296,7 +292,7 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
     // no other 5xx than 503, processing of accepted payments goes on, /readyz reports it,
     // intake resumes without a restart once the filler is deleted; after a restart every
     // acknowledged payment is terminal once, no refused one exists, balances and the ledger hold.
-    let test = "disk_full_drill";
+    let test = "payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_itself";
     let Some(tmpfs) = mount_or_skip(test, 64) else {
         return;
     };
