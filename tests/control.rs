@@ -208,12 +208,7 @@ async fn bootstrap_opens_accounts_once_even_when_run_twice() {
     let data = dir.path().join("data");
     let csv_arg = csv.to_str().unwrap();
     for run in 0..2 {
-        let mut server = common::Binary::spawn_with_args(
-            &data,
-            common::free_port(),
-            &[],
-            &["--bootstrap", csv_arg],
-        );
+        let mut server = common::Binary::spawn_with_args(&data, &[], &["--bootstrap", csv_arg]);
         server.wait_ready().await;
         common::wait_until(Duration::from_secs(10), || async {
             let (_, lag) = get(&c, &format!("{}/api/v1/metrics/lag", server.base)).await;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::traffic::{self, drive, Ledger};
-use common::{free_port, get, kpay_command, Binary};
+use common::{get, kpay_command, Binary};
 use rand::Rng;
 use serde_json::json;
 
@@ -40,8 +40,7 @@ async fn crash_run(dir: tempfile::TempDir, backend: Vec<(String, String)>, kills
         ("KPAY_PIPELINE__FLUSH_INTERVAL_MS", "100"),
     ];
     env.extend(backend.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    let mut server = Binary::spawn(dir.path(), free_port(), &env);
-    server.wait_ready().await;
+    let mut server = Binary::start(dir.path(), &env).await;
     traffic::open_accounts(&client, &server.base).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     for round in 0..kills {
@@ -57,8 +56,7 @@ async fn crash_run(dir: tempfile::TempDir, backend: Vec<(String, String)>, kills
         server.kill9();
         stop.cancel();
         driver.await.unwrap();
-        server = Binary::spawn(dir.path(), free_port(), &env);
-        server.wait_ready().await;
+        server = Binary::start(dir.path(), &env).await;
     }
     let ledger = Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap();
     assert!(
@@ -93,8 +91,7 @@ async fn sigterm_drains_inflight_payments_and_exits_zero() {
     // SIGTERM under load stops intake, finishes every admitted payment, checkpoints and exits 0; nothing acknowledged is lost.
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let mut server = Binary::spawn(dir.path(), free_port(), &[]);
-    server.wait_ready().await;
+    let mut server = Binary::start(dir.path(), &[]).await;
     traffic::open_accounts(&client, &server.base).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = tokio_util::sync::CancellationToken::new();
@@ -126,8 +123,7 @@ async fn sigterm_drains_inflight_payments_and_exits_zero() {
         "too little traffic: {}",
         ledger.acknowledged.len()
     );
-    let server = Binary::spawn(dir.path(), free_port(), &[]);
-    server.wait_ready().await;
+    let server = Binary::start(dir.path(), &[]).await;
     for id in ledger.acknowledged.keys() {
         common::terminal(&client, &server.base, id).await;
     }
@@ -139,9 +135,8 @@ async fn sigterm_drains_inflight_payments_and_exits_zero() {
 async fn a_second_server_on_the_same_data_refuses_to_start() {
     // Two processes on one data directory would corrupt it; the second exits with an error instead.
     let dir = tempfile::tempdir().unwrap();
-    let first = Binary::spawn(dir.path(), free_port(), &[]);
-    first.wait_ready().await;
-    let mut second = Binary::spawn(dir.path(), free_port(), &[]);
+    let first = Binary::start(dir.path(), &[]).await;
+    let mut second = Binary::spawn(dir.path(), &[]);
     let exit = tokio::task::spawn_blocking(move || second.child.wait().unwrap())
         .await
         .unwrap();

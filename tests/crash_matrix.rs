@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::traffic::{self, drive, Ledger};
-use common::{free_port, get, post, wait_until, Binary};
+use common::{get, post, wait_until, Binary};
 use rand::Rng;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -73,7 +73,7 @@ async fn run(case: &Case, broker: Option<&str>) {
     // Accounts (and a dead letter to replay) first, then a clean stop, so
     // that the passes count from the traffic on.
     let setup_log = dir.path().join("setup.log");
-    let mut setup = Binary::spawn_logged(dir.path(), free_port(), &env, &setup_log);
+    let mut setup = Binary::spawn_logged(dir.path(), &env, &setup_log);
     ready(&mut setup, &setup_log, "setup").await;
     traffic::open_accounts(&client, &setup.base).await;
     let letter = match case.replay {
@@ -101,7 +101,7 @@ async fn run(case: &Case, broker: Option<&str>) {
         let mut armed_env = env.clone();
         armed_env.push(("KPAY_CRASH_AT", &spec));
         let output = dir.path().join(format!("crash-{round}.log"));
-        let mut server = Binary::spawn_logged(dir.path(), free_port(), &armed_env, &output);
+        let mut server = Binary::spawn_logged(dir.path(), &armed_env, &output);
         let line = format!("kpay: crash drill: aborting at {} (pass {nth})", case.point);
         if let Some(exit) = ready_or_exited(&mut server, &output, &spec).await {
             // After a first crash, recovery itself passes the point (a big
@@ -170,7 +170,7 @@ async fn run(case: &Case, broker: Option<&str>) {
 
     // Restarted without the point: recovery, then more traffic.
     let restart_log = dir.path().join("restart.log");
-    let mut server = Binary::spawn_logged(dir.path(), free_port(), &env, &restart_log);
+    let mut server = Binary::spawn_logged(dir.path(), &env, &restart_log);
     ready(&mut server, &restart_log, "restart").await;
     recovered(case, &restart_log);
     let stop = CancellationToken::new();

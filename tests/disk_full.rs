@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, get, post, skip_or_fail_in_ci, Binary};
+use common::{get, post, skip_or_fail_in_ci, Binary};
 use kpay::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
 use kpay::log::{Log, LogError, Record, TopicPartition};
 use serde_json::{json, Value};
@@ -309,8 +309,7 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let mut server = Binary::spawn(&data, free_port(), &env);
-    server.wait_ready().await;
+    let mut server = Binary::start(&data, &env).await;
     for n in 0..ACCOUNTS {
         common::open_account(&client, &server.base, &account(n), OPENING_CENTS).await;
     }
@@ -416,8 +415,7 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
     let (server, exit) = exit.await.unwrap();
     drop(server);
     assert!(exit.success(), "SIGTERM exit: {exit:?}");
-    let server = Binary::spawn(&data, free_port(), &env);
-    server.wait_ready().await;
+    let server = Binary::start(&data, &env).await;
     let book = Arc::try_unwrap(book).ok().unwrap().into_inner().unwrap();
     assert!(
         book.statuses.keys().all(|s| matches!(s, 202 | 503 | 507)),

@@ -23,6 +23,8 @@ use tokio::task::JoinHandle;
 #[test]
 fn an_unreachable_broker_is_a_clear_error_within_seconds() {
     // No broker needed: nothing listens on this port.
+    // kpay listens on a port the system picks (`kpay_command`), not on the
+    // default one, which a kpay the user runs may hold.
     let dir = tempfile::tempdir().unwrap();
     let address = format!("127.0.0.1:{}", free_port());
     let started = Instant::now();

@@ -433,9 +433,7 @@ async fn the_dlq_is_bounded_and_overflow_is_counted() {
 async fn warnings_reach_the_error_log_with_their_context() {
     // The real binary, whose `main` installs the error-log layer.
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let server = Binary::spawn(dir.path(), port, &[]);
-    server.wait_ready().await;
+    let server = Binary::start(dir.path(), &[]).await;
     let (c, base) = (reqwest::Client::new(), server.base.clone());
     let landed = inject(
         &c,

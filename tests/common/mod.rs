@@ -175,7 +175,9 @@ pub async fn terminal(client: &reqwest::Client, base: &str, id: &str) -> Value {
 
 /// The `kpay` binary as a command, without the test suite's own `KPAY_TEST_*`
 /// variables (kpay refuses unknown `KPAY_*` settings) and without a crash
-/// drill unless a test arms one.
+/// drill unless a test arms one. It listens on a port the system picks
+/// (`--listen` overrides it): never on the default one, which a kpay the user
+/// runs may hold.
 pub fn kpay_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kpay"));
     command.env_remove("KPAY_CRASH_AT");
@@ -184,53 +186,49 @@ pub fn kpay_command() -> Command {
             command.env_remove(key);
         }
     }
+    command.env("KPAY_SERVER__LISTEN", "127.0.0.1:0");
     command
 }
 
-/// The real `kpay` binary, started on a fixed port over a data directory.
+/// The real `kpay` binary, started on a free port over a data directory.
 pub struct Binary {
     pub child: Child,
     pub base: String,
 }
 
 impl Binary {
-    pub fn spawn(dir: &Path, port: u16, extra_env: &[(&str, &str)]) -> Self {
-        Self::spawn_with_args(dir, port, extra_env, &[])
+    /// Spawns it and waits until it is ready.
+    pub async fn start(dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        let server = Self::spawn(dir, extra_env);
+        server.wait_ready().await;
+        server
+    }
+
+    pub fn spawn(dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_args(dir, extra_env, &[])
     }
 
     /// Like `spawn`, with `serve` and its arguments.
-    pub fn spawn_with_args(
-        dir: &Path,
-        port: u16,
-        extra_env: &[(&str, &str)],
-        serve_args: &[&str],
-    ) -> Self {
-        Self::spawn_to(
-            dir,
-            port,
-            extra_env,
-            serve_args,
-            Stdio::null(),
-            Stdio::inherit(),
-        )
+    pub fn spawn_with_args(dir: &Path, extra_env: &[(&str, &str)], serve_args: &[&str]) -> Self {
+        Self::spawn_to(dir, extra_env, serve_args, Stdio::null(), Stdio::inherit())
     }
 
     /// Like `spawn`, with stdout (its log, WARN and up) and stderr written
     /// to the file `output` (created).
-    pub fn spawn_logged(dir: &Path, port: u16, extra_env: &[(&str, &str)], output: &Path) -> Self {
+    pub fn spawn_logged(dir: &Path, extra_env: &[(&str, &str)], output: &Path) -> Self {
         let file = std::fs::File::create(output).expect("create the output file");
         let stdout = Stdio::from(file.try_clone().expect("clone the output file"));
-        Self::spawn_to(dir, port, extra_env, &[], stdout, Stdio::from(file))
+        Self::spawn_to(dir, extra_env, &[], stdout, Stdio::from(file))
     }
 
     fn spawn_to(
         dir: &Path,
-        port: u16,
         extra_env: &[(&str, &str)],
         serve_args: &[&str],
         stdout: Stdio,
         stderr: Stdio,
     ) -> Self {
+        let port = free_port();
         let mut command = kpay_command();
         if !serve_args.is_empty() {
             command.arg("serve").args(serve_args);
