@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::traffic::{self, drive, Ledger};
-use common::{get, kpay_command, Binary};
+use common::{get, kpay_command, Binary, TestServer};
 use rand::Rng;
 use serde_json::json;
 
@@ -171,12 +171,11 @@ fn bad_config_stops_the_start_with_the_key_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_lost_under_a_kept_state_is_refused_with_what_to_do() {
     // New records would reuse offsets the state has read and be skipped: refuse, say why and what to do.
-    let dir = tempfile::tempdir().unwrap();
-    let config = common::test_config(dir.path());
-    let server = common::TestServer::start(config.clone()).await;
-    let client = reqwest::Client::new();
-    common::open_account(&client, &server.base, "a", 1_000).await;
-    common::open_account(&client, &server.base, "b", 0).await;
+    let (server, client) = TestServer::builder()
+        .accounts(&[("a", 1_000), ("b", 0)])
+        .start()
+        .await;
+    let (dir, config) = (server.dir(), server.config().clone());
     let body = json!({"id": "p-1", "from": "a", "to": "b", "amount": 5});
     let (status, _) = common::post(&client, &server.url("/api/v1/payments"), body).await;
     assert_eq!(status, 202);
@@ -215,12 +214,11 @@ fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
 async fn a_torn_tail_is_cut_back_and_damage_before_the_end_is_refused() {
     // A crash mid-write leaves a partial frame (never acknowledged): cut back, every payment
     // still there once. Damage with valid records after it: refuse, saying what to do.
-    let dir = tempfile::tempdir().unwrap();
-    let config = common::test_config(dir.path());
-    let server = common::TestServer::start(config.clone()).await;
-    let client = reqwest::Client::new();
-    common::open_account(&client, &server.base, "a", 100_000).await;
-    common::open_account(&client, &server.base, "b", 0).await;
+    let (server, client) = TestServer::builder()
+        .accounts(&[("a", 100_000), ("b", 0)])
+        .start()
+        .await;
+    let (dir, config) = (server.dir(), server.config().clone());
     for n in 0..50 {
         let body = json!({"id": format!("t-{n}"), "from": "a", "to": "b", "amount": 10});
         let (status, _) = common::post(&client, &server.url("/api/v1/payments"), body).await;
@@ -237,7 +235,7 @@ async fn a_torn_tail_is_cut_back_and_damage_before_the_end_is_refused() {
     let mut torn = intact.clone();
     torn.extend_from_slice(&intact[..intact.len().min(37)]);
     std::fs::write(&segment, &torn).unwrap();
-    let server = common::TestServer::start(config.clone()).await;
+    let server = TestServer::start(config.clone()).await;
     for n in 0..50 {
         let payment = common::terminal(&client, &server.base, &format!("t-{n}")).await;
         assert_eq!(payment["status"], "confirmed");
@@ -295,14 +293,15 @@ fn newest_file(dir: &std::path::Path) -> std::path::PathBuf {
 async fn a_deleted_state_file_is_rebuilt_from_the_log_or_refused() {
     // The newest state file deleted: the state restarts from the log, every
     // payment once. Deleted after retention removed log history: refused.
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = common::test_config(dir.path());
-    config.log.partitions = 1;
-    config.log.history_bytes = 0;
-    let server = common::TestServer::start(config.clone()).await;
-    let client = reqwest::Client::new();
-    common::open_account(&client, &server.base, "a", 1_000_000).await;
-    common::open_account(&client, &server.base, "b", 0).await;
+    let (server, client) = TestServer::builder()
+        .config(|c| {
+            c.log.partitions = 1;
+            c.log.history_bytes = 0;
+        })
+        .accounts(&[("a", 1_000_000), ("b", 0)])
+        .start()
+        .await;
+    let (dir, config) = (server.dir(), server.config().clone());
     for n in 0..40 {
         let to = if n % 10 == 9 { "nobody" } else { "b" };
         let body = json!({"id": format!("s-{n}"), "from": "a", "to": to, "amount": 10});
@@ -317,7 +316,7 @@ async fn a_deleted_state_file_is_rebuilt_from_the_log_or_refused() {
     std::fs::remove_file(&deleted).unwrap();
     eprintln!("deleted the newest state file: {}", deleted.display());
 
-    let server = common::TestServer::start(config.clone()).await;
+    let server = TestServer::start(config.clone()).await;
     for n in 0..40 {
         let payment = common::terminal(&client, &server.base, &format!("s-{n}")).await;
         let expected = if n % 10 == 9 { "reversed" } else { "confirmed" };

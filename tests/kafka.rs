@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{free_port, get, kafka_broker, kafka_config, kpay_command, post, wait_until};
-use common::{open_account, skip_or_fail_in_ci, terminal, TestServer};
+use common::{skip_or_fail_in_ci, terminal, TestServer};
 use kpay::runtime::{open_backends, Runtime};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,8 +54,8 @@ async fn an_existing_topic_with_other_partitions_is_refused() {
     let Some(broker) = kafka_broker("an_existing_topic_with_other_partitions_is_refused") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(kafka_config(dir.path(), &broker)).await;
+    let (server, _) = TestServer::builder().kafka(&broker).start().await;
+    let dir = server.dir();
     server.stop().await;
     let mut config = kafka_config(dir.path(), &broker);
     config.log.partitions = 8;
@@ -179,13 +179,13 @@ async fn a_lost_broker_turns_readiness_off_and_intake_to_503_and_processing_resu
         TcpStream::connect(("127.0.0.1", broker_port)).await.is_ok()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = kafka_config(dir.path(), &format!("127.0.0.1:{proxy_port}"));
-    config.log.kafka.request_timeout_ms = 1_500;
-    let server = TestServer::start(config).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
-    open_account(&c, &base, "alice", 1_000_000).await;
-    open_account(&c, &base, "bob", 0).await;
+    let (server, c) = TestServer::builder()
+        .kafka(&format!("127.0.0.1:{proxy_port}"))
+        .config(|c| c.log.kafka.request_timeout_ms = 1_500)
+        .accounts(&[("alice", 1_000_000), ("bob", 0)])
+        .start()
+        .await;
+    let base = server.base.clone();
     let pay = |id: String| {
         let c = c.clone();
         let url = format!("{base}/api/v1/payments");
@@ -279,13 +279,12 @@ async fn an_ordinary_kafka_client_submits_reads_and_dead_letters() {
     let Some(broker) = kafka_broker(test) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &broker);
-    let topics = config.topics.clone();
-    let server = TestServer::start(config).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
-    open_account(&c, &base, "alice", 10_000).await;
-    open_account(&c, &base, "bob", 0).await;
+    let (server, c) = TestServer::builder()
+        .kafka(&broker)
+        .accounts(&[("alice", 10_000), ("bob", 0)])
+        .start()
+        .await;
+    let (base, topics) = (server.base.clone(), server.config().topics.clone());
     // kafka-python's default partitioner (murmur2) places keys differently
     // from kpay; misplaced payments move to their partition.
     let produce = format!(

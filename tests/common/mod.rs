@@ -46,9 +46,20 @@ pub struct TestServer {
     pub state: State,
     stop: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
+    config: Config,
+    /// The temporary data directory of a server from [`TestServer::builder`],
+    /// kept at least as long as the server runs.
+    dir: Option<Arc<tempfile::TempDir>>,
 }
 
 impl TestServer {
+    /// A server over a fresh temporary directory, on [`test_config`] with
+    /// the changes and accounts asked for: see [`ServerBuilder`].
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// A server on `config` (for a restart over a directory a test holds).
     pub async fn start(config: Config) -> Self {
         // A server stopped a moment ago may still be dropping its last
         // handles on the store (its lock): try again for a little while.
@@ -65,7 +76,9 @@ impl TestServer {
                 Err(error) => panic!("open backends: {error}"),
             }
         };
-        let runtime = Runtime::start(config, log, store).await.expect("start");
+        let runtime = Runtime::start(config.clone(), log, store)
+            .await
+            .expect("start");
         let state = AppState::new(runtime);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -84,6 +97,8 @@ impl TestServer {
             state,
             stop,
             handle,
+            config,
+            dir: None,
         };
         server.wait_ready().await;
         server
@@ -106,12 +121,88 @@ impl TestServer {
         self.state.runtime.shutdown().await.unwrap();
     }
 
+    /// Stops it, as [`TestServer::stop`] does, and starts it again on the
+    /// same configuration and data.
+    pub async fn restart(self) -> Self {
+        let (config, dir) = (self.config.clone(), self.dir.clone());
+        self.stop().await;
+        let mut server = Self::start(config).await;
+        server.dir = dir;
+        server
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
     pub fn runtime(&self) -> &Runtime {
         &self.state.runtime
+    }
+
+    /// The configuration it started with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The temporary data directory of a server from
+    /// [`TestServer::builder`]; holding it keeps the directory after the
+    /// server stops, for a restart or a look inside.
+    pub fn dir(&self) -> Arc<tempfile::TempDir> {
+        self.dir.clone().expect("a server from TestServer::builder")
+    }
+}
+
+/// How a test's server starts: [`TestServer::builder`], then
+/// `.config(|c| ...)`, `.accounts(&[("alice", 10_000), ("bob", 0)])`,
+/// `.start().await`.
+#[derive(Default)]
+pub struct ServerBuilder {
+    kafka: Option<String>,
+    tweaks: Vec<Tweak>,
+    accounts: Vec<(String, i64)>,
+}
+
+/// A change to a test's configuration.
+type Tweak = Box<dyn FnOnce(&mut Config)>;
+
+impl ServerBuilder {
+    /// On this Kafka broker, with topics of its own ([`kafka_config`]),
+    /// instead of [`test_config`]'s backend.
+    pub fn kafka(mut self, broker: &str) -> Self {
+        self.kafka = Some(broker.to_owned());
+        self
+    }
+
+    /// Changes the configuration (applied in order, after the backend's).
+    pub fn config(mut self, tweak: impl FnOnce(&mut Config) + 'static) -> Self {
+        self.tweaks.push(Box::new(tweak));
+        self
+    }
+
+    /// Accounts opened over HTTP once the server is ready: (id, cents).
+    pub fn accounts(mut self, accounts: &[(&str, i64)]) -> Self {
+        let owned = accounts.iter().map(|&(id, cents)| (id.to_owned(), cents));
+        self.accounts.extend(owned);
+        self
+    }
+
+    /// Starts the server and opens the accounts; with a client for it.
+    pub async fn start(self) -> (TestServer, reqwest::Client) {
+        let dir = Arc::new(tempfile::tempdir().expect("a temporary data directory"));
+        let mut config = match &self.kafka {
+            Some(broker) => kafka_config(dir.path(), broker),
+            None => test_config(dir.path()),
+        };
+        for tweak in self.tweaks {
+            tweak(&mut config);
+        }
+        let mut server = TestServer::start(config).await;
+        server.dir = Some(dir);
+        let client = reqwest::Client::new();
+        for (id, cents) in &self.accounts {
+            open_account(&client, &server.base, id, *cents).await;
+        }
+        (server, client)
     }
 }
 
