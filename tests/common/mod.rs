@@ -357,6 +357,14 @@ impl Binary {
         self.child.wait().expect("reap");
     }
 
+    /// SIGTERM, waited for on a blocking thread (tasks sending traffic go on
+    /// meanwhile); how it exited.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        tokio::task::spawn_blocking(move || self.terminate())
+            .await
+            .unwrap()
+    }
+
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill")

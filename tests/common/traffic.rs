@@ -36,14 +36,30 @@ pub async fn open_accounts(client: &reqwest::Client, base: &str) {
     }
 }
 
-/// Sends payments from four workers until `stop` fires; ids start with
-/// `r{round}-`.
-pub async fn drive(
-    base: String,
-    ledger: Arc<Mutex<Ledger>>,
-    round: usize,
+/// Payments sent from four workers in the background (ids starting with
+/// `r{round}-`) until stopped.
+pub struct Driver {
     stop: CancellationToken,
-) {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Driver {
+    /// Starts sending payments to the server at `base`, booking the answers
+    /// in `ledger`.
+    pub fn start(base: &str, ledger: &Arc<Mutex<Ledger>>, round: usize) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(drive(base.to_owned(), ledger.clone(), round, stop.clone()));
+        Self { stop, task }
+    }
+
+    /// Stops sending and waits for the requests under way.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+async fn drive(base: String, ledger: Arc<Mutex<Ledger>>, round: usize, stop: CancellationToken) {
     let mut tasks = Vec::new();
     for worker in 0..4 {
         let (base, ledger, stop) = (base.clone(), ledger.clone(), stop.clone());
@@ -120,6 +136,13 @@ impl Outcome {
             .values()
             .filter(|v| v.as_str() == status)
             .count() as u64
+    }
+
+    /// Whether payments were confirmed, rejected and reversed.
+    pub fn every_path_taken(&self) -> bool {
+        ["confirmed", "rejected", "reversed"]
+            .iter()
+            .all(|status| self.count(status) > 0)
     }
 }
 
