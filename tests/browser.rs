@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, get, post, test_config, wait_until, TestServer};
+use common::{free_port, get, post, skip_or_fail_in_ci, wait_until, TestServer};
 use fantoccini::{Client, ClientBuilder, Locator};
 use kpay::model::{codec, now_ms, Envelope, Event, SourceTopic};
 use serde_json::{json, Value};
@@ -160,20 +160,16 @@ fn chromium_present() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_in_a_real_browser() {
     if !chromium_present() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER})"
+        let why = format!(
+            "{CHROMIUM} or {CHROMEDRIVER} not found (apt-get install chromium chromium-driver)"
         );
-        eprintln!(
-            "SKIPPED dashboard_in_a_real_browser: {CHROMIUM} or {CHROMEDRIVER} not found \
-             (apt-get install chromium chromium-driver)"
-        );
+        skip_or_fail_in_ci("dashboard_in_a_real_browser", &why);
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.demo.accounts = 10;
-    let server = TestServer::start(config).await;
+    let (server, _) = TestServer::builder()
+        .config(|c| c.demo.accounts = 10)
+        .start()
+        .await;
     let driver = Driver::start().await;
     let client = browser(&driver).await;
     let result = steps(&client, &server).await;

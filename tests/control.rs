@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{get, kpay_command, open_account, post, terminal, test_config, TestServer};
+use common::{get, kpay_command, post, terminal, TestServer};
 use serde_json::{json, Value};
 
 async fn status_of(c: &reqwest::Client, server: &TestServer) -> Value {
@@ -20,11 +20,10 @@ async fn payment_status(c: &reqwest::Client, server: &TestServer, id: &str) -> S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_drains_then_resume_admits_each_waiting_payment_once() {
     // Pause under load drains admitted payments and holds new ones as accepted; resume admits every one of them exactly once.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
-    open_account(&c, &server.base, "a", 1_000_000).await;
-    open_account(&c, &server.base, "b", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 1_000_000), ("b", 0)])
+        .start()
+        .await;
     let (_, running) = get(&c, &server.url("/api/v1/control/status")).await;
     assert_eq!(running["state"], "running");
     let batch: Vec<Value> = (0..300)
@@ -92,11 +91,10 @@ async fn pause_drains_then_resume_admits_each_waiting_payment_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_system_comes_back_paused() {
     // The control state is checkpointed from the command log: after a restart the system is still paused until resumed.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
-    open_account(&c, &server.base, "a", 1_000).await;
-    open_account(&c, &server.base, "b", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 1_000), ("b", 0)])
+        .start()
+        .await;
     let client = c.clone();
     let response = client
         .post(server.url("/api/v1/control/pause"))
@@ -104,9 +102,7 @@ async fn a_paused_system_comes_back_paused() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200, "pause without a body");
-    server.stop().await;
-
-    let server = TestServer::start(test_config(dir.path())).await;
+    let server = server.restart().await;
     assert_eq!(status_of(&c, &server).await["state"], "paused");
     let body = json!({"id": "late", "from": "a", "to": "b", "amount": 7});
     assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
@@ -135,11 +131,10 @@ async fn a_paused_system_comes_back_paused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_holds_admissions_within_ten_percent() {
     // At two limits (200/s and 500/s) with a backlog, payments are admitted at the limit ± 10% (measured from their admission hops).
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
-    open_account(&c, &server.base, "a", 1_000_000).await;
-    open_account(&c, &server.base, "b", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 1_000_000), ("b", 0)])
+        .start()
+        .await;
     for limit in [200u64, 500] {
         let response = c
             .put(server.url("/api/v1/control/rate-limit"))
@@ -208,12 +203,7 @@ async fn bootstrap_opens_accounts_once_even_when_run_twice() {
     let data = dir.path().join("data");
     let csv_arg = csv.to_str().unwrap();
     for run in 0..2 {
-        let mut server = common::Binary::spawn_with_args(
-            &data,
-            common::free_port(),
-            &[],
-            &["--bootstrap", csv_arg],
-        );
+        let mut server = common::Binary::spawn_with_args(&data, &[], &["--bootstrap", csv_arg]);
         server.wait_ready().await;
         common::wait_until(Duration::from_secs(10), || async {
             let (_, lag) = get(&c, &format!("{}/api/v1/metrics/lag", server.base)).await;
@@ -246,14 +236,15 @@ async fn bootstrap_opens_accounts_once_even_when_run_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_roles_guard_every_change() {
     // With tokens configured: no or unknown token → 401, a token without the role → 403, the right role acts; reads stay open.
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.tokens = kpay::config::Tokens::parse(
-        "operator-secret:operator,teller-secret:teller,viewer-secret:viewer",
-    )
-    .unwrap();
-    let server = TestServer::start(config).await;
-    let c = reqwest::Client::new();
+    let (server, c) = TestServer::builder()
+        .config(|c| {
+            c.tokens = kpay::config::Tokens::parse(
+                "operator-secret:operator,teller-secret:teller,viewer-secret:viewer",
+            )
+            .unwrap()
+        })
+        .start()
+        .await;
     let call = |method: reqwest::Method, path: &str, token: Option<&str>, body: Value| {
         let mut request = c.request(method, server.url(path)).json(&body);
         if let Some(token) = token {
@@ -457,11 +448,10 @@ fn protected_mode_refuses_a_public_address_without_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_reports_draining_until_admitted_payments_finish() {
     // While admitted payments are still moving, a pause shows `draining`; once they finish it shows `paused`, and money is conserved.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
-    open_account(&c, &server.base, "a", 1_000).await;
-    open_account(&c, &server.base, "b", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 1_000), ("b", 0)])
+        .start()
+        .await;
     let shared = server.runtime().clone();
     shared.hold_input("account", kpay::model::SourceTopic::Inflight, true);
     for n in 0..10 {

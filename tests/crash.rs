@@ -7,8 +7,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::traffic::{self, drive, Ledger};
-use common::{free_port, get, kpay_command, Binary};
+use common::traffic::{self, Driver, Ledger};
+use common::{get, kpay_command, Binary, TestServer};
 use rand::Rng;
 use serde_json::json;
 
@@ -24,7 +24,8 @@ async fn kill_9_at_random_moments_loses_nothing_and_moves_money_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_on_kafka_loses_nothing_and_moves_money_once() {
     // The same on the Kafka backend: offsets live in the store, the log on the broker.
-    let Some(broker) = common::kafka_broker("kill_9_on_kafka") else {
+    let test = "kill_9_on_kafka_loses_nothing_and_moves_money_once";
+    let Some(broker) = common::kafka_broker(test) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -39,25 +40,16 @@ async fn crash_run(dir: tempfile::TempDir, backend: Vec<(String, String)>, kills
         ("KPAY_PIPELINE__FLUSH_INTERVAL_MS", "100"),
     ];
     env.extend(backend.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    let mut server = Binary::spawn(dir.path(), free_port(), &env);
-    server.wait_ready().await;
+    let mut server = Binary::start(dir.path(), &env).await;
     traffic::open_accounts(&client, &server.base).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     for round in 0..kills {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let driver = tokio::spawn(drive(
-            server.base.clone(),
-            ledger.clone(),
-            round,
-            stop.clone(),
-        ));
+        let driver = Driver::start(&server.base, &ledger, round);
         let wait_ms = rand::thread_rng().gen_range(300..1_500);
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         server.kill9();
-        stop.cancel();
-        driver.await.unwrap();
-        server = Binary::spawn(dir.path(), free_port(), &env);
-        server.wait_ready().await;
+        driver.stop().await;
+        server = Binary::start(dir.path(), &env).await;
     }
     let ledger = Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap();
     assert!(
@@ -66,12 +58,7 @@ async fn crash_run(dir: tempfile::TempDir, backend: Vec<(String, String)>, kills
         ledger.acknowledged.len()
     );
     let outcome = traffic::check(&client, &server.base, &ledger).await;
-    assert!(
-        outcome.count("confirmed") > 0
-            && outcome.count("rejected") > 0
-            && outcome.count("reversed") > 0,
-        "every path taken"
-    );
+    assert!(outcome.every_path_taken(), "every path taken");
 
     // A graceful stop exits 0, and replays left no dead letters behind.
     let exit = server.terminate();
@@ -92,20 +79,13 @@ async fn sigterm_drains_inflight_payments_and_exits_zero() {
     // SIGTERM under load stops intake, finishes every admitted payment, checkpoints and exits 0; nothing acknowledged is lost.
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let mut server = Binary::spawn(dir.path(), free_port(), &[]);
-    server.wait_ready().await;
+    let server = Binary::start(dir.path(), &[]).await;
     traffic::open_accounts(&client, &server.base).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let driver = tokio::spawn(drive(server.base.clone(), ledger.clone(), 0, stop.clone()));
+    let driver = Driver::start(&server.base, &ledger, 0);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let exit = tokio::task::spawn_blocking(move || {
-        let exit = server.terminate();
-        (server, exit)
-    });
-    let (_, exit) = exit.await.unwrap();
-    stop.cancel();
-    driver.await.unwrap();
+    let exit = server.stop().await;
+    driver.stop().await;
     assert!(exit.success(), "SIGTERM exit: {exit:?}");
 
     let store = kpay::store::Store::open(&dir.path().join("state"), 1 << 20).unwrap();
@@ -125,8 +105,7 @@ async fn sigterm_drains_inflight_payments_and_exits_zero() {
         "too little traffic: {}",
         ledger.acknowledged.len()
     );
-    let server = Binary::spawn(dir.path(), free_port(), &[]);
-    server.wait_ready().await;
+    let server = Binary::start(dir.path(), &[]).await;
     for id in ledger.acknowledged.keys() {
         common::terminal(&client, &server.base, id).await;
     }
@@ -138,9 +117,8 @@ async fn sigterm_drains_inflight_payments_and_exits_zero() {
 async fn a_second_server_on_the_same_data_refuses_to_start() {
     // Two processes on one data directory would corrupt it; the second exits with an error instead.
     let dir = tempfile::tempdir().unwrap();
-    let first = Binary::spawn(dir.path(), free_port(), &[]);
-    first.wait_ready().await;
-    let mut second = Binary::spawn(dir.path(), free_port(), &[]);
+    let first = Binary::start(dir.path(), &[]).await;
+    let mut second = Binary::spawn(dir.path(), &[]);
     let exit = tokio::task::spawn_blocking(move || second.child.wait().unwrap())
         .await
         .unwrap();
@@ -175,12 +153,11 @@ fn bad_config_stops_the_start_with_the_key_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_lost_under_a_kept_state_is_refused_with_what_to_do() {
     // New records would reuse offsets the state has read and be skipped: refuse, say why and what to do.
-    let dir = tempfile::tempdir().unwrap();
-    let config = common::test_config(dir.path());
-    let server = common::TestServer::start(config.clone()).await;
-    let client = reqwest::Client::new();
-    common::open_account(&client, &server.base, "a", 1_000).await;
-    common::open_account(&client, &server.base, "b", 0).await;
+    let (server, client) = TestServer::builder()
+        .accounts(&[("a", 1_000), ("b", 0)])
+        .start()
+        .await;
+    let (dir, config) = (server.dir(), server.config().clone());
     let body = json!({"id": "p-1", "from": "a", "to": "b", "amount": 5});
     let (status, _) = common::post(&client, &server.url("/api/v1/payments"), body).await;
     assert_eq!(status, 202);
@@ -218,12 +195,11 @@ fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
 async fn a_torn_tail_is_cut_back_and_damage_before_the_end_is_refused() {
     // A crash mid-write leaves a partial frame (never acknowledged): cut back, every payment
     // still there once. Damage with valid records after it: refuse, saying what to do.
-    let dir = tempfile::tempdir().unwrap();
-    let config = common::test_config(dir.path());
-    let server = common::TestServer::start(config.clone()).await;
-    let client = reqwest::Client::new();
-    common::open_account(&client, &server.base, "a", 100_000).await;
-    common::open_account(&client, &server.base, "b", 0).await;
+    let (server, client) = TestServer::builder()
+        .accounts(&[("a", 100_000), ("b", 0)])
+        .start()
+        .await;
+    let (dir, config) = (server.dir(), server.config().clone());
     for n in 0..50 {
         let body = json!({"id": format!("t-{n}"), "from": "a", "to": "b", "amount": 10});
         let (status, _) = common::post(&client, &server.url("/api/v1/payments"), body).await;
@@ -240,7 +216,7 @@ async fn a_torn_tail_is_cut_back_and_damage_before_the_end_is_refused() {
     let mut torn = intact.clone();
     torn.extend_from_slice(&intact[..intact.len().min(37)]);
     std::fs::write(&segment, &torn).unwrap();
-    let server = common::TestServer::start(config.clone()).await;
+    let server = TestServer::start(config.clone()).await;
     for n in 0..50 {
         let payment = common::terminal(&client, &server.base, &format!("t-{n}")).await;
         assert_eq!(payment["status"], "confirmed");
@@ -298,14 +274,15 @@ fn newest_file(dir: &std::path::Path) -> std::path::PathBuf {
 async fn a_deleted_state_file_is_rebuilt_from_the_log_or_refused() {
     // The newest state file deleted: the state restarts from the log, every
     // payment once. Deleted after retention removed log history: refused.
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = common::test_config(dir.path());
-    config.log.partitions = 1;
-    config.log.history_bytes = 0;
-    let server = common::TestServer::start(config.clone()).await;
-    let client = reqwest::Client::new();
-    common::open_account(&client, &server.base, "a", 1_000_000).await;
-    common::open_account(&client, &server.base, "b", 0).await;
+    let (server, client) = TestServer::builder()
+        .config(|c| {
+            c.log.partitions = 1;
+            c.log.history_bytes = 0;
+        })
+        .accounts(&[("a", 1_000_000), ("b", 0)])
+        .start()
+        .await;
+    let (dir, config) = (server.dir(), server.config().clone());
     for n in 0..40 {
         let to = if n % 10 == 9 { "nobody" } else { "b" };
         let body = json!({"id": format!("s-{n}"), "from": "a", "to": to, "amount": 10});
@@ -320,7 +297,7 @@ async fn a_deleted_state_file_is_rebuilt_from_the_log_or_refused() {
     std::fs::remove_file(&deleted).unwrap();
     eprintln!("deleted the newest state file: {}", deleted.display());
 
-    let server = common::TestServer::start(config.clone()).await;
+    let server = TestServer::start(config.clone()).await;
     for n in 0..40 {
         let payment = common::terminal(&client, &server.base, &format!("s-{n}")).await;
         let expected = if n % 10 == 9 { "reversed" } else { "confirmed" };

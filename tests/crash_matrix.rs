@@ -16,11 +16,10 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::traffic::{self, drive, Ledger};
-use common::{free_port, get, post, wait_until, Binary};
+use common::traffic::{self, Driver, Ledger};
+use common::{get, post, wait_until, Binary};
 use rand::Rng;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 /// One crash point and how to reach it.
 struct Case {
@@ -73,7 +72,7 @@ async fn run(case: &Case, broker: Option<&str>) {
     // Accounts (and a dead letter to replay) first, then a clean stop, so
     // that the passes count from the traffic on.
     let setup_log = dir.path().join("setup.log");
-    let mut setup = Binary::spawn_logged(dir.path(), free_port(), &env, &setup_log);
+    let mut setup = Binary::spawn_logged(dir.path(), &env, &setup_log);
     ready(&mut setup, &setup_log, "setup").await;
     traffic::open_accounts(&client, &setup.base).await;
     let letter = match case.replay {
@@ -101,7 +100,7 @@ async fn run(case: &Case, broker: Option<&str>) {
         let mut armed_env = env.clone();
         armed_env.push(("KPAY_CRASH_AT", &spec));
         let output = dir.path().join(format!("crash-{round}.log"));
-        let mut server = Binary::spawn_logged(dir.path(), free_port(), &armed_env, &output);
+        let mut server = Binary::spawn_logged(dir.path(), &armed_env, &output);
         let line = format!("kpay: crash drill: aborting at {} (pass {nth})", case.point);
         if let Some(exit) = ready_or_exited(&mut server, &output, &spec).await {
             // After a first crash, recovery itself passes the point (a big
@@ -118,13 +117,7 @@ async fn run(case: &Case, broker: Option<&str>) {
         if round > 0 {
             recovered(case, &output);
         }
-        let stop = CancellationToken::new();
-        let driver = tokio::spawn(drive(
-            server.base.clone(),
-            ledger.clone(),
-            round,
-            stop.clone(),
-        ));
+        let driver = Driver::start(&server.base, &ledger, round);
         let armed_at = Instant::now();
         let acknowledged_at_start = ledger.lock().unwrap().acknowledged.len();
         if let Some(id) = &letter {
@@ -149,8 +142,7 @@ async fn run(case: &Case, broker: Option<&str>) {
         };
         let crashed_after = armed_at.elapsed();
         let acknowledged = ledger.lock().unwrap().acknowledged.len() - acknowledged_at_start;
-        stop.cancel();
-        driver.await.unwrap();
+        driver.stop().await;
         let said = std::fs::read_to_string(&output).unwrap();
         assert_eq!(exit.signal(), Some(SIGABRT), "{spec}: {exit:?}\n{said}");
         assert!(said.contains(&line), "{spec}: the output says\n{said}");
@@ -170,19 +162,12 @@ async fn run(case: &Case, broker: Option<&str>) {
 
     // Restarted without the point: recovery, then more traffic.
     let restart_log = dir.path().join("restart.log");
-    let mut server = Binary::spawn_logged(dir.path(), free_port(), &env, &restart_log);
+    let mut server = Binary::spawn_logged(dir.path(), &env, &restart_log);
     ready(&mut server, &restart_log, "restart").await;
     recovered(case, &restart_log);
-    let stop = CancellationToken::new();
-    let driver = tokio::spawn(drive(
-        server.base.clone(),
-        ledger.clone(),
-        crashes,
-        stop.clone(),
-    ));
+    let driver = Driver::start(&server.base, &ledger, crashes);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.cancel();
-    driver.await.unwrap();
+    driver.stop().await;
     let mut ledger = Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap();
     if let (Some(id), Some(seq)) = (&letter, case.replay) {
         // The operator replays again: settled from the log (the first

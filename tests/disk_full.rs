@@ -16,7 +16,6 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,10 +23,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, get, post, Binary};
+use common::traffic::{self, random_payment, submit, Driver, Ledger};
+use common::{get, post, skip_or_fail_in_ci, Binary};
 use kpay::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
 use kpay::log::{Log, LogError, Record, TopicPartition};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// A size-limited tmpfs mounted for one test, unmounted when dropped.
 struct Tmpfs {
@@ -99,14 +99,10 @@ fn mount_or_skip(test: &str, mib: u64) -> Option<Tmpfs> {
     match Tmpfs::mount(test, mib) {
         Ok(tmpfs) => Some(tmpfs),
         Err(why) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: CI runs as root and must be able to mount a size-limited tmpfs: {why}"
+            let why = format!(
+                "cannot mount a size-limited tmpfs ({why}); run as root to drill a full disk"
             );
-            eprintln!(
-                "\n*** SKIPPED {test}: cannot mount a size-limited tmpfs ({why}); \
-                 run as root to drill a full disk ***\n"
-            );
+            skip_or_fail_in_ci(test, &why);
             None
         }
     }
@@ -134,7 +130,7 @@ fn segment_bytes(dir: &Path) -> u64 {
 async fn full_device_leaves_no_torn_frame_and_the_log_appends_again_once_freed() {
     // Appends on a full device fail with NoSpace naming the segment, nothing partial stays on disk,
     // the writer keeps working once space is freed, and a reopen reads exactly the acknowledged records.
-    let test = "disk_full_log";
+    let test = "full_device_leaves_no_torn_frame_and_the_log_appends_again_once_freed";
     let Some(tmpfs) = mount_or_skip(test, 4) else {
         return;
     };
@@ -207,88 +203,8 @@ async fn full_device_leaves_no_torn_frame_and_the_log_appends_again_once_freed()
     log.close();
 }
 
-const ACCOUNTS: usize = 6;
-const OPENING_CENTS: i64 = 10_000_000;
 /// Free space below which the server refuses new payments (data.min_free_bytes).
 const FLOOR_BYTES: u64 = 8 << 20;
-
-fn account(n: usize) -> String {
-    format!("acc-{n:02}")
-}
-
-/// What the drivers learned.
-#[derive(Default)]
-struct Book {
-    /// Answered 202: must end terminal, once.
-    acknowledged: HashMap<String, (String, String, i64)>,
-    /// Answered 507: must not exist.
-    refused: Vec<String>,
-    /// No answer (a transport error): may or may not exist.
-    unknown: HashMap<String, (String, String, i64)>,
-    /// Every answer by status.
-    statuses: BTreeMap<u16, u64>,
-    /// A 507 body, to check its reason.
-    sample_507: Option<Value>,
-}
-
-/// Payment `n` of `worker`: mostly between the accounts, some to a missing
-/// account (reversed), some too large (rejected).
-fn payment(tag: &str, worker: usize, n: usize) -> (String, String, String, i64) {
-    let from = account((worker + n) % ACCOUNTS);
-    let to = match n % 13 {
-        0 => "ghost".to_owned(),
-        _ => account((worker + n + 1 + n % 3) % ACCOUNTS),
-    };
-    let amount = if n.is_multiple_of(17) {
-        OPENING_CENTS * 10
-    } else {
-        1 + (n % 500) as i64
-    };
-    (format!("{tag}-w{worker}-{n:05}"), from, to, amount)
-}
-
-/// Submits one payment and books the answer; returns its status (0: no answer).
-async fn submit(
-    client: &reqwest::Client,
-    base: &str,
-    book: &Mutex<Book>,
-    (id, from, to, amount): (String, String, String, i64),
-) -> u16 {
-    let body = json!({"id": id, "from": from, "to": to, "amount": amount});
-    let sent = client
-        .post(format!("{base}/api/v1/payments"))
-        .json(&body)
-        .send()
-        .await;
-    let (status, answer) = match sent {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            (
-                status,
-                response.json::<Value>().await.unwrap_or(Value::Null),
-            )
-        }
-        Err(_) => (0, Value::Null),
-    };
-    let mut book = book.lock().unwrap();
-    *book.statuses.entry(status).or_default() += 1;
-    match status {
-        202 => {
-            book.acknowledged.insert(id, (from, to, amount));
-        }
-        507 => {
-            book.refused.push(id);
-            book.sample_507.get_or_insert(answer);
-        }
-        // Backpressure: nothing was written.
-        503 => {}
-        0 => {
-            book.unknown.insert(id, (from, to, amount));
-        }
-        other => panic!("unexpected answer {other} for {body}: {answer}"),
-    }
-    status
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_itself() {
@@ -296,7 +212,7 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
     // no other 5xx than 503, processing of accepted payments goes on, /readyz reports it,
     // intake resumes without a restart once the filler is deleted; after a restart every
     // acknowledged payment is terminal once, no refused one exists, balances and the ledger hold.
-    let test = "disk_full_drill";
+    let test = "payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_itself";
     let Some(tmpfs) = mount_or_skip(test, 64) else {
         return;
     };
@@ -313,44 +229,30 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let mut server = Binary::spawn(&data, free_port(), &env);
-    server.wait_ready().await;
-    for n in 0..ACCOUNTS {
-        common::open_account(&client, &server.base, &account(n), OPENING_CENTS).await;
-    }
+    let server = Binary::start(&data, &env).await;
+    traffic::open_accounts(&client, &server.base).await;
     // Leave a few MiB above the floor: some payments fit, then the floor is reached.
     let filler = tmpfs.fill_leaving(FLOOR_BYTES + (3 << 20));
 
-    let book = Arc::new(Mutex::new(Book::default()));
-    let mut workers = Vec::new();
-    for worker in 0..4 {
-        let (client, base, book) = (client.clone(), server.base.clone(), book.clone());
-        workers.push(tokio::spawn(async move {
-            let drive_started = Instant::now();
-            let mut refused = 0;
-            for n in 0.. {
-                if submit(&client, &base, &book, payment("full", worker, n)).await == 507 {
-                    refused += 1;
-                }
-                if refused >= 25 || drive_started.elapsed() > Duration::from_secs(25) {
-                    break;
-                }
-            }
-        }));
+    // Traffic until a hundred payments have been refused, or for 25 s.
+    let ledger = Arc::new(Mutex::new(Ledger::with_refusals()));
+    let driver = Driver::start(&server.base, &ledger, 0);
+    let refused = || ledger.lock().unwrap().refused.len();
+    let driving = Instant::now();
+    while refused() < 100 && driving.elapsed() < Duration::from_secs(25) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    let (acknowledged_full, refused_full) = {
-        let book = book.lock().unwrap();
-        (book.acknowledged.len(), book.refused.len())
+    driver.stop().await;
+    let (acknowledged_full, sample) = {
+        let ledger = ledger.lock().unwrap();
+        let sample = ledger.refused.values().next().cloned();
+        (ledger.acknowledged.len(), sample)
     };
     assert!(
         acknowledged_full > 0,
         "nothing was accepted before the disk filled"
     );
-    assert!(refused_full > 0, "no 507 although the disk is full");
-    let sample = book.lock().unwrap().sample_507.clone().unwrap();
+    let sample = sample.expect("no 507 although the disk is full");
     assert_eq!(sample["error"]["code"], "insufficient_storage", "{sample}");
     let message = sample["error"]["message"].as_str().unwrap().to_owned();
     assert!(
@@ -359,7 +261,8 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
     );
 
     // A batch is refused item by item with the same status.
-    let batch = json!({"payments": [{"id": "full-batch-1", "from": account(0), "to": account(1), "amount": 5}]});
+    let (from, to) = (traffic::account(0), traffic::account(1));
+    let batch = json!({"payments": [{"id": "full-batch-1", "from": from, "to": to, "amount": 5}]});
     let (status, body) = post(
         &client,
         &format!("{}/api/v1/payments/batch", server.base),
@@ -367,12 +270,13 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["results"][0]["status_code"], 507, "{body}");
-    {
-        let mut book = book.lock().unwrap();
-        book.refused.push("full-batch-1".into());
-        *book.statuses.entry(507).or_default() += 1;
-    }
+    let item = &body["results"][0];
+    assert_eq!(item["status_code"], 507, "{body}");
+    let refusal = item.clone();
+    ledger
+        .lock()
+        .unwrap()
+        .book("full-batch-1".into(), (from, to, 5), 507, refusal);
 
     // Readiness says why, and processing of what was accepted goes on.
     let (status, ready) = get(&client, &format!("{}/readyz", server.base)).await;
@@ -384,7 +288,13 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
             .contains("insufficient storage"),
         "{ready}"
     );
-    let accepted: Vec<String> = book.lock().unwrap().acknowledged.keys().cloned().collect();
+    let accepted: Vec<String> = ledger
+        .lock()
+        .unwrap()
+        .acknowledged
+        .keys()
+        .cloned()
+        .collect();
     for id in &accepted {
         common::terminal(&client, &server.base, id).await;
     }
@@ -395,7 +305,8 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
     let mut n = 0;
     loop {
         n += 1;
-        if submit(&client, &server.base, &book, payment("freed", 9, n)).await == 202 {
+        let id = format!("freed-{n}");
+        if submit(&client, &server.base, &ledger, id, random_payment()).await == 202 {
             break;
         }
         assert!(
@@ -406,102 +317,38 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
     }
     let recovery = freed.elapsed();
     for n in 0..100 {
-        let status = submit(&client, &server.base, &book, payment("after", 0, n)).await;
+        let id = format!("after-{n}");
+        let status = submit(&client, &server.base, &ledger, id, random_payment()).await;
         assert_eq!(status, 202, "payment after recovery");
     }
     let (status, ready) = get(&client, &format!("{}/readyz", server.base)).await;
     assert_eq!(status, 200, "{ready}");
 
     // Restart, then check every payment.
-    let exit = tokio::task::spawn_blocking(move || {
-        let exit = server.terminate();
-        (server, exit)
-    });
-    let (server, exit) = exit.await.unwrap();
-    drop(server);
+    let exit = server.stop().await;
     assert!(exit.success(), "SIGTERM exit: {exit:?}");
-    let server = Binary::spawn(&data, free_port(), &env);
-    server.wait_ready().await;
-    let book = Arc::try_unwrap(book).ok().unwrap().into_inner().unwrap();
+    let server = Binary::start(&data, &env).await;
+    let ledger = Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap();
     assert!(
-        book.statuses.keys().all(|s| matches!(s, 202 | 503 | 507)),
+        ledger.answers.keys().all(|s| matches!(s, 202 | 503 | 507)),
         "only 202, 503 and 507 (and every request answered): {:?}",
-        book.statuses
+        ledger.answers
     );
-    let mut balances = [OPENING_CENTS; ACCOUNTS];
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut lost = 0;
-    let everything = (book.acknowledged.iter().map(|p| (p, true)))
-        .chain(book.unknown.iter().map(|p| (p, false)));
-    for ((id, (from, to, amount)), acknowledged) in everything {
-        let url = format!("{}/api/v1/payments/{id}", server.base);
-        let (status, _) = get(&client, &url).await;
-        if status == 404 {
-            lost += u64::from(acknowledged);
-            continue;
-        }
-        let payment = common::terminal(&client, &server.base, id).await;
-        assert_eq!(
-            (&payment["from"], &payment["to"], &payment["amount"]),
-            (&json!(from), &json!(to), &json!(amount))
-        );
-        let status = payment["status"].as_str().unwrap().to_owned();
-        if status == "confirmed" {
-            let index = |name: &str| name[4..].parse::<usize>().unwrap();
-            balances[index(from)] -= amount;
-            balances[index(to)] += amount;
-        }
-        *counts.entry(status).or_default() += 1;
-    }
-    assert_eq!(lost, 0, "acknowledged payments lost");
-    for id in &book.refused {
-        let (status, body) = get(&client, &format!("{}/api/v1/payments/{id}", server.base)).await;
-        assert_eq!(
-            status, 404,
-            "payment {id} was refused with 507 but exists: {body}"
-        );
-    }
-    for (n, expected) in balances.iter().enumerate() {
-        let (_, body) = get(
-            &client,
-            &format!("{}/api/v1/accounts/{}", server.base, account(n)),
-        )
-        .await;
-        assert_eq!(
-            body["balance"].as_i64().unwrap(),
-            *expected,
-            "{}: money moved more or less than once",
-            account(n)
-        );
-    }
-    // Each payment counted once: the processors' totals equal the payments found.
-    let (_, metrics) = get(&client, &format!("{}/api/v1/metrics/pipeline", server.base)).await;
-    let mut duplicates = 0;
-    for status in ["confirmed", "rejected", "reversed"] {
-        let counted = metrics[status]["count"].as_u64().unwrap();
-        let found = counts.get(status).copied().unwrap_or(0);
-        duplicates += counted.abs_diff(found);
-    }
-    assert_eq!(duplicates, 0, "{metrics} against {counts:?}");
+    // Each acknowledged payment terminal once (none lost, none doubled), no
+    // refused one, balances, counts and the ledger.
+    let outcome = traffic::check(&client, &server.base, &ledger).await;
     assert!(
-        counts.len() == 3,
-        "confirmed, rejected and reversed all taken: {counts:?}"
-    );
-    let (_, integrity) = get(&client, &format!("{}/api/v1/ledger/integrity", server.base)).await;
-    assert_eq!(integrity["ok"], true, "{integrity}");
-    assert_eq!(integrity["in_transit"], 0, "{integrity}");
-    assert_eq!(
-        integrity["total_funded"].as_i64().unwrap(),
-        OPENING_CENTS * ACCOUNTS as i64
+        outcome.every_path_taken(),
+        "confirmed, rejected and reversed all taken"
     );
     drop(server);
     println!(
         "\ndisk full drill: {} acknowledged ({acknowledged_full} before the disk filled), {} refused \
-         with 507, {} unanswered, lost {lost}, duplicates {duplicates}, recovered: yes, {} ms \
-         after freeing space; ledger intact; {:.1} s in all",
-        book.acknowledged.len(),
-        book.statuses.get(&507).copied().unwrap_or(0),
-        book.unknown.len(),
+         with 507, {} answered 503, lost 0, duplicates 0, recovered: yes, {} ms after freeing \
+         space; ledger intact; {:.1} s in all",
+        ledger.acknowledged.len(),
+        ledger.refused.len(),
+        ledger.answers.get(&503).copied().unwrap_or(0),
         recovery.as_millis(),
         started.elapsed().as_secs_f64()
     );

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{get, post, test_config, wait_until, TestServer};
+use common::{get, post, wait_until, TestServer};
 use serde_json::{json, Value};
 
 async fn generator(c: &reqwest::Client, base: &str, body: Value) -> (u16, Value) {
@@ -19,9 +19,8 @@ async fn sent(c: &reqwest::Client, base: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generator_sends_every_outcome_and_honours_pause_and_rate_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let (server, c) = TestServer::builder().start().await;
+    let base = server.base.clone();
     for bad in [
         json!({"action": "start", "rate": 0}),
         json!({"action": "start", "rate": 10, "accounts": 1}),
@@ -111,9 +110,8 @@ async fn generator_sends_every_outcome_and_honours_pause_and_rate_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_pushes_a_snapshot_every_second() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let (server, c) = TestServer::builder().start().await;
+    let base = server.base.clone();
     generator(
         &c,
         &base,

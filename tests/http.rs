@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{get, open_account, post, terminal, test_config, TestServer};
+use common::{get, open_account, post, terminal, TestServer};
 use kpay::log::TopicPartition;
 use serde_json::{json, Value};
 
@@ -21,11 +21,10 @@ async fn incoming_records(server: &TestServer) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_a_reason_and_write_nothing() {
     // Each kind of bad payment gets a 4xx with a clear message and nothing reaches the log.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let client = reqwest::Client::new();
-    open_account(&client, &server.base, "a", 1_000).await;
-    open_account(&client, &server.base, "b", 0).await;
+    let (server, client) = TestServer::builder()
+        .accounts(&[("a", 1_000), ("b", 0)])
+        .start()
+        .await;
     let url = server.url("/api/v1/payments");
     let cases: Vec<(Value, u16, &str)> = vec![
         (
@@ -106,13 +105,11 @@ async fn bad_requests_get_a_reason_and_write_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn business_rules_end_in_the_right_terminal_state() {
     // Confirmed, rejected (funds, unknown, closed) and reversed (unknown or closed `to`) payments, with balances never negative.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
+    let (server, c) = TestServer::builder()
+        .accounts(&[("alice", 10_000), ("bob", 500), ("carol", 0)])
+        .start()
+        .await;
     let base = server.base.clone();
-    open_account(&c, &base, "alice", 10_000).await;
-    open_account(&c, &base, "bob", 500).await;
-    open_account(&c, &base, "carol", 0).await;
     let (status, _) = post(
         &c,
         &format!("{base}/api/v1/accounts/carol/close"),
@@ -221,12 +218,11 @@ async fn business_rules_end_in_the_right_terminal_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_same_body_same_answer_other_body_conflict() {
     // A repeated id with the same body is accepted once; with another body it is refused with 409, even when raced.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 1_000), ("b", 0)])
+        .start()
+        .await;
     let base = server.base.clone();
-    open_account(&c, &base, "a", 1_000).await;
-    open_account(&c, &base, "b", 0).await;
     let url = format!("{base}/api/v1/payments");
     let body = json!({"id": "dup", "from": "a", "to": "b", "amount": 100});
     let racers = (0..20).map(|_| post(&c, &url, body.clone()));
@@ -267,9 +263,7 @@ async fn idempotency_same_body_same_answer_other_body_conflict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accounts_open_deposit_close_and_page() {
     // Accounts open once (409 after), take deposits, close, and list in id order across partitions.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
+    let (server, c) = TestServer::builder().start().await;
     let base = server.base.clone();
     for n in 0..25 {
         open_account(&c, &base, &format!("acct-{n:02}"), n * 100).await;
@@ -337,12 +331,11 @@ async fn accounts_open_deposit_close_and_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_reports_each_item() {
     // A batch answers per payment: accepted ones are durable, bad ones carry their own error.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 1_000), ("b", 0)])
+        .start()
+        .await;
     let base = server.base.clone();
-    open_account(&c, &base, "a", 1_000).await;
-    open_account(&c, &base, "b", 0).await;
     let batch = json!({"payments": [
         {"id": "b1", "from": "a", "to": "b", "amount": 10},
         {"id": "b2", "from": "a", "to": "a", "amount": 10},
@@ -372,18 +365,16 @@ async fn batch_reports_each_item() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_a_clean_restart() {
     // After a graceful stop and a restart on the same data, balances, payments and totals are all still there.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
-    open_account(&c, &server.base, "a", 1_000).await;
-    open_account(&c, &server.base, "b", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 1_000), ("b", 0)])
+        .start()
+        .await;
     for n in 0..20 {
         let body = json!({"id": format!("r{n}"), "from": "a", "to": "b", "amount": 10});
         assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
     }
     terminal(&c, &server.base, "r19").await;
-    server.stop().await;
-    let server = TestServer::start(test_config(dir.path())).await;
+    let server = server.restart().await;
     for n in 0..20 {
         assert_eq!(
             terminal(&c, &server.base, &format!("r{n}")).await["status"],
@@ -402,9 +393,7 @@ async fn state_survives_a_clean_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_documents_every_endpoint_and_swagger_serves() {
     // The OpenAPI document lists every route and Swagger UI and the health probes answer.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
+    let (server, c) = TestServer::builder().start().await;
     let (status, doc) = get(&c, &server.url("/api-docs/openapi.json")).await;
     assert_eq!(status, 200);
     // Found by API fuzzing: every operation documents the errors any

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{get, open_account, post, terminal, test_config, TestServer};
+use common::{get, post, terminal, TestServer};
 use serde_json::{json, Value};
 
 fn exact_quantile(sorted: &[u64], q: f64) -> u64 {
@@ -14,13 +14,11 @@ fn exact_quantile(sorted: &[u64], q: f64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_match_an_independent_count_and_survive_restart() {
     // N payments → the windows' counts, amounts, statuses and percentiles equal what the payments themselves say.
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.instrument.window_seconds = 3_600;
-    let server = TestServer::start(config.clone()).await;
-    let c = reqwest::Client::new();
-    open_account(&c, &server.base, "rich", 10_000_000).await;
-    open_account(&c, &server.base, "poor", 10).await;
+    let (server, c) = TestServer::builder()
+        .config(|c| c.instrument.window_seconds = 3_600)
+        .accounts(&[("rich", 10_000_000), ("poor", 10)])
+        .start()
+        .await;
     let mut ids = Vec::new();
     for n in 0..300i64 {
         let (from, to) = match n % 10 {
@@ -107,8 +105,7 @@ async fn windows_match_an_independent_count_and_survive_restart() {
         }
     };
     check(&view);
-    server.stop().await;
-    let server = TestServer::start(config).await;
+    let server = server.restart().await;
     let (_, after) = get(&c, &server.url("/api/v1/metrics/throughput")).await;
     check(&after);
     assert_eq!(
@@ -121,11 +118,10 @@ async fn windows_match_an_independent_count_and_survive_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_grows_while_a_processor_is_stopped_and_drains_after() {
     // Holding the confirmed processor's input makes its lag (records and age) grow; releasing it brings lag back to 0.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
-    open_account(&c, &server.base, "a", 1_000_000).await;
-    open_account(&c, &server.base, "b", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 1_000_000), ("b", 0)])
+        .start()
+        .await;
     let shared = server.runtime().clone();
     shared.hold_input("confirmed", kpay::model::SourceTopic::Complete, true);
     for n in 0..40 {
@@ -176,11 +172,10 @@ async fn lag_grows_while_a_processor_is_stopped_and_drains_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slo_reports_goals_and_flips_when_the_dlq_fills() {
     // Goals from config are judged on live data: met while the DLQ is empty, missed (with a new `since`) once a record is dead-lettered.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
-    open_account(&c, &server.base, "a", 1_000).await;
-    open_account(&c, &server.base, "b", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 1_000), ("b", 0)])
+        .start()
+        .await;
     let body = json!({"id": "s1", "from": "a", "to": "b", "amount": 5});
     assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
     terminal(&c, &server.base, "s1").await;

@@ -100,11 +100,11 @@ async fn pay(c: &reqwest::Client, base: &str, id: &str, amount: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_on_every_input_topic_are_dead_lettered_and_the_rest_flows() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
-    open_account(&c, &base, "alice", 100_000).await;
-    open_account(&c, &base, "bob", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("alice", 100_000), ("bob", 0)])
+        .start()
+        .await;
+    let base = server.base.clone();
     let garbage = json!([{"key": "junk", "value_hex": "ff00206e6f7420616e206576656e74"}]);
     let topics = [
         ("payment.incoming", vec!["inflight"]),
@@ -209,11 +209,11 @@ async fn malformed_records_on_every_input_topic_are_dead_lettered_and_the_rest_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
-    open_account(&c, &base, "alice", 10_000).await;
-    open_account(&c, &base, "bob", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("alice", 10_000), ("bob", 0)])
+        .start()
+        .await;
+    let base = server.base.clone();
     // A foreign producer's payment that is not in kpay's format.
     let text = r#"{"id":"fix-me","from":"alice","to":"bob","amount":"5.00"}"#;
     let record = json!({"key": "fix-me", "value": text});
@@ -311,13 +311,11 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_error_mid_batch_loses_and_duplicates_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = test_config(dir.path());
-    let partitions = config.log.partitions;
-    let server = TestServer::start(config).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
-    open_account(&c, &base, "alice", 100_000).await;
-    open_account(&c, &base, "bob", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("alice", 100_000), ("bob", 0)])
+        .start()
+        .await;
+    let (base, partitions) = (server.base.clone(), server.config().log.partitions);
     // Five good payments whose ids live on partition 2, around two bad
     // records, appended in one write so one batch reads them all.
     let ids: Vec<String> = (0..)
@@ -384,11 +382,11 @@ async fn a_processor_error_mid_batch_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dlq_is_bounded_and_overflow_is_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.limits.dlq_entries = 2;
-    let server = TestServer::start(config).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let (server, c) = TestServer::builder()
+        .config(|c| c.limits.dlq_entries = 2)
+        .start()
+        .await;
+    let base = server.base.clone();
     let junk = json!([
         {"key": "j1", "value": "junk"},
         {"key": "j2", "value": "junk"},
@@ -433,9 +431,7 @@ async fn the_dlq_is_bounded_and_overflow_is_counted() {
 async fn warnings_reach_the_error_log_with_their_context() {
     // The real binary, whose `main` installs the error-log layer.
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let server = Binary::spawn(dir.path(), port, &[]);
-    server.wait_ready().await;
+    let server = Binary::start(dir.path(), &[]).await;
     let (c, base) = (reqwest::Client::new(), server.base.clone());
     let landed = inject(
         &c,
@@ -537,12 +533,11 @@ async fn snapshot(c: &reqwest::Client, base: &str, payments: &[&str]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
-    open_account(&c, &base, "alice", 10_000).await;
-    open_account(&c, &base, "bob", 500).await;
-    open_account(&c, &base, "carol", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("alice", 10_000), ("bob", 500), ("carol", 0)])
+        .start()
+        .await;
+    let (base, dir) = (server.base.clone(), server.dir());
     let (status, _) = post(
         &c,
         &format!("{base}/api/v1/accounts/carol/close"),
@@ -678,11 +673,11 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
     // between, the next replay call finds out from the log whether it landed.
     use kpay::model::{Source, SourceTopic};
     use kpay::ops::dlq::{DeadLetter, Replay};
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
-    open_account(&c, &base, "alice", 10_000).await;
-    open_account(&c, &base, "bob", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("alice", 10_000), ("bob", 0)])
+        .start()
+        .await;
+    let base = server.base.clone();
     let shared = server.runtime().clone();
     let junk = json!([{"key": "landed", "value": "x"}, {"key": "lost", "value": "y"}]);
     let landed = inject(&c, &base, "payment.incoming", Some(0), junk).await;
@@ -793,14 +788,13 @@ fn one_per_partition(prefix: &str, partitions: u32) -> Vec<String> {
 // payment is refused as expired instead of moving its money again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn settled_payments_are_forgotten_after_the_retention_and_copies_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.limits.payment_retention_seconds = 2;
+    let (server, c) = TestServer::builder()
+        .config(|c| c.limits.payment_retention_seconds = 2)
+        .accounts(&[("alice", 100_000), ("bob", 0)])
+        .start()
+        .await;
+    let (base, dir, config) = (server.base.clone(), server.dir(), server.config().clone());
     let partitions = config.log.partitions;
-    let server = TestServer::start(config.clone()).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
-    open_account(&c, &base, "alice", 100_000).await;
-    open_account(&c, &base, "bob", 0).await;
     let early = one_per_partition("early", partitions);
     let mut accepted_at = Vec::new();
     for id in &early {

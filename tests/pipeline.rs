@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{open_account, test_config, wait_until, TestServer};
+use common::{test_config, wait_until, TestServer};
 use kpay::log::{Record, TopicPartition};
 use kpay::model::PaymentRef;
 use kpay::ops::dlq::{DeadLetter, TABLE};
@@ -34,11 +34,11 @@ async fn wait_confirmed(server: &TestServer, count: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_records_are_dead_lettered_and_the_rest_flows() {
     // Garbage on each input topic lands in the DLQ with its coordinates and reason; valid records after it complete.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let client = reqwest::Client::new();
-    open_account(&client, &server.base, "a", 1_000_000).await;
-    open_account(&client, &server.base, "b", 0).await;
+    let (server, _) = TestServer::builder()
+        .accounts(&[("a", 1_000_000), ("b", 0)])
+        .start()
+        .await;
+    let dir = server.dir();
     let shared = server.runtime().clone();
     let garbage = Record {
         key: Bytes::from_static(b"junk"),
@@ -101,14 +101,14 @@ async fn undecodable_records_are_dead_lettered_and_the_rest_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_segments_every_processor_has_passed() {
     // Once all consumers have durably passed old segments, they are deleted and disk use stops growing with traffic.
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.log.sink_retain_records = 100;
-    config.log.history_bytes = 0;
-    let server = TestServer::start(config).await;
-    let client = reqwest::Client::new();
-    open_account(&client, &server.base, "a", 1_000_000_000).await;
-    open_account(&client, &server.base, "b", 0).await;
+    let (server, _) = TestServer::builder()
+        .config(|c| {
+            c.log.sink_retain_records = 100;
+            c.log.history_bytes = 0;
+        })
+        .accounts(&[("a", 1_000_000_000), ("b", 0)])
+        .start()
+        .await;
     let shared = server.runtime().clone();
     // About 3 MiB of records in all: three times the 1 MiB segment size.
     for (round, tag) in ["first", "second", "third"].into_iter().enumerate() {

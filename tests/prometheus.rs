@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{open_account, post, terminal, test_config, TestServer};
+use common::{post, skip_or_fail_in_ci, terminal, TestServer};
 use serde_json::json;
 
 fn promtool_check(text: &str) -> Option<(bool, String)> {
@@ -28,11 +28,10 @@ fn promtool_check(text: &str) -> Option<(bool, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exposition_is_valid_and_tells_the_business_story() {
     // The exposition parses and lints clean with promtool and carries payments by status, money, latency, lag, DLQ, HTTP and RSS.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(test_config(dir.path())).await;
-    let c = reqwest::Client::new();
-    open_account(&c, &server.base, "a", 10_000).await;
-    open_account(&c, &server.base, "b", 0).await;
+    let (server, c) = TestServer::builder()
+        .accounts(&[("a", 10_000), ("b", 0)])
+        .start()
+        .await;
     for (n, amount) in [(0, 100), (1, 250), (2, 1_000_000)] {
         let body = json!({"id": format!("m{n}"), "from": "a", "to": "b", "amount": amount});
         assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
@@ -73,8 +72,11 @@ async fn exposition_is_valid_and_tells_the_business_story() {
     }
     match promtool_check(&text) {
         Some((ok, said)) => assert!(ok, "promtool check metrics failed:\n{said}"),
-        None if std::env::var_os("CI").is_some() => panic!("promtool missing in CI: .ci/run must install it"),
-        None => println!("SKIPPED promtool validation: promtool is not installed here (.ci/run installs Debian's prometheus package)"),
+        None => skip_or_fail_in_ci(
+            "exposition_is_valid_and_tells_the_business_story",
+            "the promtool validation: promtool is not installed here \
+             (.ci/run installs Debian's prometheus package)",
+        ),
     }
     server.stop().await;
 }

@@ -3,8 +3,10 @@
 //! crash tests, and small HTTP conveniences.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod traffic;
@@ -44,9 +46,20 @@ pub struct TestServer {
     pub state: State,
     stop: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
+    config: Config,
+    /// The temporary data directory of a server from [`TestServer::builder`],
+    /// kept at least as long as the server runs.
+    dir: Option<Arc<tempfile::TempDir>>,
 }
 
 impl TestServer {
+    /// A server over a fresh temporary directory, on [`test_config`] with
+    /// the changes and accounts asked for: see [`ServerBuilder`].
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// A server on `config` (for a restart over a directory a test holds).
     pub async fn start(config: Config) -> Self {
         // A server stopped a moment ago may still be dropping its last
         // handles on the store (its lock): try again for a little while.
@@ -63,7 +76,7 @@ impl TestServer {
                 Err(error) => panic!("open backends: {error}"),
             }
         };
-        let state = kpay::app::start_on(config, log, store)
+        let state = kpay::app::start_on(config.clone(), log, store)
             .await
             .expect("start");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -83,6 +96,8 @@ impl TestServer {
             state,
             stop,
             handle,
+            config,
+            dir: None,
         };
         server.wait_ready().await;
         server
@@ -105,12 +120,88 @@ impl TestServer {
         self.state.runtime.shutdown().await.unwrap();
     }
 
+    /// Stops it, as [`TestServer::stop`] does, and starts it again on the
+    /// same configuration and data.
+    pub async fn restart(self) -> Self {
+        let (config, dir) = (self.config.clone(), self.dir.clone());
+        self.stop().await;
+        let mut server = Self::start(config).await;
+        server.dir = dir;
+        server
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
     pub fn runtime(&self) -> &Runtime {
         &self.state.runtime
+    }
+
+    /// The configuration it started with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The temporary data directory of a server from
+    /// [`TestServer::builder`]; holding it keeps the directory after the
+    /// server stops, for a restart or a look inside.
+    pub fn dir(&self) -> Arc<tempfile::TempDir> {
+        self.dir.clone().expect("a server from TestServer::builder")
+    }
+}
+
+/// How a test's server starts: [`TestServer::builder`], then
+/// `.config(|c| ...)`, `.accounts(&[("alice", 10_000), ("bob", 0)])`,
+/// `.start().await`.
+#[derive(Default)]
+pub struct ServerBuilder {
+    kafka: Option<String>,
+    tweaks: Vec<Tweak>,
+    accounts: Vec<(String, i64)>,
+}
+
+/// A change to a test's configuration.
+type Tweak = Box<dyn FnOnce(&mut Config)>;
+
+impl ServerBuilder {
+    /// On this Kafka broker, with topics of its own ([`kafka_config`]),
+    /// instead of [`test_config`]'s backend.
+    pub fn kafka(mut self, broker: &str) -> Self {
+        self.kafka = Some(broker.to_owned());
+        self
+    }
+
+    /// Changes the configuration (applied in order, after the backend's).
+    pub fn config(mut self, tweak: impl FnOnce(&mut Config) + 'static) -> Self {
+        self.tweaks.push(Box::new(tweak));
+        self
+    }
+
+    /// Accounts opened over HTTP once the server is ready: (id, cents).
+    pub fn accounts(mut self, accounts: &[(&str, i64)]) -> Self {
+        let owned = accounts.iter().map(|&(id, cents)| (id.to_owned(), cents));
+        self.accounts.extend(owned);
+        self
+    }
+
+    /// Starts the server and opens the accounts; with a client for it.
+    pub async fn start(self) -> (TestServer, reqwest::Client) {
+        let dir = Arc::new(tempfile::tempdir().expect("a temporary data directory"));
+        let mut config = match &self.kafka {
+            Some(broker) => kafka_config(dir.path(), broker),
+            None => test_config(dir.path()),
+        };
+        for tweak in self.tweaks {
+            tweak(&mut config);
+        }
+        let mut server = TestServer::start(config).await;
+        server.dir = Some(dir);
+        let client = reqwest::Client::new();
+        for (id, cents) in &self.accounts {
+            open_account(&client, &server.base, id, *cents).await;
+        }
+        (server, client)
     }
 }
 
@@ -174,7 +265,9 @@ pub async fn terminal(client: &reqwest::Client, base: &str, id: &str) -> Value {
 
 /// The `kpay` binary as a command, without the test suite's own `KPAY_TEST_*`
 /// variables (kpay refuses unknown `KPAY_*` settings) and without a crash
-/// drill unless a test arms one.
+/// drill unless a test arms one. It listens on a port the system picks
+/// (`--listen` overrides it): never on the default one, which a kpay the user
+/// runs may hold.
 pub fn kpay_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kpay"));
     command.env_remove("KPAY_CRASH_AT");
@@ -183,53 +276,49 @@ pub fn kpay_command() -> Command {
             command.env_remove(key);
         }
     }
+    command.env("KPAY_SERVER__LISTEN", "127.0.0.1:0");
     command
 }
 
-/// The real `kpay` binary, started on a fixed port over a data directory.
+/// The real `kpay` binary, started on a free port over a data directory.
 pub struct Binary {
     pub child: Child,
     pub base: String,
 }
 
 impl Binary {
-    pub fn spawn(dir: &Path, port: u16, extra_env: &[(&str, &str)]) -> Self {
-        Self::spawn_with_args(dir, port, extra_env, &[])
+    /// Spawns it and waits until it is ready.
+    pub async fn start(dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        let server = Self::spawn(dir, extra_env);
+        server.wait_ready().await;
+        server
+    }
+
+    pub fn spawn(dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_args(dir, extra_env, &[])
     }
 
     /// Like `spawn`, with `serve` and its arguments.
-    pub fn spawn_with_args(
-        dir: &Path,
-        port: u16,
-        extra_env: &[(&str, &str)],
-        serve_args: &[&str],
-    ) -> Self {
-        Self::spawn_to(
-            dir,
-            port,
-            extra_env,
-            serve_args,
-            Stdio::null(),
-            Stdio::inherit(),
-        )
+    pub fn spawn_with_args(dir: &Path, extra_env: &[(&str, &str)], serve_args: &[&str]) -> Self {
+        Self::spawn_to(dir, extra_env, serve_args, Stdio::null(), Stdio::inherit())
     }
 
     /// Like `spawn`, with stdout (its log, WARN and up) and stderr written
     /// to the file `output` (created).
-    pub fn spawn_logged(dir: &Path, port: u16, extra_env: &[(&str, &str)], output: &Path) -> Self {
+    pub fn spawn_logged(dir: &Path, extra_env: &[(&str, &str)], output: &Path) -> Self {
         let file = std::fs::File::create(output).expect("create the output file");
         let stdout = Stdio::from(file.try_clone().expect("clone the output file"));
-        Self::spawn_to(dir, port, extra_env, &[], stdout, Stdio::from(file))
+        Self::spawn_to(dir, extra_env, &[], stdout, Stdio::from(file))
     }
 
     fn spawn_to(
         dir: &Path,
-        port: u16,
         extra_env: &[(&str, &str)],
         serve_args: &[&str],
         stdout: Stdio,
         stderr: Stdio,
     ) -> Self {
+        let port = free_port();
         let mut command = kpay_command();
         if !serve_args.is_empty() {
             command.arg("serve").args(serve_args);
@@ -267,6 +356,14 @@ impl Binary {
         self.child.wait().expect("reap");
     }
 
+    /// SIGTERM, waited for on a blocking thread (tasks sending traffic go on
+    /// meanwhile); how it exited.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        tokio::task::spawn_blocking(move || self.terminate())
+            .await
+            .unwrap()
+    }
+
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill")
@@ -293,20 +390,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// For a test that cannot run here for want of `why` (a tool, a broker,
+/// root): outside CI, says "<test>: skipped: <why>" on stderr (past the test
+/// harness's capture, so that a plain `cargo test` shows it) and returns, for
+/// the test to return; in CI (`CI` set, as `.ci/run` does), which provides
+/// everything the tests need, fails.
+pub fn skip_or_fail_in_ci(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: must not be skipped in CI: {why}"
+    );
+    let _ = writeln!(std::io::stderr(), "{test}: skipped: {why}");
+}
+
 /// The Kafka-protocol broker for the Kafka variants of the tests
-/// (`KPAY_TEST_KAFKA=host:port`). Without it they print why they are
+/// (`KPAY_TEST_KAFKA=host:port`). Without it they say why they are
 /// skipped; in CI (which starts one) its absence is a failure.
 pub fn kafka_broker(test: &str) -> Option<String> {
     match std::env::var("KPAY_TEST_KAFKA") {
         Ok(broker) if !broker.is_empty() => Some(broker),
         _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: CI must start a broker and set KPAY_TEST_KAFKA (scripts/kafka-broker)"
-            );
-            eprintln!(
-                "SKIPPED {test} on Kafka: set KPAY_TEST_KAFKA=host:port \
-                 (scripts/kafka-broker starts one)"
+            skip_or_fail_in_ci(
+                test,
+                "no Kafka broker: set KPAY_TEST_KAFKA=host:port (scripts/kafka-broker starts one)",
             );
             None
         }
