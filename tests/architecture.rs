@@ -117,39 +117,30 @@ fn files_and_functions_stay_short() {
 // The checker finds what it must: an import upward, one between siblings, one through `super`, and none in tests or comments.
 #[test]
 fn the_checker_catches_upward_and_sibling_imports() {
-    let config = vec!["config".to_owned()];
-    let found = check(
-        "config.rs",
-        &config,
-        &code_only("use crate::http::auth::Tokens;\n"),
-    );
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert!(found[0].why.contains("above"), "{found:?}");
+    let found = only_violation("config", "use crate::http::auth::Tokens;\n");
+    assert!(found.why.contains("above"), "{found:?}");
 
-    let lag = vec!["instrument".to_owned(), "lag".to_owned()];
     let text = "use crate::{\n    log::Log,\n    ops::dlq::TABLE,\n};\n";
-    let found = check("instrument/lag.rs", &lag, &code_only(text));
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!((found[0].line, found[0].path.as_str()), (3, "crate::ops"));
-    assert!(found[0].why.contains("sibling"), "{found:?}");
+    let found = only_violation("instrument::lag", text);
+    assert_eq!((found.line, found.path.as_str()), (3, "crate::ops"));
+    assert!(found.why.contains("sibling"), "{found:?}");
 
-    let generator = vec!["generator".to_owned()];
-    let found = check(
-        "generator.rs",
-        &generator,
-        &code_only("use super::http::AppState;\n"),
-    );
-    assert_eq!(found.len(), 1, "{found:?}");
+    only_violation("generator", "use super::http::AppState;\n");
 
-    let task = vec!["runtime".to_owned(), "task".to_owned(), "apply".to_owned()];
     let text = "use super::super::core::Core;\nfn f() { crate::ops::dlq::hex(b\"\"); }\n";
-    let found = check("runtime/task/apply.rs", &task, &code_only(text));
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!(found[0].line, 2);
+    assert_eq!(only_violation("runtime::task::apply", text).line, 2);
 
     let quiet = "// use crate::http;\nconst S: &str = \"crate::http\";\n\
                  #[cfg(test)]\nmod tests {\n    use crate::http::app;\n}\n";
     assert!(check("store/mod.rs", &["store".to_owned()], &code_only(quiet)).is_empty());
+}
+
+/// The one violation `text` has as the code of module `module`.
+fn only_violation(module: &str, text: &str) -> Violation {
+    let path: Vec<String> = module.split("::").map(str::to_owned).collect();
+    let mut found = check(module, &path, &code_only(text));
+    assert_eq!(found.len(), 1, "{module}: {found:?}");
+    found.remove(0)
 }
 
 // The length check counts a function from `fn` to its closing brace, braces in strings aside.

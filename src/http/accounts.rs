@@ -214,13 +214,7 @@ async fn deposit(
         amount_cents: request.amount,
         at_ms: now_ms(),
     };
-    state.runtime.check_space()?;
-    state.runtime.append_account_events(vec![event]).await?;
-    let change = AccountChange {
-        account: id,
-        status: "accepted".into(),
-    };
-    Ok((StatusCode::ACCEPTED, Json(change)))
+    accept_account_event(&state, id, event).await
 }
 
 /// Close an account: later payments from it are rejected, to it reversed.
@@ -241,10 +235,20 @@ async fn close_account(
         account: id.clone(),
         at_ms: now_ms(),
     };
+    accept_account_event(&state, id, event).await
+}
+
+/// Appends an account event (unless the data device is short of space) and
+/// answers 202: the account processor applies it in order.
+async fn accept_account_event(
+    state: &State,
+    account: String,
+    event: Event,
+) -> Result<(StatusCode, Json<AccountChange>), ApiError> {
     state.runtime.check_space()?;
     state.runtime.append_account_events(vec![event]).await?;
     let change = AccountChange {
-        account: id,
+        account,
         status: "accepted".into(),
     };
     Ok((StatusCode::ACCEPTED, Json(change)))

@@ -183,44 +183,39 @@ impl From<crate::ops::dlq::DlqError> for ApiError {
     }
 }
 
-/// `axum::extract::Query` whose rejection uses the API's error shape.
-pub struct Query<T>(pub T);
+/// Query and path extractors whose rejection uses the API's error shape.
+macro_rules! api_extractor {
+    ($(#[$doc:meta])* $name:ident, $bounds:path) => {
+        $(#[$doc])*
+        pub struct $name<T>(pub T);
 
-impl<S, T> axum::extract::FromRequestParts<S> for Query<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
+        impl<S, T> axum::extract::FromRequestParts<S> for $name<T>
+        where
+            T: DeserializeOwned + Send,
+            S: Send + Sync,
+        {
+            type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Query(value)| Self(value))
-            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))
-    }
+            async fn from_request_parts(
+                parts: &mut axum::http::request::Parts,
+                state: &S,
+            ) -> Result<Self, Self::Rejection> {
+                <$bounds>::from_request_parts(parts, state)
+                    .await
+                    .map(|value| Self(value.0))
+                    .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))
+            }
+        }
+    };
 }
 
-/// `axum::extract::Path` whose rejection uses the API's error shape.
-pub struct Path<T>(pub T);
-
-impl<S, T> axum::extract::FromRequestParts<S> for Path<T>
-where
-    T: DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Path(value)| Self(value))
-            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))
-    }
-}
+api_extractor!(
+    /// `axum::extract::Query` whose rejection uses the API's error shape.
+    Query,
+    axum::extract::Query<T>
+);
+api_extractor!(
+    /// `axum::extract::Path` whose rejection uses the API's error shape.
+    Path,
+    axum::extract::Path<T>
+);

@@ -51,6 +51,18 @@ pub struct AccountStats {
     pub refunded_cents: i64,
 }
 
+impl AccountStats {
+    /// Adds another partition's totals (for the ledger over all partitions).
+    pub fn add(&mut self, other: &Self) {
+        self.account_count += other.account_count;
+        self.funded_cents += other.funded_cents;
+        self.balance_sum_cents += other.balance_sum_cents;
+        self.debited_cents += other.debited_cents;
+        self.credited_cents += other.credited_cents;
+        self.refunded_cents += other.refunded_cents;
+    }
+}
+
 pub struct Accounts;
 
 impl Processor for Accounts {

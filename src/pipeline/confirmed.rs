@@ -40,6 +40,27 @@ pub struct ConfirmedStats {
     pub windows: WindowStats,
 }
 
+impl ConfirmedStats {
+    /// Adds another partition's totals; its `today_*` count only when it
+    /// counts the day `self.today_day` names (windows are not added).
+    pub fn add(&mut self, other: &Self) {
+        self.confirmed_count += other.confirmed_count;
+        self.confirmed_amount_cents += other.confirmed_amount_cents;
+        if other.today_day == self.today_day {
+            self.today_count += other.today_count;
+            self.today_amount_cents += other.today_amount_cents;
+        }
+        self.rejected_count += other.rejected_count;
+        self.reversed_count += other.reversed_count;
+        for (reason, n) in &other.rejected_by_reason {
+            *self.rejected_by_reason.entry(reason.clone()).or_default() += n;
+        }
+        for (reason, n) in &other.reversed_by_reason {
+            *self.reversed_by_reason.entry(reason.clone()).or_default() += n;
+        }
+    }
+}
+
 pub struct Confirmed;
 
 impl Processor for Confirmed {

@@ -39,6 +39,16 @@ pub struct InflightStats {
     pub duplicate_count: u64,
 }
 
+impl InflightStats {
+    /// Adds another partition's statistics (for totals over all partitions).
+    pub fn add(&mut self, other: &Self) {
+        self.inflight_count += other.inflight_count;
+        self.inflight_amount_cents += other.inflight_amount_cents;
+        self.admitted_count += other.admitted_count;
+        self.duplicate_count += other.duplicate_count;
+    }
+}
+
 pub struct Inflight;
 
 impl Processor for Inflight {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{Runtime, RuntimeError};
 use crate::model::{now_ms, partition_for, SourceTopic};
@@ -40,56 +41,32 @@ impl Runtime {
                 .all(|t| t.caught_up.load(Ordering::Relaxed))
     }
 
+    /// Inflight totals over all partitions.
     pub fn inflight_totals(&self) -> InflightStats {
-        let mut total = InflightStats::default();
-        for task in &self.core.inflight {
-            let stats = task.stats.read().expect("stats lock");
-            total.inflight_count += stats.inflight_count;
-            total.inflight_amount_cents += stats.inflight_amount_cents;
-            total.admitted_count += stats.admitted_count;
-            total.duplicate_count += stats.duplicate_count;
-        }
-        total
+        fold_stats(
+            &self.core.inflight,
+            InflightStats::default(),
+            InflightStats::add,
+        )
     }
 
+    /// Business totals over all partitions; `today_*` for the current UTC day.
     pub fn confirmed_totals(&self) -> ConfirmedStats {
-        let mut total = ConfirmedStats::default();
-        let today = now_ms().div_euclid(MS_PER_DAY);
-        for task in &self.core.confirmed {
-            let stats = task.stats.read().expect("stats lock");
-            total.confirmed_count += stats.confirmed_count;
-            total.confirmed_amount_cents += stats.confirmed_amount_cents;
-            if stats.today_day == today {
-                total.today_count += stats.today_count;
-                total.today_amount_cents += stats.today_amount_cents;
-            }
-            total.rejected_count += stats.rejected_count;
-            total.reversed_count += stats.reversed_count;
-            for (reason, n) in &stats.rejected_by_reason {
-                *total.rejected_by_reason.entry(reason.clone()).or_default() += n;
-            }
-            for (reason, n) in &stats.reversed_by_reason {
-                *total.reversed_by_reason.entry(reason.clone()).or_default() += n;
-            }
-        }
-        total.today_day = today;
-        total
+        let today = ConfirmedStats {
+            today_day: now_ms().div_euclid(MS_PER_DAY),
+            ..ConfirmedStats::default()
+        };
+        fold_stats(&self.core.confirmed, today, ConfirmedStats::add)
     }
 
     /// Account totals over all partitions, read as one consistent snapshot.
     pub fn ledger(&self) -> AccountStats {
         let _exclusive = self.core.apply_gate.write().expect("apply gate");
-        let mut total = AccountStats::default();
-        for task in &self.core.accounts {
-            let s = task.stats.read().expect("stats lock");
-            total.account_count += s.account_count;
-            total.funded_cents += s.funded_cents;
-            total.balance_sum_cents += s.balance_sum_cents;
-            total.debited_cents += s.debited_cents;
-            total.credited_cents += s.credited_cents;
-            total.refunded_cents += s.refunded_cents;
-        }
-        total
+        fold_stats(
+            &self.core.accounts,
+            AccountStats::default(),
+            AccountStats::add,
+        )
     }
 
     pub fn account(&self, id: &str) -> Result<Option<Account>, RuntimeError> {
@@ -142,6 +119,18 @@ impl Runtime {
         positions_of(&core.control, &mut all);
         all
     }
+}
+
+/// The statistics of every partition of a processor, added up.
+fn fold_stats<P: Processor>(
+    tasks: &[Arc<TaskView<P>>],
+    mut total: P::Stats,
+    add: impl Fn(&mut P::Stats, &P::Stats),
+) -> P::Stats {
+    for task in tasks {
+        add(&mut total, &task.stats.read().expect("stats lock"));
+    }
+    total
 }
 
 fn positions_of<P: Processor>(task: &TaskView<P>, into: &mut Vec<InputPosition>) {

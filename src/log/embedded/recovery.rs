@@ -244,7 +244,9 @@ mod tests {
 
     use super::*;
     use crate::log::embedded::frame::frame_bytes;
-    use crate::log::embedded::test_support::{flip_byte, read_all, records, segment_files, values};
+    use crate::log::embedded::test_support::{
+        flip_byte, read_all, records, segment_files, small_segments, values,
+    };
     use crate::log::embedded::EmbeddedLog;
     use crate::log::{Log, Record, TopicPartition};
 
@@ -320,10 +322,7 @@ mod tests {
     #[tokio::test]
     async fn corruption_in_an_older_segment_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = EmbeddedLogConfig {
-            segment_bytes: 300,
-            ..EmbeddedLogConfig::with_dir(dir.path())
-        };
+        let config = small_segments(dir.path(), 300);
         write_and_close(&config, 20).await;
         let files = segment_files(dir.path());
         assert!(

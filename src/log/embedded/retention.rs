@@ -168,7 +168,7 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use crate::log::embedded::test_support::{records, segment_files};
+    use crate::log::embedded::test_support::{records, segment_files, small_segments};
     use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
     use crate::log::{Log, LogError, TopicPartition};
 
@@ -238,10 +238,7 @@ mod tests {
     #[tokio::test]
     async fn retention_deletes_released_segments() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = EmbeddedLogConfig {
-            segment_bytes: 400,
-            ..EmbeddedLogConfig::with_dir(dir.path())
-        };
+        let config = small_segments(dir.path(), 400);
         let log = EmbeddedLog::open(config.clone()).expect("open");
         let tps = fill_for_retention(&log).await;
         let files_before = segment_files(dir.path()).len();

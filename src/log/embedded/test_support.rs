@@ -10,8 +10,16 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use super::segment::SEGMENT_EXTENSION;
-use super::EmbeddedLog;
+use super::{EmbeddedLog, EmbeddedLogConfig};
 use crate::log::{Log, Record, StoredRecord, TopicPartition};
+
+/// A log under `dir` with small segments, so that a few records fill several.
+pub(super) fn small_segments(dir: &Path, segment_bytes: u64) -> EmbeddedLogConfig {
+    EmbeddedLogConfig {
+        segment_bytes,
+        ..EmbeddedLogConfig::with_dir(dir)
+    }
+}
 
 /// One record with the given key, value and timestamp.
 pub(super) fn record(key: &str, value: &str, timestamp_ms: i64) -> Record {

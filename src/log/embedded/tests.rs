@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::test_support::{read_all, record, records, segment_files, values};
+use super::test_support::{read_all, record, records, segment_files, small_segments, values};
 use super::{EmbeddedLog, EmbeddedLogConfig};
 use crate::log::{Log, LogError, Record, TopicPartition};
 
@@ -62,10 +62,7 @@ async fn round_trip_across_topics_and_partitions() {
 #[tokio::test]
 async fn reopen_keeps_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = EmbeddedLogConfig {
-        segment_bytes: 700,
-        ..EmbeddedLogConfig::with_dir(dir.path())
-    };
+    let config = small_segments(dir.path(), 700);
     let tp0 = TopicPartition::new("a", 0);
     let tp1 = TopicPartition::new("a", 1);
     {
