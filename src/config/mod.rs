@@ -10,6 +10,7 @@
 //! Config owns its types and its limits, and imports nothing but `model`:
 //! every layer above reads it.
 
+pub mod hosts;
 mod sections;
 mod tokens;
 mod validate;
@@ -176,6 +177,14 @@ mod tests {
                 "limits.max_amount_cents",
             ),
             ("[server]\nlisten = \"nowhere\"\n", "listen"),
+            (
+                "[server]\nallowed_hosts = [\"kpay.internal:8080\"]\n",
+                "server.allowed_hosts",
+            ),
+            (
+                "[server]\nallowed_origins = [\"https://ops.example/\"]\n",
+                "server.allowed_origins",
+            ),
         ];
         for (text, key) in cases {
             let path = write(dir.path(), text);

@@ -65,6 +65,12 @@ pub struct ServerConfig {
     pub static_dir: PathBuf,
     /// Reads need a token too (any role).
     pub protect_reads: bool,
+    /// Host names (or addresses) besides the loopback ones that protected
+    /// mode answers, with any port; checked against every request's `Host`.
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`http(s)://host[:port]`) of a dashboard served elsewhere:
+    /// they get CORS answers, and in protected mode may change state.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -262,6 +268,8 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             static_dir: PathBuf::from("static"),
             protect_reads: false,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The checks a loaded configuration must pass before anything starts: one
 //! function per section, each error naming the key at fault.
 
+use super::hosts::{host_name, origin_authority, MAX_ALLOWED_ENTRIES};
 use super::{BackendKind, Config, ConfigError, KafkaConfig};
 
 /// Most rows in one store batch (`data.store_batch_rows`).
@@ -39,7 +40,7 @@ impl Config {
         if self.tokens.is_empty() && self.server.protect_reads {
             return invalid("server.protect_reads", "needs tokens (KPAY_TOKENS)");
         }
-        Ok(())
+        validate_allowed_lists(&self.server)
     }
 
     fn validate_log(&self) -> Checked {
@@ -131,6 +132,38 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `server.allowed_hosts` holds names without a port, `server.allowed_origins`
+/// holds `http(s)://host[:port]`, and neither is longer than the bound.
+fn validate_allowed_lists(server: &super::ServerConfig) -> Checked {
+    if server.allowed_hosts.len() > MAX_ALLOWED_ENTRIES {
+        return invalid("server.allowed_hosts", "at most 64 entries");
+    }
+    if let Some(bad) = server
+        .allowed_hosts
+        .iter()
+        .find(|h| host_name(h) != Some(h.as_str()))
+    {
+        return invalid(
+            "server.allowed_hosts",
+            format!("{bad:?} is not a host name or address without a port (IPv6 in brackets)"),
+        );
+    }
+    if server.allowed_origins.len() > MAX_ALLOWED_ENTRIES {
+        return invalid("server.allowed_origins", "at most 64 entries");
+    }
+    if let Some(bad) = server
+        .allowed_origins
+        .iter()
+        .find(|o| origin_authority(o).is_none())
+    {
+        return invalid(
+            "server.allowed_origins",
+            format!("{bad:?} is not an origin: http://host[:port] or https://host[:port]"),
+        );
+    }
+    Ok(())
 }
 
 fn validate_kafka(kafka: &KafkaConfig) -> Checked {
