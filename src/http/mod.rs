@@ -9,6 +9,7 @@ pub mod generator;
 pub mod health;
 pub mod metrics;
 pub mod ops;
+pub mod origin;
 pub mod payments;
 pub mod stream;
 
@@ -104,6 +105,14 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            origin::cors,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            origin::guard,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             audit_changes,
         ))
         .layer(axum::middleware::from_fn(count_requests));
@@ -120,7 +129,11 @@ fn with_error_responses(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::O
     let common = [
         ("400", "Invalid request: query, path or body"),
         ("401", "Missing or unknown bearer token"),
-        ("403", "The token's role may not do this"),
+        (
+            "403",
+            "The token's role may not do this; or, with no token configured, a foreign Host \
+             (forbidden_host) or a change from another site (forbidden_origin)",
+        ),
         ("404", "Not found"),
         ("413", "Request body larger than the limit"),
         ("415", "Body is not JSON (Content-Type: application/json)"),
@@ -243,8 +256,14 @@ async fn count_requests(
 
 /// The whole application: API, Swagger UI and the static web UI.
 pub fn app(state: State, static_dir: PathBuf) -> Router {
-    let (router, api) = api(state);
-    router
+    let (router, api) = api(state.clone());
+    // The API checks Host inside its audit layer; the rest needs the check too.
+    let rest = Router::new()
         .merge(SwaggerUi::new("/swagger-ui").url("/api-docs/openapi.json", api))
         .fallback_service(ServeDir::new(static_dir))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            origin::guard_host,
+        ));
+    router.merge(rest)
 }
