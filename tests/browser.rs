@@ -8,72 +8,18 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, get, post, skip_or_fail_in_ci, wait_until, TestServer};
-use fantoccini::{Client, ClientBuilder, Locator};
+use common::browser::{browser, chromium_present, Driver, CHROMEDRIVER, CHROMIUM};
+use common::{get, post, skip_or_fail_in_ci, TestServer};
+use fantoccini::{Client, Locator};
 use kpay::model::{codec, now_ms, Envelope, Event, SourceTopic};
 use serde_json::{json, Value};
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
 fn shots() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// chromedriver on a free port, stopped when dropped.
-struct Driver {
-    child: Child,
-    url: String,
-}
-
-impl Driver {
-    async fn start() -> Self {
-        let port = free_port();
-        let child = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
-        let url = format!("http://127.0.0.1:{port}");
-        let status = format!("{url}/status");
-        wait_until(Duration::from_secs(20), || async {
-            reqwest::get(&status).await.is_ok()
-        })
-        .await;
-        Self { child, url }
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn browser(driver: &Driver) -> Client {
-    let mut capabilities = serde_json::Map::new();
-    capabilities.insert(
-        "goog:chromeOptions".into(),
-        json!({
-            "binary": CHROMIUM,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-background-networking", "--disable-dev-shm-usage",
-                     "--window-size=1280,800"],
-        }),
-    );
-    ClientBuilder::rustls()
-        .expect("rustls")
-        .capabilities(capabilities)
-        .connect(&driver.url)
-        .await
-        .expect("a Chromium session")
 }
 
 /// Waits until `check` holds, polling every 100 ms.
@@ -151,10 +97,6 @@ async fn page_errors(client: &Client) -> Vec<String> {
         .await
         .unwrap_or(Value::Null);
     serde_json::from_value(value).unwrap_or_else(|_| vec!["unreadable".into()])
-}
-
-fn chromium_present() -> bool {
-    Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
