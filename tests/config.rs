@@ -58,3 +58,39 @@ fn section_keys_and_shortcuts_are_still_checked() {
         assert!(!ok && lower.contains(named), "{key}={value}: {stderr}");
     }
 }
+
+#[test]
+fn allowed_hosts_and_origins_are_arrays_in_the_environment() {
+    // KPAY_SERVER__ALLOWED_HOSTS and KPAY_SERVER__ALLOWED_ORIGINS take TOML arrays; a bad entry or a bare string stops the start and names the key.
+    let good = [
+        (
+            "KPAY_SERVER__ALLOWED_HOSTS",
+            r#"["kpay.internal", "[fd00::1]"]"#,
+        ),
+        ("KPAY_SERVER__ALLOWED_ORIGINS", r#"["https://ops.example"]"#),
+    ];
+    let (_, stderr) = stderr_with(&good);
+    assert!(!stderr.contains("config"), "{stderr}");
+    let cases = [
+        (
+            "KPAY_SERVER__ALLOWED_HOSTS",
+            r#"["kpay.internal:8080"]"#,
+            "server.allowed_hosts",
+        ),
+        (
+            "KPAY_SERVER__ALLOWED_ORIGINS",
+            r#"["https://ops.example/app"]"#,
+            "server.allowed_origins",
+        ),
+        (
+            "KPAY_SERVER__ALLOWED_ORIGINS",
+            "https://ops.example",
+            "allowed_origins",
+        ),
+    ];
+    for (key, value, named) in cases {
+        let (ok, stderr) = stderr_with(&[(key, value)]);
+        let lower = stderr.to_lowercase();
+        assert!(!ok && lower.contains(named), "{key}={value}: {stderr}");
+    }
+}
