@@ -32,6 +32,17 @@ use crate::config::ServerConfig;
 /// How long a browser may cache a preflight answer.
 const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
 
+/// Longest part of a refused `Host` or `Origin` echoed in the answer and
+/// the log: a client picks these values, and their size is its choice too.
+const MAX_ECHOED_CHARS: usize = 100;
+
+/// `value` for a message, cut to [`MAX_ECHOED_CHARS`] and quoted.
+fn echoed(value: &str) -> String {
+    let cut: String = value.chars().take(MAX_ECHOED_CHARS).collect();
+    let more = if cut.len() < value.len() { "…" } else { "" };
+    format!("{cut:?}{more}")
+}
+
 /// Why a request was refused; answered as 403 with its own code.
 #[derive(Debug, PartialEq, Eq)]
 enum Refusal {
@@ -68,7 +79,7 @@ fn addressed_host(request: &Request) -> Option<&str> {
 /// The Host check: `Ok` with the host when it is a loopback one or listed.
 fn check_host<'a>(host: Option<&'a str>, server: &ServerConfig) -> Result<&'a str, Refusal> {
     let Some(host) = host else {
-        return Err(Refusal::Host("the request has no Host header".into()));
+        return Err(Refusal::Host("the request has no valid Host header".into()));
     };
     let listed = |name: &str| {
         let allowed = &server.allowed_hosts;
@@ -77,8 +88,9 @@ fn check_host<'a>(host: Option<&'a str>, server: &ServerConfig) -> Result<&'a st
     match host_name(host) {
         Some(name) if is_loopback_name(name) || listed(name) => Ok(host),
         _ => Err(Refusal::Host(format!(
-            "Host {host:?} is neither a loopback name or address nor listed in \
-             server.allowed_hosts; with no token configured kpay answers local names only"
+            "Host {} is neither a loopback name or address nor listed in \
+             server.allowed_hosts; with no token configured kpay answers local names only",
+            echoed(host)
         ))),
     }
 }
@@ -111,8 +123,9 @@ fn check_origin(headers: &HeaderMap, host: &str, server: &ServerConfig) -> Resul
         return Ok(());
     }
     Err(Refusal::Origin(format!(
-        "a change from Origin {origin:?} is refused: it is not this server's origin nor \
-         listed in server.allowed_origins, and no token is configured"
+        "a change from Origin {} is refused: it is not this server's origin nor \
+         listed in server.allowed_origins, and no token is configured",
+        echoed(&origin)
     )))
 }
 
@@ -303,5 +316,14 @@ mod tests {
         assert_eq!(code(refusal(&two, &server, true)), "forbidden_origin");
         let foreign = request(Method::POST, &[local, ("origin", "http://evil.example")]);
         assert_eq!(code(refusal(&foreign, &server, false)), "allowed");
+        let long = format!("http://{}.example", "a".repeat(5_000));
+        let Some(Refusal::Origin(message)) = refusal(
+            &request(Method::POST, &[local, ("origin", &long)]),
+            &server,
+            true,
+        ) else {
+            panic!("a long foreign origin must be refused");
+        };
+        assert!(message.len() < 400, "{message}");
     }
 }
