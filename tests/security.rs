@@ -4,13 +4,14 @@
 //! curl and the dashboard keep working; with tokens only the token counts;
 //! CORS is answered for `server.allowed_origins` only. The last test has a
 //! page in headless Chromium, served from another local port, try to pause
-//! kpay.
+//! kpay, and has Chromium resolve a name of its own to 127.0.0.1 as a
+//! DNS-rebinding attacker's server would.
 
 mod common;
 
 use std::time::Duration;
 
-use common::browser::{browser, chromium_present, Driver};
+use common::browser::{browser_with, chromium_present, Driver};
 use common::{get, skip_or_fail_in_ci, wait_until, TestServer};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
@@ -373,11 +374,11 @@ async fn serve_attacking_page(target: String) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_page_on_another_port_cannot_pause_kpay() {
-    // In headless Chromium, a page served from another local port sends a no-cors POST to pause kpay: the request arrives, is refused, and kpay keeps running.
+async fn pages_of_other_sites_cannot_use_kpay_in_chromium() {
+    // In headless Chromium, a page served from another local port sends a no-cors POST to pause kpay: the request arrives, is refused, and kpay keeps running; and a rebound name (resolving to 127.0.0.1) gets forbidden_host.
     if !chromium_present() {
         skip_or_fail_in_ci(
-            "a_page_on_another_port_cannot_pause_kpay",
+            "pages_of_other_sites_cannot_use_kpay_in_chromium",
             "chromium or chromedriver not found (apt-get install chromium chromium-driver)",
         );
         return;
@@ -385,7 +386,10 @@ async fn a_page_on_another_port_cannot_pause_kpay() {
     let (server, c) = TestServer::builder().start().await;
     let page = serve_attacking_page(server.url("/api/v1/control/pause")).await;
     let driver = Driver::start().await;
-    let client = browser(&driver).await;
+    // A DNS-rebinding page's name resolves to 127.0.0.1; the resolver rule
+    // plays its DNS server.
+    let rule = "--host-resolver-rules=MAP rebind.example 127.0.0.1";
+    let client = browser_with(&driver, &[rule]).await;
     client.goto(&page).await.expect("open the page");
     let mut title = String::new();
     for _ in 0..100 {
@@ -395,8 +399,16 @@ async fn a_page_on_another_port_cannot_pause_kpay() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let port = server.base.rsplit(':').next().unwrap().to_owned();
+    let rebound = format!("http://rebind.example:{port}/api/v1/control/status");
+    client.goto(&rebound).await.expect("open the rebound name");
+    let shown = client.source().await.unwrap_or_default();
     let _ = client.close().await;
     assert_eq!(title, "sent", "the page's request did not complete");
+    assert!(
+        shown.contains("forbidden_host"),
+        "the rebound name was answered: {shown}"
+    );
     // The request reached kpay (so the test is not passing for want of it)
     // and was refused.
     let pause = (

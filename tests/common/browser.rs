@@ -49,15 +49,25 @@ impl Drop for Driver {
 
 /// A headless Chromium session, 1280 by 800, driven by `driver`.
 pub async fn browser(driver: &Driver) -> Client {
+    browser_with(driver, &[]).await
+}
+
+/// Like [`browser`], with more command-line switches for Chromium (such as
+/// `--host-resolver-rules`, to give a name of the test's own an address).
+pub async fn browser_with(driver: &Driver, extra_args: &[&str]) -> Client {
+    let mut args = vec![
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,800",
+    ];
+    args.extend_from_slice(extra_args);
     let mut capabilities = serde_json::Map::new();
     capabilities.insert(
         "goog:chromeOptions".into(),
-        json!({
-            "binary": CHROMIUM,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-background-networking", "--disable-dev-shm-usage",
-                     "--window-size=1280,800"],
-        }),
+        json!({"binary": CHROMIUM, "args": args}),
     );
     ClientBuilder::rustls()
         .expect("rustls")
