@@ -333,13 +333,18 @@ async fn cors_is_answered_for_allowed_origins_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_origins_may_act_in_protected_mode() {
-    // In protected mode a listed origin may change state and gets CORS headers; an unlisted one is still refused.
+    // In protected mode a listed origin may change state, though its page is cross-site; an unlisted one is still refused.
     let (server, c) = TestServer::builder()
         .config(|c| c.server.allowed_origins = vec!["http://dashboard.example:3000".into()])
         .start()
         .await;
     let pause = "/api/v1/control/pause?wait=true";
-    let listed = [("origin", "http://dashboard.example:3000")];
+    // A dashboard on another site is cross-site by definition; listing it is
+    // the operator's word that it may act.
+    let listed = [
+        ("origin", "http://dashboard.example:3000"),
+        ("sec-fetch-site", "cross-site"),
+    ];
     let (status, body) = send(&c, &server, Method::POST, pause, &listed).await;
     assert_eq!(status, 200, "{body}");
     let other = [("origin", "http://dashboard.example:3001")];

@@ -6,8 +6,9 @@
 //! - every request needs a `Host` that is a loopback name or address, or is
 //!   listed in `server.allowed_hosts` (else 403 `forbidden_host`);
 //! - a change (any method but GET, HEAD, OPTIONS) is refused with 403
-//!   `forbidden_origin` when it carries `Sec-Fetch-Site: cross-site` or an
-//!   `Origin` that is neither the server's own nor in `server.allowed_origins`.
+//!   `forbidden_origin` when it carries an `Origin` that is neither the
+//!   server's own nor in `server.allowed_origins`, or carries
+//!   `Sec-Fetch-Site: cross-site` without a listed `Origin`.
 //!
 //! curl sends no `Origin` and the dashboard sends its own, so both work.
 //! With tokens neither check applies: a browser never sends a bearer token
@@ -102,24 +103,27 @@ fn is_listed(origin: &str, server: &ServerConfig) -> bool {
 }
 
 /// The Origin check of a change whose Host passed: no `Origin` (curl), the
-/// server's own (scheme http(s), same host and port) or a listed one.
+/// server's own (scheme http(s), same host and port) or a listed one, and
+/// no `Sec-Fetch-Site: cross-site` unless the origin is listed (a listed
+/// dashboard on another site is cross-site by definition).
 fn check_origin(headers: &HeaderMap, host: &str, server: &ServerConfig) -> Result<(), Refusal> {
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let (first, second) = (origins.next(), origins.next());
+    let origin = first.map(|o| String::from_utf8_lossy(o.as_bytes()));
+    let listed = second.is_none() && origin.as_deref().is_some_and(|o| is_listed(o, server));
     let fetch_site = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
-    if fetch_site.is_some_and(|site| site.eq_ignore_ascii_case(b"cross-site")) {
+    if !listed && fetch_site.is_some_and(|site| site.eq_ignore_ascii_case(b"cross-site")) {
         return Err(Refusal::Origin(
             "a change sent by another site's page (Sec-Fetch-Site: cross-site) is refused \
              when no token is configured"
                 .into(),
         ));
     }
-    let mut origins = headers.get_all(header::ORIGIN).iter();
-    let (first, second) = (origins.next(), origins.next());
-    let Some(origin) = first else {
+    let Some(origin) = origin else {
         return Ok(());
     };
-    let origin = String::from_utf8_lossy(origin.as_bytes());
     let own = origin_authority(&origin).is_some_and(|a| a.eq_ignore_ascii_case(host));
-    if second.is_none() && (own || is_listed(&origin, server)) {
+    if listed || (second.is_none() && own) {
         return Ok(());
     }
     Err(Refusal::Origin(format!(
