@@ -61,7 +61,8 @@ pub async fn start_on(
 }
 
 /// Runs the whole system on `listener` until `stop` resolves (or a task
-/// fails), then shuts down in order: HTTP intake, drain, processors, store.
+/// fails for good), then shuts down in order: HTTP intake, drain,
+/// processors, store. Stopped by an error, it returns that error.
 pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
@@ -87,6 +88,10 @@ pub async fn serve(
         .with_graceful_shutdown(stop)
         .await?;
     state.runtime.shutdown().await?;
+    // Stopped by an error rather than asked to: the caller exits non-zero.
+    if let Some(reason) = state.runtime.failure() {
+        anyhow::bail!("stopped on an error: {reason}");
+    }
     tracing::info!("kpay stopped cleanly");
     Ok(())
 }
