@@ -87,11 +87,13 @@ pub async fn serve(
     axum::serve(listener, service)
         .with_graceful_shutdown(stop)
         .await?;
-    state.runtime.shutdown().await?;
-    // Stopped by an error rather than asked to: the caller exits non-zero.
+    let stopped = state.runtime.shutdown().await;
+    // Stopped by an error rather than asked to: the caller exits non-zero
+    // with that first reason (the shutdown may fail for the same cause).
     if let Some(reason) = state.runtime.failure() {
         anyhow::bail!("stopped on an error: {reason}");
     }
+    stopped?;
     tracing::info!("kpay stopped cleanly");
     Ok(())
 }
