@@ -1,4 +1,4 @@
-//! No record stops kpay: a record of any size, on any input topic, at and
+//! No record stops kpay: a record of any size, on any topic, at and
 //! over every size limit it meets (the codec's event limit, the dead
 //! letter's kept prefix, the log's record limit, all of it in the key), is
 //! dead-lettered in bounded form and the pipeline flows on, on both
@@ -62,12 +62,16 @@ async fn every_size_on_every_topic(server: TestServer, client: reqwest::Client, 
     let keep = server.config().limits.dead_letter_value_bytes;
     let log_limit = EmbeddedLogConfig::default().max_record_bytes;
     let topics = server.runtime().topics().clone();
-    // (topic, how many processors read it)
+    // (topic, how many processors read it): the inputs, and topics only
+    // written by kpay, where a record is read by no task.
     let inputs = [
         (topics.incoming.clone(), 1),
         (topics.inflight.clone(), 1),
         (topics.complete.clone(), 2),
         (topics.commands.clone(), 1),
+        (topics.confirmed.clone(), 0),
+        (topics.audit.clone(), 0),
+        (topics.logs.clone(), 0),
     ];
     // (where the record sits, its value's length and SHA-256)
     let mut expected: Vec<(String, u64, String)> = Vec::new();
@@ -208,6 +212,21 @@ async fn the_900_kb_record_of_the_report_is_dead_lettered_in_part_and_replayed_o
         letter["reason"].as_str().unwrap().contains("event limit"),
         "{letter}"
     );
+    let dlq = server.runtime().topics().dlq.clone();
+    let tp = TopicPartition::new(dlq, partition.as_u64().unwrap() as u32);
+    let published = server.runtime().log().read(&tp, 0, 10).await.unwrap();
+    println!(
+        "dead letter of the 900,000-byte record: {} bytes on the DLQ topic, {} as listed",
+        published[0].record.value.len(),
+        letter.to_string().len()
+    );
+    assert!(published[0].record.value.len() < letter_bound(keep));
+    // The OpenAPI document describes the new fields.
+    let (_, openapi) = get(&client, &server.url("/api-docs/openapi.json")).await;
+    let schema = &openapi["components"]["schemas"]["DeadLetter"]["properties"];
+    for field in ["value_hex", "value_bytes", "value_sha256", "truncated"] {
+        assert!(schema[field].is_object(), "{field} missing: {schema}");
+    }
     payments_flow(&client, &server, "after-poison").await;
 
     let server = server.restart().await;
