@@ -288,6 +288,7 @@ async fn a_task_failing_for_another_reason_is_restarted_with_backoff_and_reporte
         .find(|l| l.starts_with("kpay_task_restarts_total{processor=\"account\"}"))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no restart counter: {text}"));
+    println!("account task restarts within 3 s of the corrupt row: {restarts}");
     assert!((2.0..=8.0).contains(&restarts), "restarts: {restarts}");
     let errors = server.url("/api/v1/logs/errors?level=error");
     wait_until(Duration::from_secs(5), || async {
