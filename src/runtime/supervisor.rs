@@ -8,7 +8,8 @@
 //! Which errors stop kpay instead: a full state store (sled refuses every
 //! write after an IO error until it is reopened, so no retry can succeed in
 //! this process), any failure while replaying for `kpay rebuild`, and a
-//! failure of the final checkpoint while stopping. Each records the reason
+//! failure of the final checkpoint while stopping (the log being away
+//! then is no failure: what was not appended is produced at the next start). Each records the reason
 //! ([`Core::fail`]) and the process exits non-zero with it. Everything else
 //! (a log or store error, a corrupt row) is retried: the task's outputs and
 //! checkpoint are idempotent, so a restart from the checkpoint applies each
@@ -65,6 +66,14 @@ pub(super) fn spawn_task<P: Processor>(
                 Err(error) => Err(error),
             };
             let Err(error) = result else { return };
+            let log_away = matches!(&error, RuntimeError::Log(e) if e.is_transient());
+            if log_away && core.processors_stop.is_cancelled() {
+                // Asked to stop while the log was away: what was not appended
+                // is produced again at the next start, as after a crash.
+                tracing::warn!(processor = P::NAME, partition = task.partition, %error,
+                    "task stopped with outputs not appended");
+                return;
+            }
             if let Some(reason) = fatal(&core, until.is_some(), &error) {
                 stop_after_failure(&core, P::NAME, task.partition, reason);
                 return;
