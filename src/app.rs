@@ -61,7 +61,8 @@ pub async fn start_on(
 }
 
 /// Runs the whole system on `listener` until `stop` resolves (or a task
-/// fails), then shuts down in order: HTTP intake, drain, processors, store.
+/// fails for good), then shuts down in order: HTTP intake, drain,
+/// processors, store. Stopped by an error, it returns that error.
 pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
@@ -86,7 +87,13 @@ pub async fn serve(
     axum::serve(listener, service)
         .with_graceful_shutdown(stop)
         .await?;
-    state.runtime.shutdown().await?;
+    let stopped = state.runtime.shutdown().await;
+    // Stopped by an error rather than asked to: the caller exits non-zero
+    // with that first reason (the shutdown may fail for the same cause).
+    if let Some(reason) = state.runtime.failure() {
+        anyhow::bail!("stopped on an error: {reason}");
+    }
+    stopped?;
     tracing::info!("kpay stopped cleanly");
     Ok(())
 }

@@ -10,6 +10,8 @@
 //!   itself once the filler is deleted, and after a restart every acknowledged
 //!   payment has exactly one terminal state, no refused payment exists, every
 //!   balance matches the confirmed payments and the ledger holds.
+//! - A state store whose device fills up stops kpay with a non-zero exit
+//!   status and the reason on stderr (sled refuses every write after that).
 //!
 //! Mounting needs root (CI runs as root). Without it the tests say they are
 //! skipped and why; in CI that is a failure.
@@ -352,4 +354,47 @@ async fn payments_on_a_full_disk_get_507_lose_nothing_and_intake_recovers_by_its
         recovery.as_millis(),
         started.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_store_stops_the_binary_with_a_non_zero_exit_and_the_reason() {
+    // With only the state store on a tmpfs that fills up (the log has room), kpay cannot go on: it stops by itself, exits non-zero and says why on stderr.
+    let test = "a_full_state_store_stops_the_binary_with_a_non_zero_exit_and_the_reason";
+    let Some(tmpfs) = mount_or_skip(test, 8) else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmpfs.path().join("state")).unwrap();
+    std::os::unix::fs::symlink(tmpfs.path().join("state"), data.path().join("state")).unwrap();
+    let env = [
+        ("KPAY_PIPELINE__COMMIT_INTERVAL_MS", "100"),
+        ("KPAY_PIPELINE__FLUSH_INTERVAL_MS", "100"),
+    ];
+    let output = data.path().join("output.txt");
+    let mut server = Binary::spawn_logged(data.path(), &env, &output);
+    server.wait_ready().await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    traffic::open_accounts(&client, &server.base).await;
+    let _filler = tmpfs.fill_leaving(0);
+    let ledger = Arc::new(Mutex::new(Ledger::with_refusals()));
+    let driver = Driver::start(&server.base, &ledger, 0);
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = server.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "still running with a full state store"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    driver.stop().await;
+    let said = std::fs::read_to_string(&output).unwrap();
+    assert!(!exit.success(), "exit: {exit:?}\n{said}");
+    assert!(said.contains("kpay: stopped on an error"), "{said}");
+    assert!(said.contains("ran out of space"), "{said}");
 }

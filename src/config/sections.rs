@@ -243,6 +243,9 @@ pub struct LimitsConfig {
     /// new ones are still published to the DLQ topic, counted and logged.
     /// Replayed entries are kept up to the same bound, oldest dropped first.
     pub dlq_entries: usize,
+    /// Most bytes of a dead-lettered record's value kept in its dead letter;
+    /// a longer value keeps this prefix, its length and its SHA-256.
+    pub dead_letter_value_bytes: usize,
     /// Newest WARN and ERROR log events kept in the store.
     pub error_log_entries: usize,
     /// How long a settled payment is kept for lookup and deduplication,
@@ -365,6 +368,7 @@ impl Default for LimitsConfig {
             max_page_items: 1_000,
             audit_entries: 100_000,
             dlq_entries: 10_000,
+            dead_letter_value_bytes: 4_096,
             error_log_entries: 10_000,
             payment_retention_seconds: 3_600,
         }

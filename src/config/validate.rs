@@ -117,6 +117,15 @@ impl Config {
         if limits.max_batch_payments == 0 || limits.max_page_items == 0 {
             return invalid("limits.max_batch_payments", "limits must be at least 1");
         }
+        // At most one event's worth: every record that could decode is then
+        // kept whole, and a letter stays far below the log's record limit.
+        let most = crate::model::codec::MAX_EVENT_BYTES;
+        if !(16..=most).contains(&limits.dead_letter_value_bytes) {
+            return invalid(
+                "limits.dead_letter_value_bytes",
+                format!("must be between 16 and {most}"),
+            );
+        }
         Ok(())
     }
 

@@ -33,7 +33,8 @@ async fn healthz() -> Json<Health> {
 
 /// Readiness: the log answers, the data directory's device has room (free
 /// space above `data.min_free_bytes`, and the last write did not find it
-/// full), and every processor has caught up with the log as it was at start.
+/// full), no processor is down (failed, waiting to be restarted), and every
+/// processor has caught up with the log as it was at start.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Health), (status = 503, body = super::error::ErrorBody)))]
 async fn readyz(Extract(state): Extract<State>) -> Result<(StatusCode, Json<Health>), ApiError> {
@@ -43,6 +44,11 @@ async fn readyz(Extract(state): Extract<State>) -> Result<(StatusCode, Json<Heal
     if let Some(reason) = state.runtime.space().shortage() {
         return Err(ApiError::Unavailable(format!(
             "{reason}; intake answers 507 until space is freed"
+        )));
+    }
+    if let Some(reason) = state.runtime.tasks_down().first() {
+        return Err(ApiError::Unavailable(format!(
+            "a processor is down: {reason}"
         )));
     }
     if !state.runtime.log().healthy() {

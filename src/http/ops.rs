@@ -53,7 +53,8 @@ pub struct DeadLetterView {
     /// `waiting` for an operator, or `replayed`.
     #[schema(example = "waiting")]
     pub status: String,
-    /// The value as text when it is UTF-8 (JSON records, typos), else absent.
+    /// The value (or its kept prefix) as text when it is UTF-8 (JSON
+    /// records, typos), else absent.
     pub value_text: Option<String>,
 }
 
@@ -63,9 +64,15 @@ impl From<DeadLetter> for DeadLetterView {
             Some(_) => "replayed",
             None => "waiting",
         };
-        let value_text = dlq::unhex(&letter.value_hex)
-            .ok()
-            .and_then(|bytes| String::from_utf8(bytes).ok());
+        let value_text = dlq::unhex(&letter.value_hex).ok().and_then(|mut bytes| {
+            // A kept prefix may end inside a character: the text stops before it.
+            if let Err(error) = std::str::from_utf8(&bytes) {
+                if letter.truncated && error.error_len().is_none() {
+                    bytes.truncate(error.valid_up_to());
+                }
+            }
+            String::from_utf8(bytes).ok()
+        });
         Self {
             letter,
             status: status.to_owned(),

@@ -106,6 +106,10 @@ pub fn describe() {
         "Dead letters not stored because the DLQ was full (still on the DLQ topic)."
     );
     describe_counter!(
+        "kpay_task_restarts_total",
+        "Task restarts after a failure other than input, by processor."
+    );
+    describe_counter!(
         "kpay_http_requests_total",
         "HTTP requests by route and status."
     );

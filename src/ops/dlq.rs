@@ -18,7 +18,7 @@ use crate::log::{Record, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
 use crate::pipeline::{account::Accounts, inflight::Inflight, Processor};
 use crate::runtime::dead_letter::suffix;
-pub use crate::runtime::dead_letter::{hex, DeadLetter, Replay, TABLE};
+pub use crate::runtime::dead_letter::{hex, unhex, DeadLetter, Replay, TABLE};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{encode_row, Batch, StoreError};
 
@@ -28,19 +28,6 @@ pub const REPLAYED: &str = "r";
 const REPLAY_SEQ_KEY: &str = "m/replay_seq";
 /// Most records searched to settle a replay a crash left in doubt.
 const MAX_DOUBT_SCAN: u64 = 10_000_000;
-
-pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
-    if !text.len().is_multiple_of(2) {
-        return Err("hex value has an odd number of digits".into());
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(text.get(i..i + 2).unwrap_or("?"), 16)
-                .map_err(|_| format!("hex value has a non-hex digit near position {i}"))
-        })
-        .collect()
-}
 
 /// Why an operation on the DLQ failed.
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +251,17 @@ fn route(
     let corrected = correction.is_some();
     let bytes = match correction {
         Some(bytes) => bytes,
+        // Only a prefix was kept: replaying it would append another record.
+        None if letter.truncated => {
+            return Err(DlqError::Unprocessable(format!(
+                "dead letter {} keeps only the first {} of the record's {} bytes (sha256 {}): \
+                 the stored prefix is not the whole record; replay it with a corrected value",
+                letter.id,
+                letter.value_hex.len() / 2,
+                letter.value_bytes,
+                letter.value_sha256
+            )))
+        }
         None => unhex(&letter.value_hex).map_err(DlqError::Unprocessable)?,
     };
     let envelope = codec::decode(&bytes).map_err(|error| {

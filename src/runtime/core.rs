@@ -100,6 +100,9 @@ pub(super) struct Core {
     /// Free space on the data directory's device, and the last write that
     /// met a full device.
     pub(super) space: SpaceGuard,
+    /// Why the runtime stopped on an error, if it did: the process then
+    /// exits non-zero with it.
+    pub(super) failure: Mutex<Option<String>>,
 }
 
 impl Core {
@@ -111,6 +114,14 @@ impl Core {
             Err(error) if error.is_no_space() => self.space.note_refusal(error.to_string()),
             Err(_) => {}
         }
+    }
+
+    /// Records why the runtime stops on an error (the first reason wins).
+    pub(super) fn fail(&self, reason: String) {
+        self.failure
+            .lock()
+            .expect("failure lock")
+            .get_or_insert(reason);
     }
 
     /// Takes a place for one more stored dead letter; false when the DLQ is

@@ -4,8 +4,9 @@
 //! shuts everything down in order. The layers above reach it through
 //! [`Runtime`]'s named views and commands, never through its fields.
 //!
-//! Files: `startup` (backends, checkpoints, spawning), `task` (the loop of
-//! one task: read, apply, produce, checkpoint), `task_view` (what a task
+//! Files: `startup` (backends, checkpoints, spawning), `supervisor` (a
+//! failed task restarted with backoff, or kpay stopped with the reason),
+//! `task` (the loop of one task: read, apply, produce, checkpoint), `task_view` (what a task
 //! shares), `ingest` (the sequencers behind `POST /payments`), `flush`
 //! (durability and retention), `views` (what the layers above read),
 //! `dead_letter`, `space` (free space on the data device), `core` (the
@@ -17,6 +18,7 @@ mod flush;
 pub mod ingest;
 pub mod space;
 mod startup;
+mod supervisor;
 mod task;
 mod task_view;
 mod views;
@@ -111,10 +113,8 @@ impl Runtime {
         let core = startup::start_tasks(config, log, store, observer, Some(targets)).await?;
         core.tracker.close();
         core.tracker.wait().await;
-        if core.processors_stop.is_cancelled() {
-            return Err(RuntimeError::Startup(
-                "a task failed during the replay (see the log above)".into(),
-            ));
+        if let Some(reason) = core.failure.lock().expect("failure lock").clone() {
+            return Err(RuntimeError::Startup(reason));
         }
         core.store.flush().await?;
         Ok(())
@@ -148,6 +148,12 @@ impl Runtime {
     /// Free space on the data directory's device, and the last refusal.
     pub fn space(&self) -> &space::SpaceGuard {
         &self.core.space
+    }
+
+    /// Why the runtime stopped on an error (a task that could not go on,
+    /// the state store full), if it did; `None` after a clean stop.
+    pub fn failure(&self) -> Option<String> {
+        self.core.failure.lock().expect("failure lock").clone()
     }
 
     /// Runs `future` as part of the runtime: shutdown waits for it. It

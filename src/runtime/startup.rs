@@ -10,7 +10,8 @@ use tokio_util::task::TaskTracker;
 
 use super::core::{Core, Observer, RecentPayments};
 use super::space::SpaceGuard;
-use super::task::{self, Positions};
+use super::supervisor::{spawn_task, Reload};
+use super::task::Positions;
 use super::task_view::TaskView;
 use super::{dead_letter, RuntimeError, Targets};
 use crate::config::{Backend, Config, TopicsConfig};
@@ -18,7 +19,7 @@ use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
 use crate::log::{Log, TopicPartition};
 use crate::model::{partition_for, SourceTopic};
 use crate::pipeline::account::Accounts;
-use crate::pipeline::confirmed::Confirmed;
+use crate::pipeline::confirmed::{Confirmed, ConfirmedStats};
 use crate::pipeline::control::ControlPlane;
 use crate::pipeline::inflight::Inflight;
 use crate::pipeline::Processor;
@@ -105,7 +106,7 @@ impl Checkpoints {
     }
 }
 
-fn load_checkpoint<P: Processor>(
+pub(super) fn load_checkpoint<P: Processor>(
     store: &Store,
     partition: u32,
 ) -> Result<Checkpoint<P::Stats>, StoreError> {
@@ -199,15 +200,8 @@ pub(super) async fn start_tasks(
         }
         check_log_within_state(&*log, &config.topics, &checkpoints.inputs()).await?;
     }
-    let instrument = &config.instrument;
-    let window_ms = i64::from(instrument.window_seconds) * 1_000;
-    let keep = if instrument.enabled {
-        instrument.windows_kept
-    } else {
-        0
-    };
     for checkpoint in &mut checkpoints.confirmed {
-        checkpoint.stats.windows.configure(window_ms, keep);
+        shape_windows(&config, &mut checkpoint.stats);
     }
     let core = Arc::new(new_core(config, log, store, observer, &checkpoints));
     note_stored_keys(&core.store, &core.inflight)?;
@@ -244,7 +238,26 @@ fn new_core(
         dlq_lock: tokio::sync::Mutex::new(()),
         dlq_stored: AtomicU64::new(dlq_stored),
         space,
+        failure: std::sync::Mutex::new(None),
     }
+}
+
+/// The confirmed processor's windows as the settings cut them.
+fn shape_windows(config: &Config, stats: &mut ConfirmedStats) {
+    let instrument = &config.instrument;
+    let window_ms = i64::from(instrument.window_seconds) * 1_000;
+    let keep = if instrument.enabled {
+        instrument.windows_kept
+    } else {
+        0
+    };
+    stats.windows.configure(window_ms, keep);
+}
+
+/// Reads the checkpoint of `P`'s task on `partition` again (for a restart).
+fn reload<P: Processor>(core: &Arc<Core>, partition: u32) -> Reload<P::Stats> {
+    let core = core.clone();
+    Box::new(move || load_checkpoint::<P>(&core.store, partition))
 }
 
 /// One task per processor and partition, and the control task.
@@ -255,6 +268,10 @@ fn spawn_tasks(core: &Arc<Core>, checkpoints: Checkpoints, targets: Option<&Targ
         confirmed,
         control,
     } = checkpoints;
+    let until = |name: &str, partition: u32| {
+        let key = (name.to_owned(), partition);
+        targets.map(|targets| targets.get(&key).cloned().unwrap_or_default())
+    };
     for (p, ((a, b), c)) in inflight
         .into_iter()
         .zip(accounts)
@@ -262,21 +279,39 @@ fn spawn_tasks(core: &Arc<Core>, checkpoints: Checkpoints, targets: Option<&Targ
         .enumerate()
     {
         let p32 = p as u32;
-        let inflight_inputs = vec![(SourceTopic::Incoming, p32), (SourceTopic::Complete, p32)];
-        spawn_task(core, core.inflight[p].clone(), a, inflight_inputs, targets);
-        let account_inputs = vec![(SourceTopic::Inflight, p32)];
-        spawn_task(core, core.accounts[p].clone(), b, account_inputs, targets);
-        let confirmed_inputs = vec![(SourceTopic::Complete, p32)];
+        let inputs = vec![(SourceTopic::Incoming, p32), (SourceTopic::Complete, p32)];
+        let (view, reload_it) = (core.inflight[p].clone(), reload::<Inflight>(core, p32));
+        spawn_task(core, view, a, inputs, until(Inflight::NAME, p32), reload_it);
+        let inputs = vec![(SourceTopic::Inflight, p32)];
+        let (view, reload_it) = (core.accounts[p].clone(), reload::<Accounts>(core, p32));
+        spawn_task(core, view, b, inputs, until(Accounts::NAME, p32), reload_it);
+        let inputs = vec![(SourceTopic::Complete, p32)];
+        let shaped = core.clone();
+        let reload_it: Reload<ConfirmedStats> = Box::new(move || {
+            let mut checkpoint = load_checkpoint::<Confirmed>(&shaped.store, p32)?;
+            shape_windows(&shaped.config, &mut checkpoint.stats);
+            Ok(checkpoint)
+        });
+        let view = core.confirmed[p].clone();
         spawn_task(
             core,
-            core.confirmed[p].clone(),
+            view,
             c,
-            confirmed_inputs,
-            targets,
+            inputs,
+            until(Confirmed::NAME, p32),
+            reload_it,
         );
     }
-    let control_inputs = vec![(SourceTopic::Control, 0)];
-    spawn_task(core, core.control.clone(), control, control_inputs, targets);
+    let inputs = vec![(SourceTopic::Control, 0)];
+    let (view, reload_it) = (core.control.clone(), reload::<ControlPlane>(core, 0));
+    spawn_task(
+        core,
+        view,
+        control,
+        inputs,
+        until(ControlPlane::NAME, 0),
+        reload_it,
+    );
 }
 
 fn shared_views<P: Processor>(
@@ -303,51 +338,4 @@ fn note_stored_keys<P: Processor>(
     store.for_each_key(P::TABLE, |key| {
         views[partition_for(key, partitions) as usize].note_present(key);
     })
-}
-
-fn spawn_task<P: Processor>(
-    core: &Arc<Core>,
-    task: Arc<TaskView<P>>,
-    checkpoint: Checkpoint<P::Stats>,
-    inputs: Vec<(SourceTopic, u32)>,
-    targets: Option<&Targets>,
-) {
-    let core = core.clone();
-    let tracker = core.tracker.clone();
-    let until = targets.map(|targets| {
-        let key = (P::NAME.to_owned(), task.partition);
-        targets.get(&key).cloned().unwrap_or_default()
-    });
-    tracker.spawn(async move {
-        let partition = task.partition;
-        if let Err(error) = task::run(core.clone(), task, checkpoint, inputs, until).await {
-            // A task that cannot go on stops the whole pipeline rather than
-            // let the others run ahead of it.
-            stop_after_failure(&core, P::NAME, partition, &error);
-        }
-    });
-}
-
-/// Stops intake and the processors after a task failed, saying why.
-fn stop_after_failure(core: &Core, processor: &str, partition: u32, error: &RuntimeError) {
-    if let RuntimeError::Store(store) = error {
-        if store.is_no_space() {
-            // sled refuses every write after an IO error until it is
-            // reopened, so the pipeline cannot go on in this process.
-            let reason = format!(
-                "the state store in {} ran out of space ({store}); it refuses every \
-                 write from now on: kpay stops. Free space and start it again: nothing \
-                 acknowledged is lost, the log holds every accepted payment",
-                core.config.data.dir.join("state").display()
-            );
-            core.space.note_refusal(reason.clone());
-            tracing::error!(processor, partition, %reason, "task failed; shutting down");
-            core.shutdown.cancel();
-            core.processors_stop.cancel();
-            return;
-        }
-    }
-    tracing::error!(processor, partition, %error, "task failed; shutting down");
-    core.shutdown.cancel();
-    core.processors_stop.cancel();
 }

@@ -48,6 +48,9 @@ pub(super) struct TaskView<P: Processor> {
     /// miss here skips the store lookup, which most new payment ids would
     /// otherwise pay twice (ingest dedup and admission).
     pub(super) presence: AtomicBloomFilter,
+    /// Why the task is down (failed, waiting to be restarted), until it is
+    /// through a batch again.
+    pub(super) down: Mutex<Option<String>>,
 }
 
 impl<P: Processor> TaskView<P> {
@@ -66,6 +69,7 @@ impl<P: Processor> TaskView<P> {
             caught_up: AtomicBool::new(false),
             positions: Mutex::new(checkpoint.next_offsets.clone()),
             held: Mutex::new(Vec::new()),
+            down: Mutex::new(None),
         }
     }
 
@@ -118,6 +122,16 @@ impl<P: Processor> TaskView<P> {
 
     pub(super) fn is_held(&self, topic: SourceTopic) -> bool {
         self.held.lock().expect("held lock").contains(&topic)
+    }
+
+    /// Marks the task down, saying why.
+    pub(super) fn mark_down(&self, reason: String) {
+        *self.down.lock().expect("down lock") = Some(reason);
+    }
+
+    /// Marks the task up again after a batch went through.
+    pub(super) fn mark_up(&self) {
+        self.down.lock().expect("down lock").take();
     }
 
     pub(super) fn durable_offset(&self, input: (SourceTopic, u32)) -> u64 {

@@ -41,6 +41,18 @@ impl Runtime {
                 .all(|t| t.caught_up.load(Ordering::Relaxed))
     }
 
+    /// Why each task that failed and waits to be restarted is down.
+    pub fn tasks_down(&self) -> Vec<String> {
+        let s = &self.core;
+        let down = |t: &std::sync::Mutex<Option<String>>| t.lock().expect("down lock").clone();
+        (s.inflight.iter().map(|t| down(&t.down)))
+            .chain(s.accounts.iter().map(|t| down(&t.down)))
+            .chain(s.confirmed.iter().map(|t| down(&t.down)))
+            .chain(std::iter::once(down(&s.control.down)))
+            .flatten()
+            .collect()
+    }
+
     /// Inflight totals over all partitions.
     pub fn inflight_totals(&self) -> InflightStats {
         fold_stats(

@@ -390,30 +390,36 @@ impl Store {
     /// Restores the rows of every checkpoint a crash interrupted; returns
     /// how many rows were put back. Idempotent: it can itself be interrupted.
     pub fn roll_back_partial(&self) -> Result<usize, StoreError> {
-        let mut restored = 0;
-        for item in self.db.scan_prefix(b"u/") {
-            let (undo_key, value) = item.map_err(sled_error("scan undo records"))?;
-            let undo: Undo = postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&undo_key).into_owned(),
-                reason: error.to_string(),
-            })?;
-            let chunks: Vec<_> = undo.rows.chunks(self.batch_rows).collect();
-            for (index, chunk) in chunks.iter().enumerate() {
-                let mut batch = Batch::default();
-                for (key, old) in *chunk {
-                    match old {
-                        Some(bytes) => batch.insert(key.as_bytes(), bytes.as_slice()),
-                        None => batch.remove(key.as_bytes()),
-                    }
+        let undo_keys = self.db.scan_prefix(b"u/").keys();
+        let undo_keys: Vec<_> = undo_keys
+            .collect::<Result<_, _>>()
+            .map_err(sled_error("scan undo"))?;
+        (undo_keys.iter())
+            .map(|key| self.roll_back(&String::from_utf8_lossy(key)))
+            .sum()
+    }
+
+    /// Restores the rows of the one interrupted checkpoint under `undo_key`
+    /// (a task restarted in this process); 0 when there is none.
+    pub fn roll_back(&self, undo_key: &str) -> Result<usize, StoreError> {
+        let Some(undo) = self.get::<Undo>(undo_key)? else {
+            return Ok(0);
+        };
+        let chunks: Vec<_> = undo.rows.chunks(self.batch_rows).collect();
+        for (index, chunk) in chunks.iter().enumerate() {
+            let mut batch = Batch::default();
+            for (key, old) in *chunk {
+                match old {
+                    Some(bytes) => batch.insert(key.as_bytes(), bytes.as_slice()),
+                    None => batch.remove(key.as_bytes()),
                 }
-                if index + 1 == chunks.len() {
-                    batch.remove(&undo_key);
-                }
-                self.apply(batch)?;
             }
-            restored += undo.rows.len();
+            if index + 1 == chunks.len() {
+                batch.remove(undo_key.as_bytes());
+            }
+            self.apply(batch)?;
         }
-        Ok(restored)
+        Ok(undo.rows.len())
     }
 
     /// Checks that the rows were written in this build's [`FORMAT`] (stamping

@@ -187,11 +187,14 @@ impl<P: Processor> TaskLoop<P> {
         reason: String,
     ) {
         let (kind, tp, _) = &self.inputs[input];
-        let key = String::from_utf8_lossy(&stored.record.key);
-        // The key says whose record it is: a payment id or an account id.
+        let keep = self.core.config.limits.dead_letter_value_bytes;
+        let letter = DeadLetter::new(P::NAME, tp, stored, class, reason, keep);
+        // The key says whose record it is: a payment id or an account id
+        // (the letter's, which is bounded however long the record's was).
+        let key = letter.key.as_str();
         let (payment_id, account) = match kind {
-            SourceTopic::Inflight => (None, Some(&*key)),
-            _ => (Some(&*key), None),
+            SourceTopic::Inflight => (None, Some(key)),
+            _ => (Some(key), None),
         };
         tracing::warn!(
             processor = P::NAME,
@@ -201,10 +204,10 @@ impl<P: Processor> TaskLoop<P> {
             payment_id,
             account,
             class,
-            %reason,
+            reason = %letter.reason,
+            value_bytes = letter.value_bytes,
             "dead-lettered"
         );
-        let letter = DeadLetter::new(P::NAME, tp, stored, class, reason);
         self.dead_letters.push(letter);
     }
 

@@ -26,8 +26,10 @@ impl<P: Processor> TaskLoop<P> {
                 .collect()
         };
         let mut last: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut admitted = 0;
         for letter in self.dead_letters.drain(..) {
             if self.core.dlq_admit() {
+                admitted += 1;
                 last.push((letter.store_key(), encode_row(&letter)));
             } else {
                 // Still on the DLQ topic (published with the batch).
@@ -64,7 +66,11 @@ impl<P: Processor> TaskLoop<P> {
         ));
         let undo = undo_key(P::NAME, self.task.partition);
         failpoint::pass(Point::TaskBeforeCommit);
-        self.core.store.commit(&undo, &store_rows, last)?;
+        if let Err(error) = self.core.store.commit(&undo, &store_rows, last) {
+            // Not stored: their places are free, and a restart finds them again.
+            self.core.dlq_released(admitted);
+            return Err(error.into());
+        }
         if failpoint::reached(Point::TaskAfterCommit) {
             // On disk, as sled's own timer or the flusher could have made it.
             let _ = self.core.store.flush_blocking();

@@ -106,6 +106,8 @@ pub async fn run<P: Processor>(
             state.task.caught_up.store(true, Ordering::Relaxed);
         }
         if batch.is_empty() {
+            // Through a read with nothing to do: up again after a restart.
+            state.task.mark_up();
             if state.uncommitted {
                 state.checkpoint()?;
             }
@@ -122,6 +124,7 @@ pub async fn run<P: Processor>(
             state.produce_until_durable(&outputs).await?;
             failpoint::pass(Point::TaskAfterProduce);
         }
+        state.task.mark_up();
         let rows = state.dirty_rows;
         if rows >= core.config.pipeline.checkpoint_max_rows
             || state.last_commit.elapsed() >= commit_every
