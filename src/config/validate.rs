@@ -116,6 +116,12 @@ impl Config {
         if limits.max_batch_payments == 0 || limits.max_page_items == 0 {
             return invalid("limits.max_batch_payments", "limits must be at least 1");
         }
+        if limits.audit_entries == 0 {
+            return invalid("limits.audit_entries", "must be at least 1");
+        }
+        if limits.audit_submission_entries == 0 {
+            return invalid("limits.audit_submission_entries", "must be at least 1");
+        }
         Ok(())
     }
 

@@ -201,7 +201,7 @@ async fn audit_changes(
     let response = next.run(request).await;
     let principal = response.extensions().get::<auth::Principal>().cloned();
     let status = response.status().as_u16();
-    let recorded = state.audit.record(crate::ops::audit::AuditEntry {
+    let entry = crate::ops::audit::AuditEntry {
         seq: 0,
         at_ms: crate::model::now_ms(),
         principal: principal
@@ -218,11 +218,36 @@ async fn audit_changes(
             _ => "failed",
         }
         .to_owned(),
-    });
-    if !recorded {
-        tracing::warn!("audit queue full: entry dropped");
+    };
+    match state.audit.record(entry).await {
+        Ok(_) => response,
+        Err((class, error)) => audit_missed(class, &error, response),
     }
-    response
+}
+
+/// An audit entry that is not in the trail: counted and logged. A control
+/// or administrative call that succeeded is then not answered with its
+/// success, since nothing would show who did it: it gets 503 saying that
+/// the action took effect but is unaudited. A refused or failed call keeps
+/// its own answer, which tells the caller more than the trail's trouble.
+fn audit_missed(
+    class: crate::ops::audit::Class,
+    error: &crate::ops::journal::JournalError,
+    response: axum::response::Response,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let class = class.as_str();
+    ::metrics::counter!("kpay_audit_dropped_total", "class" => class).increment(1);
+    tracing::warn!(class, %error, "audit entry not written");
+    let admin = class == crate::ops::audit::Class::Admin.as_str();
+    if !admin || !response.status().is_success() {
+        return response;
+    }
+    error::ApiError::Unavailable(format!(
+        "the action took effect but its audit entry was not written ({error}); \
+         check its effect before retrying"
+    ))
+    .into_response()
 }
 
 /// Counts requests by route template and status for Prometheus.

@@ -106,6 +106,10 @@ pub fn describe() {
         "Dead letters not stored because the DLQ was full (still on the DLQ topic)."
     );
     describe_counter!(
+        "kpay_audit_dropped_total",
+        "Audit entries not written (queue full, writer stopped or write failed), by class."
+    );
+    describe_counter!(
         "kpay_http_requests_total",
         "HTTP requests by route and status."
     );
