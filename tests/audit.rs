@@ -193,3 +193,172 @@ async fn filters_combine_and_paging_by_seq_has_no_overlap_and_no_gap() {
     }
     server.stop().await;
 }
+
+/// The SHA-256 of `text` in lowercase hex, as `sha256sum` prints it.
+fn sha256_hex(text: &str) -> String {
+    let output = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8(output.stdout).unwrap()[..64].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_response_log_line_error_entry_or_audit_entry_contains_a_token() {
+    // Proves: with tokens configured (one as its hash), calls that succeed,
+    // are refused, carry a wrong or a misplaced token (in the query) leave
+    // no configured token in any response, stdout or stderr line, error log
+    // entry or audit entry; and the hashed token works.
+    let (operator, teller, viewer) = ("op-secret-7f3a9c", "tl-secret-b81d2e", "vw-secret-44c0aa");
+    let tokens = format!(
+        "{operator}:operator,sha256:{}:teller,{viewer}:viewer",
+        sha256_hex(teller)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("output.log");
+    let env = [
+        ("KPAY_TOKENS", tokens.as_str()),
+        ("KPAY_SERVER__PROTECT_READS", "true"),
+        ("RUST_LOG", "debug"),
+    ];
+    let server = common::Binary::spawn_logged(&dir.path().join("data"), &env, &output);
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let ready = format!("{base}/readyz");
+    wait_until(Duration::from_secs(30), || async {
+        let probe = c.get(&ready).bearer_auth(viewer).send().await;
+        matches!(probe, Ok(r) if r.status() == 200)
+    })
+    .await;
+    // Every answer's status line, headers and body.
+    let mut seen = String::new();
+    let calls: Vec<(reqwest::Method, String, Option<String>, Value, u16)> = vec![
+        (
+            reqwest::Method::GET,
+            "/api/v1/control/status".into(),
+            Some(viewer.into()),
+            Value::Null,
+            200,
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/accounts".into(),
+            Some(teller.into()),
+            json!({"id": "a1", "opening_balance": 5}),
+            201,
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/control/pause".into(),
+            Some(teller.into()),
+            json!({}),
+            403,
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/control/pause".into(),
+            Some(format!("{operator}x")),
+            json!({}),
+            401,
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/control/pause".into(),
+            Some(sha256_hex(teller)),
+            json!({}),
+            401,
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/control/pause".into(),
+            Some(operator.into()),
+            json!({}),
+            200,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/api/v1/control/resume?token={operator}"),
+            Some(operator.into()),
+            json!({}),
+            200,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/api/v1/control/resume?token={viewer}"),
+            None,
+            json!({}),
+            401,
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/ops/records".into(),
+            Some(operator.into()),
+            json!({"topic": "payment.incoming", "records": [{"key": "k", "value": "garbage"}]}),
+            201,
+        ),
+    ];
+    for (method, path, token, body, expected) in calls {
+        let mut request = c.request(method, format!("{base}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if !body.is_null() {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), expected, "{path}");
+        seen.push_str(&format!(
+            "{:?}\n{:?}\n",
+            response.status(),
+            response.headers()
+        ));
+        seen.push_str(&response.text().await.unwrap());
+    }
+    let read = |path: &'static str| {
+        let (c, url) = (c.clone(), format!("{base}{path}"));
+        async move {
+            let response = c.get(url).bearer_auth(viewer).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    wait_until(Duration::from_secs(10), || async {
+        let errors = read("/api/v1/logs/errors").await;
+        let submissions = read("/api/v1/logs/audit?class=submission").await;
+        !errors["items"].as_array().unwrap().is_empty()
+            && !submissions["items"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let admin = read("/api/v1/logs/audit").await;
+    assert_eq!(admin["items"].as_array().unwrap().len(), 7, "{admin}");
+    let stored = [
+        admin,
+        read("/api/v1/logs/audit?class=submission").await,
+        read("/api/v1/logs/errors").await,
+    ];
+    assert!(server_stopped(server).await);
+    let printed = std::fs::read_to_string(&output).unwrap();
+    assert!(
+        !printed.is_empty(),
+        "the server printed nothing at debug level"
+    );
+    let stored: Vec<String> = stored.iter().map(Value::to_string).collect();
+    for token in [operator, teller, viewer] {
+        assert!(!seen.contains(token), "a response holds {token}");
+        assert!(!printed.contains(token), "the output holds {token}");
+        for text in &stored {
+            assert!(!text.contains(token), "{token} in {text}");
+        }
+    }
+    assert!(stored[0].contains("token=<redacted>"), "{}", stored[0]);
+}
+
+/// Stops the binary with SIGTERM; whether it exited cleanly.
+async fn server_stopped(server: common::Binary) -> bool {
+    server.stop().await.success()
+}

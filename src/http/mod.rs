@@ -193,7 +193,7 @@ async fn audit_changes(
             |p| p.as_str().to_owned(),
         );
     let action = format!("{} {route}", request.method());
-    let parameters = request.uri().to_string();
+    let parameters = audited_parameters(&state, request.uri());
     let source = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -223,6 +223,28 @@ async fn audit_changes(
         Ok(_) => response,
         Err((class, error)) => audit_missed(class, &error, response),
     }
+}
+
+/// The path and query as called, with every query value that is a
+/// configured token replaced: a token sent in the wrong place must not be
+/// copied into the trail. (Values are compared as sent, not percent-decoded.)
+fn audited_parameters(state: &State, uri: &axum::http::Uri) -> String {
+    let Some(query) = uri.query() else {
+        return uri.path().to_owned();
+    };
+    let tokens = &state.runtime.config().tokens;
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or(("", pair));
+            match tokens.find(value.as_bytes()) {
+                Some(_) if key.is_empty() => "<redacted>".to_owned(),
+                Some(_) => format!("{key}=<redacted>"),
+                None => pair.to_owned(),
+            }
+        })
+        .collect();
+    format!("{}?{}", uri.path(), pairs.join("&"))
 }
 
 /// An audit entry that is not in the trail: counted and logged. A control
