@@ -295,3 +295,36 @@ pub fn app(state: State, static_dir: PathBuf) -> Router {
         .merge(SwaggerUi::new("/swagger-ui").url("/api-docs/openapi.json", api))
         .fallback_service(ServeDir::new(static_dir))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::audit::Class;
+    use crate::ops::journal::JournalError;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    // A control call that succeeded but is unaudited is not answered with its success; others keep their answer.
+    #[test]
+    fn an_unaudited_success_of_a_control_call_is_not_answered_as_success() {
+        let missed = |class, status: StatusCode| {
+            audit_missed(class, &JournalError::Full, status.into_response()).status()
+        };
+        assert_eq!(
+            missed(Class::Admin, StatusCode::OK),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            missed(Class::Admin, StatusCode::FORBIDDEN),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            missed(Class::Admin, StatusCode::INTERNAL_SERVER_ERROR),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            missed(Class::Submission, StatusCode::ACCEPTED),
+            StatusCode::ACCEPTED
+        );
+    }
+}
