@@ -38,6 +38,79 @@ where
     Ok(())
 }
 
+/// The seqs of the audit panel's rows, top to bottom.
+async fn audit_rows(client: &Client) -> Vec<u64> {
+    let css = Locator::Css("#audit-list tbody tr[data-seq]");
+    let mut seqs = Vec::new();
+    for row in client.find_all(css).await.unwrap_or_default() {
+        let seq = row.attr("data-seq").await.ok().flatten();
+        seqs.push(seq.and_then(|s| s.parse().ok()).unwrap_or(u64::MAX));
+    }
+    seqs
+}
+
+/// The seqs of `GET /api/v1/logs/audit?{query}`.
+async fn api_seqs(c: &reqwest::Client, base: &str, query: &str) -> Vec<u64> {
+    let (_, page) = get(c, &format!("{base}/api/v1/logs/audit?{query}")).await;
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    items.iter().filter_map(|e| e["seq"].as_u64()).collect()
+}
+
+/// The audit panel shows what the API answers for its filters and pages:
+/// the newest page, the one older, pauses only, and the submission class.
+async fn audit_panel(client: &Client, c: &reqwest::Client, base: &str) -> Result<(), String> {
+    let shown = |what: &'static str, want: Vec<u64>| async move {
+        if want.is_empty() {
+            return Err(format!("{what}: the API lists nothing"));
+        }
+        eventually(what, Duration::from_secs(15), || async {
+            audit_rows(client).await == want
+        })
+        .await
+    };
+    // More control entries than the panel's page of 20.
+    for _ in 0..25 {
+        let rate = json!({"payments_per_second": 0});
+        let url = format!("{base}/api/v1/control/rate-limit");
+        let status = c
+            .put(url)
+            .json(&rate)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if status.status() != 200 {
+            return Err(format!("rate limit answered {}", status.status()));
+        }
+    }
+    let newest = api_seqs(c, base, "limit=20").await;
+    shown("newest audit page", newest.clone()).await?;
+    click(client, "#btn-audit-older").await?;
+    let before = newest.last().copied().unwrap_or(0);
+    shown(
+        "older audit page",
+        api_seqs(c, base, &format!("limit=20&before={before}")).await,
+    )
+    .await?;
+    fill(client, "#audit-action", "pause").await?;
+    click(client, "#btn-audit-apply").await?;
+    shown(
+        "pauses only",
+        api_seqs(c, base, "limit=20&action=pause").await,
+    )
+    .await?;
+    fill(client, "#audit-action", "").await?;
+    let pick = "document.querySelector('#audit-class').value = 'submission';";
+    client
+        .execute(pick, vec![])
+        .await
+        .map_err(|e| e.to_string())?;
+    click(client, "#btn-audit-apply").await?;
+    let submissions = api_seqs(c, base, "limit=20&class=submission").await;
+    shown("submission class", submissions).await?;
+    screenshot(client, "audit-filtered.png").await;
+    Ok(())
+}
+
 async fn text(client: &Client, css: &str) -> String {
     match client.find(Locator::Css(css)).await {
         Ok(element) => element.text().await.unwrap_or_default(),
@@ -288,6 +361,8 @@ async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
             == 500
     })
     .await?;
+
+    audit_panel(client, &c, &base).await?;
 
     let errors = page_errors(client).await;
     if !errors.is_empty() {

@@ -337,20 +337,24 @@ async fn tokens_and_roles_guard_every_change() {
         "commands carry who gave them"
     );
 
-    // Every state-changing call is in the audit trail, refused ones included.
+    // Every state-changing call is in the audit trail, refused ones included:
+    // control calls in the default (admin) class, accounts in `submission`.
     let audit_url = server.url("/api/v1/logs/audit?limit=50");
+    let submissions_url = server.url("/api/v1/logs/audit?limit=50&class=submission");
     common::wait_until(Duration::from_secs(10), || async {
-        get(&c, &audit_url).await.1["items"]
-            .as_array()
-            .is_some_and(|i| i.len() == 8)
+        let count = |trail: Value| trail["items"].as_array().map(Vec::len);
+        count(get(&c, &audit_url).await.1) == Some(4)
+            && count(get(&c, &submissions_url).await.1) == Some(4)
     })
     .await;
     let (_, trail) = get(&c, &audit_url).await;
-    let rows: Vec<(String, String, String, u64, String)> = trail["items"]
+    let (_, submissions) = get(&c, &submissions_url).await;
+    let rows: Vec<(String, String, String, u64, String)> = submissions["items"]
         .as_array()
         .unwrap()
         .iter()
         .rev()
+        .chain(trail["items"].as_array().unwrap().iter().rev())
         .map(|e| {
             let text = |k: &str| e[k].as_str().unwrap().to_owned();
             (

@@ -237,8 +237,11 @@ pub struct LimitsConfig {
     pub max_batch_payments: usize,
     /// Most items one page of a list endpoint returns.
     pub max_page_items: usize,
-    /// Newest audit entries kept in the store.
+    /// Newest audit entries of control and administrative calls kept in the store.
     pub audit_entries: usize,
+    /// Newest audit entries of payment and account submissions kept in the
+    /// store; apart, so that submission traffic never pushes out a pause.
+    pub audit_submission_entries: usize,
     /// Dead letters kept in the store waiting for an operator; beyond it
     /// new ones are still published to the DLQ topic, counted and logged.
     /// Replayed entries are kept up to the same bound, oldest dropped first.
@@ -367,6 +370,7 @@ impl Default for LimitsConfig {
             max_batch_payments: 1_000,
             max_page_items: 1_000,
             audit_entries: 100_000,
+            audit_submission_entries: 100_000,
             dlq_entries: 10_000,
             dead_letter_value_bytes: 4_096,
             error_log_entries: 10_000,

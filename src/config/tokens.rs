@@ -1,10 +1,15 @@
 //! Bearer tokens and their roles, parsed once when the settings load
 //! (`tokens = "token:role,token:role"`, usually from `KPAY_TOKENS`). The
 //! HTTP layer only matches presented tokens against this list.
+//!
+//! A token may be given by its SHA-256 instead (`sha256:<64 hex digits>:role`),
+//! so that a config file or an environment dump does not reveal it: the
+//! presented token is hashed and compared with the hash.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Roles, each allowed what the one before it is, and more.
@@ -40,11 +45,62 @@ impl Role {
 /// Shortest token accepted: a guessable token is no protection.
 pub const MIN_TOKEN_CHARS: usize = 8;
 
+/// How a token is configured: as itself, or as the SHA-256 of it.
+#[derive(Clone, PartialEq, Eq)]
+enum Secret {
+    Plain(Vec<u8>),
+    Sha256([u8; 32]),
+}
+
+/// The prefix of a token given as its hash.
+const SHA256: &str = "sha256:";
+
+impl Secret {
+    fn parse(text: &str) -> Result<Self, String> {
+        let Some(digits) = text.strip_prefix(SHA256) else {
+            if text.len() < MIN_TOKEN_CHARS {
+                return Err(format!(
+                    "tokens must be at least {MIN_TOKEN_CHARS} characters long"
+                ));
+            }
+            return Ok(Self::Plain(text.as_bytes().to_vec()));
+        };
+        let refused = || "a sha256: token needs 64 hex digits (the SHA-256 of the token)";
+        if digits.len() != 64 || !digits.is_ascii() {
+            return Err(refused().into());
+        }
+        let mut hash = [0; 32];
+        for (byte, pair) in hash.iter_mut().zip(digits.as_bytes().chunks(2)) {
+            let pair = std::str::from_utf8(pair).map_err(|_| refused())?;
+            *byte = u8::from_str_radix(pair, 16).map_err(|_| refused())?;
+        }
+        Ok(Self::Sha256(hash))
+    }
+
+    /// Whether `presented` (with its hash) is this token, in constant time.
+    fn matches(&self, presented: &[u8], hash: &[u8; 32]) -> bool {
+        match self {
+            Self::Plain(token) => token.as_slice().ct_eq(presented).into(),
+            Self::Sha256(want) => want.ct_eq(hash).into(),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Self::Plain(token) => String::from_utf8_lossy(token).into_owned(),
+            Self::Sha256(hash) => {
+                let digits: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+                format!("{SHA256}{digits}")
+            }
+        }
+    }
+}
+
 /// The configured tokens. Empty: protected mode (loopback only).
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Tokens {
-    entries: Vec<(Vec<u8>, Role)>,
+    entries: Vec<(Secret, Role)>,
 }
 
 impl Tokens {
@@ -60,12 +116,7 @@ impl Tokens {
             })?;
             let role = Role::parse(role)
                 .ok_or_else(|| format!("role {role:?} is not one of operator, teller, viewer"))?;
-            if token.len() < MIN_TOKEN_CHARS {
-                return Err(format!(
-                    "tokens must be at least {MIN_TOKEN_CHARS} characters long"
-                ));
-            }
-            entries.push((token.as_bytes().to_vec(), role));
+            entries.push((Secret::parse(token)?, role));
         }
         Ok(Self { entries })
     }
@@ -77,9 +128,20 @@ impl Tokens {
     /// The role and position of `presented`, comparing against every
     /// configured token in constant time.
     pub fn find(&self, presented: &[u8]) -> Option<(usize, Role)> {
+        // Hashed only when some token is configured as a hash: a plain
+        // list costs no more than before.
+        let hashed = self
+            .entries
+            .iter()
+            .any(|(s, _)| matches!(s, Secret::Sha256(_)));
+        let hash: [u8; 32] = if hashed {
+            Sha256::digest(presented).into()
+        } else {
+            [0; 32]
+        };
         let mut found = None;
-        for (index, (token, role)) in self.entries.iter().enumerate() {
-            if bool::from(token.as_slice().ct_eq(presented)) {
+        for (index, (secret, role)) in self.entries.iter().enumerate() {
+            if secret.matches(presented, &hash) {
                 found = Some((index, *role));
             }
         }
@@ -100,7 +162,7 @@ impl From<Tokens> for String {
         let items: Vec<String> = tokens
             .entries
             .iter()
-            .map(|(token, role)| format!("{}:{}", String::from_utf8_lossy(token), role.as_str()))
+            .map(|(secret, role)| format!("{}:{}", secret.text(), role.as_str()))
             .collect();
         items.join(",")
     }
@@ -134,6 +196,26 @@ mod tests {
             .unwrap_err()
             .contains("8 characters"));
         assert!(Tokens::parse("").unwrap().is_empty());
+    }
+
+    // A token given as its SHA-256 matches the token, not the hash, and bad hashes are refused.
+    #[test]
+    fn hashed_tokens_match_the_token_they_hash() {
+        let digits: String = Sha256::digest(b"s3cret-op")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let text = format!("sha256:{digits}:operator,t3ller-1:teller");
+        let tokens = Tokens::parse(&text).unwrap();
+        assert_eq!(tokens.find(b"s3cret-op"), Some((0, Role::Operator)));
+        assert_eq!(tokens.find(digits.as_bytes()), None);
+        assert_eq!(tokens.find(b"t3ller-1"), Some((1, Role::Teller)));
+        assert_eq!(String::from(tokens), text);
+        assert!(Tokens::parse("sha256:abcd:viewer")
+            .unwrap_err()
+            .contains("64 hex digits"));
+        let bad = format!("sha256:{}:viewer", "zz".repeat(32));
+        assert!(Tokens::parse(&bad).unwrap_err().contains("64 hex digits"));
     }
 
     // The list goes back to its text unchanged, and its Debug form shows roles, never tokens.

@@ -126,6 +126,12 @@ impl Config {
                 format!("must be between 16 and {most}"),
             );
         }
+        if limits.audit_entries == 0 {
+            return invalid("limits.audit_entries", "must be at least 1");
+        }
+        if limits.audit_submission_entries == 0 {
+            return invalid("limits.audit_submission_entries", "must be at least 1");
+        }
         Ok(())
     }
 

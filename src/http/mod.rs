@@ -206,7 +206,7 @@ async fn audit_changes(
             |p| p.as_str().to_owned(),
         );
     let action = format!("{} {route}", request.method());
-    let parameters = request.uri().to_string();
+    let parameters = audited_parameters(&state, request.uri());
     let source = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -214,7 +214,7 @@ async fn audit_changes(
     let response = next.run(request).await;
     let principal = response.extensions().get::<auth::Principal>().cloned();
     let status = response.status().as_u16();
-    let recorded = state.audit.record(crate::ops::audit::AuditEntry {
+    let entry = crate::ops::audit::AuditEntry {
         seq: 0,
         at_ms: crate::model::now_ms(),
         principal: principal
@@ -231,11 +231,58 @@ async fn audit_changes(
             _ => "failed",
         }
         .to_owned(),
-    });
-    if !recorded {
-        tracing::warn!("audit queue full: entry dropped");
+    };
+    match state.audit.record(entry).await {
+        Ok(_) => response,
+        Err((class, error)) => audit_missed(class, &error, response),
     }
-    response
+}
+
+/// The path and query as called, with every query value that is a
+/// configured token replaced: a token sent in the wrong place must not be
+/// copied into the trail. (Values are compared as sent, not percent-decoded.)
+fn audited_parameters(state: &State, uri: &axum::http::Uri) -> String {
+    let Some(query) = uri.query() else {
+        return uri.path().to_owned();
+    };
+    let tokens = &state.runtime.config().tokens;
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or(("", pair));
+            match tokens.find(value.as_bytes()) {
+                Some(_) if key.is_empty() => "<redacted>".to_owned(),
+                Some(_) => format!("{key}=<redacted>"),
+                None => pair.to_owned(),
+            }
+        })
+        .collect();
+    format!("{}?{}", uri.path(), pairs.join("&"))
+}
+
+/// An audit entry that is not in the trail: counted and logged. A control
+/// or administrative call that succeeded is then not answered with its
+/// success, since nothing would show who did it: it gets 503 saying that
+/// the action took effect but is unaudited. A refused or failed call keeps
+/// its own answer, which tells the caller more than the trail's trouble.
+fn audit_missed(
+    class: crate::ops::audit::Class,
+    error: &crate::ops::journal::JournalError,
+    response: axum::response::Response,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let class = class.as_str();
+    ::metrics::counter!("kpay_audit_dropped_total", "class" => class).increment(1);
+    tracing::warn!(class, %error, "audit entry not written");
+    let admin = class == crate::ops::audit::Class::Admin.as_str();
+    if !admin || !response.status().is_success() {
+        return response;
+    }
+    error::ApiError::Unavailable(format!(
+        "the action took effect but its audit entry was not written ({error}); \
+         check its effect before retrying"
+    ))
+    .into_response()
 }
 
 /// Counts requests by route template and status for Prometheus.
@@ -266,4 +313,37 @@ pub fn app(state: State, static_dir: PathBuf) -> Router {
             origin::guard_host,
         ));
     router.merge(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::audit::Class;
+    use crate::ops::journal::JournalError;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    // A control call that succeeded but is unaudited is not answered with its success; others keep their answer.
+    #[test]
+    fn an_unaudited_success_of_a_control_call_is_not_answered_as_success() {
+        let missed = |class, status: StatusCode| {
+            audit_missed(class, &JournalError::Full, status.into_response()).status()
+        };
+        assert_eq!(
+            missed(Class::Admin, StatusCode::OK),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            missed(Class::Admin, StatusCode::FORBIDDEN),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            missed(Class::Admin, StatusCode::INTERNAL_SERVER_ERROR),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            missed(Class::Submission, StatusCode::ACCEPTED),
+            StatusCode::ACCEPTED
+        );
+    }
 }

@@ -285,30 +285,90 @@ async fn inject_records(
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct LogQuery {
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
     /// At most this many entries, newest first (default 100).
     pub limit: Option<usize>,
+    /// `admin` (default: control and administrative calls) or `submission`
+    /// (payments and accounts).
+    pub class: Option<String>,
+    /// A substring of `METHOD route`, e.g. `control` or `POST`.
+    pub action: Option<String>,
+    /// Exactly this principal, e.g. `operator#0`.
+    pub principal: Option<String>,
+    /// `operator`, `teller`, `viewer`, `local` or `none`.
+    pub role: Option<String>,
+    /// `ok`, `refused` or `failed`.
+    pub outcome: Option<String>,
+    /// At or after this time, ms since the epoch.
+    pub since: Option<i64>,
+    /// At or before this time, ms since the epoch.
+    pub until: Option<i64>,
+    /// Only entries strictly older than this seq (the `next_before` of the page before).
+    pub before: Option<u64>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct AuditList {
+    /// The class listed: `admin` or `submission`.
+    #[schema(example = "admin")]
+    pub class: String,
     pub items: Vec<crate::ops::audit::AuditEntry>,
+    /// Pass as `before` for the next page; absent on the last one.
+    pub next_before: Option<u64>,
 }
 
-/// The audit trail: every state-changing call, newest first.
-#[utoipa::path(get, path = "/api/v1/logs/audit", tag = "operations", params(LogQuery),
+/// Checks that `value`, when given, is one of `allowed`.
+fn one_of(key: &str, value: &Option<String>, allowed: &[&str]) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !allowed.contains(&v.as_str()) => Err(ApiError::BadRequest(format!(
+            "{key} {v:?} is not one of {}",
+            allowed.join(", ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The audit trail of one class, newest first, filtered (every filter
+/// given must match) and paged by seq.
+#[utoipa::path(get, path = "/api/v1/logs/audit", tag = "operations", params(AuditQuery),
     responses((status = 200, body = AuditList), (status = 400, body = ErrorBody)))]
 async fn audit_log(
     Extract(state): Extract<State>,
-    Query(query): Query<LogQuery>,
+    Query(query): Query<AuditQuery>,
 ) -> Result<Json<AuditList>, ApiError> {
+    use crate::ops::audit::{self, Class, Filter};
     let limit = super::page_limit(&state, query.limit, 100)?;
-    let items = state
-        .runtime
-        .store()
-        .scan_last(crate::ops::audit::TABLE, limit)
+    let class = match query.class.as_deref() {
+        None => Class::Admin,
+        Some(text) => Class::parse(text).ok_or_else(|| {
+            ApiError::BadRequest(format!("class {text:?} is not one of admin, submission"))
+        })?,
+    };
+    one_of("outcome", &query.outcome, &["ok", "refused", "failed"])?;
+    let roles = ["operator", "teller", "viewer", "local", "none"];
+    one_of("role", &query.role, &roles)?;
+    if let (Some(since), Some(until)) = (query.since, query.until) {
+        if since > until {
+            return Err(ApiError::BadRequest("since must not be after until".into()));
+        }
+    }
+    let filter = Filter {
+        action: query.action.filter(|a| !a.is_empty()),
+        principal: query.principal,
+        role: query.role,
+        outcome: query.outcome,
+        since: query.since,
+        until: query.until,
+        ..Filter::class(class)
+    };
+    let (items, next_before) = audit::page(&state.runtime, &filter, query.before, limit)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(AuditList { items }))
+    Ok(Json(AuditList {
+        class: class.as_str().to_owned(),
+        items,
+        next_before,
+    }))
 }
 
 #[derive(Deserialize, IntoParams)]

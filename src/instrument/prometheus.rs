@@ -110,6 +110,10 @@ pub fn describe() {
         "Task restarts after a failure other than input, by processor."
     );
     describe_counter!(
+        "kpay_audit_dropped_total",
+        "Audit entries not written (queue full, writer stopped or write failed), by class."
+    );
+    describe_counter!(
         "kpay_http_requests_total",
         "HTTP requests by route and status."
     );

@@ -1,14 +1,16 @@
-//! A journal: entries queued without waiting, appended by one writer task to
-//! a one-partition topic (for outside consumers) and kept, newest first up to
-//! a bound, in a store table (for the API). The audit trail and the error log
-//! are journals.
+//! A journal: entries queued, appended by one writer task to a one-partition
+//! topic (for outside consumers) and kept, newest first up to a bound, in a
+//! store table (for the API). The audit trail (two journals, one per class,
+//! sharing one topic) and the error log are journals. An entry is either
+//! queued without waiting ([`Journal::record`]) or awaited until it is
+//! appended durably and stored ([`Journal::record_durable`]).
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::log::{Record, TopicPartition};
 use crate::runtime::{Runtime, RuntimeError};
@@ -37,9 +39,26 @@ pub struct Target {
     pub keep: usize,
 }
 
+/// Why an awaited entry was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("the journal's queue is full")]
+    Full,
+    #[error("the journal's writer has stopped")]
+    Stopped,
+    #[error("the journal entry was not written: {0}")]
+    Failed(String),
+}
+
+/// An entry waiting for the writer, with whom to tell its seq when awaited.
+struct Queued<T> {
+    entry: T,
+    done: Option<oneshot::Sender<Result<u64, String>>>,
+}
+
 /// The sending side.
 pub struct Journal<T> {
-    queue: mpsc::Sender<T>,
+    queue: mpsc::Sender<Queued<T>>,
     /// Entries dropped because the queue was full or the writer had stopped.
     pub dropped: AtomicU64,
     _entries: PhantomData<fn(T)>,
@@ -49,7 +68,7 @@ pub struct Journal<T> {
 /// queue (up to [`QUEUE`]) meanwhile.
 pub struct JournalWriter<T> {
     target: Target,
-    receiver: mpsc::Receiver<T>,
+    receiver: mpsc::Receiver<Queued<T>>,
 }
 
 impl<T: Entry> JournalWriter<T> {
@@ -81,15 +100,46 @@ impl<T: Entry> Journal<T> {
 
     /// Queues an entry without waiting; returns false when it was dropped (counted).
     pub fn record(&self, entry: T) -> bool {
-        let queued = self.queue.try_send(entry).is_ok();
+        let queued = self.queue.try_send(Queued { entry, done: None }).is_ok();
         if !queued {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         queued
     }
+
+    /// Queues an entry and waits until it is appended to the topic (durably,
+    /// as every append) and stored; returns its seq. A full queue is not
+    /// waited on: the entry is dropped (counted) and the caller decides.
+    /// The wait is bounded by the log's own deadlines on the append.
+    pub async fn record_durable(&self, entry: T) -> Result<u64, JournalError> {
+        let (done, written) = oneshot::channel();
+        let queued = Queued {
+            entry,
+            done: Some(done),
+        };
+        if let Err(error) = self.queue.try_send(queued) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Err(match error {
+                mpsc::error::TrySendError::Full(_) => JournalError::Full,
+                mpsc::error::TrySendError::Closed(_) => JournalError::Stopped,
+            });
+        }
+        match written.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(error)) => Err(JournalError::Failed(error)),
+            Err(_) => Err(JournalError::Stopped),
+        }
+    }
 }
 
-async fn writer<T: Entry>(runtime: Runtime, target: Target, mut receiver: mpsc::Receiver<T>) {
+async fn writer<T: Entry>(
+    runtime: Runtime,
+    target: Target,
+    mut receiver: mpsc::Receiver<Queued<T>>,
+) {
+    // Rows kept, counted once here and then followed, because two journals
+    // share a topic and a table's seqs therefore have gaps.
+    let mut kept = runtime.store().count(target.table);
     let mut batch = Vec::with_capacity(MAX_BATCH_ROWS);
     loop {
         let stopping = tokio::select! {
@@ -102,13 +152,28 @@ async fn writer<T: Entry>(runtime: Runtime, target: Target, mut receiver: mpsc::
                 batch.push(entry);
             }
         }
-        let entries = std::mem::take(&mut batch);
-        let mut entries = entries.into_iter().peekable();
-        while entries.peek().is_some() {
-            let chunk: Vec<T> = entries.by_ref().take(MAX_BATCH_ROWS).collect();
-            if let Err(error) = write(&runtime, &target, chunk).await {
+        let queued = std::mem::take(&mut batch);
+        let mut queued = queued.into_iter().peekable();
+        while queued.peek().is_some() {
+            let (chunk, done): (Vec<T>, Vec<_>) = queued
+                .by_ref()
+                .take(MAX_BATCH_ROWS)
+                .map(|q| (q.entry, q.done))
+                .unzip();
+            let written = write(&runtime, &target, chunk, &mut kept).await;
+            if let Err(error) = &written {
                 // Printed, not traced: a traced error could feed the error log itself.
                 eprintln!("kpay: journal {} not written: {error}", target.topic);
+            }
+            for (n, done) in done.into_iter().enumerate() {
+                let result = match &written {
+                    Ok(first) => Ok(first + n as u64),
+                    Err(error) => Err(error.to_string()),
+                };
+                if let Some(done) = done {
+                    // The waiter may have gone (its request was dropped).
+                    let _ = done.send(result);
+                }
             }
         }
         if stopping {
@@ -117,11 +182,14 @@ async fn writer<T: Entry>(runtime: Runtime, target: Target, mut receiver: mpsc::
     }
 }
 
+/// Appends `entries`, stores them and trims the table's oldest rows beyond
+/// the bound (at most one batch's worth per write); returns the first seq.
 async fn write<T: Entry>(
     runtime: &Runtime,
     target: &Target,
     mut entries: Vec<T>,
-) -> Result<(), RuntimeError> {
+    kept: &mut u64,
+) -> Result<u64, RuntimeError> {
     let tp = TopicPartition::new(target.topic.clone(), 0);
     let records = entries
         .iter()
@@ -133,23 +201,71 @@ async fn write<T: Entry>(
         .collect();
     let first = runtime.log().append(&tp, records).await?;
     let mut batch = Batch::default();
-    let last = first + entries.len() as u64 - 1;
     for (n, entry) in entries.iter_mut().enumerate() {
         let seq = first + n as u64;
         entry.set_seq(seq);
         batch.insert(row_key(target.table, seq).as_bytes(), encode_row(entry));
     }
-    // Trim the oldest beyond the bound, one batch's worth per write.
-    let keep = target.keep as u64;
-    for seq in
-        (last + 1).saturating_sub(keep + entries.len() as u64)..(last + 1).saturating_sub(keep)
-    {
-        batch.remove(row_key(target.table, seq).as_bytes());
+    let excess = (*kept + entries.len() as u64).saturating_sub(target.keep as u64);
+    let excess = excess.min(MAX_BATCH_ROWS as u64) as usize;
+    let oldest: Vec<(String, T)> = runtime.store().scan(target.table, None, excess)?;
+    for (key, _) in &oldest {
+        batch.remove(format!("{}/{key}", target.table).as_bytes());
     }
     runtime.store().apply(batch)?;
-    Ok(())
+    *kept = *kept + entries.len() as u64 - oldest.len() as u64;
+    Ok(first)
 }
 
 fn row_key(table: &str, seq: u64) -> String {
     format!("{table}/{seq:020}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::audit::AuditEntry;
+
+    fn entry() -> AuditEntry {
+        AuditEntry {
+            seq: 0,
+            at_ms: 0,
+            principal: "local".into(),
+            role: "local".into(),
+            action: "POST /api/v1/control/pause".into(),
+            parameters: "/api/v1/control/pause".into(),
+            source: "127.0.0.1:1".into(),
+            status: 200,
+            outcome: "ok".into(),
+        }
+    }
+
+    fn target() -> Target {
+        Target {
+            topic: "ops.audit".into(),
+            table: "l",
+            keep: 10,
+        }
+    }
+
+    // An awaited entry is refused at once when the queue is full, and counted as dropped.
+    #[tokio::test]
+    async fn a_full_queue_refuses_an_awaited_entry_and_counts_it() {
+        let (journal, _writer) = Journal::<AuditEntry>::new(target());
+        for _ in 0..QUEUE {
+            assert!(journal.record(entry()));
+        }
+        let refused = journal.record_durable(entry()).await;
+        assert!(matches!(refused, Err(JournalError::Full)), "{refused:?}");
+        assert_eq!(journal.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    // An awaited entry fails rather than waits forever when there is no writer.
+    #[tokio::test]
+    async fn an_awaited_entry_fails_when_the_writer_is_gone() {
+        let (journal, writer) = Journal::<AuditEntry>::new(target());
+        drop(writer);
+        let refused = journal.record_durable(entry()).await;
+        assert!(matches!(refused, Err(JournalError::Stopped)), "{refused:?}");
+    }
 }

@@ -82,17 +82,20 @@ pub fn newest(
     limit: usize,
 ) -> Result<Vec<LogEntry>, crate::store::StoreError> {
     let Some(level) = level else {
-        return runtime.store().scan_last(TABLE, limit);
+        return runtime
+            .store()
+            .rows_before(TABLE, None)
+            .take(limit)
+            .collect();
     };
     // The table is bounded (`limits.error_log_entries`), so a full scan is too.
-    let all: Vec<LogEntry> = runtime
-        .store()
-        .scan_last(TABLE, runtime.config().limits.error_log_entries)?;
-    Ok(all
-        .into_iter()
-        .filter(|e| e.level.eq_ignore_ascii_case(level))
-        .take(limit)
-        .collect())
+    let rows = runtime.store().rows_before::<LogEntry>(TABLE, None);
+    rows.filter(|e| {
+        e.as_ref()
+            .map_or(true, |e| e.level.eq_ignore_ascii_case(level))
+    })
+    .take(limit)
+    .collect()
 }
 
 /// The `tracing` layer; filter it to WARN and above when installing.

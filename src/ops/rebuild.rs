@@ -32,10 +32,11 @@ use crate::runtime::{open_backends, Runtime, Targets};
 use crate::store::{Checkpoint, Store};
 
 /// Tables the operator changes directly; carried over, never replayed.
-const CARRIED_OVER: [&str; 6] = [
+const CARRIED_OVER: [&str; 7] = [
     crate::ops::dlq::TABLE,
     crate::ops::dlq::REPLAYED,
     crate::ops::audit::TABLE,
+    crate::ops::audit::SUBMISSIONS,
     crate::ops::logs::TABLE,
     "m",
     "u",

@@ -247,23 +247,23 @@ impl Store {
         Ok(rows)
     }
 
-    /// The last `limit` rows of `table`, newest (highest key) first.
-    pub fn scan_last<T: DeserializeOwned>(
+    /// Rows of `table` with keys below `before` (all if `None`), newest first,
+    /// decoded lazily so that a filtered reader stops once it has a page.
+    pub fn rows_before<T: DeserializeOwned>(
         &self,
         table: &str,
-        limit: usize,
-    ) -> Result<Vec<T>, StoreError> {
+        before: Option<&str>,
+    ) -> impl Iterator<Item = Result<T, StoreError>> + '_ {
         let prefix = format!("{table}/");
-        let mut rows = Vec::new();
-        for item in self.db.scan_prefix(prefix.as_bytes()).rev().take(limit) {
-            let (key, value) = item.map_err(sled_error(format!("scan {table}")))?;
-            let row = postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
+        let end = before.map_or_else(|| format!("{table}0"), |b| format!("{prefix}{b}"));
+        let rows = self.db.range(prefix.clone().into_bytes()..end.into_bytes());
+        rows.rev().map(move |item| {
+            let (key, value) = item.map_err(|e| sled_error(format!("scan {prefix}"))(e))?;
+            postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
                 key: String::from_utf8_lossy(&key).into_owned(),
                 reason: error.to_string(),
-            })?;
-            rows.push(row);
-        }
-        Ok(rows)
+            })
+        })
     }
 
     /// Rows in `table` (a scan: meant for small tables such as dead letters).

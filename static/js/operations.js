@@ -170,22 +170,65 @@ export function createOperations({ onAction }) {
             h('span', { class: 'field' }, h('span', { class: 'field-key' }, k), '=', v)))))))));
   }
 
+  // The audit panel's filters as the API takes them, and the page shown:
+  // `before` is absent on the newest page, else the seq the page starts below.
+  let auditFilters = { class: 'admin' };
+  let auditBefore = null;
+  let auditNext = null;
+
+  function epochMs(id) {
+    const value = $(id).value;
+    return value ? String(new Date(value).getTime()) : '';
+  }
+
+  $('audit-filter').addEventListener('submit', (event) => {
+    event.preventDefault();
+    auditFilters = {
+      class: $('audit-class').value,
+      action: $('audit-action').value.trim(),
+      principal: $('audit-principal').value.trim(),
+      role: $('audit-role').value,
+      outcome: $('audit-outcome').value,
+      since: epochMs('audit-since'),
+      until: epochMs('audit-until'),
+    };
+    auditBefore = null;
+    refreshAudit();
+  });
+  $('btn-audit-newest').addEventListener('click', () => {
+    auditBefore = null;
+    refreshAudit();
+  });
+  $('btn-audit-older').addEventListener('click', () => {
+    if (auditNext === null) return;
+    auditBefore = auditNext;
+    refreshAudit();
+  });
+
   async function refreshAudit() {
     let data;
+    const asked = [auditFilters, auditBefore];
     try {
-      data = await get(`/api/v1/logs/audit${query({ limit: LOG_LIMIT })}`);
+      const params = { ...auditFilters, limit: LOG_LIMIT, before: auditBefore ?? '' };
+      data = await get(`/api/v1/logs/audit${query(params)}`);
     } catch (error) {
       showError($('audit-error'), `Audit log unavailable: ${describe(error)}`);
       return;
     }
+    // A page asked for before the filters or the page changed is stale.
+    if (asked[0] !== auditFilters || asked[1] !== auditBefore) return;
     showError($('audit-error'), '');
     const items = data.items || [];
-    const key = JSON.stringify(items.map((e) => e.seq));
+    auditNext = data.next_before ?? null;
+    $('btn-audit-older').disabled = auditNext === null;
+    const key = JSON.stringify([auditFilters, items.map((e) => e.seq)]);
     if (key === auditKey) return;
     auditKey = key;
     const box = $('audit-list');
     if (items.length === 0) {
-      box.replaceChildren(h('p', { class: 'empty' }, 'No changes recorded yet.'));
+      const filtered = Object.entries(auditFilters).some(([k, v]) => k !== 'class' && v);
+      box.replaceChildren(h('p', { class: 'empty' },
+        filtered || auditBefore !== null ? 'No entries match.' : 'No changes recorded yet.'));
       return;
     }
     box.replaceChildren(h('table', { class: 'data compact' },
