@@ -37,6 +37,7 @@ pub struct Config {
     pub generator: GeneratorConfig,
     pub instrument: InstrumentConfig,
     pub slo: SloConfig,
+    pub ops: OpsConfig,
     /// Bearer tokens and roles, `token:role,token:role` (roles: operator,
     /// teller, viewer); usually from `KPAY_TOKENS`. Empty: protected mode.
     pub tokens: Tokens,
@@ -239,7 +240,7 @@ mod decoder_fuzz {
         // Settings-shaped text with arbitrary values: loaded or refused by key.
         #[test]
         fn arbitrary_values_never_panic(
-            section in "(server|data|log|log.kafka|topics|pipeline|limits|demo|generator|instrument|slo)",
+            section in "(server|data|log|log.kafka|topics|pipeline|limits|demo|generator|instrument|slo|ops)",
             key in "[a-z_]{1,24}",
             value in "(-?[0-9]{1,22}|\"[^\"\\\\]{0,20}\"|true|false|\\[\\])",
         ) {

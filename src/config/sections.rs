@@ -406,3 +406,13 @@ impl Default for DemoConfig {
         }
     }
 }
+
+/// The operational plane's switches.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// Whether `POST /api/v1/ops/records` may append raw records (for
+    /// drills). It bypasses every check of the API, so it is off unless
+    /// asked for, and even then needs an operator token.
+    pub raw_records: bool,
+}
