@@ -105,3 +105,54 @@ async fn raw_records_need_an_operator_and_never_reach_the_journals_or_the_dlq() 
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_written_to_the_topic_meet_the_api_rules() {
+    // Records on payment.incoming from any writer: over the amount limit or with a bad id → rejected(invalid), no money moves; accepted_at in the future → the append time.
+    // Alice holds more than the limit, so only the limit can refuse the large payment.
+    let (server, c) = TestServer::builder()
+        .raw_records()
+        .config(|c| c.limits.max_amount_cents = 1_000_000)
+        .accounts(&[("alice", 1_000_000), ("bob", 0)])
+        .start()
+        .await;
+    let deposit = server.url("/api/v1/accounts/alice/deposit");
+    let (status, answer) = post(&c, &deposit, json!({"amount": 1_000_000})).await;
+    assert_eq!(status, 202, "{answer}");
+    common::wait_until(std::time::Duration::from_secs(10), || async {
+        get(&c, &server.url("/api/v1/accounts/alice")).await.1["balance"] == 2_000_000
+    })
+    .await;
+    let url = server.url("/api/v1/ops/records");
+    let too_much = incoming("p-huge", "alice", "bob", 1_500_000);
+    let bad_id = incoming("p-bad-id", "alice", "bob/../carol", 100);
+    for body in [too_much, bad_id] {
+        let (status, answer) = post(&c, &url, body).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    for id in ["p-huge", "p-bad-id"] {
+        let done = common::terminal(&c, &server.base, id).await;
+        assert_eq!(done["status"], "rejected", "{done}");
+        assert_eq!(done["reason"], "invalid", "{done}");
+    }
+    // Stamped in 2036: admitted with the time it reached the log instead.
+    let future = json!({"id": "p-2036", "from": "alice", "to": "bob", "amount": 250,
+                        "accepted_at": 2_081_000_000_000i64});
+    let body = json!({"topic": "payment.incoming",
+                      "records": [{"key": "p-2036", "value": future.to_string()}]});
+    let before = kpay::model::now_ms();
+    let (status, answer) = post(&c, &url, body).await;
+    assert_eq!(status, 201, "{answer}");
+    let done = common::terminal(&c, &server.base, "p-2036").await;
+    assert_eq!(done["status"], "confirmed", "{done}");
+    let (accepted, completed) = (
+        done["accepted_at"].as_i64().unwrap(),
+        done["completed_at"].as_i64().unwrap(),
+    );
+    assert!(before <= accepted && accepted <= completed, "{done}");
+    let (_, bob) = get(&c, &server.url("/api/v1/accounts/bob")).await;
+    assert_eq!(bob["balance"], 250, "{bob}");
+    let (_, ledger) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
+    assert_eq!(ledger["ok"], true, "{ledger}");
+    server.stop().await;
+}

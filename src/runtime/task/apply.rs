@@ -106,6 +106,7 @@ impl<P: Processor> TaskLoop<P> {
             now_ms: now,
             partitions: self.core.config.log.partitions,
             forgotten_before_ms: self.forgotten_before_ms(),
+            max_amount_cents: self.core.config.limits.max_amount_cents,
         }
     }
 
