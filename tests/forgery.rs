@@ -5,8 +5,16 @@
 
 mod common;
 
-use common::{get, post, TestServer, OPERATOR_TOKEN};
+use std::time::Duration;
+
+use common::{get, post, terminal, wait_until, TestServer, OPERATOR_TOKEN};
+use kpay::model::seal::Sealer;
+use kpay::model::{codec, now_ms, ControlAction, ControlCommand, Envelope, Event, Outcome};
+use kpay::model::{PaymentRef, Source};
+use kpay::ops::dlq::hex;
 use serde_json::{json, Value};
+
+const SECRET: &str = "the-cluster-secret-of-this-test";
 
 /// A payment record in the public JSON format, for `POST /api/v1/ops/records`.
 fn incoming(id: &str, from: &str, to: &str, amount: i64) -> Value {
@@ -154,5 +162,190 @@ async fn payments_written_to_the_topic_meet_the_api_rules() {
     assert_eq!(bob["balance"], 250, "{bob}");
     let (_, ledger) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
     assert_eq!(ledger["ok"], true, "{ledger}");
+    server.stop().await;
+}
+
+/// An event in kpay's internal format, as hex, signed with `secret` if given.
+fn internal(key: &str, event: Event, source: Option<Source>, secret: Option<&str>) -> String {
+    let mut value = codec::encode(&Envelope { source, event });
+    if let Some(secret) = secret {
+        Sealer::new(secret.as_bytes()).seal(key.as_bytes(), &mut value);
+    }
+    hex(&value)
+}
+
+/// Appends one record through the API (raw records on) and waits until
+/// `processor` dead-letters it; returns the letter.
+async fn dead_letter(
+    server: &TestServer,
+    c: &reqwest::Client,
+    topic: &str,
+    key: &str,
+    value_hex: String,
+    processor: &str,
+) -> Value {
+    let body = json!({"topic": topic, "records": [{"key": key, "value_hex": value_hex}]});
+    let (status, answer) = post(c, &server.url("/api/v1/ops/records"), body).await;
+    assert_eq!(status, 201, "{answer}");
+    let record = &answer["records"][0];
+    let id = format!(
+        "{topic}:{}:{}:{processor}",
+        record["partition"], record["offset"]
+    );
+    let url = server.url(&format!("/api/v1/dlq/{id}"));
+    wait_until(Duration::from_secs(10), || async {
+        get(c, &url).await.0 == 200
+    })
+    .await;
+    get(c, &url).await.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_secret_forged_internal_records_move_no_money() {
+    // With cluster.secret: unsigned or wrongly signed OPEN, DEPOSIT, completion and pause records are dead-lettered as unauthenticated and change nothing, while kpay's own (payments, accounts, commands, an operator's replay) flow.
+    let (server, c) = TestServer::builder()
+        .raw_records()
+        .config(|c| c.cluster.secret = kpay::config::Secret::new(SECRET))
+        .accounts(&[("alice", 10_000), ("bob", 0)])
+        .start()
+        .await;
+    let body = json!({"id": "real-1", "from": "alice", "to": "bob", "amount": 700});
+    let (status, answer) = post(&c, &server.url("/api/v1/payments"), body).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        terminal(&c, &server.base, "real-1").await["status"],
+        "confirmed"
+    );
+    let (_, ledger_before) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
+
+    let at_ms = now_ms();
+    let open = Event::OpenAccount {
+        account: "mallory".into(),
+        opening_balance_cents: 1_000_000_000_000,
+        at_ms,
+    };
+    let deposit = Event::Deposit {
+        account: "bob".into(),
+        amount_cents: 1_000_000_000_000,
+        at_ms,
+    };
+    let forged = [
+        ("mallory", open, None),
+        ("bob", deposit.clone(), None),
+        ("bob", deposit.clone(), Some("a-different-secret-entirely")),
+    ];
+    for (key, event, secret) in forged {
+        let value = internal(key, event, None, secret);
+        let letter = dead_letter(&server, &c, "payment.inflight", key, value, "account").await;
+        assert_eq!(letter["class"], "unauthenticated", "{letter}");
+    }
+    // A completion saying a payment never admitted was confirmed.
+    let payment = PaymentRef {
+        id: "ghost-1".into(),
+        from: "alice".into(),
+        to: "bob".into(),
+        amount_cents: 5,
+        accepted_at_ms: at_ms,
+    };
+    let done = Event::Completed {
+        payment,
+        outcome: Outcome::Confirmed,
+        completed_at_ms: at_ms,
+        lineage: vec![],
+    };
+    let value = internal("ghost-1", done, None, None);
+    let letter = dead_letter(
+        &server,
+        &c,
+        "payment.complete",
+        "ghost-1",
+        value,
+        "confirmed",
+    )
+    .await;
+    assert_eq!(letter["class"], "unauthenticated", "{letter}");
+    // A pause in an operator's name.
+    let pause = Event::Control(ControlCommand {
+        action: ControlAction::Pause,
+        principal: "operator#0".into(),
+        reason: None,
+        at_ms,
+    });
+    let value = internal("control", pause, None, None);
+    let letter = dead_letter(&server, &c, "control.commands", "control", value, "control").await;
+    assert_eq!(letter["class"], "unauthenticated", "{letter}");
+
+    let (_, ledger) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
+    assert_eq!(ledger, ledger_before, "no money moved");
+    let (status, _) = get(&c, &server.url("/api/v1/accounts/mallory")).await;
+    assert_eq!(status, 404);
+    let (_, control) = get(&c, &server.url("/api/v1/control/status")).await;
+    assert_eq!(control["state"], "running", "{control}");
+    // kpay's own commands are signed and applied.
+    let (status, answer) = post(&c, &server.url("/api/v1/control/pause"), json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, control) = get(&c, &server.url("/api/v1/control/status")).await;
+    assert_ne!(control["state"], "running", "{control}");
+    let (status, _) = post(&c, &server.url("/api/v1/control/resume"), json!({})).await;
+    assert_eq!(status, 200);
+    // An operator's replay vouches for a record: signed and applied, once.
+    let small = Event::Deposit {
+        account: "bob".into(),
+        amount_cents: 25,
+        at_ms,
+    };
+    let letter = dead_letter(
+        &server,
+        &c,
+        "payment.inflight",
+        "bob",
+        internal("bob", small, None, None),
+        "account",
+    )
+    .await;
+    let id = letter["id"].as_str().unwrap();
+    let (status, answer) = post(
+        &c,
+        &server.url(&format!("/api/v1/dlq/{id}/replay")),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    wait_until(Duration::from_secs(10), || async {
+        get(&c, &server.url("/api/v1/accounts/bob")).await.1["balance"] == 725
+    })
+    .await;
+    let (_, ledger) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
+    assert_eq!(ledger["ok"], true, "{ledger}");
+    assert_eq!(ledger["total_funded"], 10_025, "{ledger}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_secret_nothing_is_checked_and_a_tag_is_ignored() {
+    // No cluster.secret: an unsigned record and a signed one are both applied (the tag, a suffix, is ignored).
+    let (server, c) = TestServer::builder()
+        .raw_records()
+        .accounts(&[("bob", 0)])
+        .start()
+        .await;
+    let at_ms = now_ms();
+    for secret in [None, Some(SECRET)] {
+        let deposit = Event::Deposit {
+            account: "bob".into(),
+            amount_cents: 10,
+            at_ms,
+        };
+        let value_hex = internal("bob", deposit, None, secret);
+        let body = json!({"topic": "payment.inflight", "records": [{"key": "bob", "value_hex": value_hex}]});
+        let (status, answer) = post(&c, &server.url("/api/v1/ops/records"), body).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    wait_until(Duration::from_secs(10), || async {
+        get(&c, &server.url("/api/v1/accounts/bob")).await.1["balance"] == 20
+    })
+    .await;
+    let (_, dlq) = get(&c, &server.url("/api/v1/dlq")).await;
+    assert_eq!(dlq["waiting"], 0, "{dlq}");
     server.stop().await;
 }

@@ -416,3 +416,14 @@ pub struct OpsConfig {
     /// asked for, and even then needs an operator token.
     pub raw_records: bool,
 }
+
+/// What every kpay sharing the same topics must agree on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Key of the HMAC-SHA256 on every record of `payment.inflight`,
+    /// `payment.complete` and `control.commands`; a record without a valid
+    /// one is dead-lettered as `unauthenticated`. Empty: nothing is signed
+    /// or checked.
+    pub secret: super::Secret,
+}

@@ -15,7 +15,8 @@ use super::space::SpaceGuard;
 use super::task_view::TaskView;
 use crate::config::Config;
 use crate::log::{Log, LogError};
-use crate::model::Event;
+use crate::model::seal::Sealer;
+use crate::model::{Event, SourceTopic};
 use crate::pipeline::account::Accounts;
 use crate::pipeline::confirmed::Confirmed;
 use crate::pipeline::control::{ControlPlane, ControlState};
@@ -37,6 +38,17 @@ pub struct NoObserver;
 
 impl Observer for NoObserver {
     fn observe(&self, _event: &Event) {}
+}
+
+/// Whether records of `kind` carry the cluster's HMAC (when a secret is
+/// set): the internal topics, which move money and control the pipeline.
+/// `payment.incoming` is public (any producer, JSON) and checked by the
+/// inflight processor instead.
+pub(super) fn authenticated(kind: SourceTopic) -> bool {
+    matches!(
+        kind,
+        SourceTopic::Inflight | SourceTopic::Complete | SourceTopic::Control
+    )
 }
 
 /// Most payment ids remembered for the recent list (`GET /payments`).
@@ -100,9 +112,21 @@ pub(super) struct Core {
     /// Free space on the data directory's device, and the last write that
     /// met a full device.
     pub(super) space: SpaceGuard,
+    /// Signs and checks the internal topics' records when `cluster.secret`
+    /// is set; `None`: nothing is signed or checked.
+    pub(super) sealer: Option<Sealer>,
 }
 
 impl Core {
+    /// `value` with the cluster's HMAC tag when `kind` is an authenticated
+    /// topic and a secret is set; otherwise unchanged.
+    pub(super) fn seal(&self, kind: SourceTopic, key: &[u8], mut value: Vec<u8>) -> Vec<u8> {
+        if let Some(sealer) = self.sealer.as_ref().filter(|_| authenticated(kind)) {
+            sealer.seal(key, &mut value);
+        }
+        value
+    }
+
     /// Notes the outcome of an append for readiness: a full device is
     /// reported by `/readyz` until an append succeeds again.
     pub(super) fn note_append<T>(&self, result: &Result<T, LogError>) {
