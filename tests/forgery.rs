@@ -184,6 +184,13 @@ async fn dead_letter(
     value_hex: String,
     processor: &str,
 ) -> Value {
+    // On Kafka the topics are named per test.
+    let names = &server.config().topics;
+    let topic = match topic {
+        "payment.inflight" => names.inflight.as_str(),
+        "payment.complete" => names.complete.as_str(),
+        _ => names.commands.as_str(),
+    };
     let body = json!({"topic": topic, "records": [{"key": key, "value_hex": value_hex}]});
     let (status, answer) = post(c, &server.url("/api/v1/ops/records"), body).await;
     assert_eq!(status, 201, "{answer}");
@@ -203,7 +210,20 @@ async fn dead_letter(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_cluster_secret_forged_internal_records_move_no_money() {
     // With cluster.secret: unsigned or wrongly signed OPEN, DEPOSIT, completion and pause records are dead-lettered as unauthenticated and change nothing, while kpay's own (payments, accounts, commands, an operator's replay) flow.
-    let (server, c) = TestServer::builder()
+    forged_records_move_no_money(TestServer::builder()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_secret_forged_internal_records_move_no_money_on_kafka() {
+    // The same on a Kafka-protocol broker, where anyone allowed to write to the topics could forge them.
+    let Some(broker) = common::kafka_broker("forged_records_on_kafka") else {
+        return;
+    };
+    forged_records_move_no_money(TestServer::builder().kafka(&broker)).await;
+}
+
+async fn forged_records_move_no_money(builder: common::ServerBuilder) {
+    let (server, c) = builder
         .raw_records()
         .config(|c| c.cluster.secret = kpay::config::Secret::new(SECRET))
         .accounts(&[("alice", 10_000), ("bob", 0)])
