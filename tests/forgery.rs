@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{get, post, terminal, wait_until, TestServer, OPERATOR_TOKEN};
 use kpay::model::seal::Sealer;
 use kpay::model::{codec, now_ms, ControlAction, ControlCommand, Envelope, Event, Outcome};
-use kpay::model::{PaymentRef, Source};
+use kpay::model::{PaymentRef, Source, SourceTopic};
 use kpay::ops::dlq::hex;
 use serde_json::{json, Value};
 
@@ -187,6 +187,7 @@ async fn dead_letter(
     // On Kafka the topics are named per test.
     let names = &server.config().topics;
     let topic = match topic {
+        "payment.incoming" => names.incoming.as_str(),
         "payment.inflight" => names.inflight.as_str(),
         "payment.complete" => names.complete.as_str(),
         _ => names.commands.as_str(),
@@ -209,7 +210,7 @@ async fn dead_letter(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_cluster_secret_forged_internal_records_move_no_money() {
-    // With cluster.secret: unsigned or wrongly signed OPEN, DEPOSIT, completion and pause records are dead-lettered as unauthenticated and change nothing, while kpay's own (payments, accounts, commands, an operator's replay) flow.
+    // With cluster.secret: unsigned or wrongly signed OPEN, DEPOSIT, completion, pause and binary (sourced) payment records are dead-lettered as unauthenticated and change nothing, while kpay's own (payments, accounts, commands, an operator's replay) flow.
     forged_records_move_no_money(TestServer::builder()).await;
 }
 
@@ -295,6 +296,38 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
     let letter = dead_letter(&server, &c, "control.commands", "control", value, "control").await;
     assert_eq!(letter["class"], "unauthenticated", "{letter}");
 
+    // A payment in kpay's binary format, whose source would have later
+    // replays to its partition skipped as copies of it.
+    let payment = PaymentRef {
+        id: "sourced-1".into(),
+        from: "alice".into(),
+        to: "bob".into(),
+        amount_cents: 5,
+        accepted_at_ms: at_ms,
+    };
+    let source = Source {
+        topic: SourceTopic::Replay,
+        partition: 0,
+        offset: u64::MAX / 2,
+    };
+    let value = internal(
+        "sourced-1",
+        Event::PaymentSubmitted(payment),
+        Some(source),
+        None,
+    );
+    let letter = dead_letter(
+        &server,
+        &c,
+        "payment.incoming",
+        "sourced-1",
+        value,
+        "inflight",
+    )
+    .await;
+    assert_eq!(letter["class"], "unauthenticated", "{letter}");
+    let sourced = letter["id"].as_str().unwrap().to_owned();
+
     let (_, ledger) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
     assert_eq!(ledger, ledger_before, "no money moved");
     let (status, _) = get(&c, &server.url("/api/v1/accounts/mallory")).await;
@@ -338,6 +371,14 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
     let (_, ledger) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
     assert_eq!(ledger["ok"], true, "{ledger}");
     assert_eq!(ledger["total_funded"], 10_025, "{ledger}");
+    // Replayed to payment.incoming, in kpay's binary format: signed, admitted, confirmed.
+    let url = server.url(&format!("/api/v1/dlq/{sourced}/replay"));
+    let (status, answer) = post(&c, &url, json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        terminal(&c, &server.base, "sourced-1").await["status"],
+        "confirmed"
+    );
     server.stop().await;
 }
 

@@ -40,15 +40,20 @@ impl Observer for NoObserver {
     fn observe(&self, _event: &Event) {}
 }
 
-/// Whether records of `kind` carry the cluster's HMAC (when a secret is
-/// set): the internal topics, which move money and control the pipeline.
-/// `payment.incoming` is public (any producer, JSON) and checked by the
-/// inflight processor instead.
-pub(super) fn authenticated(kind: SourceTopic) -> bool {
-    matches!(
-        kind,
-        SourceTopic::Inflight | SourceTopic::Complete | SourceTopic::Control
-    )
+/// Whether a record of `kind` with this value carries the cluster's HMAC
+/// (when a secret is set): every record of the internal topics, which move
+/// money and control the pipeline, and on `payment.incoming` the records in
+/// kpay's binary format. Those are kpay's own (a payment moved to its
+/// partition, an operator's replay) and carry a source, which a forger
+/// could use to have later records skipped as copies. Payments in the
+/// public JSON format are anyone's and are checked by the inflight
+/// processor instead.
+pub(super) fn authenticated(kind: SourceTopic, value: &[u8]) -> bool {
+    match kind {
+        SourceTopic::Inflight | SourceTopic::Complete | SourceTopic::Control => true,
+        SourceTopic::Incoming => value.first() != Some(&b'{'),
+        SourceTopic::Replay => false,
+    }
 }
 
 /// Most payment ids remembered for the recent list (`GET /payments`).
@@ -118,10 +123,10 @@ pub(super) struct Core {
 }
 
 impl Core {
-    /// `value` with the cluster's HMAC tag when `kind` is an authenticated
-    /// topic and a secret is set; otherwise unchanged.
+    /// `value` with the cluster's HMAC tag when such a record is
+    /// [`authenticated`] and a secret is set; otherwise unchanged.
     pub(super) fn seal(&self, kind: SourceTopic, key: &[u8], mut value: Vec<u8>) -> Vec<u8> {
-        if let Some(sealer) = self.sealer.as_ref().filter(|_| authenticated(kind)) {
+        if let Some(sealer) = self.sealer.as_ref().filter(|_| authenticated(kind, &value)) {
             sealer.seal(key, &mut value);
         }
         value

@@ -100,7 +100,7 @@ impl<P: Processor> TaskLoop<P> {
         record: &Record,
     ) -> Result<Envelope, (&'static str, String)> {
         let mut value = &record.value[..];
-        if let Some(sealer) = self.core.sealer.as_ref().filter(|_| authenticated(kind)) {
+        if let Some(sealer) = (self.core.sealer.as_ref()).filter(|_| authenticated(kind, value)) {
             value = sealer
                 .open(&record.key, value)
                 .map_err(|error| ("unauthenticated", error.to_string()))?;
@@ -260,16 +260,17 @@ impl<P: Processor> TaskLoop<P> {
                 event: emit.event,
             };
             let kind = match emit.topic {
-                OutTopic::Inflight => SourceTopic::Inflight,
-                OutTopic::Complete => SourceTopic::Complete,
-                OutTopic::Incoming | OutTopic::Confirmed => SourceTopic::Incoming,
+                // `payment.confirmed` is for outside consumers: public JSON.
+                OutTopic::Confirmed => None,
+                OutTopic::Incoming => Some(SourceTopic::Incoming),
+                OutTopic::Inflight => Some(SourceTopic::Inflight),
+                OutTopic::Complete => Some(SourceTopic::Complete),
             };
-            // `payment.confirmed` is for outside consumers: public JSON.
-            let value = match emit.topic {
-                OutTopic::Confirmed => codec::encode_completed_json(&envelope.event),
-                _ => None,
-            }
-            .unwrap_or_else(|| core.seal(kind, emit.key.as_bytes(), codec::encode(&envelope)));
+            let value = match kind {
+                Some(kind) => core.seal(kind, emit.key.as_bytes(), codec::encode(&envelope)),
+                None => codec::encode_completed_json(&envelope.event)
+                    .unwrap_or_else(|| codec::encode(&envelope)),
+            };
             groups.entry(tp).or_default().push(Record {
                 key: Bytes::from(emit.key.into_bytes()),
                 value: Bytes::from(value),
