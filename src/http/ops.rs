@@ -234,7 +234,9 @@ pub struct InjectResponse {
 /// tests and DLQ drills. Off unless `ops.raw_records = true`
 /// (`KPAY_OPS__RAW_RECORDS`), and then for an operator token only: refused
 /// in protected mode (no tokens). `ops.audit`, `ops.logs` and `payment.dlq`
-/// are never writable here.
+/// are never writable here. Records are appended as given, unsigned: with
+/// `cluster.secret` set, those on the internal topics (and binary ones on
+/// `payment.incoming`) are dead-lettered as `unauthenticated`.
 #[utoipa::path(post, path = "/api/v1/ops/records", tag = "operations",
     request_body = InjectRequest,
     responses((status = 201, body = InjectResponse), (status = 400, body = ErrorBody),
