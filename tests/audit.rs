@@ -225,6 +225,8 @@ async fn no_response_log_line_error_entry_or_audit_entry_contains_a_token() {
     let env = [
         ("KPAY_TOKENS", tokens.as_str()),
         ("KPAY_SERVER__PROTECT_READS", "true"),
+        // The operator's raw record below goes through, so its answer is seen too.
+        ("KPAY_OPS__RAW_RECORDS", "true"),
         ("RUST_LOG", "debug"),
     ];
     let server = common::Binary::spawn_logged(&dir.path().join("data"), &env, &output);

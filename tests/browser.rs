@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::browser::{browser, chromium_present, Driver, CHROMEDRIVER, CHROMIUM};
-use common::{get, post, skip_or_fail_in_ci, TestServer};
+use common::{get, operator_client, post, skip_or_fail_in_ci, TestServer, OPERATOR_TOKEN};
 use fantoccini::{Client, Locator};
 use kpay::model::{codec, now_ms, Envelope, Event, SourceTopic};
 use serde_json::{json, Value};
@@ -181,7 +181,10 @@ async fn dashboard_in_a_real_browser() {
         skip_or_fail_in_ci("dashboard_in_a_real_browser", &why);
         return;
     }
+    // Raw records (a dead letter to replay) need tokens: the dashboard gets
+    // the operator token through its token form.
     let (server, _) = TestServer::builder()
+        .raw_records()
         .config(|c| c.demo.accounts = 10)
         .start()
         .await;
@@ -202,9 +205,15 @@ async fn dashboard_in_a_real_browser() {
 }
 
 async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let (c, base) = (operator_client(), server.base.clone());
     let seconds = Duration::from_secs;
     client.goto(&base).await.map_err(|e| e.to_string())?;
+    fill(client, "#token-input", OPERATOR_TOKEN).await?;
+    click(client, "#token-form button[type=submit]").await?;
+    eventually("token set", seconds(5), || async {
+        text(client, "#token-state").await.contains("token set")
+    })
+    .await?;
     eventually("live updates", seconds(10), || async {
         text(client, "#conn-status").await.contains("live")
     })

@@ -58,7 +58,10 @@ const SIGABRT: i32 = 6;
 async fn run(case: &Case, broker: Option<&str>) {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let client = reqwest::Client::new();
+    // The setup injects a dead letter, which needs raw records on and the
+    // operator token; the armed runs are in protected mode, where the
+    // token is ignored.
+    let client = common::operator_client();
     let backend = broker
         .map(|broker| common::kafka_topics(broker, dir.path()))
         .unwrap_or_default();
@@ -72,7 +75,9 @@ async fn run(case: &Case, broker: Option<&str>) {
     // Accounts (and a dead letter to replay) first, then a clean stop, so
     // that the passes count from the traffic on.
     let setup_log = dir.path().join("setup.log");
-    let mut setup = Binary::spawn_logged(dir.path(), &env, &setup_log);
+    let mut setup_env = env.clone();
+    setup_env.extend(common::RAW_RECORDS_ENV);
+    let mut setup = Binary::spawn_logged(dir.path(), &setup_env, &setup_log);
     ready(&mut setup, &setup_log, "setup").await;
     traffic::open_accounts(&client, &setup.base).await;
     let letter = match case.replay {

@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    get, kpay_command, open_account, post, terminal, test_config, wait_until, Binary, TestServer,
+    get, kpay_command, open_account, operator_client, post, terminal, test_config, wait_until,
+    Binary, TestServer, RAW_RECORDS_ENV,
 };
 use kpay::model::{codec, now_ms, partition_for, Envelope, Event, Outcome, PaymentRef};
 use kpay::ops::dlq::hex;
@@ -101,6 +102,7 @@ async fn pay(c: &reqwest::Client, base: &str, id: &str, amount: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_on_every_input_topic_are_dead_lettered_and_the_rest_flows() {
     let (server, c) = TestServer::builder()
+        .raw_records()
         .accounts(&[("alice", 100_000), ("bob", 0)])
         .start()
         .await;
@@ -210,6 +212,7 @@ async fn malformed_records_on_every_input_topic_are_dead_lettered_and_the_rest_f
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
     let (server, c) = TestServer::builder()
+        .raw_records()
         .accounts(&[("alice", 10_000), ("bob", 0)])
         .start()
         .await;
@@ -243,7 +246,8 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
     assert_eq!(first["already_replayed"], false);
     let replay = &first["dead_letter"]["replay"];
     assert_eq!(replay["corrected"], true);
-    assert_eq!(replay["principal"], "local");
+    // The operator token's holder, first in the list.
+    assert_eq!(replay["principal"], "operator#0");
     let done = terminal(&c, &base, "fix-me").await;
     assert_eq!(done["status"], "confirmed", "{done}");
     assert_eq!(
@@ -312,6 +316,7 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_error_mid_batch_loses_and_duplicates_nothing() {
     let (server, c) = TestServer::builder()
+        .raw_records()
         .accounts(&[("alice", 100_000), ("bob", 0)])
         .start()
         .await;
@@ -383,6 +388,7 @@ async fn a_processor_error_mid_batch_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dlq_is_bounded_and_overflow_is_counted() {
     let (server, c) = TestServer::builder()
+        .raw_records()
         .config(|c| c.limits.dlq_entries = 2)
         .start()
         .await;
@@ -431,8 +437,8 @@ async fn the_dlq_is_bounded_and_overflow_is_counted() {
 async fn warnings_reach_the_error_log_with_their_context() {
     // The real binary, whose `main` installs the error-log layer.
     let dir = tempfile::tempdir().unwrap();
-    let server = Binary::start(dir.path(), &[]).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let server = Binary::start(dir.path(), &RAW_RECORDS_ENV).await;
+    let (c, base) = (operator_client(), server.base.clone());
     let landed = inject(
         &c,
         &base,
@@ -534,6 +540,7 @@ async fn snapshot(c: &reqwest::Client, base: &str, payments: &[&str]) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one() {
     let (server, c) = TestServer::builder()
+        .raw_records()
         .accounts(&[("alice", 10_000), ("bob", 500), ("carol", 0)])
         .start()
         .await;
@@ -674,6 +681,7 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
     use kpay::model::{Source, SourceTopic};
     use kpay::ops::dlq::{DeadLetter, Replay};
     let (server, c) = TestServer::builder()
+        .raw_records()
         .accounts(&[("alice", 10_000), ("bob", 0)])
         .start()
         .await;
@@ -789,6 +797,7 @@ fn one_per_partition(prefix: &str, partitions: u32) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn settled_payments_are_forgotten_after_the_retention_and_copies_refused() {
     let (server, c) = TestServer::builder()
+        .raw_records()
         .config(|c| c.limits.payment_retention_seconds = 2)
         .accounts(&[("alice", 100_000), ("bob", 0)])
         .start()
@@ -852,7 +861,7 @@ async fn settled_payments_are_forgotten_after_the_retention_and_copies_refused()
 
     // After a restart the forgotten stay forgotten and payments flow.
     let server = TestServer::start(config).await;
-    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let (c, base) = (operator_client(), server.base.clone());
     let (status, _) = get(&c, &format!("{base}/api/v1/payments/{}", early[1])).await;
     assert_eq!(status, 404);
     pay(&c, &base, "after-restart", 1).await;

@@ -10,7 +10,10 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{get, kafka_broker, post, terminal, wait_until, Binary, TestServer};
+use common::{
+    get, kafka_broker, operator_client, post, terminal, wait_until, Binary, TestServer,
+    RAW_RECORDS_ENV,
+};
 use kpay::log::embedded::EmbeddedLogConfig;
 use kpay::log::{LogError, Record, TopicPartition};
 use kpay::model::codec::MAX_EVENT_BYTES;
@@ -198,6 +201,7 @@ async fn the_900_kb_record_of_the_report_is_dead_lettered_in_part_and_replayed_o
     // The reported poison pill (900,000 bytes into payment.incoming over the API) becomes a dead letter keeping a prefix, the length and the digest; the server stays ready across a restart; a replay as stored is refused with the reason, a corrected one goes through.
     let (server, client) = TestServer::builder()
         .config(|c| c.server.max_body_bytes = 2 << 20)
+        .raw_records()
         .accounts(&[("alice", 10_000), ("bob", 0)])
         .start()
         .await;
@@ -336,9 +340,10 @@ async fn a_task_failing_for_another_reason_is_restarted_with_backoff_and_reporte
 async fn the_binary_survives_the_poison_record_and_exits_zero_on_sigterm() {
     // The real binary, sent the reported 900,000-byte record, stays ready, and a SIGTERM stop exits 0.
     let dir = tempfile::tempdir().unwrap();
-    let env = [("KPAY_SERVER__MAX_BODY_BYTES", "2097152")];
+    let mut env = vec![("KPAY_SERVER__MAX_BODY_BYTES", "2097152")];
+    env.extend(RAW_RECORDS_ENV);
     let server = Binary::start(dir.path(), &env).await;
-    let client = reqwest::Client::new();
+    let client = operator_client();
     let body = json!({"topic": "payment.incoming", "records": [{"key": "k", "value": "x".repeat(900_000)}]});
     let (status, answer) = post(
         &client,

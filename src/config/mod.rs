@@ -11,6 +11,7 @@
 //! every layer above reads it.
 
 pub mod hosts;
+mod secret;
 mod sections;
 mod tokens;
 mod validate;
@@ -21,6 +22,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub use secret::{Secret, MIN_SECRET_CHARS};
 pub use sections::*;
 pub use tokens::{Role, Tokens, MIN_TOKEN_CHARS};
 pub use validate::{MAX_SEGMENT_BYTES, MAX_STORE_BATCH_ROWS};
@@ -38,6 +40,8 @@ pub struct Config {
     pub generator: GeneratorConfig,
     pub instrument: InstrumentConfig,
     pub slo: SloConfig,
+    pub ops: OpsConfig,
+    pub cluster: ClusterConfig,
     /// Bearer tokens and roles, `token:role,token:role` (roles: operator,
     /// teller, viewer); usually from `KPAY_TOKENS`. Empty: protected mode.
     pub tokens: Tokens,
@@ -248,7 +252,7 @@ mod decoder_fuzz {
         // Settings-shaped text with arbitrary values: loaded or refused by key.
         #[test]
         fn arbitrary_values_never_panic(
-            section in "(server|data|log|log.kafka|topics|pipeline|limits|demo|generator|instrument|slo)",
+            section in "(server|data|log|log.kafka|topics|pipeline|limits|demo|generator|instrument|slo|ops|cluster)",
             key in "[a-z_]{1,24}",
             value in "(-?[0-9]{1,22}|\"[^\"\\\\]{0,20}\"|true|false|\\[\\])",
         ) {

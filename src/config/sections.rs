@@ -422,3 +422,24 @@ impl Default for DemoConfig {
         }
     }
 }
+
+/// The operational plane's switches.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// Whether `POST /api/v1/ops/records` may append raw records (for
+    /// drills). It bypasses every check of the API, so it is off unless
+    /// asked for, and even then needs an operator token.
+    pub raw_records: bool,
+}
+
+/// What every kpay sharing the same topics must agree on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Key of the HMAC-SHA256 on every record of `payment.inflight`,
+    /// `payment.complete` and `control.commands`; a record without a valid
+    /// one is dead-lettered as `unauthenticated`. Empty: nothing is signed
+    /// or checked.
+    pub secret: super::Secret,
+}

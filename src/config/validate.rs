@@ -2,7 +2,7 @@
 //! function per section, each error naming the key at fault.
 
 use super::hosts::{host_name, origin_authority, MAX_ALLOWED_ENTRIES};
-use super::{BackendKind, Config, ConfigError, KafkaConfig};
+use super::{BackendKind, Config, ConfigError, KafkaConfig, MIN_SECRET_CHARS};
 
 /// Most rows in one store batch (`data.store_batch_rows`).
 pub const MAX_STORE_BATCH_ROWS: usize = 256;
@@ -27,7 +27,19 @@ impl Config {
         self.validate_data_and_pipeline()?;
         self.validate_generator()?;
         self.validate_limits()?;
+        self.validate_cluster()?;
         self.validate_instrument_and_demo()
+    }
+
+    fn validate_cluster(&self) -> Checked {
+        let secret = &self.cluster.secret;
+        if !secret.is_empty() && secret.chars() < MIN_SECRET_CHARS {
+            return invalid(
+                "cluster.secret",
+                format!("must be empty or at least {MIN_SECRET_CHARS} characters long"),
+            );
+        }
+        Ok(())
     }
 
     fn validate_server(&self) -> Checked {

@@ -86,9 +86,11 @@ pub async fn command(
             at_ms: now_ms(),
         }),
     };
+    let key = b"control";
+    let value = runtime.signed(SourceTopic::Control, key, codec::encode(&envelope));
     let record = Record {
-        key: Bytes::from_static(b"control"),
-        value: Bytes::from(codec::encode(&envelope)),
+        key: Bytes::from_static(key),
+        value: Bytes::from(value),
         timestamp_ms: now_ms(),
     };
     let tp = TopicPartition::new(runtime.topics().commands.clone(), 0);

@@ -237,17 +237,28 @@ pub struct InjectResponse {
     pub records: Vec<InjectedRecord>,
 }
 
-/// Appends raw records to a topic, bypassing every check: for tests and DLQ
-/// drills (operator only; with Kafka, any Kafka client can do the same).
+/// Appends raw records to a topic, bypassing every check of the API: for
+/// tests and DLQ drills. Off unless `ops.raw_records = true`
+/// (`KPAY_OPS__RAW_RECORDS`), and then for an operator token only: refused
+/// in protected mode (no tokens). `ops.audit`, `ops.logs` and `payment.dlq`
+/// are never writable here. Records are appended as given, unsigned: with
+/// `cluster.secret` set, those on the internal topics (and binary ones on
+/// `payment.incoming`) are dead-lettered as `unauthenticated`.
 #[utoipa::path(post, path = "/api/v1/ops/records", tag = "operations",
     request_body = InjectRequest,
     responses((status = 201, body = InjectResponse), (status = 400, body = ErrorBody),
+        (status = 403, description = "No tokens are configured (protected mode), the token is \
+            not an operator's, or the topic is one of ops.audit, ops.logs, payment.dlq", body = ErrorBody),
+        (status = 404, description = "Raw records are off (ops.raw_records = false, the default)",
+            body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 async fn inject_records(
     Extract(state): Extract<State>,
+    who: Option<Extension<Principal>>,
     JsonBody(request): JsonBody<InjectRequest>,
 ) -> Result<(StatusCode, Json<InjectResponse>), ApiError> {
     let runtime = &state.runtime;
+    may_inject(&state, who.as_ref().map(|Extension(p)| p), &request.topic)?;
     let max = runtime.config().limits.max_batch_payments;
     if request.records.is_empty() || request.records.len() > max {
         return Err(ApiError::BadRequest(format!(
@@ -281,6 +292,39 @@ async fn inject_records(
                 .collect(),
         }),
     ))
+}
+
+/// Whether `who` may inject into `topic`: the setting, an operator token,
+/// and never the journals or the dead letter queue, whose entries others
+/// trust as kpay's own account of what happened.
+fn may_inject(state: &State, who: Option<&Principal>, topic: &str) -> Result<(), ApiError> {
+    let config = state.runtime.config();
+    if !config.ops.raw_records {
+        return Err(ApiError::NotFound(
+            "raw record injection is off: set ops.raw_records = true \
+             (KPAY_OPS__RAW_RECORDS=true) and use an operator token"
+                .into(),
+        ));
+    }
+    if config.tokens.is_empty() {
+        return Err(ApiError::Forbidden(
+            "raw record injection needs an operator token; with no tokens \
+             configured (protected mode) it is refused"
+                .into(),
+        ));
+    }
+    if who.map(|p| p.role) != Some(crate::config::Role::Operator.as_str()) {
+        return Err(ApiError::Forbidden(
+            "raw record injection needs an operator token".into(),
+        ));
+    }
+    let topics = &config.topics;
+    if [&topics.audit, &topics.logs, &topics.dlq].contains(&&topic.to_owned()) {
+        return Err(ApiError::Forbidden(format!(
+            "topic {topic} is never writable through raw record injection"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, IntoParams)]

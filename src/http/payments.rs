@@ -136,14 +136,8 @@ fn to_payment(state: &State, request: PaymentRequest) -> Result<PaymentRef, ApiE
         amount_cents: request.amount,
         accepted_at_ms: 0,
     };
-    validate_payment(&payment).map_err(ApiError::BadRequest)?;
     let max = state.runtime.config().limits.max_amount_cents;
-    if payment.amount_cents > max {
-        return Err(ApiError::BadRequest(format!(
-            "amount {} is above the limit of {max} cents",
-            payment.amount_cents
-        )));
-    }
+    validate_payment(&payment, max).map_err(ApiError::BadRequest)?;
     Ok(payment)
 }
 

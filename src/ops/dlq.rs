@@ -201,7 +201,7 @@ pub async fn replay(
         }
     }
     let corrected = correction.is_some();
-    let (envelope, key, partition) = route(runtime, &letter, correction)?;
+    let (envelope, key, partition, kind) = route(runtime, &letter, correction)?;
     let tp = TopicPartition::new(letter.source_topic.clone(), partition);
     let seq = runtime.store().get::<u64>(REPLAY_SEQ_KEY)?.unwrap_or(0) + 1;
     let pending = Replay {
@@ -230,9 +230,12 @@ pub async fn replay(
         }),
         event: envelope.event,
     };
+    // The operator's decision vouches for the record: it is signed like
+    // kpay's own (a tag the stored value carried was dropped by decoding).
+    let value = runtime.signed(kind, key.as_bytes(), codec::encode(&wrapped));
     let record = Record {
         key: Bytes::from(key.into_bytes()),
-        value: Bytes::from(codec::encode(&wrapped)),
+        value: Bytes::from(value),
         timestamp_ms: now_ms(),
     };
     let offset = runtime.log().append(&tp, vec![record]).await?;
@@ -242,12 +245,13 @@ pub async fn replay(
 }
 
 /// What a replay appends and where: the stored (or corrected) value
-/// decoded, its routing key and the partition that key belongs to.
+/// decoded, its routing key, the partition that key belongs to and the
+/// kind of input it goes to.
 fn route(
     runtime: &Runtime,
     letter: &DeadLetter,
     correction: Option<Vec<u8>>,
-) -> Result<(Envelope, String, u32), DlqError> {
+) -> Result<(Envelope, String, u32, SourceTopic), DlqError> {
     let corrected = correction.is_some();
     let bytes = match correction {
         Some(bytes) => bytes,
@@ -287,7 +291,7 @@ fn route(
         SourceTopic::Control => 0,
         _ => partition_for(&key, runtime.config().log.partitions),
     };
-    Ok((envelope, key, partition))
+    Ok((envelope, key, partition, kind))
 }
 
 /// Moves a replayed letter to the replayed table, oldest dropped beyond the bound.

@@ -309,6 +309,7 @@ mod tests {
             now_ms: 5,
             partitions: 1,
             forgotten_before_ms: i64::MIN,
+            max_amount_cents: 100_000_000_000,
         }
     }
 

@@ -61,6 +61,7 @@ impl World {
             now_ms: 1,
             partitions: PARTITIONS,
             forgotten_before_ms: i64::MIN,
+            max_amount_cents: 100_000_000_000,
         };
         let p = partition as usize;
         match topic {

@@ -82,6 +82,7 @@ mod tests {
             now_ms: 0,
             partitions: 1,
             forgotten_before_ms: i64::MIN,
+            max_amount_cents: 100_000_000_000,
         };
         ControlPlane::handle(&mut None, state, Event::Control(command), &ctx).unwrap();
     }

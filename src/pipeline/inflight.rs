@@ -119,13 +119,26 @@ impl Processor for Inflight {
     }
 }
 
-/// Whether a payment may move money at all: the checks that need no balance.
-pub fn validate_payment(payment: &PaymentRef) -> Result<(), String> {
+/// How far a payment's `accepted_at` may lie after its record's append
+/// time: clocks of other producers drift a little. Beyond it the append
+/// time is used, so that a payment stamped in the future can neither
+/// complete before it was accepted nor distort the latency windows.
+pub const ACCEPTED_AT_SKEW_MS: i64 = 1_000;
+
+/// Whether a payment may move money at all: the checks that need no balance,
+/// the same for the API and for records any producer wrote.
+pub fn validate_payment(payment: &PaymentRef, max_amount_cents: i64) -> Result<(), String> {
     validate_id(&payment.id).map_err(|e| format!("id {e}"))?;
     validate_id(&payment.from).map_err(|e| format!("from {e}"))?;
     validate_id(&payment.to).map_err(|e| format!("to {e}"))?;
     if payment.amount_cents <= 0 {
         return Err(format!("amount {} must be > 0", payment.amount_cents));
+    }
+    if payment.amount_cents > max_amount_cents {
+        return Err(format!(
+            "amount {} is above the limit of {max_amount_cents} cents",
+            payment.amount_cents
+        ));
     }
     if payment.from == payment.to {
         return Err("from and to are the same account".into());
@@ -150,8 +163,11 @@ fn admit(
             event: Event::PaymentSubmitted(payment),
         }));
     }
-    if payment.accepted_at_ms == 0 {
-        // A payment without its acceptance time: the record's time.
+    if payment.accepted_at_ms == 0
+        || payment.accepted_at_ms > ctx.received_at_ms.saturating_add(ACCEPTED_AT_SKEW_MS)
+    {
+        // A payment without its acceptance time, or one that claims to have
+        // been accepted after it reached the log: the record's time.
         payment.accepted_at_ms = ctx.received_at_ms;
     }
     if payment.accepted_at_ms < ctx.forgotten_before_ms {
@@ -179,7 +195,7 @@ fn admit(
         )));
     }
     let admitted = hop(Stage::Admitted, ctx);
-    if validate_payment(&payment).is_err() {
+    if validate_payment(&payment, ctx.max_amount_cents).is_err() {
         // Records written by other producers skip the HTTP checks; they end
         // as a business rejection, not a dead letter.
         return Ok(Some(reject_invalid(state, payment, admitted, ctx)));
@@ -308,6 +324,7 @@ mod tests {
             now_ms: 10,
             partitions: 1,
             forgotten_before_ms: i64::MIN,
+            max_amount_cents: 100_000_000_000,
         }
     }
 
@@ -388,6 +405,45 @@ mod tests {
         assert_eq!(emit.topic, OutTopic::Complete);
         assert_eq!(state.unwrap().reason, Some(Reason::Invalid));
         assert_eq!(stats.inflight_count, 0);
+    }
+
+    // Records from any producer meet the API's rules: above the amount limit or a bad id is rejected(invalid).
+    #[test]
+    fn the_api_rules_hold_for_every_producer() {
+        let mut bad_id = payment("p 2", 5);
+        bad_id.from = "a/../b".into();
+        for p in [payment("p1", 1_500_000_000_000), bad_id] {
+            let (mut state, mut stats) = (None, InflightStats::default());
+            let c = ctx(SourceTopic::Incoming, 0);
+            let event = Event::PaymentSubmitted(p);
+            let emit = Inflight::handle(&mut state, &mut stats, event, &c).unwrap();
+            assert_eq!(emit.unwrap().topic, OutTopic::Complete);
+            assert_eq!(state.unwrap().reason, Some(Reason::Invalid));
+            assert_eq!((stats.inflight_count, stats.admitted_count), (0, 0));
+        }
+    }
+
+    // An acceptance time after the append (beyond the skew) becomes the append time; within the skew it stays.
+    #[test]
+    fn a_future_acceptance_time_is_replaced_by_the_append_time() {
+        let c = Ctx {
+            received_at_ms: 5_000,
+            ..ctx(SourceTopic::Incoming, 0)
+        };
+        for (claimed, kept) in [
+            (2_081_000_000_000, 5_000),
+            (5_000 + ACCEPTED_AT_SKEW_MS, 6_000),
+        ] {
+            let (mut state, mut stats) = (None, InflightStats::default());
+            let mut p = payment("p1", 5);
+            p.accepted_at_ms = claimed;
+            let emit = Inflight::handle(&mut state, &mut stats, Event::PaymentSubmitted(p), &c);
+            let Some(Event::Debit { payment, .. }) = emit.unwrap().map(|e| e.event) else {
+                panic!("no debit");
+            };
+            assert_eq!(payment.accepted_at_ms, kept);
+            assert_eq!(state.unwrap().payment.accepted_at_ms, kept);
+        }
     }
 
     // Completion sets the terminal state once and releases the inflight value.

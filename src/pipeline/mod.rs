@@ -54,6 +54,9 @@ pub struct Ctx {
     /// less the retention. It depends only on that topic's order, so a
     /// replay of the log decides the same.
     pub forgotten_before_ms: i64,
+    /// Largest amount of one payment (`limits.max_amount_cents`): records
+    /// other producers wrote are held to the API's bound.
+    pub max_amount_cents: i64,
 }
 
 /// A record the processor cannot act on. The runtime dead-letters it and goes

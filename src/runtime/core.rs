@@ -15,7 +15,8 @@ use super::space::SpaceGuard;
 use super::task_view::TaskView;
 use crate::config::Config;
 use crate::log::{Log, LogError};
-use crate::model::Event;
+use crate::model::seal::Sealer;
+use crate::model::{Event, SourceTopic};
 use crate::pipeline::account::Accounts;
 use crate::pipeline::confirmed::Confirmed;
 use crate::pipeline::control::{ControlPlane, ControlState};
@@ -37,6 +38,22 @@ pub struct NoObserver;
 
 impl Observer for NoObserver {
     fn observe(&self, _event: &Event) {}
+}
+
+/// Whether a record of `kind` with this value carries the cluster's HMAC
+/// (when a secret is set): every record of the internal topics, which move
+/// money and control the pipeline, and on `payment.incoming` the records in
+/// kpay's binary format. Those are kpay's own (a payment moved to its
+/// partition, an operator's replay) and carry a source, which a forger
+/// could use to have later records skipped as copies. Payments in the
+/// public JSON format are anyone's and are checked by the inflight
+/// processor instead.
+pub(super) fn authenticated(kind: SourceTopic, value: &[u8]) -> bool {
+    match kind {
+        SourceTopic::Inflight | SourceTopic::Complete | SourceTopic::Control => true,
+        SourceTopic::Incoming => value.first() != Some(&b'{'),
+        SourceTopic::Replay => false,
+    }
 }
 
 /// Most payment ids remembered for the recent list (`GET /payments`).
@@ -103,9 +120,21 @@ pub(super) struct Core {
     /// Why the runtime stopped on an error, if it did: the process then
     /// exits non-zero with it.
     pub(super) failure: Mutex<Option<String>>,
+    /// Signs and checks the internal topics' records when `cluster.secret`
+    /// is set; `None`: nothing is signed or checked.
+    pub(super) sealer: Option<Sealer>,
 }
 
 impl Core {
+    /// `value` with the cluster's HMAC tag when such a record is
+    /// [`authenticated`] and a secret is set; otherwise unchanged.
+    pub(super) fn seal(&self, kind: SourceTopic, key: &[u8], mut value: Vec<u8>) -> Vec<u8> {
+        if let Some(sealer) = self.sealer.as_ref().filter(|_| authenticated(kind, &value)) {
+            sealer.seal(key, &mut value);
+        }
+        value
+    }
+
     /// Notes the outcome of an append for readiness: a full device is
     /// reported by `/readyz` until an append succeeds again.
     pub(super) fn note_append<T>(&self, result: &Result<T, LogError>) {

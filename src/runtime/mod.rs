@@ -234,6 +234,13 @@ impl Runtime {
         Ok(())
     }
 
+    /// `value` as a record of `kind` keyed `key` must be written: with the
+    /// cluster's HMAC tag on the internal topics when `cluster.secret` is
+    /// set, else unchanged. Whatever kpay itself appends there goes through it.
+    pub fn signed(&self, kind: SourceTopic, key: &[u8], value: Vec<u8>) -> Vec<u8> {
+        self.core.seal(kind, key, value)
+    }
+
     /// Appends account events (open, deposit, close) to `payment.inflight`,
     /// each keyed and partitioned by its account.
     pub async fn append_account_events(&self, events: Vec<Event>) -> Result<(), RuntimeError> {
@@ -247,12 +254,17 @@ impl Runtime {
                 source: None,
                 event,
             };
+            let value = self.signed(
+                SourceTopic::Inflight,
+                account.as_bytes(),
+                codec::encode(&envelope),
+            );
             groups
                 .entry(partition_for(&account, partitions))
                 .or_default()
                 .push(Record {
                     key: Bytes::from(account.into_bytes()),
-                    value: Bytes::from(codec::encode(&envelope)),
+                    value: Bytes::from(value),
                     timestamp_ms: now_ms(),
                 });
         }

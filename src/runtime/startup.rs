@@ -17,6 +17,7 @@ use super::{dead_letter, RuntimeError, Targets};
 use crate::config::{Backend, Config, TopicsConfig};
 use crate::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
 use crate::log::{Log, TopicPartition};
+use crate::model::seal::Sealer;
 use crate::model::{partition_for, SourceTopic};
 use crate::pipeline::account::Accounts;
 use crate::pipeline::confirmed::{Confirmed, ConfirmedStats};
@@ -219,6 +220,8 @@ fn new_core(
 ) -> Core {
     let dlq_stored = store.count(dead_letter::TABLE);
     let space = SpaceGuard::new(&config.data.dir, config.data.min_free_bytes);
+    let secret = &config.cluster.secret;
+    let sealer = (!secret.is_empty()).then(|| Sealer::new(secret.expose()));
     Core {
         inflight: shared_views::<Inflight>(&checkpoints.inflight, &config),
         accounts: shared_views::<Accounts>(&checkpoints.accounts, &config),
@@ -239,6 +242,7 @@ fn new_core(
         dlq_stored: AtomicU64::new(dlq_stored),
         space,
         failure: std::sync::Mutex::new(None),
+        sealer,
     }
 }
 

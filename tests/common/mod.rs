@@ -158,6 +158,7 @@ impl TestServer {
 #[derive(Default)]
 pub struct ServerBuilder {
     kafka: Option<String>,
+    raw_records: bool,
     tweaks: Vec<Tweak>,
     accounts: Vec<(String, i64)>,
 }
@@ -179,6 +180,14 @@ impl ServerBuilder {
         self
     }
 
+    /// With raw record injection (`POST /api/v1/ops/records`) on, which
+    /// needs tokens: the operator token [`OPERATOR_TOKEN`] is configured and
+    /// the client `start` returns sends it with every request.
+    pub fn raw_records(mut self) -> Self {
+        self.raw_records = true;
+        self
+    }
+
     /// Accounts opened over HTTP once the server is ready: (id, cents).
     pub fn accounts(mut self, accounts: &[(&str, i64)]) -> Self {
         let owned = accounts.iter().map(|&(id, cents)| (id.to_owned(), cents));
@@ -193,17 +202,51 @@ impl ServerBuilder {
             Some(broker) => kafka_config(dir.path(), broker),
             None => test_config(dir.path()),
         };
+        if self.raw_records {
+            config.ops.raw_records = true;
+            config.tokens = kpay::config::Tokens::parse(&format!("{OPERATOR_TOKEN}:operator"))
+                .expect("the test token parses");
+        }
         for tweak in self.tweaks {
             tweak(&mut config);
         }
         let mut server = TestServer::start(config).await;
         server.dir = Some(dir);
-        let client = reqwest::Client::new();
+        let client = if self.raw_records {
+            operator_client()
+        } else {
+            reqwest::Client::new()
+        };
         for (id, cents) in &self.accounts {
             open_account(&client, &server.base, id, *cents).await;
         }
         (server, client)
     }
+}
+
+/// The operator token of servers with raw records on
+/// ([`ServerBuilder::raw_records`], [`RAW_RECORDS_ENV`]).
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
+
+/// The environment that turns raw record injection on in the real binary,
+/// with [`OPERATOR_TOKEN`] as its operator token.
+pub const RAW_RECORDS_ENV: [(&str, &str); 2] = [
+    ("KPAY_OPS__RAW_RECORDS", "true"),
+    ("KPAY_TOKENS", "test-operator-token:operator"),
+];
+
+/// A client that sends [`OPERATOR_TOKEN`] with every request.
+pub fn operator_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = format!("Bearer {OPERATOR_TOKEN}");
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&value).expect("a valid header"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("a client")
 }
 
 /// Polls `check` every 20 ms until it holds; panics after `limit`.

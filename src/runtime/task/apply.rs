@@ -12,6 +12,7 @@ use crate::failpoint::{self, Point};
 use crate::log::{Record, StoredRecord, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
 use crate::pipeline::{Ctx, Emit, OutTopic, Processor};
+use crate::runtime::core::authenticated;
 use crate::runtime::dead_letter::DeadLetter;
 use crate::runtime::task_view::Row;
 use crate::runtime::RuntimeError;
@@ -38,10 +39,10 @@ impl<P: Processor> TaskLoop<P> {
         }
         for (index, stored) in batch {
             let ctx = self.advance(index, &stored, now);
-            let envelope = match codec::decode(&stored.record.value) {
+            let envelope = match self.decode(ctx.topic, &stored.record) {
                 Ok(envelope) => envelope,
-                Err(error) => {
-                    self.dead_letter(index, &stored, "decode", error.to_string());
+                Err((class, reason)) => {
+                    self.dead_letter(index, &stored, class, reason);
                     continue;
                 }
             };
@@ -89,6 +90,24 @@ impl<P: Processor> TaskLoop<P> {
         Ok(outputs)
     }
 
+    /// The record's event. On an authenticated topic with a cluster secret
+    /// the HMAC tag is checked (and stripped) first: a record without a
+    /// valid one is dead-lettered as `unauthenticated` before anything of
+    /// it is believed, its source included. Err: (class, reason).
+    fn decode(
+        &self,
+        kind: SourceTopic,
+        record: &Record,
+    ) -> Result<Envelope, (&'static str, String)> {
+        let mut value = &record.value[..];
+        if let Some(sealer) = (self.core.sealer.as_ref()).filter(|_| authenticated(kind, value)) {
+            value = sealer
+                .open(&record.key, value)
+                .map_err(|error| ("unauthenticated", error.to_string()))?;
+        }
+        codec::decode(value).map_err(|error| ("decode", error.to_string()))
+    }
+
     /// Moves input `index` past `stored` (and the retention clock with it)
     /// and says where the record sits.
     fn advance(&mut self, index: usize, stored: &StoredRecord, now: i64) -> Ctx {
@@ -106,6 +125,7 @@ impl<P: Processor> TaskLoop<P> {
             now_ms: now,
             partitions: self.core.config.log.partitions,
             forgotten_before_ms: self.forgotten_before_ms(),
+            max_amount_cents: self.core.config.limits.max_amount_cents,
         }
     }
 
@@ -224,8 +244,9 @@ impl<P: Processor> TaskLoop<P> {
     /// Appends outputs and dead letters, grouped per topic-partition in emit
     /// order, and returns once all are durable.
     pub(super) async fn produce(&mut self, outputs: &[(Emit, Source)]) -> Result<(), RuntimeError> {
-        let topics = &self.core.config.topics;
-        let partitions = self.core.config.log.partitions;
+        let core = self.core.clone();
+        let topics = &core.config.topics;
+        let partitions = core.config.log.partitions;
         let mut groups: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
         let now = now_ms();
         for (emit, source) in outputs {
@@ -241,14 +262,21 @@ impl<P: Processor> TaskLoop<P> {
                 source: Some(source),
                 event: emit.event,
             };
-            // `payment.confirmed` is for outside consumers: public JSON.
-            let value = match emit.topic {
-                OutTopic::Confirmed => codec::encode_completed_json(&envelope.event),
-                _ => None,
+            let kind = match emit.topic {
+                // `payment.confirmed` is for outside consumers: public JSON.
+                OutTopic::Confirmed => None,
+                OutTopic::Incoming => Some(SourceTopic::Incoming),
+                OutTopic::Inflight => Some(SourceTopic::Inflight),
+                OutTopic::Complete => Some(SourceTopic::Complete),
+            };
+            let value = match kind {
+                Some(kind) => core.seal(kind, emit.key.as_bytes(), codec::encode(&envelope)),
+                None => codec::encode_completed_json(&envelope.event)
+                    .unwrap_or_else(|| codec::encode(&envelope)),
             };
             groups.entry(tp).or_default().push(Record {
                 key: Bytes::from(emit.key.into_bytes()),
-                value: Bytes::from(value.unwrap_or_else(|| codec::encode(&envelope))),
+                value: Bytes::from(value),
                 timestamp_ms: now,
             });
         }
