@@ -392,6 +392,13 @@ async fn audit_log(
     one_of("outcome", &query.outcome, &["ok", "refused", "failed"])?;
     let roles = ["operator", "teller", "viewer", "local", "none"];
     one_of("role", &query.role, &roles)?;
+    // Positions are Kafka-style offsets (int64 in the API document): a
+    // larger cursor names no entry and is refused like any bad value.
+    if query.before.is_some_and(|before| before > i64::MAX as u64) {
+        return Err(ApiError::BadRequest(
+            "before must be a seq between 0 and 9223372036854775807".into(),
+        ));
+    }
     if let (Some(since), Some(until)) = (query.since, query.until) {
         if since > until {
             return Err(ApiError::BadRequest("since must not be after until".into()));
