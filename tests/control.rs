@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{get, kpay_command, post, terminal, TestServer};
+use common::{assert_confirmed, get, kpay_command, post, terminal, TestServer};
 use serde_json::{json, Value};
 
 async fn status_of(c: &reqwest::Client, server: &TestServer) -> Value {
@@ -20,10 +20,7 @@ async fn payment_status(c: &reqwest::Client, server: &TestServer, id: &str) -> S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_drains_then_resume_admits_each_waiting_payment_once() {
     // Pause under load drains admitted payments and holds new ones as accepted; resume admits every one of them exactly once.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 1_000_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 1_000_000), ("b", 0)]).await;
     let (_, running) = get(&c, &server.url("/api/v1/control/status")).await;
     assert_eq!(running["state"], "running");
     let batch: Vec<Value> = (0..300)
@@ -91,10 +88,7 @@ async fn pause_drains_then_resume_admits_each_waiting_payment_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_system_comes_back_paused() {
     // The control state is checkpointed from the command log: after a restart the system is still paused until resumed.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 1_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 1_000), ("b", 0)]).await;
     let client = c.clone();
     let response = client
         .post(server.url("/api/v1/control/pause"))
@@ -121,20 +115,14 @@ async fn a_paused_system_comes_back_paused() {
         json!({"reason": "done"}),
     )
     .await;
-    assert_eq!(
-        terminal(&c, &server.base, "late").await["status"],
-        "confirmed"
-    );
+    assert_confirmed(&c, &server.base, "late").await;
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_holds_admissions_within_ten_percent() {
     // At two limits (200/s and 500/s) with a backlog, payments are admitted at the limit ± 10% (measured from their admission hops).
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 1_000_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 1_000_000), ("b", 0)]).await;
     for limit in [200u64, 500] {
         let response = c
             .put(server.url("/api/v1/control/rate-limit"))
@@ -452,10 +440,7 @@ fn protected_mode_refuses_a_public_address_without_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_reports_draining_until_admitted_payments_finish() {
     // While admitted payments are still moving, a pause shows `draining`; once they finish it shows `paused`, and money is conserved.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 1_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 1_000), ("b", 0)]).await;
     let shared = server.runtime().clone();
     shared.hold_input("account", kpay::model::SourceTopic::Inflight, true);
     for n in 0..10 {

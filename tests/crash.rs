@@ -153,10 +153,7 @@ fn bad_config_stops_the_start_with_the_key_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_lost_under_a_kept_state_is_refused_with_what_to_do() {
     // New records would reuse offsets the state has read and be skipped: refuse, say why and what to do.
-    let (server, client) = TestServer::builder()
-        .accounts(&[("a", 1_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, client) = TestServer::with_accounts(&[("a", 1_000), ("b", 0)]).await;
     let (dir, config) = (server.dir(), server.config().clone());
     let body = json!({"id": "p-1", "from": "a", "to": "b", "amount": 5});
     let (status, _) = common::post(&client, &server.url("/api/v1/payments"), body).await;
@@ -195,10 +192,7 @@ fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
 async fn a_torn_tail_is_cut_back_and_damage_before_the_end_is_refused() {
     // A crash mid-write leaves a partial frame (never acknowledged): cut back, every payment
     // still there once. Damage with valid records after it: refuse, saying what to do.
-    let (server, client) = TestServer::builder()
-        .accounts(&[("a", 100_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, client) = TestServer::with_accounts(&[("a", 100_000), ("b", 0)]).await;
     let (dir, config) = (server.dir(), server.config().clone());
     for n in 0..50 {
         let body = json!({"id": format!("t-{n}"), "from": "a", "to": "b", "amount": 10});

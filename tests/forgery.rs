@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{get, post, terminal, wait_until, TestServer, OPERATOR_TOKEN};
+use common::{assert_confirmed, get, post, wait_until, TestServer, OPERATOR_TOKEN};
 use kpay::model::seal::Sealer;
 use kpay::model::{codec, now_ms, ControlAction, ControlCommand, Envelope, Event, Outcome};
 use kpay::model::{PaymentRef, Source, SourceTopic};
@@ -26,10 +26,7 @@ fn incoming(id: &str, from: &str, to: &str, amount: i64) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_records_are_off_by_default_and_refused_without_tokens() {
     // Off by default: 404 naming the setting; on in protected mode (no tokens): 403; nothing is appended either way.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("alice", 100), ("bob", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("alice", 100), ("bob", 0)]).await;
     let url = server.url("/api/v1/ops/records");
     let (status, answer) = post(&c, &url, incoming("p-off", "bob", "alice", 50)).await;
     assert_eq!(status, 404, "{answer}");
@@ -88,13 +85,7 @@ async fn raw_records_need_an_operator_and_never_reach_the_journals_or_the_dlq() 
                           "records": [{"key": "x", "value": forged.to_string()}]});
         let (status, answer) = post(&c, &url, body).await;
         assert_eq!(status, 403, "{topic}: {answer}");
-        assert!(
-            answer["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("never writable"),
-            "{answer}"
-        );
+        common::assert_error_mentions(&answer, "never writable");
     }
     let (_, audit) = get(&c, &server.url("/api/v1/logs/audit?limit=1000")).await;
     assert!(!audit.to_string().contains("10.9.9.9"), "{audit}");
@@ -233,10 +224,7 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
     let body = json!({"id": "real-1", "from": "alice", "to": "bob", "amount": 700});
     let (status, answer) = post(&c, &server.url("/api/v1/payments"), body).await;
     assert_eq!(status, 202, "{answer}");
-    assert_eq!(
-        terminal(&c, &server.base, "real-1").await["status"],
-        "confirmed"
-    );
+    assert_confirmed(&c, &server.base, "real-1").await;
     let (_, ledger_before) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
 
     let at_ms = now_ms();
@@ -261,13 +249,7 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
         assert_eq!(letter["class"], "unauthenticated", "{letter}");
     }
     // A completion saying a payment never admitted was confirmed.
-    let payment = PaymentRef {
-        id: "ghost-1".into(),
-        from: "alice".into(),
-        to: "bob".into(),
-        amount_cents: 5,
-        accepted_at_ms: at_ms,
-    };
+    let payment = five_cents("ghost-1", at_ms);
     let done = Event::Completed {
         payment,
         outcome: Outcome::Confirmed,
@@ -298,13 +280,7 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
 
     // A payment in kpay's binary format, whose source would have later
     // replays to its partition skipped as copies of it.
-    let payment = PaymentRef {
-        id: "sourced-1".into(),
-        from: "alice".into(),
-        to: "bob".into(),
-        amount_cents: 5,
-        accepted_at_ms: at_ms,
-    };
+    let payment = five_cents("sourced-1", at_ms);
     let source = Source {
         topic: SourceTopic::Replay,
         partition: 0,
@@ -375,21 +351,14 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
     let url = server.url(&format!("/api/v1/dlq/{sourced}/replay"));
     let (status, answer) = post(&c, &url, json!({})).await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(
-        terminal(&c, &server.base, "sourced-1").await["status"],
-        "confirmed"
-    );
+    assert_confirmed(&c, &server.base, "sourced-1").await;
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_secret_nothing_is_checked_and_a_tag_is_ignored() {
     // No cluster.secret: an unsigned record and a signed one are both applied (the tag, a suffix, is ignored).
-    let (server, c) = TestServer::builder()
-        .raw_records()
-        .accounts(&[("bob", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_raw_records(&[("bob", 0)]).await;
     let at_ms = now_ms();
     for secret in [None, Some(SECRET)] {
         let deposit = Event::Deposit {
@@ -409,4 +378,15 @@ async fn without_a_secret_nothing_is_checked_and_a_tag_is_ignored() {
     let (_, dlq) = get(&c, &server.url("/api/v1/dlq")).await;
     assert_eq!(dlq["waiting"], 0, "{dlq}");
     server.stop().await;
+}
+
+/// A payment of 5 cents from alice to bob, accepted at `at_ms`.
+fn five_cents(id: &str, at_ms: i64) -> PaymentRef {
+    PaymentRef {
+        id: id.into(),
+        from: "alice".into(),
+        to: "bob".into(),
+        amount_cents: 5,
+        accepted_at_ms: at_ms,
+    }
 }

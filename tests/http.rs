@@ -21,10 +21,7 @@ async fn incoming_records(server: &TestServer) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_a_reason_and_write_nothing() {
     // Each kind of bad payment gets a 4xx with a clear message and nothing reaches the log.
-    let (server, client) = TestServer::builder()
-        .accounts(&[("a", 1_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, client) = TestServer::with_accounts(&[("a", 1_000), ("b", 0)]).await;
     let url = server.url("/api/v1/payments");
     let cases: Vec<(Value, u16, &str)> = vec![
         (
@@ -105,10 +102,8 @@ async fn bad_requests_get_a_reason_and_write_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn business_rules_end_in_the_right_terminal_state() {
     // Confirmed, rejected (funds, unknown, closed) and reversed (unknown or closed `to`) payments, with balances never negative.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("alice", 10_000), ("bob", 500), ("carol", 0)])
-        .start()
-        .await;
+    let (server, c) =
+        TestServer::with_accounts(&[("alice", 10_000), ("bob", 500), ("carol", 0)]).await;
     let base = server.base.clone();
     let (status, _) = post(
         &c,
@@ -218,10 +213,7 @@ async fn business_rules_end_in_the_right_terminal_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_same_body_same_answer_other_body_conflict() {
     // A repeated id with the same body is accepted once; with another body it is refused with 409, even when raced.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 1_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 1_000), ("b", 0)]).await;
     let base = server.base.clone();
     let url = format!("{base}/api/v1/payments");
     let body = json!({"id": "dup", "from": "a", "to": "b", "amount": 100});
@@ -331,10 +323,7 @@ async fn accounts_open_deposit_close_and_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_reports_each_item() {
     // A batch answers per payment: accepted ones are durable, bad ones carry their own error.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 1_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 1_000), ("b", 0)]).await;
     let base = server.base.clone();
     let batch = json!({"payments": [
         {"id": "b1", "from": "a", "to": "b", "amount": 10},
@@ -365,10 +354,7 @@ async fn batch_reports_each_item() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_a_clean_restart() {
     // After a graceful stop and a restart on the same data, balances, payments and totals are all still there.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 1_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 1_000), ("b", 0)]).await;
     for n in 0..20 {
         let body = json!({"id": format!("r{n}"), "from": "a", "to": "b", "amount": 10});
         assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);

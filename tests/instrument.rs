@@ -118,10 +118,7 @@ async fn windows_match_an_independent_count_and_survive_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_grows_while_a_processor_is_stopped_and_drains_after() {
     // Holding the confirmed processor's input makes its lag (records and age) grow; releasing it brings lag back to 0.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 1_000_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 1_000_000), ("b", 0)]).await;
     let shared = server.runtime().clone();
     shared.hold_input("confirmed", kpay::model::SourceTopic::Complete, true);
     for n in 0..40 {
@@ -172,10 +169,7 @@ async fn lag_grows_while_a_processor_is_stopped_and_drains_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slo_reports_goals_and_flips_when_the_dlq_fills() {
     // Goals from config are judged on live data: met while the DLQ is empty, missed (with a new `since`) once a record is dead-lettered.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 1_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 1_000), ("b", 0)]).await;
     let body = json!({"id": "s1", "from": "a", "to": "b", "amount": 5});
     assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);
     terminal(&c, &server.base, "s1").await;

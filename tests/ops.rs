@@ -101,11 +101,7 @@ async fn pay(c: &reqwest::Client, base: &str, id: &str, amount: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_on_every_input_topic_are_dead_lettered_and_the_rest_flows() {
-    let (server, c) = TestServer::builder()
-        .raw_records()
-        .accounts(&[("alice", 100_000), ("bob", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_raw_records(&[("alice", 100_000), ("bob", 0)]).await;
     let base = server.base.clone();
     let garbage = json!([{"key": "junk", "value_hex": "ff00206e6f7420616e206576656e74"}]);
     let topics = [
@@ -194,12 +190,7 @@ async fn malformed_records_on_every_input_topic_are_dead_lettered_and_the_rest_f
         .clone();
     assert_eq!(goal["met"], false, "{goal}");
     assert_eq!(goal["current"], expected.len() as f64);
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = prometheus_text(&base).await;
     assert!(
         metrics.contains(&format!("kpay_dlq_records {}", expected.len())),
         "{metrics}"
@@ -211,11 +202,7 @@ async fn malformed_records_on_every_input_topic_are_dead_lettered_and_the_rest_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
-    let (server, c) = TestServer::builder()
-        .raw_records()
-        .accounts(&[("alice", 10_000), ("bob", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_raw_records(&[("alice", 10_000), ("bob", 0)]).await;
     let base = server.base.clone();
     // A foreign producer's payment that is not in kpay's format.
     let text = r#"{"id":"fix-me","from":"alice","to":"bob","amount":"5.00"}"#;
@@ -226,13 +213,7 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
     // As stored it still does not decode: refused with a reason, nothing appended.
     let (status, refused) = post(&c, &replay_url, json!({})).await;
     assert_eq!(status, 422, "{refused}");
-    assert!(
-        refused["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("corrected value"),
-        "{refused}"
-    );
+    common::assert_error_mentions(&refused, "corrected value");
     let (status, _) = post(&c, &replay_url, json!({"value": "x", "value_hex": "00"})).await;
     assert_eq!(status, 400);
     let (status, _) = post(&c, &replay_url, json!({"value_hex": "zz"})).await;
@@ -315,11 +296,7 @@ async fn corrected_replay_completes_once_and_replaying_again_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_error_mid_batch_loses_and_duplicates_nothing() {
-    let (server, c) = TestServer::builder()
-        .raw_records()
-        .accounts(&[("alice", 100_000), ("bob", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_raw_records(&[("alice", 100_000), ("bob", 0)]).await;
     let (base, partitions) = (server.base.clone(), server.config().log.partitions);
     // Five good payments whose ids live on partition 2, around two bad
     // records, appended in one write so one batch reads them all.
@@ -400,12 +377,7 @@ async fn the_dlq_is_bounded_and_overflow_is_counted() {
     ]);
     inject(&c, &base, "payment.incoming", Some(0), junk).await;
     wait_until(Duration::from_secs(10), || async {
-        let metrics = reqwest::get(format!("{base}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = prometheus_text(&base).await;
         metrics.contains("kpay_dlq_overflow_total")
     })
     .await;
@@ -539,11 +511,8 @@ async fn snapshot(c: &reqwest::Client, base: &str, payments: &[&str]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one() {
-    let (server, c) = TestServer::builder()
-        .raw_records()
-        .accounts(&[("alice", 10_000), ("bob", 500), ("carol", 0)])
-        .start()
-        .await;
+    let (server, c) =
+        TestServer::with_raw_records(&[("alice", 10_000), ("bob", 500), ("carol", 0)]).await;
     let (base, dir) = (server.base.clone(), server.dir());
     let (status, _) = post(
         &c,
@@ -680,11 +649,7 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
     // between, the next replay call finds out from the log whether it landed.
     use kpay::model::{Source, SourceTopic};
     use kpay::ops::dlq::{DeadLetter, Replay};
-    let (server, c) = TestServer::builder()
-        .raw_records()
-        .accounts(&[("alice", 10_000), ("bob", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_raw_records(&[("alice", 10_000), ("bob", 0)]).await;
     let base = server.base.clone();
     let shared = server.runtime().clone();
     let junk = json!([{"key": "landed", "value": "x"}, {"key": "lost", "value": "y"}]);
@@ -747,12 +712,7 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
     assert_eq!(terminal(&c, &base, "landed").await["status"], "confirmed");
     let end = shared.log().high_watermark(&tp).await.unwrap();
     // It landed: settled at that offset, nothing appended again.
-    let (status, answer) = post(
-        &c,
-        &format!("{base}/api/v1/dlq/{}/replay", ids[0]),
-        json!({}),
-    )
-    .await;
+    let (status, answer) = replay_as_stored(&c, &base, &ids[0]).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(
         answer["dead_letter"]["replay"]["offset"], offset,
@@ -761,12 +721,7 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
     assert_eq!(answer["dead_letter"]["replay"]["seq"], 1_000);
     assert_eq!(shared.log().high_watermark(&tp).await.unwrap(), end);
     // It did not land: appended now, once.
-    let (status, answer) = post(
-        &c,
-        &format!("{base}/api/v1/dlq/{}/replay", ids[1]),
-        json!({}),
-    )
-    .await;
+    let (status, answer) = replay_as_stored(&c, &base, &ids[1]).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(terminal(&c, &base, "lost").await["status"], "confirmed");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -830,13 +785,7 @@ async fn settled_payments_are_forgotten_after_the_retention_and_copies_refused()
         })
         .await;
         let (_, answer) = get(&c, &url).await;
-        assert!(
-            answer["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("kept for 2 s"),
-            "{answer}"
-        );
+        common::assert_error_mentions(&answer, "kept for 2 s");
     }
     // A copy of a forgotten payment, as another producer would re-send it.
     let copy = json!({"id": early[0], "from": "alice", "to": "bob", "amount": 100,
@@ -872,4 +821,15 @@ async fn settled_payments_are_forgotten_after_the_retention_and_copies_refused()
     assert_eq!(balance(&c, &base, "bob").await, moved + 1);
     ledger_ok(&c, &base).await;
     server.stop().await;
+}
+
+/// Replays dead letter `id` as it was stored.
+async fn replay_as_stored(c: &reqwest::Client, base: &str, id: &str) -> (u16, Value) {
+    post(c, &format!("{base}/api/v1/dlq/{id}/replay"), json!({})).await
+}
+
+/// The Prometheus exposition at `GET /metrics`.
+async fn prometheus_text(base: &str) -> String {
+    let response = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    response.text().await.unwrap()
 }

@@ -34,10 +34,7 @@ async fn wait_confirmed(server: &TestServer, count: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_records_are_dead_lettered_and_the_rest_flows() {
     // Garbage on each input topic lands in the DLQ with its coordinates and reason; valid records after it complete.
-    let (server, _) = TestServer::builder()
-        .accounts(&[("a", 1_000_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, _) = TestServer::with_accounts(&[("a", 1_000_000), ("b", 0)]).await;
     let dir = server.dir();
     let shared = server.runtime().clone();
     let garbage = Record {

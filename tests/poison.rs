@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    get, kafka_broker, operator_client, post, terminal, wait_until, Binary, TestServer,
-    RAW_RECORDS_ENV,
+    assert_confirmed, get, kafka_broker, operator_client, post, terminal, wait_until, Binary,
+    TestServer, RAW_RECORDS_ENV,
 };
 use kpay::log::embedded::EmbeddedLogConfig;
 use kpay::log::{LogError, Record, TopicPartition};
@@ -171,10 +171,7 @@ async fn payments_flow(client: &reqwest::Client, server: &TestServer, id: &str) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_at_and_over_every_size_limit_are_dead_lettered_and_the_rest_flows() {
     // On the backend the suite runs on: every record the log takes, of any size, on every input topic, becomes a bounded dead letter; none stops a task.
-    let (server, client) = TestServer::builder()
-        .accounts(&[("alice", 10_000), ("bob", 0)])
-        .start()
-        .await;
+    let (server, client) = TestServer::with_accounts(&[("alice", 10_000), ("bob", 0)]).await;
     let kafka = server.config().log.is_kafka();
     every_size_on_every_topic(server, client, kafka).await;
 }
@@ -257,10 +254,7 @@ async fn the_900_kb_record_of_the_report_is_dead_lettered_in_part_and_replayed_o
     let corrected = json!({"id": "fixed", "from": "alice", "to": "bob", "amount": 5}).to_string();
     let (status, done) = post(&client, &replay, json!({"value": corrected})).await;
     assert_eq!(status, 200, "{done}");
-    assert_eq!(
-        terminal(&client, &server.base, "fixed").await["status"],
-        "confirmed"
-    );
+    assert_confirmed(&client, &server.base, "fixed").await;
     server.stop().await;
 }
 
@@ -325,10 +319,7 @@ async fn a_task_failing_for_another_reason_is_restarted_with_backoff_and_reporte
         get(&client, &readyz).await.0 == 200
     })
     .await;
-    assert_eq!(
-        terminal(&client, &server.base, "stuck").await["status"],
-        "confirmed"
-    );
+    assert_confirmed(&client, &server.base, "stuck").await;
     let (_, alice) = get(&client, &server.url("/api/v1/accounts/alice")).await;
     assert_eq!(alice["balance"], 10_000 - 100 - 300, "{alice}");
     let (_, integrity) = get(&client, &server.url("/api/v1/ledger/integrity")).await;

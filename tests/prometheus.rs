@@ -28,10 +28,7 @@ fn promtool_check(text: &str) -> Option<(bool, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exposition_is_valid_and_tells_the_business_story() {
     // The exposition parses and lints clean with promtool and carries payments by status, money, latency, lag, DLQ, HTTP and RSS.
-    let (server, c) = TestServer::builder()
-        .accounts(&[("a", 10_000), ("b", 0)])
-        .start()
-        .await;
+    let (server, c) = TestServer::with_accounts(&[("a", 10_000), ("b", 0)]).await;
     for (n, amount) in [(0, 100), (1, 250), (2, 1_000_000)] {
         let body = json!({"id": format!("m{n}"), "from": "a", "to": "b", "amount": amount});
         assert_eq!(post(&c, &server.url("/api/v1/payments"), body).await.0, 202);

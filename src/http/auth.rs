@@ -109,29 +109,26 @@ mod tests {
     // Writes need teller (money) or operator (everything else); reads are open unless protected.
     #[test]
     fn roles_per_route() {
-        assert_eq!(
-            required_role(&Method::GET, "/api/v1/payments/x", false),
-            None
-        );
-        assert_eq!(
-            required_role(&Method::GET, "/api/v1/payments/x", true),
-            Some(Role::Viewer)
-        );
-        assert_eq!(
-            required_role(&Method::POST, "/api/v1/payments", false),
-            Some(Role::Teller)
-        );
-        assert_eq!(
-            required_role(&Method::POST, "/api/v1/accounts/a/close", false),
-            Some(Role::Teller)
-        );
-        assert_eq!(
-            required_role(&Method::POST, "/api/v1/control/pause", false),
-            Some(Role::Operator)
-        );
-        assert_eq!(
-            required_role(&Method::PUT, "/api/v1/control/rate-limit", false),
-            Some(Role::Operator)
-        );
+        let (get, post, put) = (Method::GET, Method::POST, Method::PUT);
+        let cases = [
+            (&get, "/api/v1/payments/x", false, None),
+            (&get, "/api/v1/payments/x", true, Some(Role::Viewer)),
+            (&post, "/api/v1/payments", false, Some(Role::Teller)),
+            (&post, "/api/v1/accounts/a/close", false, Some(Role::Teller)),
+            (&post, "/api/v1/control/pause", false, Some(Role::Operator)),
+            (
+                &put,
+                "/api/v1/control/rate-limit",
+                false,
+                Some(Role::Operator),
+            ),
+        ];
+        for (method, path, protect_reads, role) in cases {
+            assert_eq!(
+                required_role(method, path, protect_reads),
+                role,
+                "{method} {path}"
+            );
+        }
     }
 }

@@ -329,21 +329,26 @@ mod tests {
         let missed = |class, status: StatusCode| {
             audit_missed(class, &JournalError::Full, status.into_response()).status()
         };
-        assert_eq!(
-            missed(Class::Admin, StatusCode::OK),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(
-            missed(Class::Admin, StatusCode::FORBIDDEN),
-            StatusCode::FORBIDDEN
-        );
-        assert_eq!(
-            missed(Class::Admin, StatusCode::INTERNAL_SERVER_ERROR),
-            StatusCode::INTERNAL_SERVER_ERROR
-        );
-        assert_eq!(
-            missed(Class::Submission, StatusCode::ACCEPTED),
-            StatusCode::ACCEPTED
-        );
+        let cases = [
+            (
+                Class::Admin,
+                StatusCode::OK,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (Class::Admin, StatusCode::FORBIDDEN, StatusCode::FORBIDDEN),
+            (
+                Class::Admin,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                Class::Submission,
+                StatusCode::ACCEPTED,
+                StatusCode::ACCEPTED,
+            ),
+        ];
+        for (class, answered, sent) in cases {
+            assert_eq!(missed(class, answered), sent, "{answered}");
+        }
     }
 }

@@ -153,24 +153,23 @@ fn refusal(request: &Request, server: &ServerConfig, check_changes: bool) -> Opt
 /// The Host and Origin checks of protected mode, for the API. It sits inside
 /// the audit layer, so that a refused change is recorded as refused.
 pub async fn guard(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
-    let config = state.runtime.config();
-    if !config.tokens.is_empty() {
-        return next.run(request).await;
-    }
-    match refusal(&request, &config.server, true) {
-        Some(refused) => refused.into_response(),
-        None => next.run(request).await,
-    }
+    guarded(&state, request, next, true).await
 }
 
 /// The Host check of protected mode, for what is not the API (the web UI's
 /// files and Swagger UI), which has only reads.
 pub async fn guard_host(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
+    guarded(&state, request, next, false).await
+}
+
+/// Runs `request` unless protected mode refuses it (with tokens configured,
+/// only the token counts); `changes` says whether the Origin check applies.
+async fn guarded(state: &State, request: Request, next: Next, changes: bool) -> Response {
     let config = state.runtime.config();
     if !config.tokens.is_empty() {
         return next.run(request).await;
     }
-    match refusal(&request, &config.server, false) {
+    match refusal(&request, &config.server, changes) {
         Some(refused) => refused.into_response(),
         None => next.run(request).await,
     }
@@ -249,66 +248,38 @@ mod tests {
             ..ServerConfig::default()
         };
         let local = ("host", "127.0.0.1:8080");
-        let cases: &[(Method, Headers, &str)] = &[
-            (Method::POST, &[local], "allowed"),
-            (
-                Method::POST,
-                &[local, ("origin", "http://127.0.0.1:8080")],
-                "allowed",
-            ),
-            (
-                Method::POST,
-                &[local, ("origin", "http://127.0.0.1:9090")],
-                "forbidden_origin",
-            ),
-            (
-                Method::POST,
-                &[local, ("origin", "http://evil.example")],
-                "forbidden_origin",
-            ),
-            (
-                Method::POST,
-                &[local, ("origin", "null")],
-                "forbidden_origin",
-            ),
-            (
-                Method::POST,
-                &[local, ("origin", "https://ops.example")],
-                "allowed",
-            ),
-            (
-                Method::DELETE,
-                &[local, ("sec-fetch-site", "cross-site")],
-                "forbidden_origin",
-            ),
-            (
-                Method::POST,
-                &[local, ("sec-fetch-site", "same-origin")],
-                "allowed",
-            ),
-            (
-                Method::GET,
-                &[local, ("origin", "http://evil.example")],
-                "allowed",
-            ),
-            (
-                Method::GET,
-                &[("host", "evil.example:8080")],
-                "forbidden_host",
-            ),
-            (
-                Method::GET,
-                &[("host", "127.0.0.1.evil.example")],
-                "forbidden_host",
-            ),
-            (Method::GET, &[("host", "kpay.internal:1")], "allowed"),
-            (Method::GET, &[("host", "[::1]:8080")], "allowed"),
-            (Method::GET, &[], "forbidden_host"),
+        // "method header answer": the header (name:value) besides the local
+        // Host, or a Host of its own; "-" for none.
+        let cases = [
+            "POST - allowed",
+            "POST origin:http://127.0.0.1:8080 allowed",
+            "POST origin:http://127.0.0.1:9090 forbidden_origin",
+            "POST origin:http://evil.example forbidden_origin",
+            "POST origin:null forbidden_origin",
+            "POST origin:https://ops.example allowed",
+            "DELETE sec-fetch-site:cross-site forbidden_origin",
+            "POST sec-fetch-site:same-origin allowed",
+            "GET origin:http://evil.example allowed",
+            "GET host:evil.example:8080 forbidden_host",
+            "GET host:127.0.0.1.evil.example forbidden_host",
+            "GET host:kpay.internal:1 allowed",
+            "GET host:[::1]:8080 allowed",
         ];
-        for (method, headers, expected) in cases {
-            let decided = refusal(&request(method.clone(), headers), &server, true);
-            assert_eq!(code(decided), *expected, "{method} {headers:?}");
+        for case in cases {
+            let [method, header, expected] = case.split(' ').collect::<Vec<_>>()[..] else {
+                panic!("a case is three words: {case}");
+            };
+            let headers: Vec<(&str, &str)> = match header.split_once(':') {
+                Some(own @ ("host", _)) => vec![own],
+                Some(other) => vec![local, other],
+                None => vec![local],
+            };
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let decided = refusal(&request(method.clone(), &headers), &server, true);
+            assert_eq!(code(decided), expected, "{method} {headers:?}");
         }
+        let no_host = request(Method::GET, &[]);
+        assert_eq!(code(refusal(&no_host, &server, true)), "forbidden_host");
         let two = request(
             Method::POST,
             &[

@@ -298,6 +298,20 @@ fn refund(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn debit(cents: i64) -> Event {
+        Event::Debit {
+            payment: pay(cents),
+            lineage: vec![],
+        }
+    }
+
+    fn credit(cents: i64) -> Event {
+        Event::Credit {
+            payment: pay(cents),
+            lineage: vec![],
+        }
+    }
     use crate::model::SourceTopic;
 
     fn ctx() -> Ctx {
@@ -345,10 +359,7 @@ mod tests {
     #[test]
     fn debit_moves_money_and_asks_for_credit() {
         let (mut state, mut stats) = opened(1_000);
-        let debit = Event::Debit {
-            payment: pay(400),
-            lineage: vec![],
-        };
+        let debit = debit(400);
         let emit = Accounts::handle(&mut state, &mut stats, debit, &ctx())
             .unwrap()
             .unwrap();
@@ -361,10 +372,6 @@ mod tests {
     #[test]
     fn debit_refusals() {
         let (mut state, mut stats) = opened(100);
-        let debit = |cents| Event::Debit {
-            payment: pay(cents),
-            lineage: vec![],
-        };
         let got = Accounts::handle(&mut state, &mut stats, debit(101), &ctx()).unwrap();
         assert_eq!(outcome(got), Outcome::Rejected(Reason::InsufficientFunds));
         assert_eq!(state.as_ref().unwrap().balance_cents, 100);
@@ -380,10 +387,7 @@ mod tests {
     #[test]
     fn failed_credit_is_refunded() {
         let mut stats = AccountStats::default();
-        let credit = Event::Credit {
-            payment: pay(50),
-            lineage: vec![],
-        };
+        let credit = credit(50);
         let emit = Accounts::handle(&mut None, &mut stats, credit, &ctx())
             .unwrap()
             .unwrap();

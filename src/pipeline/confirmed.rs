@@ -73,10 +73,6 @@ impl Processor for Confirmed {
     /// histogram observe them.
     const OBSERVED: bool = true;
 
-    fn state_key(_event: &Event) -> Option<&str> {
-        None
-    }
-
     fn handle(
         _state: &mut Option<()>,
         stats: &mut ConfirmedStats,

@@ -32,10 +32,6 @@ impl Processor for ControlPlane {
     const NAME: &'static str = "control";
     const TABLE: &'static str = "-";
 
-    fn state_key(_event: &Event) -> Option<&str> {
-        None
-    }
-
     fn handle(
         _state: &mut Option<()>,
         control: &mut ControlState,

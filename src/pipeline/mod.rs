@@ -88,8 +88,11 @@ pub trait Processor: Send + Sync + 'static {
     /// Prefix of this processor's state rows in the store.
     const TABLE: &'static str;
 
-    /// The state key `event` reads and writes, if any.
-    fn state_key(event: &Event) -> Option<&str>;
+    /// The state key `event` reads and writes, if any (none: a processor
+    /// that keeps totals only).
+    fn state_key(_event: &Event) -> Option<&str> {
+        None
+    }
 
     /// Whether the runtime shows this processor's input events (those not
     /// already applied) to the instrumentation plane's observer before

@@ -60,6 +60,22 @@ impl TestServer {
         ServerBuilder::default()
     }
 
+    /// The common case of the builder: the test configuration and these
+    /// accounts, (id, cents); with a client for the server.
+    pub async fn with_accounts(accounts: &[(&str, i64)]) -> (Self, reqwest::Client) {
+        Self::builder().accounts(accounts).start().await
+    }
+
+    /// The same with raw record injection on, and an operator's client
+    /// ([`ServerBuilder::raw_records`]).
+    pub async fn with_raw_records(accounts: &[(&str, i64)]) -> (Self, reqwest::Client) {
+        Self::builder()
+            .raw_records()
+            .accounts(accounts)
+            .start()
+            .await
+    }
+
     /// A server on `config` (for a restart over a directory a test holds).
     pub async fn start(config: Config) -> Self {
         // A server stopped a moment ago may still be dropping its last
@@ -288,6 +304,18 @@ pub async fn open_account(client: &reqwest::Client, base: &str, id: &str, cents:
 }
 
 /// Waits until a payment reaches a terminal state and returns it.
+/// Asserts that an error answer's message mentions `text`.
+pub fn assert_error_mentions(body: &Value, text: &str) {
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(text), "{body}");
+}
+
+/// Waits until payment `id` is terminal and asserts that it was confirmed.
+pub async fn assert_confirmed(client: &reqwest::Client, base: &str, id: &str) {
+    let payment = terminal(client, base, id).await;
+    assert_eq!(payment["status"], "confirmed", "{payment}");
+}
+
 pub async fn terminal(client: &reqwest::Client, base: &str, id: &str) -> Value {
     let url = format!("{base}/api/v1/payments/{id}");
     let start = Instant::now();
