@@ -309,7 +309,8 @@ async fn post_loop(
             payment.id, payment.from, payment.to, payment.amount_cents
         );
         let request = format!(
-            "POST /api/v1/payments HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            // The server's own address as Host: protected mode answers loopback names only.
+            "POST /api/v1/payments HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         stream.get_mut().write_all(request.as_bytes()).await?;
