@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{checked_add, checked_sub, hop, Ctx, Emit, OutTopic, ProcessError, Processor};
+use super::{
+    checked_add, checked_sub, completed, hop, Ctx, Emit, OutTopic, ProcessError, Processor,
+};
 use crate::model::{Event, Hop, Outcome, PaymentRef, Reason, Stage};
 
 /// Whether an account can move money.
@@ -170,19 +172,6 @@ fn deposit(
     stats.funded_cents = funded;
     stats.balance_sum_cents = sum;
     Ok(None)
-}
-
-fn completed(payment: PaymentRef, outcome: Outcome, lineage: Vec<Hop>, ctx: &Ctx) -> Emit {
-    Emit {
-        topic: OutTopic::Complete,
-        key: payment.id.clone(),
-        event: Event::Completed {
-            payment,
-            outcome,
-            completed_at_ms: ctx.now_ms,
-            lineage,
-        },
-    }
 }
 
 fn debit(

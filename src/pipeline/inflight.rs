@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{checked_add, checked_sub, hop, Ctx, Emit, OutTopic, ProcessError, Processor};
+use super::{
+    checked_add, checked_sub, completed, hop, Ctx, Emit, OutTopic, ProcessError, Processor,
+};
 use crate::model::{
     partition_for, validate_id, Event, Hop, Outcome, PaymentRef, PaymentStatus, Reason,
     SourceTopic, Stage,
@@ -240,16 +242,7 @@ fn reject_invalid(
         completed_at_ms: Some(ctx.now_ms),
         lineage: vec![admitted.clone()],
     });
-    Emit {
-        topic: OutTopic::Complete,
-        key: payment.id.clone(),
-        event: Event::Completed {
-            payment,
-            outcome,
-            completed_at_ms: ctx.now_ms,
-            lineage: vec![admitted],
-        },
-    }
+    completed(payment, outcome, vec![admitted], ctx)
 }
 
 /// The parts of a `Completed` event.

@@ -13,7 +13,7 @@ pub mod windows;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::model::{Event, Hop, SourceTopic, Stage};
+use crate::model::{Event, Hop, Outcome, PaymentRef, SourceTopic, Stage};
 
 /// Topics a processor writes to (names come from config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -137,6 +137,26 @@ pub(crate) fn hop(stage: Stage, ctx: &Ctx) -> Hop {
         offset: ctx.offset,
         at_ms: ctx.now_ms,
         received_at_ms: ctx.received_at_ms,
+    }
+}
+
+/// The completion of `payment` with `outcome`, keyed by the payment id, as
+/// the processor handling `ctx` decides it.
+pub(crate) fn completed(
+    payment: PaymentRef,
+    outcome: Outcome,
+    lineage: Vec<Hop>,
+    ctx: &Ctx,
+) -> Emit {
+    Emit {
+        topic: OutTopic::Complete,
+        key: payment.id.clone(),
+        event: Event::Completed {
+            payment,
+            outcome,
+            completed_at_ms: ctx.now_ms,
+            lineage,
+        },
     }
 }
 
