@@ -140,6 +140,11 @@ fn random_payment(id: String, accounts: u32) -> PaymentRef {
     }
 }
 
+/// Who the bench's payments are attributed to.
+fn bench_submitter() -> crate::model::Submitter {
+    crate::model::Submitter::new("bench", "bench")
+}
+
 async fn throughput_phase(runtime: &Runtime, args: &BenchArgs) -> anyhow::Result<u64> {
     let per_worker = args.payments / args.concurrency;
     let mut workers = tokio::task::JoinSet::new();
@@ -150,7 +155,11 @@ async fn throughput_phase(runtime: &Runtime, args: &BenchArgs) -> anyhow::Result
             for n in 0..per_worker {
                 let payment = random_payment(format!("t{worker}-{n}"), accounts);
                 loop {
-                    match runtime.ingest().submit(payment.clone()).await {
+                    match runtime
+                        .ingest()
+                        .submit(payment.clone(), bench_submitter())
+                        .await
+                    {
                         Ok(_) => break,
                         Err(
                             crate::runtime::ingest::IngestError::Busy(_)
@@ -196,7 +205,8 @@ async fn latency_phase(runtime: &Runtime, args: &BenchArgs, before: u64) -> anyh
             let payment = random_payment(format!("l{}", sent.len()), args.accounts);
             sent.push((payment.id.clone(), epoch_ms_f64()));
             let runtime = runtime.clone();
-            inflight.spawn(async move { runtime.ingest().submit(payment).await });
+            inflight
+                .spawn(async move { runtime.ingest().submit(payment, bench_submitter()).await });
         }
     }
     while let Some(result) = inflight.join_next().await {

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::config::GeneratorConfig;
-use crate::model::{now_ms, Event, PaymentRef};
+use crate::model::{now_ms, Event, PaymentRef, Submitter};
 use crate::runtime::ingest::{Admission, IngestError};
 use crate::runtime::{Runtime, RuntimeError};
 
@@ -324,7 +324,8 @@ async fn run(generator: Arc<Generator>, settings: Settings, stop: CancellationTo
             counters.sent.fetch_add(1, Ordering::Relaxed);
             let generator = generator.clone();
             pending.push(Box::pin(async move {
-                let answer = generator.runtime.ingest().submit(payment).await;
+                let by = Submitter::new("generator", "generator");
+                let answer = generator.runtime.ingest().submit(payment, by).await;
                 if let Ok(Admission::Accepted(payment)) = &answer {
                     generator.runtime.remember_payment(&payment.id);
                 }

@@ -83,6 +83,11 @@ async fn a_pause_stays_listed_after_submissions_overflow_their_own_bound() {
         actions,
         ["POST /api/v1/control/resume", "POST /api/v1/control/pause"]
     );
+    // p0's audit entry is gone from its class; the payment still says who sent it.
+    let (_, p0) = get(&c, &format!("{base}/api/v1/payments/p0")).await;
+    assert_eq!(p0["submitted_by"]["principal"], "local", "{p0}");
+    let source = p0["submitted_by"]["source"].as_str().unwrap();
+    assert!(source.starts_with("127.0.0.1:"), "{p0}");
     server.stop().await;
 }
 

@@ -326,6 +326,18 @@ async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
     if payment["amount"] != 1_250 {
         return Err(format!("12.50 was submitted as {}", payment["amount"]));
     }
+    let by = &payment["submitted_by"];
+    let expected = format!(
+        "{} from {}",
+        by["principal"].as_str().unwrap_or("?"),
+        by["source"].as_str().unwrap_or("?")
+    );
+    let submitter = text(client, "#payment-view-submitter").await;
+    if submitter != expected || !submitter.contains(" from 127.0.0.1:") {
+        return Err(format!(
+            "submitted by shown as {submitter:?}, the API says {by}"
+        ));
+    }
     screenshot(client, "payment-lineage.png").await;
 
     // A dead letter replayed from the UI leaves the list: a deposit to an
@@ -335,10 +347,7 @@ async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
         amount_cents: 500,
         at_ms: now_ms(),
     };
-    let bytes = codec::encode(&Envelope {
-        source: None,
-        event: deposit,
-    });
+    let bytes = codec::encode(&Envelope::new(None, deposit));
     let inject = json!({"topic": "payment.inflight",
         "records": [{"key": "late-account", "value_hex": kpay::ops::dlq::hex(&bytes)}]});
     let (status, _) = post(&c, &format!("{base}/api/v1/ops/records"), inject).await;

@@ -156,9 +156,17 @@ async fn payments_written_to_the_topic_meet_the_api_rules() {
     server.stop().await;
 }
 
+/// A JSON payment of 5 cents from alice to bob whose record claims `submitted_by`.
+fn claimed(id: &str, submitted_by: Value) -> Value {
+    let payment = json!({"id": id, "from": "alice", "to": "bob", "amount": 5,
+                         "submitted_by": submitted_by});
+    json!({"topic": "payment.incoming",
+           "records": [{"key": id, "value": payment.to_string()}]})
+}
+
 /// An event in kpay's internal format, as hex, signed with `secret` if given.
 fn internal(key: &str, event: Event, source: Option<Source>, secret: Option<&str>) -> String {
-    let mut value = codec::encode(&Envelope { source, event });
+    let mut value = codec::encode(&Envelope::new(source, event));
     if let Some(secret) = secret {
         Sealer::new(secret.as_bytes()).seal(key.as_bytes(), &mut value);
     }
@@ -225,6 +233,20 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
     let (status, answer) = post(&c, &server.url("/api/v1/payments"), body).await;
     assert_eq!(status, 202, "{answer}");
     assert_confirmed(&c, &server.base, "real-1").await;
+    let (_, real) = get(&c, &server.url("/api/v1/payments/real-1")).await;
+    assert_eq!(real["submitted_by"]["principal"], "operator#0", "{real}");
+    // Anyone may write payment.incoming, but only kpay's intake can sign who sent a payment.
+    let claim = json!({"principal": "teller#3", "source": "10.9.9.9:1", "tag": "ab".repeat(32)});
+    let (status, answer) = post(
+        &c,
+        &server.url("/api/v1/ops/records"),
+        claimed("claim-1", claim),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_confirmed(&c, &server.base, "claim-1").await;
+    let (_, claimed) = get(&c, &server.url("/api/v1/payments/claim-1")).await;
+    assert_eq!(claimed["submitted_by"], Value::Null, "{claimed}");
     let (_, ledger_before) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
 
     let at_ms = now_ms();
@@ -341,7 +363,7 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
     .await;
     assert_eq!(status, 200, "{answer}");
     wait_until(Duration::from_secs(10), || async {
-        get(&c, &server.url("/api/v1/accounts/bob")).await.1["balance"] == 725
+        get(&c, &server.url("/api/v1/accounts/bob")).await.1["balance"] == 730
     })
     .await;
     let (_, ledger) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
@@ -358,7 +380,7 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_secret_nothing_is_checked_and_a_tag_is_ignored() {
     // No cluster.secret: an unsigned record and a signed one are both applied (the tag, a suffix, is ignored).
-    let (server, c) = TestServer::with_raw_records(&[("bob", 0)]).await;
+    let (server, c) = TestServer::with_raw_records(&[("alice", 100), ("bob", 0)]).await;
     let at_ms = now_ms();
     for secret in [None, Some(SECRET)] {
         let deposit = Event::Deposit {
@@ -377,6 +399,18 @@ async fn without_a_secret_nothing_is_checked_and_a_tag_is_ignored() {
     .await;
     let (_, dlq) = get(&c, &server.url("/api/v1/dlq")).await;
     assert_eq!(dlq["waiting"], 0, "{dlq}");
+    // Nor is an attribution: a record says who sent it, and is believed.
+    let claim = json!({"principal": "teller#3", "source": "10.9.9.9:1"});
+    let (status, answer) = post(
+        &c,
+        &server.url("/api/v1/ops/records"),
+        claimed("claim-2", claim.clone()),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_confirmed(&c, &server.base, "claim-2").await;
+    let (_, payment) = get(&c, &server.url("/api/v1/payments/claim-2")).await;
+    assert_eq!(payment["submitted_by"], claim, "{payment}");
     server.stop().await;
 }
 

@@ -16,10 +16,7 @@ use kpay::ops::dlq::hex;
 use serde_json::{json, Value};
 
 fn encoded(event: Event) -> String {
-    hex(&codec::encode(&Envelope {
-        source: None,
-        event,
-    }))
+    hex(&codec::encode(&Envelope::new(None, event)))
 }
 
 fn payment(id: &str, from: &str, to: &str, amount_cents: i64) -> PaymentRef {
@@ -687,14 +684,12 @@ async fn a_replay_left_in_doubt_by_a_crash_is_settled_from_the_log() {
         letter.value_hex = encoded(event.clone());
         shared.store().put(&key, &letter).unwrap();
         if name == "landed" {
-            let envelope = Envelope {
-                source: Some(Source {
-                    topic: SourceTopic::Replay,
-                    partition: 0,
-                    offset: seq,
-                }),
-                event,
+            let replay = Source {
+                topic: SourceTopic::Replay,
+                partition: 0,
+                offset: seq,
             };
+            let envelope = Envelope::new(Some(replay), event);
             let record = kpay::log::Record {
                 key: bytes::Bytes::from_static(b"landed"),
                 value: bytes::Bytes::from(codec::encode(&envelope)),

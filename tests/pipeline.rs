@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{test_config, wait_until, TestServer};
 use kpay::log::{Record, TopicPartition};
-use kpay::model::PaymentRef;
+use kpay::model::{PaymentRef, Submitter};
 use kpay::ops::dlq::{DeadLetter, TABLE};
 
 async fn submit_many(server: &TestServer, prefix: &str, count: usize) {
@@ -20,7 +20,12 @@ async fn submit_many(server: &TestServer, prefix: &str, count: usize) {
             amount_cents: 1,
             accepted_at_ms: 0,
         };
-        server.runtime().ingest().submit(payment).await.unwrap();
+        server
+            .runtime()
+            .ingest()
+            .submit(payment, Submitter::new("test", "tests/pipeline.rs"))
+            .await
+            .unwrap();
     }
 }
 

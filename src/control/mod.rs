@@ -77,15 +77,13 @@ pub async fn command(
     reason: Option<String>,
 ) -> Result<(), RuntimeError> {
     let runtime = &runtime;
-    let envelope = Envelope {
-        source: None,
-        event: Event::Control(ControlCommand {
-            action,
-            principal: principal.to_owned(),
-            reason,
-            at_ms: now_ms(),
-        }),
+    let command = ControlCommand {
+        action,
+        principal: principal.to_owned(),
+        reason,
+        at_ms: now_ms(),
     };
+    let envelope = Envelope::new(None, Event::Control(command));
     let key = b"control";
     let value = runtime.signed(SourceTopic::Control, key, codec::encode(&envelope));
     let record = Record {

@@ -4,7 +4,10 @@
 //! protected mode: it listens on loopback only (start-up refuses anything
 //! else) and lets its local clients act, so the local demo just works.
 
-use axum::extract::{Request, State as Extract};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State as Extract};
+use axum::http::request::Parts;
 use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -12,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use super::error::ApiError;
 use super::State;
 use crate::config::Role;
+use crate::model::Submitter;
 
 /// Who made a request, for commands and the audit trail: `local` in
 /// protected mode, else the role and the token's position in the list.
@@ -20,6 +24,22 @@ pub struct Principal {
     pub name: String,
     /// `operator`, `teller`, `viewer`, `local`, or `none` (no valid token).
     pub role: &'static str,
+}
+
+/// Who is calling, as kept with what they submit: the principal and the
+/// caller's address (`unknown` when the server was not told it).
+pub struct Caller(pub Submitter);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let principal = (parts.extensions.get::<Principal>())
+            .map_or_else(|| "local".to_owned(), |p| p.name.clone());
+        let source = (parts.extensions.get::<ConnectInfo<SocketAddr>>())
+            .map_or_else(|| "unknown".to_owned(), |c| c.0.to_string());
+        Ok(Self(Submitter::new(principal, source)))
+    }
 }
 
 /// Runs the request as `principal` and tags the response with it too, so

@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
 use super::State;
-use crate::model::{new_payment_id, validate_id, Hop, PaymentRef, PaymentStatus};
+use crate::model::{new_payment_id, validate_id, Hop, PaymentRef, PaymentStatus, Submitter};
 use crate::pipeline::inflight::validate_payment;
 use crate::runtime::ingest::Admission;
 
@@ -104,6 +105,29 @@ pub struct PaymentView {
     /// When it reached its terminal state.
     pub completed_at: Option<i64>,
     pub lineage: Vec<HopView>,
+    /// Who submitted it, kept as long as the payment. `null` for a payment
+    /// another producer wrote to `payment.incoming` without saying, or
+    /// (with `cluster.secret`) whose attribution kpay did not sign.
+    pub submitted_by: Option<SubmitterView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SubmitterView {
+    /// As in the audit trail: `local`, `teller#0`, `generator`, …
+    #[schema(example = "teller#0")]
+    pub principal: String,
+    /// The caller's address, or the component that submitted it.
+    #[schema(example = "10.0.0.7:51234")]
+    pub source: String,
+}
+
+impl From<Submitter> for SubmitterView {
+    fn from(by: Submitter) -> Self {
+        Self {
+            principal: by.principal,
+            source: by.source,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -141,9 +165,14 @@ fn to_payment(state: &State, request: PaymentRequest) -> Result<PaymentRef, ApiE
     Ok(payment)
 }
 
-async fn submit_one(state: &State, request: PaymentRequest) -> Result<PaymentAccepted, ApiError> {
+async fn submit_one(
+    state: &State,
+    caller: &Caller,
+    request: PaymentRequest,
+) -> Result<PaymentAccepted, ApiError> {
     let payment = to_payment(state, request)?;
-    let admission = state.runtime.ingest().submit(payment).await?;
+    let submitted_by = caller.0.clone();
+    let admission = state.runtime.ingest().submit(payment, submitted_by).await?;
     Ok(match admission {
         Admission::Accepted(payment) => {
             state.runtime.remember_payment(&payment.id);
@@ -171,9 +200,10 @@ async fn submit_one(state: &State, request: PaymentRequest) -> Result<PaymentAcc
                 payment was not accepted, retry once space is freed", body = ErrorBody)))]
 async fn submit(
     Extract(state): Extract<State>,
+    caller: Caller,
     JsonBody(request): JsonBody<PaymentRequest>,
 ) -> Result<(StatusCode, Json<PaymentAccepted>), ApiError> {
-    let accepted = submit_one(&state, request).await?;
+    let accepted = submit_one(&state, &caller, request).await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
@@ -183,6 +213,7 @@ async fn submit(
               (status = 413, body = ErrorBody)))]
 async fn submit_batch(
     Extract(state): Extract<State>,
+    caller: Caller,
     JsonBody(request): JsonBody<BatchRequest>,
 ) -> Result<Json<BatchResponse>, ApiError> {
     let max = state.runtime.config().limits.max_batch_payments;
@@ -192,7 +223,13 @@ async fn submit_batch(
             request.payments.len()
         )));
     }
-    let answers = join_all(request.payments.into_iter().map(|p| submit_one(&state, p))).await;
+    let answers = join_all(
+        request
+            .payments
+            .into_iter()
+            .map(|p| submit_one(&state, &caller, p)),
+    )
+    .await;
     let results = answers
         .into_iter()
         .map(|answer| match answer {
@@ -241,19 +278,24 @@ fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
             lineage: (row.lineage.into_iter())
                 .map(|hop| hop_view(runtime.topics(), hop))
                 .collect(),
+            submitted_by: row.submitted_by.map(SubmitterView::from),
         }));
     }
-    Ok(runtime.ingest().accepted(id).map(|payment| PaymentView {
-        id: payment.id,
-        from: payment.from,
-        to: payment.to,
-        amount: payment.amount_cents,
-        status: PaymentStatus::Accepted.as_str().into(),
-        reason: None,
-        accepted_at: payment.accepted_at_ms,
-        completed_at: None,
-        lineage: Vec::new(),
-    }))
+    Ok(runtime
+        .ingest()
+        .accepted(id)
+        .map(|(payment, by)| PaymentView {
+            id: payment.id,
+            from: payment.from,
+            to: payment.to,
+            amount: payment.amount_cents,
+            status: PaymentStatus::Accepted.as_str().into(),
+            reason: None,
+            accepted_at: payment.accepted_at_ms,
+            completed_at: None,
+            lineage: Vec::new(),
+            submitted_by: by.map(SubmitterView::from),
+        }))
 }
 
 /// A payment's status, reason and lineage (one entry per hop).

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Envelope, Event, PaymentRef};
+use super::{Envelope, Event, PaymentRef, Submitter};
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u8 = 2;
@@ -56,7 +56,9 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
 
 /// A payment as JSON, the public format of `payment.incoming` (what any
 /// Kafka client may write): `{"id","from","to","amount"}`, amount in cents,
-/// optional `accepted_at` (ms since the epoch; the record's time otherwise).
+/// optional `accepted_at` (ms since the epoch; the record's time otherwise)
+/// and optional `submitted_by` (`{"principal","source"}`, and with a cluster
+/// secret the `tag` that kpay's own intake signs it with).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JsonPayment {
@@ -66,6 +68,17 @@ struct JsonPayment {
     amount: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     accepted_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    submitted_by: Option<JsonSubmitter>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSubmitter {
+    principal: String,
+    source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
 }
 
 /// A terminal payment as JSON, the public format of `payment.confirmed`.
@@ -84,27 +97,36 @@ struct JsonCompleted<'a> {
 fn decode_json_payment(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     let payment: JsonPayment = serde_json::from_slice(bytes)
         .map_err(|error| DecodeError::Malformed(format!("JSON payment: {error}")))?;
-    Ok(Envelope {
-        source: None,
-        event: Event::PaymentSubmitted(PaymentRef {
-            id: payment.id,
-            from: payment.from,
-            to: payment.to,
-            amount_cents: payment.amount,
-            // 0: the inflight processor takes the record's time.
-            accepted_at_ms: payment.accepted_at.unwrap_or(0),
-        }),
-    })
+    let submitted = Event::PaymentSubmitted(PaymentRef {
+        id: payment.id,
+        from: payment.from,
+        to: payment.to,
+        amount_cents: payment.amount,
+        // 0: the inflight processor takes the record's time.
+        accepted_at_ms: payment.accepted_at.unwrap_or(0),
+    });
+    let mut envelope = Envelope::new(None, submitted);
+    envelope.submitted_by = payment.submitted_by.map(|by| Submitter {
+        principal: by.principal,
+        source: by.source,
+        tag: by.tag,
+    });
+    Ok(envelope)
 }
 
 /// A submitted payment in the public JSON format of `payment.incoming`.
-pub fn encode_payment_json(payment: &PaymentRef) -> Vec<u8> {
+pub fn encode_payment_json(payment: &PaymentRef, submitted_by: Option<&Submitter>) -> Vec<u8> {
     serde_json::to_vec(&JsonPayment {
         id: payment.id.clone(),
         from: payment.from.clone(),
         to: payment.to.clone(),
         amount: payment.amount_cents,
         accepted_at: Some(payment.accepted_at_ms),
+        submitted_by: submitted_by.map(|by| JsonSubmitter {
+            principal: by.principal.clone(),
+            source: by.source.clone(),
+            tag: by.tag.clone(),
+        }),
     })
     .expect("plain struct serializes")
 }
@@ -204,10 +226,7 @@ mod tests {
         // Every event survives encode → decode unchanged.
         #[test]
         fn round_trip(event in arb_event(), offset in any::<u64>(), partition in 0u32..64) {
-            let envelope = Envelope {
-                source: Some(Source { topic: SourceTopic::Inflight, partition, offset }),
-                event,
-            };
+            let envelope = Envelope::new(Some(Source { topic: SourceTopic::Inflight, partition, offset }), event);
             prop_assert_eq!(decode(&encode(&envelope)).unwrap(), envelope);
         }
     }
@@ -226,13 +245,24 @@ mod tests {
             accepted_at_ms: 77,
             ..payment
         };
-        let back = decode(&encode_payment_json(&ours)).unwrap();
-        assert_eq!(back.event, Event::PaymentSubmitted(ours));
+        let back = decode(&encode_payment_json(&ours, None)).unwrap();
+        assert_eq!(back.event, Event::PaymentSubmitted(ours.clone()));
+        assert_eq!(back.submitted_by, None);
+        let by = Submitter {
+            principal: "teller#0".into(),
+            source: "10.0.0.7:5100".into(),
+            tag: Some("ab".repeat(32)),
+        };
+        let back = decode(&encode_payment_json(&ours, Some(&by))).unwrap();
+        assert_eq!(back.submitted_by, Some(by));
+        let claimed = br#"{"id":"o-1","from":"a","to":"b","amount":1,"submitted_by":{"principal":"p","source":"s"}}"#;
+        assert_eq!(decode(claimed).unwrap().submitted_by.unwrap().tag, None);
         for bad in [
             &br#"{"id":"o-1","from":"a","to":"b","amount":12.5}"#[..],
             br#"{"id":"o-1","from":"a","to":"b","amount":1,"extra":1}"#,
             br#"{"id":"o-1"}"#,
             b"{not json",
+            br#"{"id":"o-1","from":"a","to":"b","amount":1,"submitted_by":{"principal":"p"}}"#,
         ] {
             let error = decode(bad).unwrap_err().to_string();
             assert!(error.contains("JSON payment"), "{error}");

@@ -124,6 +124,32 @@ impl PaymentRef {
     }
 }
 
+/// Who submitted a payment: kept with it for as long as it is kept, so that
+/// every payment stays attributable after the audit trail moved on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitter {
+    /// The principal as in the audit trail: `local`, `teller#0`, `generator`, …
+    pub principal: String,
+    /// Where it came from: the caller's address, or the component's name.
+    pub source: String,
+    /// With a cluster secret: the HMAC that binds this attribution to its
+    /// payment, as hex (see `seal::Sealer::attribution_tag`). Checked when the
+    /// record is read, never stored.
+    #[serde(skip)]
+    pub tag: Option<String>,
+}
+
+impl Submitter {
+    /// An attribution not signed (yet).
+    pub fn new(principal: impl Into<String>, source: impl Into<String>) -> Self {
+        Self {
+            principal: principal.into(),
+            source: source.into(),
+            tag: None,
+        }
+    }
+}
+
 /// How a payment ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
@@ -244,4 +270,19 @@ pub struct Envelope {
     pub source: Option<Source>,
     /// The event itself.
     pub event: Event,
+    /// Who submitted it, for a payment in the public JSON format whose
+    /// record says so. Not part of the binary format.
+    #[serde(skip)]
+    pub submitted_by: Option<Submitter>,
+}
+
+impl Envelope {
+    /// An event with where it came from, submitted by no one in particular.
+    pub fn new(source: Option<Source>, event: Event) -> Self {
+        Self {
+            source,
+            event,
+            submitted_by: None,
+        }
+    }
 }

@@ -13,6 +13,8 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::{PaymentRef, Submitter};
+
 /// Length of the tag at the end of a signed value.
 pub const TAG_BYTES: usize = 32;
 
@@ -69,6 +71,52 @@ impl Sealer {
     }
 }
 
+impl Sealer {
+    /// The MAC of a payment's attribution, bound to the payment: the same
+    /// principal and source on another payment do not verify.
+    fn attribution_mac(&self, payment: &PaymentRef, by: &Submitter) -> Hmac<Sha256> {
+        let mut mac = self.keyed.clone();
+        for part in [
+            &payment.id,
+            &payment.from,
+            &payment.to,
+            &by.principal,
+            &by.source,
+        ] {
+            mac.update(&(part.len() as u64).to_le_bytes());
+            mac.update(part.as_bytes());
+        }
+        mac.update(&payment.amount_cents.to_le_bytes());
+        mac.update(&payment.accepted_at_ms.to_le_bytes());
+        mac
+    }
+
+    /// The hex tag kpay's intake writes into a payment's `submitted_by`.
+    pub fn attribution_tag(&self, payment: &PaymentRef, by: &Submitter) -> String {
+        let tag = self.attribution_mac(payment, by).finalize().into_bytes();
+        tag.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    /// Whether `by` carries the tag of this secret for this payment.
+    pub fn attribution_holds(&self, payment: &PaymentRef, by: &Submitter) -> bool {
+        let Some(tag) = by.tag.as_deref().and_then(from_hex) else {
+            return false;
+        };
+        self.attribution_mac(payment, by).verify_slice(&tag).is_ok()
+    }
+}
+
+/// Bytes from lowercase or uppercase hex; `None` for anything else.
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
+        .collect()
+}
+
 impl fmt::Debug for Sealer {
     // The keyed state is as good as the secret: never print it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -104,5 +152,44 @@ mod tests {
         );
         assert_eq!(sealer.open(b"alice", b"short"), Err(SealError::Missing(5)));
         assert!(!format!("{sealer:?}").contains("secret-of"));
+    }
+
+    // An attribution verifies for its own payment and signer only: another principal, another payment, another secret or a missing tag does not.
+    #[test]
+    fn attributions_are_bound_to_their_payment() {
+        let sealer = Sealer::new(b"a-secret-of-sixteen-plus");
+        let payment = PaymentRef {
+            id: "p-1".into(),
+            from: "a".into(),
+            to: "b".into(),
+            amount_cents: 500,
+            accepted_at_ms: 1_700_000_000_000,
+        };
+        let mut by = Submitter {
+            principal: "teller#0".into(),
+            source: "10.0.0.7:5100".into(),
+            tag: None,
+        };
+        assert!(!sealer.attribution_holds(&payment, &by));
+        by.tag = Some(sealer.attribution_tag(&payment, &by));
+        assert_eq!(by.tag.as_ref().unwrap().len(), 2 * TAG_BYTES);
+        assert!(sealer.attribution_holds(&payment, &by));
+        let other = Sealer::new(b"another-secret-entirely");
+        assert!(!other.attribution_holds(&payment, &by));
+        let larger = PaymentRef {
+            amount_cents: 501,
+            ..payment.clone()
+        };
+        assert!(!sealer.attribution_holds(&larger, &by));
+        let someone_else = Submitter {
+            principal: "operator#0".into(),
+            ..by.clone()
+        };
+        assert!(!sealer.attribution_holds(&payment, &someone_else));
+        let garbled = Submitter {
+            tag: Some("zz".repeat(32)),
+            ..by
+        };
+        assert!(!sealer.attribution_holds(&payment, &garbled));
     }
 }

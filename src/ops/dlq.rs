@@ -222,14 +222,12 @@ pub async fn replay(
     // Durable before the append: a crash after it is settled by `seq`.
     runtime.store().flush().await?;
     failpoint::pass(Point::DlqAfterReserve);
-    let wrapped = Envelope {
-        source: Some(Source {
-            topic: SourceTopic::Replay,
-            partition: 0,
-            offset: seq,
-        }),
-        event: envelope.event,
+    let replay = Source {
+        topic: SourceTopic::Replay,
+        partition: 0,
+        offset: seq,
     };
+    let wrapped = Envelope::new(Some(replay), envelope.event);
     // The operator's decision vouches for the record: it is signed like
     // kpay's own (a tag the stored value carried was dropped by decoding).
     let value = runtime.signed(kind, key.as_bytes(), codec::encode(&wrapped));

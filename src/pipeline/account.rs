@@ -303,7 +303,7 @@ mod tests {
     }
     use crate::model::SourceTopic;
 
-    fn ctx() -> Ctx {
+    fn ctx() -> Ctx<'static> {
         Ctx {
             topic: SourceTopic::Inflight,
             partition: 1,
@@ -313,6 +313,7 @@ mod tests {
             partitions: 1,
             forgotten_before_ms: i64::MIN,
             max_amount_cents: 100_000_000_000,
+            submitted_by: None,
         }
     }
 

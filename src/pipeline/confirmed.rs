@@ -170,6 +170,7 @@ mod tests {
             partitions: 1,
             forgotten_before_ms: i64::MIN,
             max_amount_cents: 100_000_000_000,
+            submitted_by: None,
         };
         let mut apply = |event| Confirmed::handle(&mut None, &mut stats, event, &ctx).unwrap();
         assert!(apply(done(100, Outcome::Confirmed, MS_PER_DAY + 5)).is_some());

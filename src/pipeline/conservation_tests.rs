@@ -62,6 +62,7 @@ impl World {
             partitions: PARTITIONS,
             forgotten_before_ms: i64::MIN,
             max_amount_cents: 100_000_000_000,
+            submitted_by: None,
         };
         let p = partition as usize;
         match topic {

@@ -79,6 +79,7 @@ mod tests {
             partitions: 1,
             forgotten_before_ms: i64::MIN,
             max_amount_cents: 100_000_000_000,
+            submitted_by: None,
         };
         ControlPlane::handle(&mut None, state, Event::Control(command), &ctx).unwrap();
     }

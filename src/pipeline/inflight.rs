@@ -5,16 +5,18 @@
 
 use serde::{Deserialize, Serialize};
 
+mod row;
+
 use super::{
     checked_add, checked_sub, completed, hop, Ctx, Emit, OutTopic, ProcessError, Processor,
 };
 use crate::model::{
     partition_for, validate_id, Event, Hop, Outcome, PaymentRef, PaymentStatus, Reason,
-    SourceTopic, Stage,
+    SourceTopic, Stage, Submitter,
 };
 
 /// A payment as the inflight processor knows it: the `payments` state table row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PaymentState {
     /// The request as accepted.
     pub payment: PaymentRef,
@@ -26,6 +28,9 @@ pub struct PaymentState {
     pub completed_at_ms: Option<i64>,
     /// Every hop it took, in order.
     pub lineage: Vec<Hop>,
+    /// Who submitted it; `None` for records other producers wrote (see
+    /// `model::Submitter`). Last, so rows written before it read as `None`.
+    pub submitted_by: Option<Submitter>,
 }
 
 /// Inflight statistics of one partition.
@@ -216,6 +221,7 @@ fn admit(
         reason: None,
         completed_at_ms: None,
         lineage: vec![admitted.clone()],
+        submitted_by: submitter(ctx),
     });
     Ok(Some(Emit {
         topic: OutTopic::Inflight,
@@ -225,6 +231,14 @@ fn admit(
             lineage: vec![admitted],
         },
     }))
+}
+
+/// Who submitted the payment being admitted, as kept in its row.
+fn submitter(ctx: &Ctx) -> Option<Submitter> {
+    ctx.submitted_by.map(|by| Submitter {
+        tag: None,
+        ..by.clone()
+    })
 }
 
 /// Ends an invalid payment as rejected at admission.
@@ -241,6 +255,7 @@ fn reject_invalid(
         reason: Some(Reason::Invalid),
         completed_at_ms: Some(ctx.now_ms),
         lineage: vec![admitted.clone()],
+        submitted_by: submitter(ctx),
     });
     completed(payment, outcome, vec![admitted], ctx)
 }
@@ -308,7 +323,7 @@ mod tests {
         }
     }
 
-    fn ctx(topic: SourceTopic, offset: u64) -> Ctx {
+    fn ctx(topic: SourceTopic, offset: u64) -> Ctx<'static> {
         Ctx {
             topic,
             partition: 0,
@@ -318,6 +333,7 @@ mod tests {
             partitions: 1,
             forgotten_before_ms: i64::MIN,
             max_amount_cents: 100_000_000_000,
+            submitted_by: None,
         }
     }
 

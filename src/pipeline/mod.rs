@@ -13,7 +13,7 @@ pub mod windows;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::model::{Event, Hop, Outcome, PaymentRef, SourceTopic, Stage};
+use crate::model::{Event, Hop, Outcome, PaymentRef, SourceTopic, Stage, Submitter};
 
 /// Topics a processor writes to (names come from config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,7 +38,7 @@ pub struct Emit {
 
 /// Where the record being handled sits, and the time the runtime read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ctx {
+pub struct Ctx<'a> {
     pub topic: SourceTopic,
     pub partition: u32,
     pub offset: u64,
@@ -57,6 +57,9 @@ pub struct Ctx {
     /// Largest amount of one payment (`limits.max_amount_cents`): records
     /// other producers wrote are held to the API's bound.
     pub max_amount_cents: i64,
+    /// Who submitted the payment the record carries, when the record says
+    /// so believably (see `model::Submitter`).
+    pub submitted_by: Option<&'a Submitter>,
 }
 
 /// A record the processor cannot act on. The runtime dead-letters it and goes

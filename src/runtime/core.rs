@@ -16,7 +16,7 @@ use super::task_view::TaskView;
 use crate::config::Config;
 use crate::log::{Log, LogError};
 use crate::model::seal::Sealer;
-use crate::model::{Event, SourceTopic};
+use crate::model::{Envelope, Event, PaymentRef, SourceTopic, Submitter};
 use crate::pipeline::account::Accounts;
 use crate::pipeline::confirmed::Confirmed;
 use crate::pipeline::control::{ControlPlane, ControlState};
@@ -128,6 +128,27 @@ pub(super) struct Core {
 impl Core {
     /// `value` with the cluster's HMAC tag when such a record is
     /// [`authenticated`] and a secret is set; otherwise unchanged.
+    /// Drops a payment's `submitted_by` that a cluster secret does not
+    /// vouch for: with a secret, only kpay's intake can attribute a payment
+    /// (any producer may write `payment.incoming`, and claim anything).
+    pub(super) fn check_attribution(&self, envelope: &mut Envelope) {
+        let (Some(sealer), Some(by), Event::PaymentSubmitted(payment)) =
+            (&self.sealer, &envelope.submitted_by, &envelope.event)
+        else {
+            return;
+        };
+        if !sealer.attribution_holds(payment, by) {
+            metrics::counter!("kpay_unverified_attributions_total").increment(1);
+            envelope.submitted_by = None;
+        }
+    }
+
+    /// Signs `by` for `payment` with the cluster secret, when there is one:
+    /// the attribution kpay's intake writes.
+    pub(super) fn sign_attribution(&self, payment: &PaymentRef, by: &mut Submitter) {
+        by.tag = (self.sealer.as_ref()).map(|sealer| sealer.attribution_tag(payment, by));
+    }
+
     pub(super) fn seal(&self, kind: SourceTopic, key: &[u8], mut value: Vec<u8>) -> Vec<u8> {
         if let Some(sealer) = self.sealer.as_ref().filter(|_| authenticated(kind, &value)) {
             sealer.seal(key, &mut value);

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Core, RuntimeError};
 use crate::failpoint::{self, Point};
 use crate::log::{LogError, Record, TopicPartition};
-use crate::model::{codec, now_ms, partition_for, Envelope, Event, PaymentRef, PaymentStatus};
+use crate::model::{codec, now_ms, partition_for, Event, PaymentRef, PaymentStatus, Submitter};
 
 /// The answer to one submission.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,20 +49,21 @@ pub enum IngestError {
 
 struct Submission {
     payment: PaymentRef,
+    submitted_by: Submitter,
     reply: oneshot::Sender<Result<Admission, IngestError>>,
 }
 
 /// Payments appended but maybe not yet in the store, by id and by offset.
 #[derive(Default)]
 pub struct Recent {
-    by_id: HashMap<String, (PaymentRef, u64)>,
+    by_id: HashMap<String, (PaymentRef, Option<Submitter>, u64)>,
     by_offset: BTreeMap<u64, String>,
 }
 
 impl Recent {
-    fn insert(&mut self, payment: PaymentRef, offset: u64) {
+    fn insert(&mut self, payment: PaymentRef, submitted_by: Option<Submitter>, offset: u64) {
         self.by_offset.insert(offset, payment.id.clone());
-        self.by_id.insert(payment.id.clone(), (payment, offset));
+        (self.by_id).insert(payment.id.clone(), (payment, submitted_by, offset));
     }
 
     /// Forgets payments below `offset`: the inflight processor's durable
@@ -78,7 +79,7 @@ impl Recent {
     }
 
     pub fn get(&self, id: &str) -> Option<&PaymentRef> {
-        self.by_id.get(id).map(|(payment, _)| payment)
+        self.by_id.get(id).map(|(payment, _, _)| payment)
     }
 
     pub fn len(&self) -> usize {
@@ -98,12 +99,22 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Submits one payment; returns once it is durable (or refused).
-    pub async fn submit(&self, payment: PaymentRef) -> Result<Admission, IngestError> {
+    /// Submits one payment on behalf of `submitted_by` (kept with the
+    /// payment); returns once it is durable (or refused).
+    pub async fn submit(
+        &self,
+        payment: PaymentRef,
+        submitted_by: Submitter,
+    ) -> Result<Admission, IngestError> {
         let partition = partition_for(&payment.id, self.queues.len() as u32);
         let (reply, answer) = oneshot::channel();
+        let submission = Submission {
+            payment,
+            submitted_by,
+            reply,
+        };
         self.queues[partition as usize]
-            .try_send(Submission { payment, reply })
+            .try_send(submission)
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => IngestError::Busy(partition),
                 mpsc::error::TrySendError::Closed(_) => IngestError::Closed,
@@ -111,11 +122,13 @@ impl Ingest {
         answer.await.map_err(|_| IngestError::Closed)?
     }
 
-    /// A payment accepted but not yet admitted by the inflight processor.
-    pub fn accepted(&self, id: &str) -> Option<PaymentRef> {
+    /// A payment accepted but not yet admitted by the inflight processor,
+    /// with who submitted it.
+    pub fn accepted(&self, id: &str) -> Option<(PaymentRef, Option<Submitter>)> {
         let partition = partition_for(id, self.queues.len() as u32) as usize;
         let recent = self.recent[partition].lock().expect("recent lock");
-        recent.get(id).cloned()
+        let (payment, by, _) = recent.by_id.get(id)?;
+        Some((payment.clone(), by.clone()))
     }
 }
 
@@ -155,12 +168,12 @@ async fn recover(core: &Core, tp: &TopicPartition) -> Result<Recent, RuntimeErro
         let Some(last) = records.last() else { break };
         offset = last.offset + 1;
         for stored in records {
-            if let Ok(Envelope {
-                event: Event::PaymentSubmitted(payment),
-                ..
-            }) = codec::decode(&stored.record.value)
-            {
-                recent.insert(payment, stored.offset);
+            let Ok(mut envelope) = codec::decode(&stored.record.value) else {
+                continue;
+            };
+            core.check_attribution(&mut envelope);
+            if let Event::PaymentSubmitted(payment) = envelope.event {
+                recent.insert(payment, envelope.submitted_by, stored.offset);
             }
         }
     }
@@ -200,7 +213,7 @@ impl Sequencer {
     }
 
     /// Decides, appends and answers one group of submissions.
-    async fn commit(&self, batch: Vec<Submission>) {
+    async fn commit(&self, mut batch: Vec<Submission>) {
         let accepted_at_ms = now_ms();
         let durable = self.core.inflight[self.tp.partition as usize]
             .durable_offset((crate::model::SourceTopic::Incoming, self.tp.partition));
@@ -227,10 +240,13 @@ impl Sequencer {
                 }
             }
         }
-        let records: Vec<Record> = verdicts
-            .iter()
-            .filter_map(|v| match v {
-                Verdict::New(payment) => Some(to_record(payment)),
+        let records: Vec<Record> = (verdicts.iter().zip(&mut batch))
+            .filter_map(|(verdict, submission)| match verdict {
+                Verdict::New(payment) => {
+                    let by = &mut submission.submitted_by;
+                    self.core.sign_attribution(payment, by);
+                    Some(to_record(payment, by))
+                }
                 Verdict::Answer(_) => None,
             })
             .collect();
@@ -266,7 +282,7 @@ impl Sequencer {
             let answer = match (verdict, &appended) {
                 (Verdict::Answer(answer), _) => answer,
                 (Verdict::New(payment), Ok(_)) => {
-                    recent.insert(payment.clone(), offset);
+                    recent.insert(payment.clone(), Some(submission.submitted_by), offset);
                     offset += 1;
                     Ok(Admission::Accepted(payment))
                 }
@@ -323,10 +339,10 @@ impl Sequencer {
 }
 
 /// The payment in `payment.incoming`'s public JSON format.
-fn to_record(payment: &PaymentRef) -> Record {
+fn to_record(payment: &PaymentRef, submitted_by: &Submitter) -> Record {
     Record {
         key: Bytes::from(payment.id.clone().into_bytes()),
-        value: Bytes::from(codec::encode_payment_json(payment)),
+        value: Bytes::from(codec::encode_payment_json(payment, Some(submitted_by))),
         timestamp_ms: payment.accepted_at_ms,
     }
 }

@@ -250,10 +250,7 @@ impl Runtime {
             let account = Accounts::state_key(&event)
                 .expect("account events have an account")
                 .to_owned();
-            let envelope = Envelope {
-                source: None,
-                event,
-            };
+            let envelope = Envelope::new(None, event);
             let value = self.signed(
                 SourceTopic::Inflight,
                 account.as_bytes(),

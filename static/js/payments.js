@@ -45,6 +45,9 @@ export function createPayments({ onAction }) {
     setText($('payment-view-completed'), p.completed_at
       ? `${dateTime(p.completed_at)} (${duration(p.completed_at - p.accepted_at)} after acceptance)`
       : 'not yet');
+    setText($('payment-view-submitter'), p.submitted_by
+      ? `${p.submitted_by.principal} from ${p.submitted_by.source}`
+      : 'not recorded (written to the topic by another producer)');
 
     const hops = p.lineage || [];
     $('payment-lineage').replaceChildren(...hops.map((hop, index) => {

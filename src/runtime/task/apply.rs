@@ -46,6 +46,11 @@ impl<P: Processor> TaskLoop<P> {
                     continue;
                 }
             };
+            let submitted_by = envelope.submitted_by.as_ref();
+            let ctx = Ctx {
+                submitted_by,
+                ..ctx
+            };
             if let Some(wanted) = self.unmet_prerequisite(&envelope.event, index, stored.offset) {
                 // Read again after the prerequisite; nothing of this record is applied.
                 self.inputs[index].2 = stored.offset;
@@ -105,12 +110,14 @@ impl<P: Processor> TaskLoop<P> {
                 .open(&record.key, value)
                 .map_err(|error| ("unauthenticated", error.to_string()))?;
         }
-        codec::decode(value).map_err(|error| ("decode", error.to_string()))
+        let mut envelope = codec::decode(value).map_err(|error| ("decode", error.to_string()))?;
+        self.core.check_attribution(&mut envelope);
+        Ok(envelope)
     }
 
     /// Moves input `index` past `stored` (and the retention clock with it)
     /// and says where the record sits.
-    fn advance(&mut self, index: usize, stored: &StoredRecord, now: i64) -> Ctx {
+    fn advance(&mut self, index: usize, stored: &StoredRecord, now: i64) -> Ctx<'static> {
         let (kind, tp, next) = &mut self.inputs[index];
         debug_assert!(stored.offset >= *next, "offsets only move forward");
         *next = stored.offset + 1;
@@ -126,6 +133,7 @@ impl<P: Processor> TaskLoop<P> {
             partitions: self.core.config.log.partitions,
             forgotten_before_ms: self.forgotten_before_ms(),
             max_amount_cents: self.core.config.limits.max_amount_cents,
+            submitted_by: None,
         }
     }
 
@@ -258,10 +266,7 @@ impl<P: Processor> TaskLoop<P> {
                 OutTopic::Confirmed => &topics.confirmed,
             };
             let tp = TopicPartition::new(topic.clone(), partition_for(&emit.key, partitions));
-            let envelope = Envelope {
-                source: Some(source),
-                event: emit.event,
-            };
+            let envelope = Envelope::new(Some(source), emit.event);
             let kind = match emit.topic {
                 // `payment.confirmed` is for outside consumers: public JSON.
                 OutTopic::Confirmed => None,
