@@ -424,3 +424,94 @@ fn five_cents(id: &str, at_ms: i64) -> PaymentRef {
         accepted_at_ms: at_ms,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_secret_copies_of_kpays_own_records_are_applied_once() {
+    // A signed deposit and a signed resume, copied byte for byte and appended again later, change nothing: kpay's own API writes carry a sequenced source, and the copy check skips them.
+    copies_are_applied_once(TestServer::builder()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_secret_copies_of_kpays_own_records_are_applied_once_on_kafka() {
+    // The same on a Kafka-protocol broker.
+    let Some(broker) = common::kafka_broker("copies_on_kafka") else {
+        return;
+    };
+    copies_are_applied_once(TestServer::builder().kafka(&broker)).await;
+}
+
+/// The value of the last record of `topic` keyed `key`, as hex.
+async fn last_record_hex(server: &TestServer, topic: &str, key: &str, partitions: u32) -> String {
+    let partition = kpay::model::partition_for(key, partitions);
+    let tp = kpay::log::TopicPartition::new(topic, partition);
+    let log = server.runtime().log();
+    let (start, end) = (
+        log.log_start(&tp).await.unwrap(),
+        log.high_watermark(&tp).await.unwrap(),
+    );
+    let records = log.read(&tp, start, (end - start) as usize).await.unwrap();
+    let last = (records.iter().rev())
+        .find(|stored| stored.record.key.as_ref() == key.as_bytes())
+        .expect("a record with the key");
+    hex(&last.record.value)
+}
+
+async fn copies_are_applied_once(builder: common::ServerBuilder) {
+    let (server, c) = builder
+        .raw_records()
+        .config(|c| c.cluster.secret = kpay::config::Secret::new(SECRET))
+        .accounts(&[("alice", 100)])
+        .start()
+        .await;
+    let names = server.config().topics.clone();
+    let partitions = server.config().log.partitions;
+    let deposit = |amount: i64| json!({"amount": amount});
+    let url = server.url("/api/v1/accounts/alice/deposit");
+    let (status, answer) = post(&c, &url, deposit(50)).await;
+    assert_eq!(status, 202, "{answer}");
+    let balance =
+        || async { get(&c, &server.url("/api/v1/accounts/alice")).await.1["balance"].clone() };
+    wait_until(Duration::from_secs(10), || async { balance().await == 150 }).await;
+    let copy = last_record_hex(&server, &names.inflight, "alice", partitions).await;
+    for _ in 0..2 {
+        let body =
+            json!({"topic": names.inflight, "records": [{"key": "alice", "value_hex": copy}]});
+        let (status, answer) = post(&c, &server.url("/api/v1/ops/records"), body).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    // A later real deposit, behind the copies on the same partition.
+    let (status, _) = post(&c, &url, deposit(1)).await;
+    assert_eq!(status, 202);
+    wait_until(Duration::from_secs(10), || async { balance().await == 151 }).await;
+
+    // A resume, copied, and appended after a pause: the cluster stays paused.
+    let (status, _) = post(&c, &server.url("/api/v1/control/resume"), json!({})).await;
+    assert_eq!(status, 200);
+    let resume = last_record_hex(&server, &names.commands, "control", 1).await;
+    let (status, _) = post(&c, &server.url("/api/v1/control/pause"), json!({})).await;
+    assert_eq!(status, 200);
+    let body =
+        json!({"topic": names.commands, "records": [{"key": "control", "value_hex": resume}]});
+    let (status, answer) = post(&c, &server.url("/api/v1/ops/records"), body).await;
+    assert_eq!(status, 201, "{answer}");
+    // A command after the copy, waited for: the copy was read before it.
+    let limit = json!({"payments_per_second": 0});
+    let response = c
+        .put(server.url("/api/v1/control/rate-limit"))
+        .json(&limit)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, control) = get(&c, &server.url("/api/v1/control/status")).await;
+    assert_ne!(control["state"], "running", "{control}");
+    let (_, dlq) = get(&c, &server.url("/api/v1/dlq")).await;
+    assert_eq!(
+        dlq["waiting"], 0,
+        "copies are skipped, not dead-lettered: {dlq}"
+    );
+    let (_, ledger) = get(&c, &server.url("/api/v1/ledger/integrity")).await;
+    assert_eq!(ledger["ok"], true, "{ledger}");
+    assert_eq!(ledger["total_funded"], 151, "{ledger}");
+    server.stop().await;
+}

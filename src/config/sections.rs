@@ -331,6 +331,9 @@ impl TopicsConfig {
             SourceTopic::Control => &self.commands,
             // Replays come from the DLQ (they are appended to the source topic).
             SourceTopic::Replay => &self.dlq,
+            // kpay's own writes go to the inflight and control topics; they
+            // are never read as an input of their own.
+            SourceTopic::Api => "(api)",
         }
     }
 

@@ -34,14 +34,11 @@ pub async fn shutdown_signal() {
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::log::{Record, TopicPartition};
-use crate::model::{
-    codec, now_ms, ControlAction, ControlCommand, CountAmount, Envelope, Event, SourceTopic,
-};
+use crate::log::TopicPartition;
+use crate::model::{now_ms, ControlAction, ControlCommand, CountAmount, SourceTopic};
 use crate::pipeline::control::ControlPlane;
 use crate::pipeline::inflight::Inflight;
 use crate::pipeline::Processor;
@@ -83,16 +80,7 @@ pub async fn command(
         reason,
         at_ms: now_ms(),
     };
-    let envelope = Envelope::new(None, Event::Control(command));
-    let key = b"control";
-    let value = runtime.signed(SourceTopic::Control, key, codec::encode(&envelope));
-    let record = Record {
-        key: Bytes::from_static(key),
-        value: Bytes::from(value),
-        timestamp_ms: now_ms(),
-    };
-    let tp = TopicPartition::new(runtime.topics().commands.clone(), 0);
-    let offset = runtime.log().append(&tp, vec![record]).await?;
+    let offset = runtime.append_command(command).await?;
     let deadline = tokio::time::Instant::now() + APPLY_WAIT;
     while applied_position(runtime) <= offset && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;

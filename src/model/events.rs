@@ -71,6 +71,10 @@ pub enum SourceTopic {
     /// Not a topic: an operator's replay of a dead letter; its "offset" is
     /// the replay's sequence number.
     Replay,
+    /// Not a topic: kpay's own writes from its API (account events, control
+    /// commands); its "partition" is the writer, its "offset" the writer's
+    /// sequence number, growing in append order.
+    Api,
 }
 
 /// The input record an output record was derived from.

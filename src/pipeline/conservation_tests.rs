@@ -77,7 +77,7 @@ impl World {
                 }
                 out.into_iter().for_each(|e| self.push(e));
             }
-            SourceTopic::Control | SourceTopic::Replay => {
+            SourceTopic::Control | SourceTopic::Replay | SourceTopic::Api => {
                 unreachable!("no control records or replays in this world")
             }
             SourceTopic::Incoming | SourceTopic::Complete => {

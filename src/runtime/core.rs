@@ -11,6 +11,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::own_writes::OwnWrites;
 use super::space::SpaceGuard;
 use super::task_view::TaskView;
 use crate::config::Config;
@@ -52,7 +53,7 @@ pub(super) fn authenticated(kind: SourceTopic, value: &[u8]) -> bool {
     match kind {
         SourceTopic::Inflight | SourceTopic::Complete | SourceTopic::Control => true,
         SourceTopic::Incoming => value.first() != Some(&b'{'),
-        SourceTopic::Replay => false,
+        SourceTopic::Replay | SourceTopic::Api => false,
     }
 }
 
@@ -123,11 +124,11 @@ pub(super) struct Core {
     /// Signs and checks the internal topics' records when `cluster.secret`
     /// is set; `None`: nothing is signed or checked.
     pub(super) sealer: Option<Sealer>,
+    /// The sequenced path of kpay's own API writes (accounts, commands).
+    pub(super) own_writes: OwnWrites,
 }
 
 impl Core {
-    /// `value` with the cluster's HMAC tag when such a record is
-    /// [`authenticated`] and a secret is set; otherwise unchanged.
     /// Drops a payment's `submitted_by` that a cluster secret does not
     /// vouch for: with a secret, only kpay's intake can attribute a payment
     /// (any producer may write `payment.incoming`, and claim anything).
@@ -149,6 +150,8 @@ impl Core {
         by.tag = (self.sealer.as_ref()).map(|sealer| sealer.attribution_tag(payment, by));
     }
 
+    /// `value` with the cluster's HMAC tag when such a record is
+    /// [`authenticated`] and a secret is set; otherwise unchanged.
     pub(super) fn seal(&self, kind: SourceTopic, key: &[u8], mut value: Vec<u8>) -> Vec<u8> {
         if let Some(sealer) = self.sealer.as_ref().filter(|_| authenticated(kind, &value)) {
             sealer.seal(key, &mut value);

@@ -16,6 +16,7 @@ mod core;
 pub mod dead_letter;
 mod flush;
 pub mod ingest;
+mod own_writes;
 pub mod space;
 mod startup;
 mod supervisor;
@@ -28,7 +29,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 pub use self::core::{NoObserver, Observer, RECENT_PAYMENTS};
@@ -38,8 +38,8 @@ pub use views::InputPosition;
 
 use self::core::Core;
 use crate::config::{Config, TopicsConfig};
-use crate::log::{Log, LogError, Record, TopicPartition};
-use crate::model::{codec, now_ms, partition_for, Envelope, Event, SourceTopic};
+use crate::log::{Log, LogError};
+use crate::model::{now_ms, ControlCommand, Event, SourceTopic};
 use crate::pipeline::account::Accounts;
 use crate::pipeline::control::ControlState;
 use crate::pipeline::Processor;
@@ -242,34 +242,33 @@ impl Runtime {
     }
 
     /// Appends account events (open, deposit, close) to `payment.inflight`,
-    /// each keyed and partitioned by its account.
+    /// each keyed and partitioned by its account, sourced so that a copy of
+    /// one is never applied twice (see `own_writes`).
     pub async fn append_account_events(&self, events: Vec<Event>) -> Result<(), RuntimeError> {
-        let partitions = self.core.config.log.partitions;
-        let mut groups: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
-        for event in events {
-            let account = Accounts::state_key(&event)
-                .expect("account events have an account")
-                .to_owned();
-            let envelope = Envelope::new(None, event);
-            let value = self.signed(
-                SourceTopic::Inflight,
-                account.as_bytes(),
-                codec::encode(&envelope),
-            );
-            groups
-                .entry(partition_for(&account, partitions))
-                .or_default()
-                .push(Record {
-                    key: Bytes::from(account.into_bytes()),
-                    value: Bytes::from(value),
-                    timestamp_ms: now_ms(),
-                });
-        }
-        for (partition, records) in groups {
-            let tp = TopicPartition::new(self.core.config.topics.inflight.clone(), partition);
-            self.core.log.append(&tp, records).await?;
-        }
+        let keyed = events
+            .into_iter()
+            .map(|event| {
+                let account = Accounts::state_key(&event).expect("account events have an account");
+                (account.to_owned(), event)
+            })
+            .collect();
+        let core = &self.core;
+        core.own_writes
+            .append(core, SourceTopic::Inflight, keyed)
+            .await?;
         Ok(())
+    }
+
+    /// Appends an operator's command to `control.commands`, sourced like
+    /// account events; returns its offset.
+    pub async fn append_command(&self, command: ControlCommand) -> Result<u64, RuntimeError> {
+        let keyed = vec![("control".to_owned(), Event::Control(command))];
+        let core = &self.core;
+        let offset = core
+            .own_writes
+            .append(core, SourceTopic::Control, keyed)
+            .await?;
+        Ok(offset.expect("one record appended"))
     }
 
     /// Refuses new work while the data directory's device is below

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::core::{Core, Observer, RecentPayments};
+use super::own_writes::OwnWrites;
 use super::space::SpaceGuard;
 use super::supervisor::{spawn_task, Reload};
 use super::task::Positions;
@@ -204,7 +205,7 @@ pub(super) async fn start_tasks(
     for checkpoint in &mut checkpoints.confirmed {
         shape_windows(&config, &mut checkpoint.stats);
     }
-    let core = Arc::new(new_core(config, log, store, observer, &checkpoints));
+    let core = Arc::new(new_core(config, log, store, observer, &checkpoints)?);
     note_stored_keys(&core.store, &core.inflight)?;
     note_stored_keys(&core.store, &core.accounts)?;
     spawn_tasks(&core, checkpoints, targets);
@@ -217,12 +218,13 @@ fn new_core(
     store: Store,
     observer: Arc<dyn Observer>,
     checkpoints: &Checkpoints,
-) -> Core {
+) -> Result<Core, RuntimeError> {
     let dlq_stored = store.count(dead_letter::TABLE);
     let space = SpaceGuard::new(&config.data.dir, config.data.min_free_bytes);
     let secret = &config.cluster.secret;
     let sealer = (!secret.is_empty()).then(|| Sealer::new(secret.expose()));
-    Core {
+    let own_writes = OwnWrites::open(&store)?;
+    Ok(Core {
         inflight: shared_views::<Inflight>(&checkpoints.inflight, &config),
         accounts: shared_views::<Accounts>(&checkpoints.accounts, &config),
         confirmed: shared_views::<Confirmed>(&checkpoints.confirmed, &config),
@@ -243,7 +245,8 @@ fn new_core(
         space,
         failure: std::sync::Mutex::new(None),
         sealer,
-    }
+        own_writes,
+    })
 }
 
 /// The confirmed processor's windows as the settings cut them.
