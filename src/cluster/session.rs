@@ -169,7 +169,12 @@ impl Session {
                 target: TARGET, %group, "no answer from the coordinator for a session: partitions given up"
             ),
             End::Retry(ref error) => {
-                tracing::warn!(target: TARGET, %group, %error, "joining failed; trying again");
+                // Warned once in a row of failures, the rest at debug level.
+                if self.backoff == FIRST_BACKOFF {
+                    tracing::warn!(target: TARGET, %group, %error, "joining failed; trying again");
+                } else {
+                    tracing::debug!(target: TARGET, %group, %error, "joining failed again");
+                }
                 self.connection = None;
                 self.pause().await;
             }
@@ -239,7 +244,11 @@ impl Session {
         }
     }
 
-    /// Heartbeats while the generation lasts; answers why it ended.
+    /// Heartbeats while the generation lasts; answers why it ended. While
+    /// heartbeats fail, the member gives up once the coordinator may have
+    /// dropped it (a heartbeat interval before its session could end).
+    /// Paused, it checks nothing: on resume it heartbeats first, as a
+    /// process back from a freeze would.
     async fn stay(&mut self) -> End {
         let generation = self.last.as_ref().map_or(-1, |a| a.generation);
         let interval = self.config.heartbeat_interval;
@@ -249,15 +258,25 @@ impl Session {
             if self.paused.load(Ordering::Relaxed) {
                 continue;
             }
-            let error = match self.heartbeat(generation).await {
-                Ok(()) => {
+            let deadline = self.heard + self.config.session_timeout.saturating_sub(interval);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let bound = if left.is_zero() {
+                self.config.call_timeout
+            } else {
+                left
+            };
+            let error = match tokio::time::timeout(bound, self.heartbeat(generation)).await {
+                Ok(Ok(())) => {
                     if failing {
                         tracing::info!(target: TARGET, "the coordinator answers again");
                     }
                     failing = false;
                     continue;
                 }
-                Err(error) => error,
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    ClusterError::Unavailable(format!("no heartbeat answer within {bound:?}"))
+                }
             };
             match protocol::reaction_to(&error) {
                 Reaction::Rejoin => return End::Rejoin,
@@ -270,7 +289,7 @@ impl Session {
                 failing = true;
             }
             self.connection = None;
-            if self.heard.elapsed() + interval >= self.config.session_timeout {
+            if Instant::now() >= deadline {
                 return End::Lost;
             }
         }
