@@ -36,6 +36,8 @@
 //! - [`config`]: layered settings (defaults ← file ← `KPAY_*` env ← flags),
 //!   their types (tokens, backend) and limits.
 //! - [`log`]: the `Log` trait, the embedded durable log and Kafka (rskafka).
+//! - [`cluster`]: membership of a Kafka consumer group (its own client of
+//!   the group protocol), so that kpay instances divide the partitions.
 //! - [`store`]: sled-backed state tables and task checkpoints.
 //! - [`pipeline`]: pillar 1, every processor as pure logic (inflight,
 //!   account, confirmed, and the control processor that applies commands).
@@ -57,6 +59,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod failpoint;

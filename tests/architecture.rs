@@ -22,6 +22,8 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     // The durable log (embedded or Kafka).
     &["log"],
+    // Membership of a Kafka consumer group: which instance owns which partitions.
+    &["cluster"],
     // State tables and checkpoints (its errors know full devices from the log).
     &["store"],
     // The processors, as pure logic.

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use secret::{Secret, MIN_SECRET_CHARS};
 pub use sections::*;
 pub use tokens::{Role, Tokens, MIN_TOKEN_CHARS};
-pub use validate::{MAX_SEGMENT_BYTES, MAX_STORE_BATCH_ROWS};
+pub use validate::{MAX_GROUP_CHARS, MAX_SEGMENT_BYTES, MAX_STORE_BATCH_ROWS, SESSION_TIMEOUT_MS};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -436,8 +436,10 @@ pub struct OpsConfig {
     pub raw_records: bool,
 }
 
-/// What every kpay sharing the same topics must agree on.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// What every kpay sharing the same topics must agree on, and how one
+/// joins the others: the consumer group through which kpay instances divide
+/// the partitions between them (`cluster` module).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// Key of the HMAC-SHA256 on every record of `payment.inflight`,
@@ -445,4 +447,29 @@ pub struct ClusterConfig {
     /// one is dead-lettered as `unauthenticated`. Empty: nothing is signed
     /// or checked.
     pub secret: super::Secret,
+    /// The Kafka consumer group the instances of one kpay cluster join.
+    pub group: String,
+    /// The URL other instances reach this one's HTTP API at (for routing
+    /// queries); empty: `http://<server.listen>`.
+    pub advertised_url: String,
+    /// The coordinator drops a member it has not heard from for this long.
+    pub session_timeout_ms: u64,
+    /// How often a member tells the coordinator it is alive (below the session timeout).
+    pub heartbeat_interval_ms: u64,
+    /// How long a rebalance may take: the longest wait of a join, and how
+    /// long a member waits for its partitions to be released before it rejoins.
+    pub rebalance_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            secret: super::Secret::default(),
+            group: "kpay".into(),
+            advertised_url: String::new(),
+            session_timeout_ms: 10_000,
+            heartbeat_interval_ms: 1_000,
+            rebalance_timeout_ms: 30_000,
+        }
+    }
 }

@@ -2,13 +2,21 @@
 //! function per section, each error naming the key at fault.
 
 use super::hosts::{host_name, origin_authority, MAX_ALLOWED_ENTRIES};
-use super::{BackendKind, Config, ConfigError, KafkaConfig, MIN_SECRET_CHARS};
+use super::{BackendKind, ClusterConfig, Config, ConfigError, KafkaConfig, MIN_SECRET_CHARS};
 
 /// Most rows in one store batch (`data.store_batch_rows`).
 pub const MAX_STORE_BATCH_ROWS: usize = 256;
 
 /// Largest segment file of the embedded log (`log.segment_bytes`).
 pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
+
+/// Bounds of `cluster.session_timeout_ms`: below a second a pause of the
+/// process drops the member; above five minutes a dead one holds its
+/// partitions too long.
+pub const SESSION_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 1_000..=300_000;
+
+/// Longest consumer group name (`cluster.group`).
+pub const MAX_GROUP_CHARS: usize = 200;
 
 type Checked = Result<(), ConfigError>;
 
@@ -32,14 +40,32 @@ impl Config {
     }
 
     fn validate_cluster(&self) -> Checked {
-        let secret = &self.cluster.secret;
+        let cluster = &self.cluster;
+        let secret = &cluster.secret;
         if !secret.is_empty() && secret.chars() < MIN_SECRET_CHARS {
             return invalid(
                 "cluster.secret",
                 format!("must be empty or at least {MIN_SECRET_CHARS} characters long"),
             );
         }
-        Ok(())
+        let group_ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+        if cluster.group.is_empty()
+            || cluster.group.len() > MAX_GROUP_CHARS
+            || !cluster.group.chars().all(group_ok)
+        {
+            return invalid(
+                "cluster.group",
+                format!("must be 1 to {MAX_GROUP_CHARS} letters, digits, '.', '_' or '-'"),
+            );
+        }
+        let url = &cluster.advertised_url;
+        if !url.is_empty() && origin_authority(url.trim_end_matches('/')).is_none() {
+            return invalid(
+                "cluster.advertised_url",
+                format!("{url:?} is not http://host[:port] or https://host[:port]"),
+            );
+        }
+        validate_group_timing(cluster)
     }
 
     fn validate_server(&self) -> Checked {
@@ -193,6 +219,37 @@ fn validate_allowed_lists(server: &super::ServerConfig) -> Checked {
     Ok(())
 }
 
+/// Session timeout within bounds; at least three heartbeats in one session,
+/// so that one lost heartbeat does not drop a member; a rebalance may last
+/// at least a session.
+fn validate_group_timing(cluster: &ClusterConfig) -> Checked {
+    let session = cluster.session_timeout_ms;
+    if !SESSION_TIMEOUT_MS.contains(&session) {
+        return invalid(
+            "cluster.session_timeout_ms",
+            format!(
+                "must be between {} and {}",
+                SESSION_TIMEOUT_MS.start(),
+                SESSION_TIMEOUT_MS.end()
+            ),
+        );
+    }
+    let heartbeat = cluster.heartbeat_interval_ms;
+    if heartbeat == 0 || heartbeat.saturating_mul(3) > session {
+        return invalid(
+            "cluster.heartbeat_interval_ms",
+            "must be above 0 and at most a third of cluster.session_timeout_ms",
+        );
+    }
+    if cluster.rebalance_timeout_ms < session || cluster.rebalance_timeout_ms > i32::MAX as u64 {
+        return invalid(
+            "cluster.rebalance_timeout_ms",
+            "must be at least cluster.session_timeout_ms (and fit in 32 bits)",
+        );
+    }
+    Ok(())
+}
+
 fn validate_kafka(kafka: &KafkaConfig) -> Checked {
     fn valid_broker(broker: &str) -> bool {
         broker
@@ -227,4 +284,39 @@ fn validate_kafka(kafka: &KafkaConfig) -> Checked {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_refused(change: impl FnOnce(&mut ClusterConfig)) -> &'static str {
+        let mut config = Config::default();
+        change(&mut config.cluster);
+        match config.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
+    // The group settings are checked: a usable group name and URL, heartbeats well within the session, a rebalance at least a session long.
+    #[test]
+    fn cluster_settings_are_checked() {
+        assert!(Config::default().validate().is_ok());
+        let mut fine = Config::default();
+        fine.cluster.advertised_url = "https://kpay-2.internal:8443/".into();
+        fine.cluster.group = "kpay.prod-1".into();
+        assert!(fine.validate().is_ok());
+        assert_eq!(key_refused(|c| c.group.clear()), "cluster.group");
+        assert_eq!(key_refused(|c| c.group = "a b".into()), "cluster.group");
+        let url = "cluster.advertised_url";
+        assert_eq!(key_refused(|c| c.advertised_url = "kpay:8080".into()), url);
+        let session = "cluster.session_timeout_ms";
+        assert_eq!(key_refused(|c| c.session_timeout_ms = 999), session);
+        let heartbeat = "cluster.heartbeat_interval_ms";
+        assert_eq!(key_refused(|c| c.heartbeat_interval_ms = 0), heartbeat);
+        assert_eq!(key_refused(|c| c.heartbeat_interval_ms = 3_334), heartbeat);
+        let rebalance = "cluster.rebalance_timeout_ms";
+        assert_eq!(key_refused(|c| c.rebalance_timeout_ms = 9_999), rebalance);
+    }
 }
