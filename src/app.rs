@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::cluster::{Member, MemberConfig, MemberState};
 use crate::config::Config;
 use crate::generator::Generator;
 use crate::http::{AppState, State};
@@ -56,6 +57,7 @@ pub async fn start_on(
         runtime,
         live,
         slo,
+        membership: std::sync::OnceLock::new(),
         closing: tokio_util::sync::CancellationToken::new(),
     }))
 }
@@ -71,6 +73,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let static_dir = config.server.static_dir.clone();
     let state = start(config).await?;
+    let member = join_group(&state, &listener).await?;
     open_bootstrap_accounts(&state.runtime, bootstrap).await?;
     let router = crate::http::app(state.clone(), static_dir);
     tracing::info!(address = %listener.local_addr()?, "kpay listening");
@@ -88,6 +91,12 @@ pub async fn serve(
         .with_graceful_shutdown(stop)
         .await?;
     let stopped = state.runtime.shutdown().await;
+    if let Some(member) = member {
+        // After the final checkpoints: the others take over without waiting
+        // for this member's session to expire.
+        wait_published(&state.runtime).await;
+        member.leave().await;
+    }
     // Stopped by an error rather than asked to: the caller exits non-zero
     // with that first reason (the shutdown may fail for the same cause).
     if let Some(reason) = state.runtime.failure() {
@@ -96,6 +105,62 @@ pub async fn serve(
     stopped?;
     tracing::info!("kpay stopped cleanly");
     Ok(())
+}
+
+/// On a cluster: joins the group and lets its assignments decide which
+/// partitions this instance's tasks append for (see `runtime::ownership`).
+async fn join_group(
+    state: &State,
+    listener: &tokio::net::TcpListener,
+) -> anyhow::Result<Option<Member>> {
+    let config = state.runtime.config();
+    if !config.scales_out() {
+        return Ok(None);
+    }
+    let mut member_config = MemberConfig::from_config(config);
+    if config.cluster.advertised_url.is_empty() {
+        member_config.url = format!("http://{}", listener.local_addr()?);
+    }
+    let member = Member::start(member_config).await?;
+    let _ = state.membership.set(member.state());
+    let runtime = state.runtime.clone();
+    let mut states = member.state();
+    let releases = member.releaser();
+    state.runtime.spawn(async move {
+        loop {
+            let now = states.borrow_and_update().clone();
+            let ownership = runtime.ownership();
+            match now {
+                MemberState::Stable(assignment) => {
+                    let owned = assignment.partitions.iter().copied().collect();
+                    ownership.set(assignment.generation, owned);
+                }
+                MemberState::Joining | MemberState::Stopped(_) => {
+                    ownership.set(0, Default::default());
+                    while !(ownership.released() && runtime.positions_published()) {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    if states.has_changed().unwrap_or(false) {
+                        continue;
+                    }
+                    releases.released();
+                }
+            }
+            tokio::select! {
+                changed = states.changed() => if changed.is_err() { return },
+                () = runtime.stopped() => return,
+            }
+        }
+    });
+    Ok(Some(member))
+}
+
+/// Waits (bounded) until the last checkpoints' positions are published.
+async fn wait_published(runtime: &Runtime) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !runtime.positions_published() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// Appends the `--bootstrap` accounts; opening is idempotent, so a second

@@ -157,10 +157,10 @@ async fn payments_written_to_the_topic_meet_the_api_rules() {
 }
 
 /// A JSON payment of 5 cents from alice to bob whose record claims `submitted_by`.
-fn claimed(id: &str, submitted_by: Value) -> Value {
+fn claimed(server: &TestServer, id: &str, submitted_by: Value) -> Value {
     let payment = json!({"id": id, "from": "alice", "to": "bob", "amount": 5,
                          "submitted_by": submitted_by});
-    json!({"topic": "payment.incoming",
+    json!({"topic": server.config().topics.incoming,
            "records": [{"key": id, "value": payment.to_string()}]})
 }
 
@@ -240,7 +240,7 @@ async fn forged_records_move_no_money(builder: common::ServerBuilder) {
     let (status, answer) = post(
         &c,
         &server.url("/api/v1/ops/records"),
-        claimed("claim-1", claim),
+        claimed(&server, "claim-1", claim),
     )
     .await;
     assert_eq!(status, 201, "{answer}");
@@ -404,7 +404,7 @@ async fn without_a_secret_nothing_is_checked_and_a_tag_is_ignored() {
     let (status, answer) = post(
         &c,
         &server.url("/api/v1/ops/records"),
-        claimed("claim-2", claim.clone()),
+        claimed(&server, "claim-2", claim.clone()),
     )
     .await;
     assert_eq!(status, 201, "{answer}");

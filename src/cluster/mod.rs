@@ -189,10 +189,22 @@ pub enum ClusterError {
     },
 }
 
+/// Tells a member its partitions are released (see [`Member::released`]).
+#[derive(Clone)]
+pub struct Releaser {
+    releases: Arc<watch::Sender<u64>>,
+}
+
+impl Releaser {
+    pub fn released(&self) {
+        self.releases.send_modify(|count| *count += 1);
+    }
+}
+
 /// A member of the group: the handle of its task.
 pub struct Member {
     state: watch::Receiver<MemberState>,
-    releases: watch::Sender<u64>,
+    releases: Arc<watch::Sender<u64>>,
     paused: Arc<AtomicBool>,
     leave: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -223,7 +235,7 @@ impl Member {
         let task = tokio::spawn(session::run(session, leave_rx));
         Ok(Member {
             state,
-            releases,
+            releases: Arc::new(releases),
             paused,
             leave: Some(leave),
             task: Some(task),
@@ -233,6 +245,14 @@ impl Member {
     /// The member's state, as it changes.
     pub fn state(&self) -> watch::Receiver<MemberState> {
         self.state.clone()
+    }
+
+    /// A handle that may tell the member its partitions are released, for
+    /// a task apart from the one that holds the member.
+    pub fn releaser(&self) -> Releaser {
+        Releaser {
+            releases: self.releases.clone(),
+        }
     }
 
     /// Tells the member that every partition it owned has been stopped and

@@ -133,6 +133,13 @@ pub enum Backend<'a> {
     Kafka(&'a KafkaConfig),
 }
 
+impl super::Config {
+    /// Whether this instance shares its partitions through a group.
+    pub fn scales_out(&self) -> bool {
+        self.log.is_kafka() && self.cluster.scale_out
+    }
+}
+
 impl LogConfig {
     /// The backend to open, with its settings.
     pub fn backend(&self) -> Backend<'_> {
@@ -198,6 +205,9 @@ pub struct TopicsConfig {
     pub audit: String,
     /// WARN and ERROR log events with their context (one partition).
     pub logs: String,
+    /// On a cluster: where the owner of each task publishes its checkpoints
+    /// (partitioned like the pipeline's topics).
+    pub positions: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -317,6 +327,7 @@ impl Default for TopicsConfig {
             commands: "control.commands".into(),
             audit: "ops.audit".into(),
             logs: "ops.logs".into(),
+            positions: "cluster.positions".into(),
         }
     }
 }
@@ -447,6 +458,10 @@ pub struct ClusterConfig {
     /// one is dead-lettered as `unauthenticated`. Empty: nothing is signed
     /// or checked.
     pub secret: super::Secret,
+    /// On Kafka: join `group` and share the partitions with the other
+    /// members (each partition's tasks append on its owner only; the others
+    /// follow). Off: this instance owns every partition.
+    pub scale_out: bool,
     /// The Kafka consumer group the instances of one kpay cluster join.
     pub group: String,
     /// The URL other instances reach this one's HTTP API at (for routing
@@ -465,6 +480,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
             secret: super::Secret::default(),
+            scale_out: false,
             group: "kpay".into(),
             advertised_url: String::new(),
             session_timeout_ms: 10_000,

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod cluster;
 pub mod control;
 pub mod error;
 pub mod generator;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub live: Arc<LiveView>,
     /// Since when each business goal has been met or missed.
     pub slo: Arc<SloTracker>,
+    /// The group membership, on a cluster (`cluster.scale_out`).
+    pub membership: std::sync::OnceLock<tokio::sync::watch::Receiver<crate::cluster::MemberState>>,
     /// Cancelled when the HTTP server begins its graceful stop, so that
     /// long-lived responses (the event stream) end and do not hold it open.
     pub closing: tokio_util::sync::CancellationToken,
@@ -94,6 +97,7 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .merge(generator::router())
         .merge(stream::router())
         .merge(health::router())
+        .merge(cluster::router())
         .split_for_parts();
     let api = with_error_responses(api);
     let max_body = state.runtime.config().server.max_body_bytes;

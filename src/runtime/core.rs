@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::own_writes::OwnWrites;
+use super::ownership::Ownership;
+use super::positions::Board;
 use super::space::SpaceGuard;
 use super::task_view::TaskView;
 use crate::config::Config;
@@ -126,9 +128,21 @@ pub(super) struct Core {
     pub(super) sealer: Option<Sealer>,
     /// The sequenced path of kpay's own API writes (accounts, commands).
     pub(super) own_writes: OwnWrites,
+    /// Which partitions this instance owns (all of them without a group).
+    pub(super) ownership: Ownership,
+    /// The owners' published checkpoints, on a cluster (set once at start).
+    pub(super) board: std::sync::OnceLock<Board>,
 }
 
+/// The board of an instance that shares nothing.
+static NO_BOARD: std::sync::LazyLock<Board> = std::sync::LazyLock::new(Board::off);
+
 impl Core {
+    /// The owners' published checkpoints (an empty board without a cluster).
+    pub(super) fn board(&self) -> &Board {
+        self.board.get().unwrap_or(&NO_BOARD)
+    }
+
     /// Drops a payment's `submitted_by` that a cluster secret does not
     /// vouch for: with a secret, only kpay's intake can attribute a payment
     /// (any producer may write `payment.incoming`, and claim anything).

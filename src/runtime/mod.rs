@@ -17,6 +17,8 @@ pub mod dead_letter;
 mod flush;
 pub mod ingest;
 mod own_writes;
+pub mod ownership;
+mod positions;
 pub mod space;
 mod startup;
 mod supervisor;
@@ -257,6 +259,17 @@ impl Runtime {
             .append(core, SourceTopic::Inflight, keyed)
             .await?;
         Ok(())
+    }
+
+    /// Which partitions this instance owns, and which its tasks act for.
+    pub fn ownership(&self) -> &ownership::Ownership {
+        &self.core.ownership
+    }
+
+    /// Whether every checkpoint position handed to the publisher is
+    /// appended (a partition given up is then safe to move).
+    pub fn positions_published(&self) -> bool {
+        self.core.board().published_all()
     }
 
     /// Appends an operator's command to `control.commands`, sourced like

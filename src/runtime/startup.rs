@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use super::core::{Core, Observer, RecentPayments};
 use super::own_writes::OwnWrites;
+use super::ownership::Ownership;
 use super::space::SpaceGuard;
 use super::supervisor::{spawn_task, Reload};
 use super::task::Positions;
@@ -170,6 +171,10 @@ async fn prepare(config: &Config, log: &dyn Log, store: &Store) -> Result<(), Ru
     for topic in config.topics.all() {
         log.ensure_topic(topic, partitions).await?;
     }
+    if config.scales_out() {
+        log.ensure_topic(&config.topics.positions, partitions)
+            .await?;
+    }
     for one_partition in [
         &config.topics.commands,
         &config.topics.audit,
@@ -206,6 +211,12 @@ pub(super) async fn start_tasks(
         shape_windows(&config, &mut checkpoint.stats);
     }
     let core = Arc::new(new_core(config, log, store, observer, &checkpoints)?);
+    if core.config.scales_out() && targets.is_none() {
+        // Owns nothing until the group assigns it partitions.
+        core.ownership.set(0, Default::default());
+        let board = super::positions::start(&core);
+        let _ = core.board.set(board);
+    }
     note_stored_keys(&core.store, &core.inflight)?;
     note_stored_keys(&core.store, &core.accounts)?;
     spawn_tasks(&core, checkpoints, targets);
@@ -246,6 +257,8 @@ fn new_core(
         failure: std::sync::Mutex::new(None),
         sealer,
         own_writes,
+        ownership: Ownership::everything(),
+        board: std::sync::OnceLock::new(),
     })
 }
 

@@ -512,6 +512,7 @@ pub fn kafka_topics(broker: &str, dir: &Path) -> Vec<(String, String)> {
         "commands",
         "audit",
         "logs",
+        "positions",
     ] {
         env.push((
             format!("KPAY_TOPICS__{}", topic.to_uppercase()),
@@ -539,6 +540,7 @@ pub fn kafka_config(dir: &Path, broker: &str) -> Config {
             "KPAY_TOPICS__COMMANDS" => topics.commands = name,
             "KPAY_TOPICS__AUDIT" => topics.audit = name,
             "KPAY_TOPICS__LOGS" => topics.logs = name,
+            "KPAY_TOPICS__POSITIONS" => topics.positions = name,
             _ => {}
         }
     }

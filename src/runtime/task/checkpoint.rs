@@ -27,6 +27,10 @@ impl<P: Processor> TaskLoop<P> {
         };
         let mut last: Vec<(String, Vec<u8>)> = Vec::new();
         let mut admitted = 0;
+        if !self.owner {
+            // The owner keeps the dead letters of what both processed.
+            self.dead_letters.clear();
+        }
         for letter in self.dead_letters.drain(..) {
             if self.core.dlq_admit() {
                 admitted += 1;
@@ -76,6 +80,7 @@ impl<P: Processor> TaskLoop<P> {
             let _ = self.core.store.flush_blocking();
             failpoint::crash(Point::TaskAfterCommit);
         }
+        self.publish(&next_offsets);
         *self.task.committed.lock().expect("committed lock") = next_offsets.clone();
         self.settle_rows(writes);
         if self.core.config.instrument.enabled {
@@ -86,6 +91,16 @@ impl<P: Processor> TaskLoop<P> {
         self.uncommitted = false;
         self.dirty_rows = 0;
         self.forget_expired()
+    }
+
+    /// On a cluster, an owner tells the followers where it checkpointed
+    /// (when it moved since the last time).
+    fn publish(&mut self, next_offsets: &Positions) {
+        let board = self.core.board();
+        if self.owner && board.is_on() && self.last_published.as_ref() != Some(next_offsets) {
+            board.publish(P::NAME, self.task.partition, next_offsets);
+            self.last_published = Some(next_offsets.clone());
+        }
     }
 
     /// What a checkpoint at `next_offsets` records.

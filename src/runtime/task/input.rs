@@ -31,6 +31,7 @@ impl<P: Processor> TaskLoop<P> {
     /// A replay reads everything up to its positions.
     pub(super) fn is_held(&self, kind: SourceTopic) -> bool {
         self.until.is_none()
+            && self.owner
             && (self.task.is_held(kind)
                 || (kind == SourceTopic::Incoming && self.core.admission_paused()))
     }
@@ -67,7 +68,11 @@ impl<P: Processor> TaskLoop<P> {
         self.inputs
             .iter()
             .zip(marks)
-            .all(|((kind, _, next), mark)| next >= mark || self.is_held(*kind))
+            .all(|((kind, tp, next), mark)| {
+                next >= mark
+                    || self.is_held(*kind)
+                    || matches!(self.follow_bound(*kind, tp.partition), Some(bound) if bound <= *next)
+            })
     }
 
     pub(super) async fn read_batch(&mut self) -> Result<Vec<(usize, StoredRecord)>, RuntimeError> {
@@ -93,8 +98,7 @@ impl<P: Processor> TaskLoop<P> {
                 continue;
             }
             let mut take = max;
-            if let Some(until) = &self.until {
-                let end = until.get(&(*kind, tp.partition)).copied().unwrap_or(0);
+            if let Some(end) = self.read_bound(*kind, tp.partition) {
                 take = take.min(end.saturating_sub(*next) as usize);
                 if take == 0 {
                     continue;
@@ -142,11 +146,20 @@ impl<P: Processor> TaskLoop<P> {
             .inputs
             .iter()
             .filter(|(kind, _, _)| !self.is_held(*kind))
+            .filter(|(kind, tp, next)| {
+                self.follow_bound(*kind, tp.partition) > Some(*next) || self.owner
+            })
             .filter(|(kind, _, _)| !(throttled && *kind == SourceTopic::Incoming))
             .map(|(_, tp, next)| Box::pin(log.wait_for(tp, *next, timeout)))
             .collect();
         if waits.is_empty() {
-            // Every input is held: look again after the timeout.
+            // Every input is held, or a follower is at its owner's position:
+            // look again after the timeout.
+            let timeout = if self.owner {
+                timeout
+            } else {
+                super::role::FOLLOW_POLL
+            };
             tokio::select! {
                 () = tokio::time::sleep(timeout) => {}
                 () = self.core.processors_stop.cancelled() => {}

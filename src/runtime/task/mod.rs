@@ -13,6 +13,7 @@
 mod apply;
 mod checkpoint;
 mod input;
+mod role;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -66,6 +67,12 @@ struct TaskLoop<P: Processor> {
     retention_ms: i64,
     /// Rows that became forgettable since the last checkpoint: (time, key).
     newly_kept: Vec<(i64, String)>,
+    /// Acting as the partition's owner (appends), or following its owner
+    /// (appends nothing); see `role.rs`.
+    owner: bool,
+    /// The positions last published (owners on a cluster publish each
+    /// checkpoint that moved).
+    last_published: Option<Positions>,
 }
 
 /// Next offset to read per input (topic kind, partition).
@@ -86,6 +93,10 @@ pub async fn run<P: Processor>(
     until: Option<Positions>,
 ) -> Result<(), RuntimeError> {
     let mut state = TaskLoop::new(core.clone(), task, checkpoint, input_partitions, until);
+    state.owner = state.always_acts();
+    if !state.owner {
+        (core.ownership).acting(P::NAME, state.task.partition, false);
+    }
     state.start_positions().await?;
     state.publish_positions();
     let start_hw = state.high_watermarks().await?;
@@ -94,6 +105,7 @@ pub async fn run<P: Processor>(
         if core.processors_stop.is_cancelled() || state.replayed_all() {
             break;
         }
+        state.settle_role().await?;
         let batch = match state.read_batch().await {
             Ok(batch) => batch,
             Err(RuntimeError::Log(error)) if error.is_transient() => {
@@ -120,7 +132,7 @@ pub async fn run<P: Processor>(
             continue;
         }
         let outputs = state.apply(batch)?;
-        if state.until.is_none() {
+        if state.until.is_none() && state.owner {
             state.produce_until_durable(&outputs).await?;
             failpoint::pass(Point::TaskAfterProduce);
         }
@@ -171,6 +183,8 @@ impl<P: Processor> TaskLoop<P> {
             clock_ms: checkpoint.clock_ms,
             retention_ms,
             newly_kept: Vec::new(),
+            owner: true,
+            last_published: None,
         }
     }
 
