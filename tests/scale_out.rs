@@ -169,3 +169,192 @@ async fn two_instances_share_the_partitions_and_write_each_record_once() {
     assert_eq!(total, OPENING * ACCOUNTS as i64);
     a.stop().await;
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to the process.
+fn signal(server: &Binary, signal: &str) {
+    let pid = server.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}").as_str(), pid.as_str()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Submits `sp-{from}`..`sp-{to}` round-robin over `bases`, tolerating
+/// refusals from a stopped instance (its time-outs).
+async fn submit_range(c: &reqwest::Client, bases: &[&str], from: usize, to: usize) -> Vec<String> {
+    let mut accepted = Vec::new();
+    for n in from..to {
+        let base = bases[n % bases.len()];
+        let body = json!({"id": format!("sp-{n}"), "from": format!("so-{}", n % ACCOUNTS),
+                          "to": format!("so-{}", (n + 3) % ACCOUNTS), "amount": 100});
+        if let Ok(response) = c
+            .post(format!("{base}/api/v1/payments"))
+            .json(&body)
+            .send()
+            .await
+        {
+            if response.status() == 202 {
+                accepted.push(format!("sp-{n}"));
+            }
+        }
+    }
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_instance_that_wakes_up_moves_no_money_twice() {
+    // SIGSTOP one instance under load (a long stall: it misses its heartbeats and is dropped), let the other take over and go on, SIGCONT it: it appends for a moment as a zombie, learns it was fenced and follows. Every payment ends once, every balance is its opening balance plus exactly its confirmed payments, on both.
+    let Some(broker) = kafka_broker("a_stalled_instance_that_wakes_up") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = kafka_topics(&broker, dir.path());
+    let group = format!("g-{}", uuid::Uuid::now_v7());
+    for (key, value) in [
+        ("KPAY_CLUSTER__SCALE_OUT", "true"),
+        ("KPAY_CLUSTER__GROUP", group.as_str()),
+        ("KPAY_CLUSTER__SESSION_TIMEOUT_MS", "4000"),
+        ("KPAY_CLUSTER__HEARTBEAT_INTERVAL_MS", "500"),
+    ] {
+        env.push((key.to_owned(), value.to_owned()));
+    }
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let a = Binary::start(&dir.path().join("a"), &env_refs).await;
+    let b = Binary::start(&dir.path().join("b"), &env_refs).await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    wait_until(Duration::from_secs(30), || async {
+        owned_by_members(&c, &a.base).await.len() == 2
+    })
+    .await;
+    for n in 0..ACCOUNTS {
+        let body = json!({"id": format!("so-{n}"), "opening_balance": OPENING});
+        let (status, answer) = post(&c, &format!("{}/api/v1/accounts", a.base), body).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    let mut accepted = submit_range(&c, &[&a.base, &b.base], 0, 40).await;
+    signal(&b, "STOP");
+    accepted.extend(submit_range(&c, &[&a.base], 40, 80).await);
+    // The stalled member is dropped; the other owns everything and goes on.
+    wait_until(Duration::from_secs(30), || async {
+        owned_by_members(&c, &a.base).await.len() == 1
+    })
+    .await;
+    accepted.extend(submit_range(&c, &[&a.base], 80, 120).await);
+    signal(&b, "CONT");
+    accepted.extend(submit_range(&c, &[&a.base, &b.base], 120, 160).await);
+    let mut confirmed_ids = Vec::new();
+    for id in &accepted {
+        wait_until(Duration::from_secs(60), || async {
+            let status =
+                get(&c, &format!("{}/api/v1/payments/{id}", a.base)).await.1["status"].clone();
+            status == "confirmed" || status == "rejected"
+        })
+        .await;
+        if confirmed(&c, &a.base, id).await {
+            confirmed_ids.push(id.clone());
+        }
+    }
+    let mut expected = vec![OPENING; ACCOUNTS];
+    for id in &confirmed_ids {
+        let n: usize = id.trim_start_matches("sp-").parse().unwrap();
+        expected[n % ACCOUNTS] -= 100;
+        expected[(n + 3) % ACCOUNTS] += 100;
+    }
+    let expected: Vec<Value> = expected.into_iter().map(Value::from).collect();
+    for base in [&a.base, &b.base] {
+        wait_until(Duration::from_secs(30), || async {
+            balances(&c, base).await == expected
+        })
+        .await;
+        let (_, ledger) = get(&c, &format!("{base}/api/v1/ledger/integrity")).await;
+        assert_eq!(ledger["ok"], true, "{ledger}");
+    }
+    assert!(
+        confirmed_ids.len() >= 100,
+        "{} of {} confirmed",
+        confirmed_ids.len(),
+        accepted.len()
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_during_a_pause_keeps_the_cluster_paused() {
+    // Paused through one member, a third joins (a rebalance): every member, the new one included, says paused and admits nothing until a resume through any of them.
+    let Some(broker) = kafka_broker("a_rebalance_during_a_pause") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = kafka_topics(&broker, dir.path());
+    let group = format!("g-{}", uuid::Uuid::now_v7());
+    for (key, value) in [
+        ("KPAY_CLUSTER__SCALE_OUT", "true"),
+        ("KPAY_CLUSTER__GROUP", group.as_str()),
+        ("KPAY_CLUSTER__SESSION_TIMEOUT_MS", "4000"),
+        ("KPAY_CLUSTER__HEARTBEAT_INTERVAL_MS", "500"),
+    ] {
+        env.push((key.to_owned(), value.to_owned()));
+    }
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let a = Binary::start(&dir.path().join("a"), &env_refs).await;
+    let b = Binary::start(&dir.path().join("b"), &env_refs).await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    wait_until(Duration::from_secs(30), || async {
+        owned_by_members(&c, &a.base).await.len() == 2
+    })
+    .await;
+    for n in 0..ACCOUNTS {
+        let body = json!({"id": format!("so-{n}"), "opening_balance": OPENING});
+        let (status, _) = post(&c, &format!("{}/api/v1/accounts", a.base), body).await;
+        assert_eq!(status, 201);
+    }
+    let (status, answer) = post(&c, &format!("{}/api/v1/control/pause", a.base), json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    let third = Binary::start(&dir.path().join("c"), &env_refs).await;
+    wait_until(Duration::from_secs(30), || async {
+        owned_by_members(&c, &a.base).await.len() == 3
+            && owned_by_members(&c, &third.base).await.len() == 3
+    })
+    .await;
+    let bases = [&a.base, &b.base, &third.base];
+    for base in bases {
+        let (_, status) = get(&c, &format!("{base}/api/v1/control/status")).await;
+        assert_eq!(status["state"], "paused", "{base}: {status}");
+    }
+    let ids = submit_range(&c, &[&a.base, &b.base, &third.base], 0, 12).await;
+    assert_eq!(ids.len(), 12);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Not yet admitted, a payment is known to the instance that accepted it.
+    for (n, id) in ids.iter().enumerate() {
+        let base = bases[n % bases.len()];
+        let (_, payment) = get(&c, &format!("{base}/api/v1/payments/{id}")).await;
+        assert_eq!(
+            payment["status"], "accepted",
+            "admitted while paused: {payment}"
+        );
+    }
+    let (status, _) = post(
+        &c,
+        &format!("{}/api/v1/control/resume", third.base),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for id in &ids {
+        wait_until(Duration::from_secs(30), || async {
+            confirmed(&c, &a.base, id).await
+        })
+        .await;
+    }
+    for server in [a, b, third] {
+        server.stop().await;
+    }
+}
