@@ -358,3 +358,108 @@ async fn a_rebalance_during_a_pause_keeps_the_cluster_paused() {
         server.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_is_the_clusters_total() {
+    // A limit of 200/s set through one member holds for the cluster as a whole: each member admits its share (the share of partitions it owns), so 600 payments submitted to both are admitted at 200/s ± 15%, measured from their owners' admission hops.
+    let Some(broker) = kafka_broker("the_rate_limit_is_the_clusters_total") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = kafka_topics(&broker, dir.path());
+    let group = format!("g-{}", uuid::Uuid::now_v7());
+    for (key, value) in [
+        ("KPAY_CLUSTER__SCALE_OUT", "true"),
+        ("KPAY_CLUSTER__GROUP", group.as_str()),
+        ("KPAY_CLUSTER__SESSION_TIMEOUT_MS", "4000"),
+        ("KPAY_CLUSTER__HEARTBEAT_INTERVAL_MS", "500"),
+    ] {
+        env.push((key.to_owned(), value.to_owned()));
+    }
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let a = Binary::start(&dir.path().join("a"), &env_refs).await;
+    let b = Binary::start(&dir.path().join("b"), &env_refs).await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    wait_until(Duration::from_secs(30), || async {
+        owned_by_members(&c, &a.base).await.len() == 2
+            && owned_by_members(&c, &b.base).await.len() == 2
+    })
+    .await;
+    for n in 0..ACCOUNTS {
+        let body = json!({"id": format!("so-{n}"), "opening_balance": OPENING});
+        assert_eq!(
+            post(&c, &format!("{}/api/v1/accounts", a.base), body)
+                .await
+                .0,
+            201
+        );
+    }
+    let limit = 200u64;
+    let response = c
+        .put(format!("{}/api/v1/control/rate-limit", a.base))
+        .json(&json!({"payments_per_second": limit}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Both members have applied it before the load starts.
+    wait_until(Duration::from_secs(10), || async {
+        get(&c, &format!("{}/api/v1/control/status", b.base))
+            .await
+            .1["rate_limit"]
+            == limit
+    })
+    .await;
+    let count = limit as usize * 3;
+    let ids: Vec<String> = (0..count).map(|n| format!("rl-{n}")).collect();
+    for (half, base) in [&a.base, &b.base].into_iter().enumerate() {
+        let batch: Vec<Value> = (ids.iter().skip(half).step_by(2))
+            .map(|id| json!({"id": id, "from": "so-1", "to": "so-2", "amount": 1}))
+            .collect();
+        let (status, _) = post(
+            &c,
+            &format!("{base}/api/v1/payments/batch"),
+            json!({"payments": batch}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    // Each payment as its partition's owner admitted it.
+    let (_, view) = get(&c, &format!("{}/api/v1/cluster", a.base)).await;
+    let owner_of = |partition: u32| {
+        let members = view["members"].as_array().unwrap();
+        let owner = members.iter().find(|m| {
+            m["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p.as_u64() == Some(u64::from(partition)))
+        });
+        owner.unwrap()["url"].as_str().unwrap().to_owned()
+    };
+    let mut admitted = Vec::new();
+    for id in &ids {
+        let base = owner_of(kpay::model::partition_for(id, 8));
+        wait_until(Duration::from_secs(30), || async {
+            confirmed(&c, &base, id).await
+        })
+        .await;
+        let (_, payment) = get(&c, &format!("{base}/api/v1/payments/{id}")).await;
+        admitted.push(payment["lineage"][0]["processed_at"].as_i64().unwrap());
+    }
+    admitted.sort_unstable();
+    let steady = &admitted[(limit / 5) as usize..];
+    let seconds = (steady[steady.len() - 1] - steady[0]) as f64 / 1_000.0;
+    let rate = (steady.len() - 1) as f64 / seconds;
+    println!("admitted at {rate:.1}/s with a cluster limit of {limit}/s");
+    let (low, high) = (limit as f64 * 0.85, limit as f64 * 1.15);
+    assert!(
+        (low..=high).contains(&rate),
+        "admitted at {rate:.1}/s with a cluster limit of {limit}/s"
+    );
+    a.stop().await;
+    b.stop().await;
+}

@@ -223,6 +223,20 @@ impl Core {
         self.shutdown.is_cancelled() || self.control.stats.read().expect("stats lock").paused
     }
 
+    /// This instance's part of the cluster's rate limit: the share of the
+    /// partitions it owns, since only owners admit (all of it on one
+    /// instance; at least 1 while it owns any).
+    fn rate_share(&self, rate: u64) -> u64 {
+        let owned = self.ownership.owned();
+        match owned.partitions {
+            Some(partitions) if rate > 0 && self.board().is_on() => {
+                let total = u64::from(self.config.log.partitions);
+                (rate.saturating_mul(partitions.len() as u64) / total).max(1)
+            }
+            _ => rate,
+        }
+    }
+
     /// Whether a rate limit is set.
     pub(super) fn admission_limited(&self) -> bool {
         self.control
@@ -238,12 +252,13 @@ impl Core {
     /// loop that takes that long, as one round trip to a Kafka broker may,
     /// still admits the full rate).
     pub(super) fn admission_tokens(&self, wanted: usize) -> usize {
-        let rate = self
+        let cluster_rate = self
             .control
             .stats
             .read()
             .expect("stats lock")
             .rate_limit_per_second;
+        let rate = self.rate_share(cluster_rate);
         let Some(per_second) = NonZeroU32::new(rate.min(u64::from(u32::MAX)) as u32) else {
             return wanted;
         };
