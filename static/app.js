@@ -3,6 +3,7 @@
 
 import { getToken, setToken } from './js/api.js';
 import { createAccounts } from './js/accounts.js';
+import { createCluster } from './js/cluster.js';
 import { $, setText } from './js/format.js';
 import { startLive } from './js/live.js';
 import { createOperations } from './js/operations.js';
@@ -12,6 +13,7 @@ import { every } from './js/tasks.js';
 
 const LISTS_MS = 3000;
 const ACCOUNTS_MS = 5000;
+const CLUSTER_MS = 5000;
 
 // ---- bearer token ------------------------------------------------------------
 
@@ -81,3 +83,5 @@ live = startLive({
 });
 lists = every(LISTS_MS, () => Promise.all([operations.refresh(), payments.refreshRecent()]));
 accountsTask = every(ACCOUNTS_MS, () => accounts.refresh());
+const cluster = createCluster();
+every(CLUSTER_MS, () => cluster.refresh());

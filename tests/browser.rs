@@ -231,6 +231,10 @@ async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
             .await
             .map_err(|e| format!("{link}: {e}"))?;
     }
+    eventually("cluster line", seconds(10), || async {
+        text(client, "#cluster-view").await.contains("Single instance")
+    })
+    .await?;
     screenshot(client, "dashboard-empty.png").await;
 
     // The generator makes the numbers move.
