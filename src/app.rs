@@ -95,7 +95,10 @@ pub async fn serve(
         // After the final checkpoints: the others take over without waiting
         // for this member's session to expire.
         wait_published(&state.runtime).await;
-        member.leave().await;
+        let leave = tokio::time::timeout(LEAVE_WAIT, member.leave());
+        if leave.await.is_err() {
+            tracing::warn!("the group did not confirm the leave in time; the session ends it");
+        }
     }
     // Stopped by an error rather than asked to: the caller exits non-zero
     // with that first reason (the shutdown may fail for the same cause).
@@ -138,7 +141,11 @@ async fn join_group(
                 MemberState::Joining | MemberState::Stopped(_) => {
                     ownership.set(0, Default::default());
                     while !(ownership.released() && runtime.positions_published()) {
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                            // Stopping: the tasks end as they are, the member leaves.
+                            () = runtime.stopped() => return,
+                        }
                     }
                     if states.has_changed().unwrap_or(false) {
                         continue;
@@ -154,6 +161,9 @@ async fn join_group(
     });
     Ok(Some(member))
 }
+
+/// How long a stopping member waits for the group to take its leave.
+const LEAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Waits (bounded) until the last checkpoints' positions are published.
 async fn wait_published(runtime: &Runtime) {

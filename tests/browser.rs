@@ -232,7 +232,9 @@ async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
             .map_err(|e| format!("{link}: {e}"))?;
     }
     eventually("cluster line", seconds(10), || async {
-        text(client, "#cluster-view").await.contains("Single instance")
+        text(client, "#cluster-view")
+            .await
+            .contains("Single instance")
     })
     .await?;
     screenshot(client, "dashboard-empty.png").await;
