@@ -16,6 +16,31 @@ use serde_json::{json, Value};
 const ACCOUNTS: usize = 10;
 const OPENING: i64 = 10_000;
 
+/// The environment of one test's cluster: its own topics on `broker`, a new
+/// group, and a short session so that takeovers are quick.
+fn cluster_env(broker: &str, dir: &std::path::Path) -> Vec<(String, String)> {
+    let mut env = kafka_topics(broker, dir);
+    let group = format!("g-{}", uuid::Uuid::now_v7());
+    for (key, value) in [
+        ("KPAY_CLUSTER__SCALE_OUT", "true"),
+        ("KPAY_CLUSTER__GROUP", group.as_str()),
+        ("KPAY_CLUSTER__SESSION_TIMEOUT_MS", "4000"),
+        ("KPAY_CLUSTER__HEARTBEAT_INTERVAL_MS", "500"),
+    ] {
+        env.push((key.to_owned(), value.to_owned()));
+    }
+    env
+}
+
+/// Opens `so-0`… with `OPENING` cents each, through `base`.
+async fn open_accounts(c: &reqwest::Client, base: &str) {
+    for n in 0..ACCOUNTS {
+        let body = json!({"id": format!("so-{n}"), "opening_balance": OPENING});
+        let (status, answer) = post(c, &format!("{base}/api/v1/accounts"), body).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+}
+
 /// Records on every partition of `topic`.
 async fn records_on(log: &KafkaLog, topic: &str, partitions: u32) -> u64 {
     let mut total = 0;
@@ -62,16 +87,7 @@ async fn two_instances_share_the_partitions_and_write_each_record_once() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut env = kafka_topics(&broker, dir.path());
-    let group = format!("g-{}", uuid::Uuid::now_v7());
-    for (key, value) in [
-        ("KPAY_CLUSTER__SCALE_OUT", "true"),
-        ("KPAY_CLUSTER__GROUP", group.as_str()),
-        ("KPAY_CLUSTER__SESSION_TIMEOUT_MS", "4000"),
-        ("KPAY_CLUSTER__HEARTBEAT_INTERVAL_MS", "500"),
-    ] {
-        env.push((key.to_owned(), value.to_owned()));
-    }
+    let env = cluster_env(&broker, dir.path());
     let topic = |key: &str| env.iter().find(|(k, _)| k == key).unwrap().1.clone();
     let (confirmed_topic, incoming_topic) = (
         topic("KPAY_TOPICS__CONFIRMED"),
@@ -94,11 +110,7 @@ async fn two_instances_share_the_partitions_and_write_each_record_once() {
     })
     .await;
 
-    for n in 0..ACCOUNTS {
-        let body = json!({"id": format!("so-{n}"), "opening_balance": OPENING});
-        let (status, answer) = post(&c, &format!("{}/api/v1/accounts", a.base), body).await;
-        assert_eq!(status, 201, "{answer}");
-    }
+    open_accounts(&c, &a.base).await;
     let payments: usize = 50;
     for n in 0..payments {
         let base = if n % 2 == 0 { &a.base } else { &b.base };
@@ -209,16 +221,7 @@ async fn a_stalled_instance_that_wakes_up_moves_no_money_twice() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut env = kafka_topics(&broker, dir.path());
-    let group = format!("g-{}", uuid::Uuid::now_v7());
-    for (key, value) in [
-        ("KPAY_CLUSTER__SCALE_OUT", "true"),
-        ("KPAY_CLUSTER__GROUP", group.as_str()),
-        ("KPAY_CLUSTER__SESSION_TIMEOUT_MS", "4000"),
-        ("KPAY_CLUSTER__HEARTBEAT_INTERVAL_MS", "500"),
-    ] {
-        env.push((key.to_owned(), value.to_owned()));
-    }
+    let env = cluster_env(&broker, dir.path());
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let a = Binary::start(&dir.path().join("a"), &env_refs).await;
     let b = Binary::start(&dir.path().join("b"), &env_refs).await;
@@ -230,11 +233,7 @@ async fn a_stalled_instance_that_wakes_up_moves_no_money_twice() {
         owned_by_members(&c, &a.base).await.len() == 2
     })
     .await;
-    for n in 0..ACCOUNTS {
-        let body = json!({"id": format!("so-{n}"), "opening_balance": OPENING});
-        let (status, answer) = post(&c, &format!("{}/api/v1/accounts", a.base), body).await;
-        assert_eq!(status, 201, "{answer}");
-    }
+    open_accounts(&c, &a.base).await;
     let mut accepted = submit_range(&c, &[&a.base, &b.base], 0, 40).await;
     signal(&b, "STOP");
     accepted.extend(submit_range(&c, &[&a.base], 40, 80).await);
@@ -290,16 +289,7 @@ async fn a_rebalance_during_a_pause_keeps_the_cluster_paused() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut env = kafka_topics(&broker, dir.path());
-    let group = format!("g-{}", uuid::Uuid::now_v7());
-    for (key, value) in [
-        ("KPAY_CLUSTER__SCALE_OUT", "true"),
-        ("KPAY_CLUSTER__GROUP", group.as_str()),
-        ("KPAY_CLUSTER__SESSION_TIMEOUT_MS", "4000"),
-        ("KPAY_CLUSTER__HEARTBEAT_INTERVAL_MS", "500"),
-    ] {
-        env.push((key.to_owned(), value.to_owned()));
-    }
+    let env = cluster_env(&broker, dir.path());
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let a = Binary::start(&dir.path().join("a"), &env_refs).await;
     let b = Binary::start(&dir.path().join("b"), &env_refs).await;
@@ -311,11 +301,7 @@ async fn a_rebalance_during_a_pause_keeps_the_cluster_paused() {
         owned_by_members(&c, &a.base).await.len() == 2
     })
     .await;
-    for n in 0..ACCOUNTS {
-        let body = json!({"id": format!("so-{n}"), "opening_balance": OPENING});
-        let (status, _) = post(&c, &format!("{}/api/v1/accounts", a.base), body).await;
-        assert_eq!(status, 201);
-    }
+    open_accounts(&c, &a.base).await;
     let (status, answer) = post(&c, &format!("{}/api/v1/control/pause", a.base), json!({})).await;
     assert_eq!(status, 200, "{answer}");
     let third = Binary::start(&dir.path().join("c"), &env_refs).await;
@@ -366,16 +352,7 @@ async fn the_rate_limit_is_the_clusters_total() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut env = kafka_topics(&broker, dir.path());
-    let group = format!("g-{}", uuid::Uuid::now_v7());
-    for (key, value) in [
-        ("KPAY_CLUSTER__SCALE_OUT", "true"),
-        ("KPAY_CLUSTER__GROUP", group.as_str()),
-        ("KPAY_CLUSTER__SESSION_TIMEOUT_MS", "4000"),
-        ("KPAY_CLUSTER__HEARTBEAT_INTERVAL_MS", "500"),
-    ] {
-        env.push((key.to_owned(), value.to_owned()));
-    }
+    let env = cluster_env(&broker, dir.path());
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let a = Binary::start(&dir.path().join("a"), &env_refs).await;
     let b = Binary::start(&dir.path().join("b"), &env_refs).await;
@@ -388,15 +365,7 @@ async fn the_rate_limit_is_the_clusters_total() {
             && owned_by_members(&c, &b.base).await.len() == 2
     })
     .await;
-    for n in 0..ACCOUNTS {
-        let body = json!({"id": format!("so-{n}"), "opening_balance": OPENING});
-        assert_eq!(
-            post(&c, &format!("{}/api/v1/accounts", a.base), body)
-                .await
-                .0,
-            201
-        );
-    }
+    open_accounts(&c, &a.base).await;
     let limit = 200u64;
     let response = c
         .put(format!("{}/api/v1/control/rate-limit", a.base))
