@@ -3,13 +3,12 @@
 use std::time::Duration;
 
 use axum::extract::State as Extract;
-use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::auth::Principal;
+use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, JsonBody, Query};
 use super::State;
 use crate::control::{self, ControlStatus};
@@ -17,9 +16,6 @@ use crate::model::ControlAction;
 
 /// Longest `?wait=true` on pause.
 const MAX_WAIT_MS: u64 = 300_000;
-fn principal(extension: Option<Extension<Principal>>) -> String {
-    extension.map_or_else(|| "local".to_owned(), |Extension(p)| p.name)
-}
 
 pub fn router() -> OpenApiRouter<State> {
     OpenApiRouter::new()
@@ -48,7 +44,7 @@ pub struct RateLimitRequest {
     responses((status = 200, body = ControlStatus), (status = 400, body = ErrorBody)))]
 async fn rate_limit(
     Extract(state): Extract<State>,
-    who: Option<Extension<Principal>>,
+    Caller(who): Caller,
     JsonBody(request): JsonBody<RateLimitRequest>,
 ) -> Result<Json<ControlStatus>, ApiError> {
     if request.payments_per_second > MAX_RATE_PER_SECOND {
@@ -60,7 +56,7 @@ async fn rate_limit(
         reason: request.reason,
     })))?;
     let action = ControlAction::SetRateLimit(request.payments_per_second);
-    control::command(&state.runtime, action, &principal(who), reason).await?;
+    control::command(&state.runtime, action, &who.principal, reason).await?;
     Ok(Json(control::status(&state.runtime).await?))
 }
 
@@ -105,7 +101,7 @@ fn reason(body: Option<JsonBody<CommandRequest>>) -> Result<Option<String>, ApiE
     responses((status = 200, body = ControlStatus), (status = 400, body = ErrorBody)))]
 async fn pause(
     Extract(state): Extract<State>,
-    who: Option<Extension<Principal>>,
+    Caller(who): Caller,
     Query(query): Query<PauseQuery>,
     body: Option<JsonBody<CommandRequest>>,
 ) -> Result<Json<ControlStatus>, ApiError> {
@@ -115,8 +111,13 @@ async fn pause(
             "timeout_ms is at most {MAX_WAIT_MS}"
         )));
     }
-    let who = principal(who);
-    control::command(&state.runtime, ControlAction::Pause, &who, reason(body)?).await?;
+    control::command(
+        &state.runtime,
+        ControlAction::Pause,
+        &who.principal,
+        reason(body)?,
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
     loop {
         let now = control::status(&state.runtime).await?;
@@ -136,10 +137,15 @@ async fn pause(
     responses((status = 200, body = ControlStatus), (status = 400, body = ErrorBody)))]
 async fn resume(
     Extract(state): Extract<State>,
-    who: Option<Extension<Principal>>,
+    Caller(who): Caller,
     body: Option<JsonBody<CommandRequest>>,
 ) -> Result<Json<ControlStatus>, ApiError> {
-    let who = principal(who);
-    control::command(&state.runtime, ControlAction::Resume, &who, reason(body)?).await?;
+    control::command(
+        &state.runtime,
+        ControlAction::Resume,
+        &who.principal,
+        reason(body)?,
+    )
+    .await?;
     Ok(Json(control::status(&state.runtime).await?))
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::auth::Principal;
+use super::auth::{Caller, Principal};
 use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
 use super::State;
 use crate::ops::dlq::{self, DeadLetter, Filter};
@@ -23,10 +23,6 @@ pub fn router() -> OpenApiRouter<State> {
         .routes(routes!(inject_records))
         .routes(routes!(audit_log))
         .routes(routes!(error_log))
-}
-
-fn principal(extension: Option<Extension<Principal>>) -> String {
-    extension.map_or_else(|| "local".to_owned(), |Extension(p)| p.name)
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -178,7 +174,7 @@ pub struct ReplayResponse {
         (status = 422, description = "The value does not decode or does not belong on the topic", body = ErrorBody)))]
 async fn replay_dead_letter(
     Extract(state): Extract<State>,
-    who: Option<Extension<Principal>>,
+    Caller(who): Caller,
     Path(id): Path<String>,
     body: Option<JsonBody<ReplayRequest>>,
 ) -> Result<Json<ReplayResponse>, ApiError> {
@@ -193,7 +189,7 @@ async fn replay_dead_letter(
         (None, Some(hex)) => Some(dlq::unhex(&hex).map_err(ApiError::BadRequest)?),
         (None, None) => None,
     };
-    let done = dlq::replay(&state.runtime, &id, correction, &principal(who)).await?;
+    let done = dlq::replay(&state.runtime, &id, correction, &who.principal).await?;
     Ok(Json(ReplayResponse {
         dead_letter: done.letter.into(),
         already_replayed: done.already,

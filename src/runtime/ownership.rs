@@ -61,6 +61,11 @@ impl Ownership {
         self.owned.borrow().clone()
     }
 
+    /// Whether `partition` is owned now (without copying the assignment).
+    pub fn owns(&self, partition: u32) -> bool {
+        self.owned.borrow().owns(partition)
+    }
+
     /// A new assignment (empty while the group rebalances).
     pub fn set(&self, generation: i32, partitions: BTreeSet<u32>) {
         self.owned.send_replace(Owned {
@@ -83,11 +88,10 @@ impl Ownership {
     /// Whether no task acts as owner of a partition that is not owned: all
     /// it appended is checkpointed, and the partition may move.
     pub fn released(&self) -> bool {
-        let owned = self.owned();
         let acting = self.acting.lock().expect("acting lock");
         acting
             .iter()
-            .all(|((_, partition), owner)| !owner || owned.owns(*partition))
+            .all(|((_, partition), owner)| !owner || self.owns(*partition))
     }
 
     /// The partitions some task acts as owner for.

@@ -208,11 +208,9 @@ async fn read_partition(core: &Core, tp: &TopicPartition) -> Result<(), RuntimeE
     loop {
         log.wait_for(tp, next, POLL).await?;
         let records = log.read(tp, next, 1_024).await?;
-        for stored in &records {
-            if let Some(published) = decode(core, stored) {
-                board.note(published);
-            }
-            next = stored.offset + 1;
+        note_all(core, &records);
+        if let Some(last) = records.last() {
+            next = last.offset + 1;
         }
         board.read_to[tp.partition as usize].store(next, Ordering::SeqCst);
     }
@@ -231,14 +229,19 @@ async fn read_range(
         let records = core.log.read(tp, at, 1_024).await?;
         let Some(last) = records.last() else { break };
         at = last.offset + 1;
-        for stored in &records {
-            if let Some(published) = decode(core, stored) {
-                board.note(published);
-            }
-        }
+        note_all(core, &records);
     }
     let latest = board.latest.read().expect("board lock");
     Ok(latest.keys().filter(|(_, p)| *p == tp.partition).count())
+}
+
+/// Notes every publication among `records` (unreadable or unsigned ones are ignored).
+fn note_all(core: &Core, records: &[crate::log::StoredRecord]) {
+    for stored in records {
+        if let Some(published) = decode(core, stored) {
+            core.board().note(published);
+        }
+    }
 }
 
 fn decode(core: &Core, stored: &crate::log::StoredRecord) -> Option<Published> {

@@ -30,7 +30,7 @@ impl<P: Processor> TaskLoop<P> {
             return Ok(());
         }
         let partition = self.task.partition;
-        let owns = self.core.ownership.owned().owns(partition);
+        let owns = self.core.ownership.owns(partition);
         if self.owner && !owns {
             self.checkpoint()?;
             self.owner = false;
