@@ -7,79 +7,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{get, kafka_broker, kafka_topics, post, wait_until, Binary};
+use common::cluster::{
+    balances, cluster_env, confirmed, open_accounts, owned_by_members, records_on, signal,
+    submit_range, terminal_status, ACCOUNTS, OPENING,
+};
+use common::{get, kafka_broker, post, wait_until, Binary};
 use kpay::config::KafkaConfig;
 use kpay::log::kafka::KafkaLog;
-use kpay::log::{Log, TopicPartition};
 use serde_json::{json, Value};
-
-const ACCOUNTS: usize = 10;
-const OPENING: i64 = 10_000;
-
-/// The environment of one test's cluster: its own topics on `broker`, a new
-/// group, and a short session so that takeovers are quick.
-fn cluster_env(broker: &str, dir: &std::path::Path) -> Vec<(String, String)> {
-    let mut env = kafka_topics(broker, dir);
-    let group = format!("g-{}", uuid::Uuid::now_v7());
-    for (key, value) in [
-        ("KPAY_CLUSTER__SCALE_OUT", "true"),
-        ("KPAY_CLUSTER__GROUP", group.as_str()),
-        ("KPAY_CLUSTER__SESSION_TIMEOUT_MS", "4000"),
-        ("KPAY_CLUSTER__HEARTBEAT_INTERVAL_MS", "500"),
-    ] {
-        env.push((key.to_owned(), value.to_owned()));
-    }
-    env
-}
-
-/// Opens `so-0`… with `OPENING` cents each, through `base`.
-async fn open_accounts(c: &reqwest::Client, base: &str) {
-    for n in 0..ACCOUNTS {
-        let body = json!({"id": format!("so-{n}"), "opening_balance": OPENING});
-        let (status, answer) = post(c, &format!("{base}/api/v1/accounts"), body).await;
-        assert_eq!(status, 201, "{answer}");
-    }
-}
-
-/// Records on every partition of `topic`.
-async fn records_on(log: &KafkaLog, topic: &str, partitions: u32) -> u64 {
-    let mut total = 0;
-    for partition in 0..partitions {
-        let tp = TopicPartition::new(topic, partition);
-        total += log.high_watermark(&tp).await.unwrap() - log.log_start(&tp).await.unwrap();
-    }
-    total
-}
-
-/// The partitions each member owns, as `base` sees the group.
-async fn owned_by_members(c: &reqwest::Client, base: &str) -> Vec<Vec<u64>> {
-    let (_, view) = get(c, &format!("{base}/api/v1/cluster")).await;
-    if view["state"] != "stable" {
-        return Vec::new();
-    }
-    (view["members"].as_array().unwrap().iter())
-        .map(|m| {
-            m["partitions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_u64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-async fn confirmed(c: &reqwest::Client, base: &str, id: &str) -> bool {
-    get(c, &format!("{base}/api/v1/payments/{id}")).await.1["status"] == "confirmed"
-}
-
-async fn balances(c: &reqwest::Client, base: &str) -> Vec<Value> {
-    let mut all = Vec::new();
-    for n in 0..ACCOUNTS {
-        all.push(get(c, &format!("{base}/api/v1/accounts/so-{n}")).await.1["balance"].clone());
-    }
-    all
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_partitions_and_write_each_record_once() {
@@ -182,38 +117,6 @@ async fn two_instances_share_the_partitions_and_write_each_record_once() {
     a.stop().await;
 }
 
-/// Sends `signal` (`STOP`, `CONT`) to the process.
-fn signal(server: &Binary, signal: &str) {
-    let pid = server.child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args([format!("-{signal}").as_str(), pid.as_str()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
-/// Submits `sp-{from}`..`sp-{to}` round-robin over `bases`, tolerating
-/// refusals from a stopped instance (its time-outs).
-async fn submit_range(c: &reqwest::Client, bases: &[&str], from: usize, to: usize) -> Vec<String> {
-    let mut accepted = Vec::new();
-    for n in from..to {
-        let base = bases[n % bases.len()];
-        let body = json!({"id": format!("sp-{n}"), "from": format!("so-{}", n % ACCOUNTS),
-                          "to": format!("so-{}", (n + 3) % ACCOUNTS), "amount": 100});
-        if let Ok(response) = c
-            .post(format!("{base}/api/v1/payments"))
-            .json(&body)
-            .send()
-            .await
-        {
-            if response.status() == 202 {
-                accepted.push(format!("sp-{n}"));
-            }
-        }
-    }
-    accepted
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_instance_that_wakes_up_moves_no_money_twice() {
     // SIGSTOP one instance under load (a long stall: it misses its heartbeats and is dropped), let the other take over and go on, SIGCONT it: it appends for a moment as a zombie, learns it was fenced and follows. Every payment ends once, every balance is its opening balance plus exactly its confirmed payments, on both.
@@ -247,13 +150,7 @@ async fn a_stalled_instance_that_wakes_up_moves_no_money_twice() {
     accepted.extend(submit_range(&c, &[&a.base, &b.base], 120, 160).await);
     let mut confirmed_ids = Vec::new();
     for id in &accepted {
-        wait_until(Duration::from_secs(60), || async {
-            let status =
-                get(&c, &format!("{}/api/v1/payments/{id}", a.base)).await.1["status"].clone();
-            status == "confirmed" || status == "rejected"
-        })
-        .await;
-        if confirmed(&c, &a.base, id).await {
+        if terminal_status(&c, &a.base, id).await == "confirmed" {
             confirmed_ids.push(id.clone());
         }
     }
@@ -307,6 +204,7 @@ async fn a_rebalance_during_a_pause_keeps_the_cluster_paused() {
     let third = Binary::start(&dir.path().join("c"), &env_refs).await;
     wait_until(Duration::from_secs(30), || async {
         owned_by_members(&c, &a.base).await.len() == 3
+            && owned_by_members(&c, &b.base).await.len() == 3
             && owned_by_members(&c, &third.base).await.len() == 3
     })
     .await;

@@ -97,15 +97,20 @@ fn applied_position(runtime: &Runtime) -> u64 {
         .map_or(0, |input| input.position)
 }
 
-/// Running, draining or paused, with what is in flight and queued.
-pub async fn status(runtime: &Runtime) -> Result<ControlStatus, RuntimeError> {
+/// Running, draining or paused, with what is in flight, and what is queued
+/// on the partitions `counted` admits.
+pub async fn status(
+    runtime: &Runtime,
+    counted: impl Fn(u32) -> bool,
+) -> Result<ControlStatus, RuntimeError> {
     let control = runtime.control_state();
     let inflight = runtime.inflight_totals();
     let mut queued = 0;
     let admissions = runtime
         .input_positions()
         .into_iter()
-        .filter(|input| input.processor == Inflight::NAME && input.topic == SourceTopic::Incoming);
+        .filter(|input| input.processor == Inflight::NAME && input.topic == SourceTopic::Incoming)
+        .filter(|input| counted(input.partition));
     for input in admissions {
         let tp = TopicPartition::new(runtime.topics().incoming.clone(), input.partition);
         queued += runtime

@@ -3,17 +3,20 @@
 
 use std::time::Duration;
 
-use axum::extract::State as Extract;
-use axum::http::StatusCode;
+use axum::extract::{OriginalUri, State as Extract};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
+use super::forward::{self, Owner, Scope};
 use super::State;
-use crate::model::{now_ms, validate_id, Event};
-use crate::pipeline::account::{Account, AccountStatus};
+use crate::model::{now_ms, partition_for, validate_id, Event};
+use crate::pipeline::account::{Account, AccountStatus, Accounts};
+use crate::pipeline::Processor;
 
 /// How long `POST /accounts` waits for the account processor to apply the open.
 const OPEN_WAIT: Duration = Duration::from_secs(5);
@@ -45,7 +48,7 @@ pub struct DepositRequest {
     pub amount: i64,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct AccountView {
     #[schema(example = "alice")]
     pub id: String,
@@ -79,7 +82,7 @@ impl From<Account> for AccountView {
     }
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct AccountPage {
     pub items: Vec<AccountView>,
     /// Pass as `after` for the next page; absent on the last page.
@@ -102,6 +105,8 @@ pub struct PageQuery {
     pub limit: Option<usize>,
     /// Return accounts with ids after this one.
     pub after: Option<String>,
+    /// `cluster` (default) or `member` (only the partitions this instance owns).
+    pub scope: Option<Scope>,
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -167,32 +172,87 @@ async fn open_account(
     ))
 }
 
-/// One account.
+/// One account. On a cluster, answered by the owner of the account's partition.
 #[utoipa::path(get, path = "/api/v1/accounts/{id}", tag = "accounts",
     params(("id" = String, Path, description = "Account id")),
-    responses((status = 200, body = AccountView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = AccountView), (status = 404, body = ErrorBody),
+              (status = 503, body = ErrorBody, description = "The cluster is rebalancing, or the owner did not answer")))]
 async fn get_account(
     Extract(state): Extract<State>,
     Path(id): Path<String>,
-) -> Result<Json<AccountView>, ApiError> {
-    Ok(Json(existing(&state, &id)?.into()))
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_id(&id)?;
+    let partition = partition_for(&id, state.runtime.config().log.partitions);
+    match forward::owner_of(&state, Accounts::NAME, partition, &headers)? {
+        Owner::Here => {
+            let view = AccountView::from(existing(&state, &id)?);
+            Ok(forward::answered_here(&state, Json(view).into_response()))
+        }
+        Owner::At(url) => {
+            let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+            forward::forward(&state, &url, path, &headers).await
+        }
+    }
 }
 
-/// Accounts in id order, across all partitions.
+/// Accounts in id order, across all partitions. On a cluster, each member
+/// gives the page of the partitions it owns, and the pages are merged.
 #[utoipa::path(get, path = "/api/v1/accounts", tag = "accounts", params(PageQuery),
-    responses((status = 200, body = AccountPage), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = AccountPage), (status = 400, body = ErrorBody),
+              (status = 503, body = ErrorBody, description = "The cluster is rebalancing, or a member did not answer")))]
 async fn list_accounts(
     Extract(state): Extract<State>,
     Query(query): Query<PageQuery>,
+    headers: HeaderMap,
 ) -> Result<Json<AccountPage>, ApiError> {
     let limit = super::page_limit(&state, query.limit, 100)?;
-    let accounts = state
-        .runtime
-        .accounts_page(query.after.as_deref(), limit + 1)?;
-    let more = accounts.len() > limit;
-    let items: Vec<AccountView> = accounts.into_iter().take(limit).map(Into::into).collect();
-    let next = more.then(|| items.last().map(|a| a.id.clone())).flatten();
-    Ok(Json(AccountPage { items, next }))
+    let after = query.after.as_deref();
+    let owned = state.runtime.ownership().owned();
+    let ownership = state.runtime.ownership();
+    let partitions = state.runtime.config().log.partitions;
+    let taking_over =
+        (0..partitions).find(|&p| owned.owns(p) && !ownership.acts_for(Accounts::NAME, p));
+    if let (Some(p), Some(_)) = (taking_over, state.membership.get()) {
+        return Err(ApiError::Unavailable(format!(
+            "partition {p} is being taken over by this instance; retry shortly"
+        )));
+    }
+    let mut accounts = (state.runtime).accounts_page(after, limit + 1, |p| owned.owns(p))?;
+    if query.scope.unwrap_or_default() == Scope::Cluster {
+        let size = (limit + 1).to_string();
+        let mut asked = vec![("limit", size.as_str())];
+        asked.extend(after.map(|after| ("after", after)));
+        let pages =
+            forward::gather_all::<AccountPage>(&state, "/api/v1/accounts", &asked, &headers);
+        // Each member's page has `limit + 1` items, so the merge can tell whether more follow.
+        let others = pages
+            .await?
+            .into_iter()
+            .flatten()
+            .flat_map(|page| page.items);
+        let mut merged: Vec<AccountView> =
+            accounts.into_iter().map(Into::into).chain(others).collect();
+        merged.sort_by(|a, b| a.id.cmp(&b.id));
+        return Ok(Json(page_of(merged, limit)));
+    }
+    accounts.truncate(limit + 1);
+    Ok(Json(page_of(
+        accounts.into_iter().map(Into::into).collect(),
+        limit,
+    )))
+}
+
+/// The first `limit` of `sorted`, and where the next page starts if more follow.
+fn page_of(mut sorted: Vec<AccountView>, limit: usize) -> AccountPage {
+    let more = sorted.len() > limit;
+    sorted.truncate(limit);
+    let next = more.then(|| sorted.last().map(|a| a.id.clone())).flatten();
+    AccountPage {
+        items: sorted,
+        next,
+    }
 }
 
 /// Add money to an open account.

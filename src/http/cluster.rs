@@ -3,11 +3,14 @@
 //! instance's tasks act as owner for.
 
 use axum::extract::State as Extract;
+use axum::http::HeaderMap;
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use super::error::{ApiError, Query};
+use super::forward::{self, Scope, ScopeQuery};
 use super::State;
 use crate::cluster::MemberState;
 
@@ -15,7 +18,7 @@ pub fn router() -> OpenApiRouter<State> {
     OpenApiRouter::new().routes(routes!(cluster))
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct ClusterView {
     /// Whether this instance shares its partitions through a group
     /// (`cluster.scale_out` on Kafka); otherwise it owns every partition.
@@ -36,18 +39,58 @@ pub struct ClusterView {
     pub acting: Vec<u32>,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct MemberInfo {
     pub id: String,
     /// Its HTTP API.
     pub url: String,
     pub partitions: Vec<u32>,
+    /// `stable` (its tasks act for every partition it owns), `taking_over`
+    /// (some still catch up to the last owner's checkpoint), `rebalancing`
+    /// (it is between generations, or in another one), or `unreachable`
+    /// (it did not answer in time). `null` in a member's own part.
+    pub state: Option<String>,
 }
 
-/// The group and who owns which partition, as this instance sees it.
-#[utoipa::path(get, path = "/api/v1/cluster", tag = "control",
+/// The group and who owns which partition: the same from every member,
+/// each member's state as it reports it (`?scope=member`: this member's
+/// own view only).
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "control", params(ScopeQuery),
     responses((status = 200, body = ClusterView)))]
-async fn cluster(Extract(state): Extract<State>) -> Json<ClusterView> {
+async fn cluster(
+    Extract(state): Extract<State>,
+    Query(query): Query<ScopeQuery>,
+    headers: HeaderMap,
+) -> Result<Json<ClusterView>, ApiError> {
+    let mut view = own_view(&state);
+    if query.scope.unwrap_or_default() == Scope::Member || view.state != "stable" {
+        return Ok(Json(view));
+    }
+    let mine = member_state(&view, &view.generation, &view.acting);
+    let parts = forward::gather::<ClusterView>(&state, "/api/v1/cluster", &[], &headers).await?;
+    for member in &mut view.members {
+        member.state = Some(
+            match (parts.iter().flatten()).find(|(m, _)| m.id == member.id) {
+                None => mine.clone(),
+                Some((_, Ok(part))) => member_state(part, &view.generation, &member.partitions),
+                Some((_, Err(_))) => "unreachable".into(),
+            },
+        );
+    }
+    Ok(Json(view))
+}
+
+/// A member's state, from its own view, against the generation asked in.
+fn member_state(part: &ClusterView, generation: &i32, owned: &[u32]) -> String {
+    match () {
+        () if part.state != "stable" || part.generation != *generation => "rebalancing".into(),
+        () if owned.iter().all(|p| part.acting.contains(p)) => "stable".into(),
+        () => "taking_over".into(),
+    }
+}
+
+/// The group as this instance sees it, without the other members' states.
+fn own_view(state: &State) -> ClusterView {
     let config = state.runtime.config();
     let member = state.membership.get().map(|states| states.borrow().clone());
     let mut view = ClusterView {
@@ -77,9 +120,10 @@ async fn cluster(Extract(state): Extract<State>) -> Json<ClusterView> {
                     id: m.id,
                     url: m.url,
                     partitions: m.partitions,
+                    state: None,
                 })
                 .collect();
         }
     }
-    Json(view)
+    view
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use axum::extract::State as Extract;
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
@@ -10,6 +11,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, JsonBody, Query};
+use super::forward::{self, Scope, ScopeQuery};
 use super::State;
 use crate::control::{self, ControlStatus};
 use crate::model::ControlAction;
@@ -45,6 +47,7 @@ pub struct RateLimitRequest {
 async fn rate_limit(
     Extract(state): Extract<State>,
     Caller(who): Caller,
+    headers: HeaderMap,
     JsonBody(request): JsonBody<RateLimitRequest>,
 ) -> Result<Json<ControlStatus>, ApiError> {
     if request.payments_per_second > MAX_RATE_PER_SECOND {
@@ -57,7 +60,7 @@ async fn rate_limit(
     })))?;
     let action = ControlAction::SetRateLimit(request.payments_per_second);
     control::command(&state.runtime, action, &who.principal, reason).await?;
-    Ok(Json(control::status(&state.runtime).await?))
+    Ok(Json(status_after_command(&state, &headers).await?))
 }
 
 #[derive(Deserialize, ToSchema, Default)]
@@ -77,11 +80,53 @@ pub struct PauseQuery {
     pub timeout_ms: Option<u64>,
 }
 
-/// Running, draining or paused; what is in flight and queued.
-#[utoipa::path(get, path = "/api/v1/control/status", tag = "control",
-    responses((status = 200, body = ControlStatus)))]
-async fn status(Extract(state): Extract<State>) -> Result<Json<ControlStatus>, ApiError> {
-    Ok(Json(control::status(&state.runtime).await?))
+/// Running, draining or paused; what is in flight and queued. On a cluster,
+/// `queued` adds up every member's owned partitions.
+#[utoipa::path(get, path = "/api/v1/control/status", tag = "control", params(ScopeQuery),
+    responses((status = 200, body = ControlStatus),
+              (status = 503, body = ErrorBody, description = "The cluster is rebalancing, or a member did not answer")))]
+async fn status(
+    Extract(state): Extract<State>,
+    Query(query): Query<ScopeQuery>,
+    headers: HeaderMap,
+) -> Result<Json<ControlStatus>, ApiError> {
+    Ok(Json(
+        status_in(&state, query.scope.unwrap_or_default(), &headers).await?,
+    ))
+}
+
+/// The status a command answers with: the cluster's, or this member's part
+/// when the others cannot be asked now (the command is applied either way).
+async fn status_after_command(
+    state: &State,
+    headers: &HeaderMap,
+) -> Result<ControlStatus, ApiError> {
+    match status_in(state, Scope::Cluster, headers).await {
+        Err(ApiError::Unavailable(_)) => status_in(state, Scope::Member, headers).await,
+        other => other,
+    }
+}
+
+/// The control status of the whole cluster, or of this member's part.
+async fn status_in(
+    state: &State,
+    scope: Scope,
+    headers: &HeaderMap,
+) -> Result<ControlStatus, ApiError> {
+    let owned = state.runtime.ownership().owned();
+    let mut status = control::status(&state.runtime, |p| owned.owns(p)).await?;
+    if scope == Scope::Cluster {
+        let parts = forward::gather_all::<Queued>(state, "/api/v1/control/status", &[], headers);
+        let parts = parts.await?.unwrap_or_default();
+        status.queued += parts.iter().map(|part| part.queued).sum::<u64>();
+    }
+    Ok(status)
+}
+
+/// A member's part of the control status that adds up.
+#[derive(Deserialize)]
+struct Queued {
+    queued: u64,
 }
 
 fn reason(body: Option<JsonBody<CommandRequest>>) -> Result<Option<String>, ApiError> {
@@ -102,6 +147,7 @@ fn reason(body: Option<JsonBody<CommandRequest>>) -> Result<Option<String>, ApiE
 async fn pause(
     Extract(state): Extract<State>,
     Caller(who): Caller,
+    headers: HeaderMap,
     Query(query): Query<PauseQuery>,
     body: Option<JsonBody<CommandRequest>>,
 ) -> Result<Json<ControlStatus>, ApiError> {
@@ -120,12 +166,13 @@ async fn pause(
     .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
     loop {
-        let now = control::status(&state.runtime).await?;
+        // Drained when the local copy of every partition has nothing in flight.
+        let now = control::status(&state.runtime, |_| false).await?;
         if !query.wait.unwrap_or(false)
             || now.state != "draining"
             || tokio::time::Instant::now() >= deadline
         {
-            return Ok(Json(now));
+            return Ok(Json(status_after_command(&state, &headers).await?));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -138,6 +185,7 @@ async fn pause(
 async fn resume(
     Extract(state): Extract<State>,
     Caller(who): Caller,
+    headers: HeaderMap,
     body: Option<JsonBody<CommandRequest>>,
 ) -> Result<Json<ControlStatus>, ApiError> {
     control::command(
@@ -147,5 +195,5 @@ async fn resume(
         reason(body)?,
     )
     .await?;
-    Ok(Json(control::status(&state.runtime).await?))
+    Ok(Json(status_after_command(&state, &headers).await?))
 }

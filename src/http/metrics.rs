@@ -5,12 +5,13 @@ use axum::Json;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, Query};
+use super::forward::{self, Scope, ScopeQuery};
 use crate::instrument::lag::LagView;
 use crate::instrument::slo::SloStatus;
 use crate::instrument::{Integrity, PipelineMetrics, ThroughputView};
@@ -61,7 +62,7 @@ async fn slo(Extract(state): Extract<State>) -> Result<Json<SloList>, ApiError> 
     Ok(Json(SloList { goals, all_met }))
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct LagList {
     /// One entry per task and input partition.
     pub items: Vec<LagView>,
@@ -69,11 +70,29 @@ pub struct LagList {
     pub total_lag_records: u64,
 }
 
-/// Consumer lag per processor and input partition.
-#[utoipa::path(get, path = "/api/v1/metrics/lag", tag = "metrics",
+/// Consumer lag per processor and input partition. On a cluster, each
+/// partition's lag as its owner reads it, gathered from every member.
+#[utoipa::path(get, path = "/api/v1/metrics/lag", tag = "metrics", params(ScopeQuery),
     responses((status = 200, body = LagList), (status = 503, body = super::error::ErrorBody)))]
-async fn lag(Extract(state): Extract<State>) -> Result<Json<LagList>, ApiError> {
-    let items = crate::instrument::lag::lag(&state.runtime).await?;
+async fn lag(
+    Extract(state): Extract<State>,
+    Query(query): Query<ScopeQuery>,
+    headers: HeaderMap,
+) -> Result<Json<LagList>, ApiError> {
+    let mut items = crate::instrument::lag::owned_lag(&state.runtime).await?;
+    if query.scope.unwrap_or_default() == Scope::Cluster {
+        let parts = forward::gather_all::<LagList>(&state, "/api/v1/metrics/lag", &[], &headers);
+        items.extend(
+            parts
+                .await?
+                .into_iter()
+                .flatten()
+                .flat_map(|part| part.items),
+        );
+        items.sort_by(|a, b| {
+            (&a.processor, &a.topic, a.partition).cmp(&(&b.processor, &b.topic, b.partition))
+        });
+    }
     let total_lag_records = items.iter().map(|i| i.lag_records).sum();
     Ok(Json(LagList {
         items,

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cluster;
 pub mod control;
 pub mod error;
+pub mod forward;
 pub mod generator;
 pub mod health;
 pub mod metrics;

@@ -1,8 +1,9 @@
 //! `/api/v1/payments`: submit (one or a batch) and follow payments. HTTP types
 //! are translated to events here; events never leak into responses.
 
-use axum::extract::State as Extract;
-use axum::http::StatusCode;
+use axum::extract::{OriginalUri, State as Extract};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -11,9 +12,13 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
+use super::forward::{self, Owner};
 use super::State;
-use crate::model::{new_payment_id, validate_id, Hop, PaymentRef, PaymentStatus, Submitter};
-use crate::pipeline::inflight::validate_payment;
+use crate::model::{
+    new_payment_id, partition_for, validate_id, Hop, PaymentRef, PaymentStatus, Submitter,
+};
+use crate::pipeline::inflight::{validate_payment, Inflight};
+use crate::pipeline::Processor;
 use crate::runtime::ingest::Admission;
 
 pub fn router() -> OpenApiRouter<State> {
@@ -281,38 +286,63 @@ fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
             submitted_by: row.submitted_by.map(SubmitterView::from),
         }));
     }
-    Ok(runtime
-        .ingest()
-        .accepted(id)
-        .map(|(payment, by)| PaymentView {
-            id: payment.id,
-            from: payment.from,
-            to: payment.to,
-            amount: payment.amount_cents,
-            status: PaymentStatus::Accepted.as_str().into(),
-            reason: None,
-            accepted_at: payment.accepted_at_ms,
-            completed_at: None,
-            lineage: Vec::new(),
-            submitted_by: by.map(SubmitterView::from),
-        }))
+    Ok(accepted_here(state, id))
 }
 
-/// A payment's status, reason and lineage (one entry per hop).
+/// Payment `id` as accepted here and not yet admitted, if it is.
+fn accepted_here(state: &State, id: &str) -> Option<PaymentView> {
+    (state.runtime.ingest().accepted(id)).map(|(payment, by)| PaymentView {
+        id: payment.id,
+        from: payment.from,
+        to: payment.to,
+        amount: payment.amount_cents,
+        status: PaymentStatus::Accepted.as_str().into(),
+        reason: None,
+        accepted_at: payment.accepted_at_ms,
+        completed_at: None,
+        lineage: Vec::new(),
+        submitted_by: by.map(SubmitterView::from),
+    })
+}
+
+/// A payment's status, reason and lineage (one entry per hop). On a cluster,
+/// answered by the owner of the payment's partition; a payment that waits
+/// in `payment.incoming` (admission paused) is known to the member that
+/// accepted it until admitted.
 #[utoipa::path(get, path = "/api/v1/payments/{id}", tag = "payments",
     params(("id" = String, Path, description = "Payment id")),
-    responses((status = 200, body = PaymentView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = PaymentView), (status = 404, body = ErrorBody),
+              (status = 503, body = ErrorBody, description = "The cluster is rebalancing, or the owner did not answer")))]
 async fn get_payment(
     Extract(state): Extract<State>,
     Path(id): Path<String>,
-) -> Result<Json<PaymentView>, ApiError> {
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     validate_id(&id).map_err(|e| ApiError::BadRequest(format!("id {e}")))?;
-    find(&state, &id)?.map(Json).ok_or_else(|| {
+    let partition = partition_for(&id, state.runtime.config().log.partitions);
+    let not_found = || {
         ApiError::NotFound(format!(
             "payment {id} not found (settled payments are kept for {} s)",
             state.runtime.config().limits.payment_retention_seconds
         ))
-    })
+    };
+    match forward::owner_of(&state, Inflight::NAME, partition, &headers)? {
+        Owner::Here => {
+            let view = find(&state, &id)?.ok_or_else(not_found)?;
+            Ok(forward::answered_here(&state, Json(view).into_response()))
+        }
+        Owner::At(url) => {
+            let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+            let answer = forward::forward(&state, &url, path, &headers).await?;
+            match (answer.status(), accepted_here(&state, &id)) {
+                (StatusCode::NOT_FOUND, Some(view)) => {
+                    Ok(forward::answered_here(&state, Json(view).into_response()))
+                }
+                _ => Ok(answer),
+            }
+        }
+    }
 }
 
 /// Recently accepted payments (since start), newest first.

@@ -53,13 +53,15 @@ pub struct Snapshot {
 /// Builds one snapshot.
 pub async fn snapshot(state: &State) -> Result<Snapshot, crate::runtime::RuntimeError> {
     let runtime = &state.runtime;
-    let lag = crate::instrument::lag::lag(runtime).await?;
+    // Queues and lag of the partitions this instance owns (all, without a group).
+    let owned = runtime.ownership().owned();
+    let lag = crate::instrument::lag::owned_lag(runtime).await?;
     let goals = crate::instrument::slo::status(runtime, &state.slo).await?;
     let at = crate::model::now_ms();
     Ok(Snapshot {
         at,
         pipeline: PipelineMetrics::new(&runtime.inflight_totals(), &runtime.confirmed_totals()),
-        control: crate::control::status(runtime).await?,
+        control: crate::control::status(runtime, |p| owned.owns(p)).await?,
         generator: state.generator.status(),
         dlq_waiting: crate::ops::dlq::waiting(runtime),
         lag: LagTotal {

@@ -1,14 +1,14 @@
 //! Consumer lag: per task and input partition, how many records wait behind
 //! the high-water mark and how old the oldest of them is.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::log::TopicPartition;
 use crate::model::now_ms;
 use crate::runtime::{Runtime, RuntimeError};
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LagView {
     /// `inflight`, `account` or `confirmed`.
     pub processor: String,
@@ -25,12 +25,24 @@ pub struct LagView {
     pub oldest_age_ms: i64,
 }
 
-/// Lag of every processor task over every input it reads.
-pub async fn lag(runtime: &Runtime) -> Result<Vec<LagView>, RuntimeError> {
+/// Lag of the partitions this instance owns (every one, without a group):
+/// a partition's lag as its owner sees it.
+pub async fn owned_lag(runtime: &Runtime) -> Result<Vec<LagView>, RuntimeError> {
+    let owned = runtime.ownership().owned();
+    lag(runtime, |p| owned.owns(p)).await
+}
+
+/// Lag of every processor task over every input it reads, of the
+/// partitions `counted` admits.
+pub async fn lag(
+    runtime: &Runtime,
+    counted: impl Fn(u32) -> bool,
+) -> Result<Vec<LagView>, RuntimeError> {
     let log = runtime.log();
     let positions = runtime.input_positions();
     let mut views = Vec::with_capacity(positions.len());
-    for input in positions.into_iter().filter(|i| i.processor != "control") {
+    let inputs = positions.into_iter().filter(|i| i.processor != "control");
+    for input in inputs.filter(|i| counted(i.partition)) {
         let tp = TopicPartition::new(runtime.topics().name(input.topic), input.partition);
         let high_watermark = log.high_watermark(&tp).await?;
         let lag_records = high_watermark.saturating_sub(input.position);

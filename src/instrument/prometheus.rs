@@ -146,7 +146,7 @@ pub async fn render(runtime: &Runtime) -> Result<String, RuntimeError> {
     let inflight = runtime.inflight_totals();
     gauge!("kpay_inflight_payments").set(inflight.inflight_count as f64);
     gauge!("kpay_inflight_amount_cents").set(inflight.inflight_amount_cents as f64);
-    for lag in super::lag::lag(runtime).await? {
+    for lag in super::lag::owned_lag(runtime).await? {
         let labels = [
             ("processor", lag.processor),
             ("topic", lag.topic),

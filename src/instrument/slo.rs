@@ -135,7 +135,7 @@ pub async fn status(
     runtime: &Runtime,
     tracker: &SloTracker,
 ) -> Result<Vec<SloStatus>, RuntimeError> {
-    let lag_records = super::lag::lag(runtime)
+    let lag_records = super::lag::owned_lag(runtime)
         .await?
         .iter()
         .map(|l| l.lag_records)

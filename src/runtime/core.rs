@@ -105,6 +105,8 @@ pub(super) struct Core {
     pub(super) shutdown: CancellationToken,
     /// Cancelled after the drain: processors checkpoint and stop.
     pub(super) processors_stop: CancellationToken,
+    /// Processor tasks not yet ended (each ends with its final checkpoint).
+    pub(super) tasks_running: std::sync::atomic::AtomicUsize,
     /// Every spawned task, so shutdown can wait for all of them.
     pub(super) tracker: TaskTracker,
     /// Sees each completion, for the instrumentation plane.

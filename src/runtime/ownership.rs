@@ -94,6 +94,13 @@ impl Ownership {
             .all(|((_, partition), owner)| !owner || self.owns(*partition))
     }
 
+    /// Whether `processor`'s task of `partition` acts as owner now (and the
+    /// partition is still owned): its state is the partition's current one.
+    pub fn acts_for(&self, processor: &'static str, partition: u32) -> bool {
+        let acting = self.acting.lock().expect("acting lock");
+        acting.get(&(processor, partition)) == Some(&true) && self.owns(partition)
+    }
+
     /// The partitions some task acts as owner for.
     pub fn acting_partitions(&self) -> BTreeSet<u32> {
         let acting = self.acting.lock().expect("acting lock");
@@ -124,5 +131,6 @@ mod tests {
         ownership.acting("accounts", 1, false);
         assert!(ownership.released());
         assert_eq!(ownership.acting_partitions(), BTreeSet::from([2]));
+        assert!(ownership.acts_for("accounts", 2) && !ownership.acts_for("inflight", 2));
     }
 }

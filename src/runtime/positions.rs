@@ -129,12 +129,13 @@ fn topic(core: &Core, partition: u32) -> TopicPartition {
     TopicPartition::new(core.config.topics.positions.clone(), partition)
 }
 
-/// How long the publisher waits, once the processors stop, for their final
-/// checkpoints' positions.
+/// Longest wait of the publisher, once the processors stop, for their
+/// final checkpoints' positions.
 const FINAL_WAIT: Duration = Duration::from_secs(2);
 
-/// The next publication; after the processors stop, only those that come
-/// within [`FINAL_WAIT`] (their final checkpoints), then `None`.
+/// The next publication; after the processors stop, only those handed over
+/// until the last processor task has ended (its final checkpoint), at most
+/// [`FINAL_WAIT`], then `None`.
 async fn next_publication(
     core: &Core,
     queue: &mut mpsc::UnboundedReceiver<Published>,
@@ -143,10 +144,19 @@ async fn next_publication(
         published = queue.recv() => return published,
         () = core.processors_stop.cancelled() => {}
     }
-    tokio::time::timeout(FINAL_WAIT, queue.recv())
-        .await
-        .ok()
-        .flatten()
+    let deadline = tokio::time::Instant::now() + FINAL_WAIT;
+    loop {
+        // Read before looking at the queue: a task hands over its last
+        // publication before it ends.
+        let ended = core.tasks_running.load(Ordering::SeqCst) == 0;
+        if let Ok(published) = queue.try_recv() {
+            return Some(published);
+        }
+        if ended || tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn publisher(core: Arc<Core>, mut queue: mpsc::UnboundedReceiver<Published>) {

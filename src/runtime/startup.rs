@@ -247,6 +247,7 @@ fn new_core(
         apply_gate: RwLock::new(()),
         shutdown: CancellationToken::new(),
         processors_stop: CancellationToken::new(),
+        tasks_running: Default::default(),
         tracker: TaskTracker::new(),
         observer,
         recent: RecentPayments::default(),

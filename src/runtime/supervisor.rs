@@ -15,6 +15,7 @@
 //! checkpoint are idempotent, so a restart from the checkpoint applies each
 //! record once, and the other tasks keep going meanwhile.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,7 +50,9 @@ pub(super) fn spawn_task<P: Processor>(
 ) {
     let core = core.clone();
     let tracker = core.tracker.clone();
+    let running = Running::new(&core);
     tracker.spawn(async move {
+        let _running = running;
         let mut checkpoint = Some(checkpoint);
         let mut pause = RETRY_FIRST;
         loop {
@@ -97,6 +100,22 @@ pub(super) fn spawn_task<P: Processor>(
             pause = (pause * 2).min(RETRY_MOST);
         }
     });
+}
+
+/// Counts a processor task in [`Core::tasks_running`] while it lives.
+struct Running(Arc<Core>);
+
+impl Running {
+    fn new(core: &Arc<Core>) -> Self {
+        core.tasks_running.fetch_add(1, Ordering::SeqCst);
+        Self(core.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.tasks_running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Puts a failed task's state back to its last checkpoint: the rows of a

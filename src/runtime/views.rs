@@ -86,20 +86,36 @@ impl Runtime {
         self.core.accounts[partition].get(&self.core, id)
     }
 
-    /// A page of accounts in id order across all partitions.
+    /// A page of accounts in id order, of the partitions `keep` admits.
     pub fn accounts_page(
         &self,
         after: Option<&str>,
         limit: usize,
+        keep: impl Fn(u32) -> bool,
     ) -> Result<Vec<Account>, RuntimeError> {
-        let mut page: BTreeMap<String, Account> = self
-            .core
-            .store
-            .scan::<Account>(Accounts::TABLE, after, limit)?
-            .into_iter()
-            .collect();
-        for task in &self.core.accounts {
-            page.extend(task.dirty_rows_after(after));
+        let partitions = self.core.config.log.partitions;
+        let mut page: BTreeMap<String, Account> = BTreeMap::new();
+        let mut cursor = after.map(str::to_owned);
+        let chunk = limit.max(256);
+        loop {
+            let rows =
+                (self.core.store).scan::<Account>(Accounts::TABLE, cursor.as_deref(), chunk)?;
+            let exhausted = rows.len() < chunk;
+            cursor = rows.last().map(|(id, _)| id.clone());
+            let kept = rows
+                .into_iter()
+                .filter(|(id, _)| keep(partition_for(id, partitions)));
+            page.extend(kept);
+            // Stored rows up to the cursor fill the page: a row not yet
+            // stored that sorts after them would not make it in.
+            if exhausted || page.len() >= limit {
+                break;
+            }
+        }
+        for (partition, task) in self.core.accounts.iter().enumerate() {
+            if keep(partition as u32) {
+                page.extend(task.dirty_rows_after(after));
+            }
         }
         Ok(page.into_values().take(limit).collect())
     }

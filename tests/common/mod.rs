@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod browser;
+pub mod cluster;
 pub mod traffic;
 
 use kpay::config::Config;
