@@ -330,3 +330,65 @@ async fn the_rate_limit_is_the_clusters_total() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_restores_from_the_snapshots() {
+    // One instance takes snapshots every second; a second one joins with an empty data directory: it restores every task partition from the latest snapshots (it says so), then replays only the tail. Its local copy of the ledger (the integrity check) and the payments and accounts it comes to own agree with the first's.
+    let Some(broker) = kafka_broker("a_new_instance_restores") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = cluster_env(&broker, dir.path());
+    env.push(("KPAY_CLUSTER__SNAPSHOT_INTERVAL_MS".into(), "1000".into()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let a = Binary::start(&dir.path().join("a"), &env_refs).await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    wait_until(Duration::from_secs(30), || async {
+        owned_by_members(&c, &a.base).await.len() == 1
+    })
+    .await;
+    open_accounts(&c, &a.base).await;
+    let accepted = submit_range(&c, &[&a.base], 0, 40).await;
+    for id in &accepted {
+        terminal_status(&c, &a.base, id).await;
+    }
+    // Past an interval and a checkpoint: the snapshots hold all of it.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let more = submit_range(&c, &[&a.base], 40, 60).await;
+    let mut with_info = env_refs.clone();
+    with_info.push(("RUST_LOG", "warn,kpay::runtime::snapshot=info"));
+    let output = dir.path().join("b.out");
+    let b = Binary::spawn_logged(&dir.path().join("b"), &with_info, &output);
+    b.wait_ready().await;
+    let said = std::fs::read_to_string(&output).unwrap();
+    assert!(
+        said.contains("restored task partitions from their snapshots"),
+        "{said}"
+    );
+    wait_until(Duration::from_secs(30), || async {
+        owned_by_members(&c, &b.base).await.len() == 2
+            && owned_by_members(&c, &a.base).await.len() == 2
+    })
+    .await;
+    let ids: Vec<String> = accepted.iter().chain(&more).cloned().collect();
+    for id in &ids {
+        terminal_status(&c, &b.base, id).await;
+    }
+    let ledger = |base: String| {
+        let c = c.clone();
+        async move { get(&c, &format!("{base}/api/v1/ledger/integrity")).await.1 }
+    };
+    wait_until(Duration::from_secs(30), || async {
+        ledger(a.base.clone()).await == ledger(b.base.clone()).await
+    })
+    .await;
+    let (_, on_b) = get(&c, &format!("{}/api/v1/ledger/integrity", b.base)).await;
+    assert_eq!(on_b["ok"], true, "{on_b}");
+    assert_eq!(on_b["accounts"], ACCOUNTS, "{on_b}");
+    assert_eq!(balances(&c, &a.base).await, balances(&c, &b.base).await);
+    a.stop().await;
+    b.stop().await;
+}

@@ -208,6 +208,10 @@ pub struct TopicsConfig {
     /// On a cluster: where the owner of each task publishes its checkpoints
     /// (partitioned like the pipeline's topics).
     pub positions: String,
+    /// On a cluster: snapshots of each task partition's state, from which
+    /// an instance with an empty data directory restores (partitioned like
+    /// the pipeline's topics).
+    pub snapshots: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -328,6 +332,7 @@ impl Default for TopicsConfig {
             audit: "ops.audit".into(),
             logs: "ops.logs".into(),
             positions: "cluster.positions".into(),
+            snapshots: "cluster.snapshots".into(),
         }
     }
 }
@@ -474,6 +479,10 @@ pub struct ClusterConfig {
     /// How long a rebalance may take: the longest wait of a join, and how
     /// long a member waits for its partitions to be released before it rejoins.
     pub rebalance_timeout_ms: u64,
+    /// How often the owner of a task partition writes a snapshot of its
+    /// state to `topics.snapshots`: a new instance restores from the latest
+    /// and replays at most this much of the log.
+    pub snapshot_interval_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -486,6 +495,7 @@ impl Default for ClusterConfig {
             session_timeout_ms: 10_000,
             heartbeat_interval_ms: 1_000,
             rebalance_timeout_ms: 30_000,
+            snapshot_interval_ms: 60_000,
         }
     }
 }

@@ -247,6 +247,12 @@ fn validate_group_timing(cluster: &ClusterConfig) -> Checked {
             "must be at least cluster.session_timeout_ms (and fit in 32 bits)",
         );
     }
+    if !(1_000..=86_400_000).contains(&cluster.snapshot_interval_ms) {
+        return invalid(
+            "cluster.snapshot_interval_ms",
+            "must be between 1000 (a second) and 86400000 (a day)",
+        );
+    }
     Ok(())
 }
 

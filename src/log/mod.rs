@@ -177,3 +177,56 @@ pub trait Log: Send + Sync + 'static {
         true
     }
 }
+
+/// How long [`read_range`] waits for records the high-water mark promised
+/// before it gives up with [`LogError::Unavailable`].
+const RANGE_WAIT: Duration = Duration::from_secs(5);
+
+/// Every record of `tp` in `[from, end)`, where `end` is at most a high-water
+/// mark seen. A read that comes back empty before `end` (a backend may
+/// answer from what it last saw) waits for the records and reads again.
+pub async fn read_range(
+    log: &dyn Log,
+    tp: &TopicPartition,
+    from: u64,
+    end: u64,
+) -> Result<Vec<StoredRecord>, LogError> {
+    let mut records = Vec::new();
+    read_range_with(log, tp, from, end, |read| {
+        records.extend(read);
+        true
+    })
+    .await?;
+    Ok(records)
+}
+
+/// Like [`read_range`], handing the records to `each` as they are read
+/// (in order, at most 4,096 at a time) until it answers `false`.
+pub async fn read_range_with(
+    log: &dyn Log,
+    tp: &TopicPartition,
+    from: u64,
+    end: u64,
+    mut each: impl FnMut(Vec<StoredRecord>) -> bool,
+) -> Result<(), LogError> {
+    let mut at = from;
+    let started = tokio::time::Instant::now();
+    while at < end {
+        let mut read = log.read(tp, at, (end - at).min(4_096) as usize).await?;
+        let Some(last) = read.last() else {
+            if started.elapsed() >= RANGE_WAIT {
+                return Err(LogError::Unavailable(format!(
+                    "{tp} reads nothing at {at} though its high-water mark was {end}"
+                )));
+            }
+            log.wait_for(tp, at, Duration::from_millis(50)).await?;
+            continue;
+        };
+        at = last.offset + 1;
+        read.retain(|r| r.offset < end);
+        if !each(read) {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -332,7 +332,7 @@ async fn settle(
 /// The offset a reserved replay landed at, if it did.
 async fn find_in_log(runtime: &Runtime, replay: &Replay) -> Result<Option<u64>, DlqError> {
     let tp = TopicPartition::new(replay.topic.clone(), replay.partition);
-    let mut next = replay.from_offset.max(runtime.log().log_start(&tp).await?);
+    let next = replay.from_offset.max(runtime.log().log_start(&tp).await?);
     let end = runtime.log().high_watermark(&tp).await?;
     if end.saturating_sub(next) > MAX_DOUBT_SCAN {
         return Err(DlqError::Unprocessable(format!(
@@ -347,19 +347,18 @@ async fn find_in_log(runtime: &Runtime, replay: &Replay) -> Result<Option<u64>, 
         partition: 0,
         offset: replay.seq,
     };
-    while next < end {
-        let records = runtime.log().read(&tp, next, 1024).await?;
-        let Some(last) = records.last() else { break };
-        next = last.offset + 1;
-        for stored in &records {
-            let landed = codec::decode(&stored.record.value)
-                .is_ok_and(|envelope| envelope.source == Some(wanted));
-            if landed {
-                return Ok(Some(stored.offset));
-            }
-        }
-    }
-    Ok(None)
+    let mut landed = None;
+    crate::log::read_range_with(&**runtime.log(), &tp, next, end, |records| {
+        landed = (records.iter())
+            .find(|stored| {
+                codec::decode(&stored.record.value)
+                    .is_ok_and(|envelope| envelope.source == Some(wanted))
+            })
+            .map(|stored| stored.offset);
+        landed.is_none()
+    })
+    .await?;
+    Ok(landed)
 }
 
 /// The input kind of a topic name, if the pipeline reads it.

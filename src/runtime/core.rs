@@ -134,6 +134,8 @@ pub(super) struct Core {
     pub(super) ownership: Ownership,
     /// The owners' published checkpoints, on a cluster (set once at start).
     pub(super) board: std::sync::OnceLock<Board>,
+    /// The writer of the owned task partitions' snapshots, on a cluster.
+    pub(super) snapshots: std::sync::OnceLock<super::snapshot::Snapshots>,
 }
 
 /// The board of an instance that shares nothing.

@@ -159,14 +159,11 @@ pub(super) async fn start(core: &Arc<Core>) -> Result<Ingest, RuntimeError> {
 
 async fn recover(core: &Core, tp: &TopicPartition) -> Result<Recent, RuntimeError> {
     let inflight = &core.inflight[tp.partition as usize];
-    let mut offset = inflight.durable_offset((crate::model::SourceTopic::Incoming, tp.partition));
-    offset = offset.max(core.log.log_start(tp).await?);
+    let offset = inflight.durable_offset((crate::model::SourceTopic::Incoming, tp.partition));
+    let offset = offset.max(core.log.log_start(tp).await?);
     let end = core.log.high_watermark(tp).await?;
     let mut recent = Recent::default();
-    while offset < end {
-        let records = core.log.read(tp, offset, 4_096).await?;
-        let Some(last) = records.last() else { break };
-        offset = last.offset + 1;
+    crate::log::read_range_with(&*core.log, tp, offset, end, |records| {
         for stored in records {
             let Ok(mut envelope) = codec::decode(&stored.record.value) else {
                 continue;
@@ -176,7 +173,9 @@ async fn recover(core: &Core, tp: &TopicPartition) -> Result<Recent, RuntimeErro
                 recent.insert(payment, envelope.submitted_by, stored.offset);
             }
         }
-    }
+        true
+    })
+    .await?;
     Ok(recent)
 }
 

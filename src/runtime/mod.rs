@@ -19,6 +19,7 @@ pub mod ingest;
 mod own_writes;
 pub mod ownership;
 mod positions;
+mod snapshot;
 pub mod space;
 mod startup;
 mod supervisor;

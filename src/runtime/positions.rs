@@ -109,8 +109,9 @@ impl Board {
 }
 
 /// Starts a board on the positions topic: one reader per partition and
-/// one publisher, all stopped with the processors.
-pub(super) fn start(core: &Arc<Core>) -> Board {
+/// one publisher, all stopped with the processors. The board is in place
+/// before they run, so that nothing they read goes elsewhere.
+pub(super) fn start(core: &Arc<Core>) {
     let partitions = core.config.log.partitions;
     let (sender, receiver) = mpsc::unbounded_channel();
     let board = Board {
@@ -118,11 +119,13 @@ pub(super) fn start(core: &Arc<Core>) -> Board {
         publish: Some(sender),
         ..Board::default()
     };
+    if core.board.set(board).is_err() {
+        return;
+    }
     core.tracker.spawn(publisher(core.clone(), receiver));
     for partition in 0..partitions {
         core.tracker.spawn(reader(core.clone(), partition));
     }
-    board
 }
 
 fn topic(core: &Core, partition: u32) -> TopicPartition {
@@ -234,13 +237,10 @@ async fn read_range(
     end: u64,
 ) -> Result<usize, RuntimeError> {
     let board = core.board();
-    let mut at = from;
-    while at < end {
-        let records = core.log.read(tp, at, 1_024).await?;
-        let Some(last) = records.last() else { break };
-        at = last.offset + 1;
-        note_all(core, &records);
-    }
+    note_all(
+        core,
+        &crate::log::read_range(&*core.log, tp, from, end).await?,
+    );
     let latest = board.latest.read().expect("board lock");
     Ok(latest.keys().filter(|(_, p)| *p == tp.partition).count())
 }

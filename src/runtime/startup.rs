@@ -174,6 +174,8 @@ async fn prepare(config: &Config, log: &dyn Log, store: &Store) -> Result<(), Ru
     if config.scales_out() {
         log.ensure_topic(&config.topics.positions, partitions)
             .await?;
+        log.ensure_topic(&config.topics.snapshots, partitions)
+            .await?;
     }
     for one_partition in [
         &config.topics.commands,
@@ -200,6 +202,11 @@ pub(super) async fn start_tasks(
     targets: Option<&Targets>,
 ) -> Result<Arc<Core>, RuntimeError> {
     prepare(&config, &*log, &store).await?;
+    if config.scales_out() && targets.is_none() {
+        // A task partition this data directory has never held starts from
+        // its latest snapshot rather than from the start of the log.
+        super::snapshot::restore_missing(&config, &*log, &store).await?;
+    }
     let mut checkpoints = Checkpoints::load(&store, config.log.partitions)?;
     if targets.is_none() {
         for offsets in checkpoints.positions() {
@@ -214,8 +221,8 @@ pub(super) async fn start_tasks(
     if core.config.scales_out() && targets.is_none() {
         // Owns nothing until the group assigns it partitions.
         core.ownership.set(0, Default::default());
-        let board = super::positions::start(&core);
-        let _ = core.board.set(board);
+        super::positions::start(&core);
+        let _ = core.snapshots.set(super::snapshot::start(&core));
     }
     note_stored_keys(&core.store, &core.inflight)?;
     note_stored_keys(&core.store, &core.accounts)?;
@@ -260,6 +267,7 @@ fn new_core(
         own_writes,
         ownership: Ownership::everything(),
         board: std::sync::OnceLock::new(),
+        snapshots: std::sync::OnceLock::new(),
     })
 }
 

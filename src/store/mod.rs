@@ -15,6 +15,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::failpoint::{self, Point};
 use crate::model::SourceTopic;
+mod raw;
+pub use raw::RawRow;
 
 /// Errors of the state store, with the key or step they concern.
 #[derive(Debug, thiserror::Error)]

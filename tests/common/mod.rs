@@ -514,6 +514,7 @@ pub fn kafka_topics(broker: &str, dir: &Path) -> Vec<(String, String)> {
         "audit",
         "logs",
         "positions",
+        "snapshots",
     ] {
         env.push((
             format!("KPAY_TOPICS__{}", topic.to_uppercase()),
@@ -542,6 +543,7 @@ pub fn kafka_config(dir: &Path, broker: &str) -> Config {
             "KPAY_TOPICS__AUDIT" => topics.audit = name,
             "KPAY_TOPICS__LOGS" => topics.logs = name,
             "KPAY_TOPICS__POSITIONS" => topics.positions = name,
+            "KPAY_TOPICS__SNAPSHOTS" => topics.snapshots = name,
             _ => {}
         }
     }

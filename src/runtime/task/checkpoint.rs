@@ -2,11 +2,12 @@
 //! in one atomic store write, then forgetting what retention lets go.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Positions, TaskLoop};
 use crate::failpoint::{self, Point};
 use crate::pipeline::Processor;
+use crate::runtime::snapshot;
 use crate::runtime::RuntimeError;
 use crate::store::{
     checkpoint_key, encode_row, kept_key, kept_table, parts_by_size, row_key, undo_key, Batch,
@@ -81,6 +82,7 @@ impl<P: Processor> TaskLoop<P> {
             failpoint::crash(Point::TaskAfterCommit);
         }
         self.publish(&next_offsets);
+        self.snapshot_if_due()?;
         *self.task.committed.lock().expect("committed lock") = next_offsets.clone();
         self.settle_rows(writes);
         if self.core.config.instrument.enabled {
@@ -101,6 +103,24 @@ impl<P: Processor> TaskLoop<P> {
             board.publish(P::NAME, self.task.partition, next_offsets);
             self.last_published = Some(next_offsets.clone());
         }
+    }
+
+    /// On a cluster, an owner takes a snapshot of its partition's state
+    /// right after a checkpoint, once per `cluster.snapshot_interval_ms`.
+    fn snapshot_if_due(&mut self) -> Result<(), RuntimeError> {
+        let Some(snapshots) = self.core.snapshots.get().filter(|_| self.owner) else {
+            return Ok(());
+        };
+        let interval = Duration::from_millis(self.core.config.cluster.snapshot_interval_ms);
+        if self.last_snapshot.is_some_and(|at| at.elapsed() < interval) {
+            return Ok(());
+        }
+        let partitions = self.core.config.log.partitions;
+        let taken = snapshot::take::<P>(&self.core.store, self.task.partition, partitions)?;
+        if snapshots.offer(taken) {
+            self.last_snapshot = Some(Instant::now());
+        }
+        Ok(())
     }
 
     /// What a checkpoint at `next_offsets` records.

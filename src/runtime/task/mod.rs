@@ -73,6 +73,8 @@ struct TaskLoop<P: Processor> {
     /// The positions last published (owners on a cluster publish each
     /// checkpoint that moved).
     last_published: Option<Positions>,
+    /// When this task last took a snapshot (owners on a cluster).
+    last_snapshot: Option<Instant>,
 }
 
 /// Next offset to read per input (topic kind, partition).
@@ -185,6 +187,7 @@ impl<P: Processor> TaskLoop<P> {
             newly_kept: Vec::new(),
             owner: true,
             last_published: None,
+            last_snapshot: None,
         }
     }
 
