@@ -28,8 +28,9 @@ async fn settled(c: &reqwest::Client, base: &str, members: usize) -> bool {
     let mut owned: Vec<u64> = owned_by_members(c, base).await.concat();
     owned.sort_unstable();
     let (_, view) = get(c, &format!("{base}/api/v1/cluster")).await;
-    let all_stable =
-        (view["members"].as_array().into_iter().flatten()).all(|m| m["state"] == "stable");
+    // Each member says it is stable, and how many payments it completes per second.
+    let all_stable = (view["members"].as_array().into_iter().flatten())
+        .all(|m| m["state"] == "stable" && m["completed_per_second"].is_number());
     owned == (0..u64::from(PARTITIONS)).collect::<Vec<_>>()
         && owned_by_members(c, base).await.len() == members
         && all_stable

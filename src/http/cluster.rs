@@ -37,6 +37,9 @@ pub struct ClusterView {
     pub members: Vec<MemberInfo>,
     /// The partitions this instance's tasks append for now.
     pub acting: Vec<u32>,
+    /// Payments completed per second on the partitions this instance owns,
+    /// over the last complete throughput window.
+    pub completed_per_second: f64,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -50,6 +53,9 @@ pub struct MemberInfo {
     /// (it is between generations, or in another one), or `unreachable`
     /// (it did not answer in time). `null` in a member's own part.
     pub state: Option<String>,
+    /// Payments it completed per second, over the last complete window
+    /// (`null` when it did not answer, and in a member's own part).
+    pub completed_per_second: Option<f64>,
 }
 
 /// The group and who owns which partition: the same from every member,
@@ -89,6 +95,17 @@ fn member_state(part: &ClusterView, generation: &i32, owned: &[u32]) -> String {
     }
 }
 
+/// Completions per second on the owned partitions, in the last complete window.
+fn completed_per_second(state: &State) -> f64 {
+    let owned = state.runtime.ownership().owned();
+    let windows = state.runtime.windows_of(|p| owned.owns(p));
+    let now = crate::model::now_ms();
+    let complete = (windows.windows.iter().rev()).find(|w| w.start_ms + windows.window_ms <= now);
+    complete.map_or(0.0, |w| {
+        w.count as f64 * 1_000.0 / windows.window_ms.max(1) as f64
+    })
+}
+
 /// The group as this instance sees it, without the other members' states.
 fn own_view(state: &State) -> ClusterView {
     let config = state.runtime.config();
@@ -106,6 +123,7 @@ fn own_view(state: &State) -> ClusterView {
             .acting_partitions()
             .into_iter()
             .collect(),
+        completed_per_second: completed_per_second(state),
     };
     match member {
         None => {}
@@ -121,6 +139,7 @@ fn own_view(state: &State) -> ClusterView {
                     url: m.url,
                     partitions: m.partitions,
                     state: None,
+                    completed_per_second: None,
                 })
                 .collect();
         }

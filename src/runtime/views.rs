@@ -128,8 +128,14 @@ impl Runtime {
 
     /// The throughput and latency windows of all partitions, merged.
     pub fn windows(&self) -> WindowStats {
-        let parts: Vec<WindowStats> = (self.core.confirmed.iter())
-            .map(|task| task.stats.read().expect("stats lock").windows.clone())
+        self.windows_of(|_| true)
+    }
+
+    /// The windows of the partitions `keep` admits, merged.
+    pub fn windows_of(&self, keep: impl Fn(u32) -> bool) -> WindowStats {
+        let parts: Vec<WindowStats> = (self.core.confirmed.iter().enumerate())
+            .filter(|(partition, _)| keep(*partition as u32))
+            .map(|(_, task)| task.stats.read().expect("stats lock").windows.clone())
             .collect();
         WindowStats::merge(&parts)
     }

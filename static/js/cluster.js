@@ -26,6 +26,8 @@ export function createCluster() {
         h('li', { class: m.id === view.self ? 'self' : '' },
           h('a', { href: m.url, class: 'mono' }, m.url),
           ` partitions ${ranges(m.partitions)}`,
+          m.state ? `, ${m.state.replace('_', ' ')}` : '',
+          m.completed_per_second != null ? `, ${Math.round(m.completed_per_second)} completed/s` : '',
           m.id === view.self ? ' (this instance)' : ''))),
     );
   }
