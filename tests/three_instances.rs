@@ -236,7 +236,11 @@ async fn three_instances_divide_the_work_answer_every_query_and_survive_a_loss()
     b.stop().await;
     let handover = settled_after(&c, &a.base, 2, stopping).await;
     println!("handover after SIGTERM: {} ms", handover.as_millis());
-    assert!(handover < SESSION_TIMEOUT, "took {handover:?}");
+    // Faster than a takeover after a crash, which waits for the session to end.
+    assert!(
+        handover < takeover,
+        "took {handover:?}, a takeover {takeover:?}"
+    );
     accepted.extend(submit(&c, &[&a.base, &third.base], 180..220).await);
     let expected = settle(&c, &third.base, &accepted).await;
     assert_queries_agree(&c, &[&a.base, &third.base], &expected).await;

@@ -75,13 +75,16 @@ async fn cluster(
     let mine = member_state(&view, &view.generation, &view.acting);
     let parts = forward::gather::<ClusterView>(&state, "/api/v1/cluster", &[], &headers).await?;
     for member in &mut view.members {
-        member.state = Some(
-            match (parts.iter().flatten()).find(|(m, _)| m.id == member.id) {
-                None => mine.clone(),
-                Some((_, Ok(part))) => member_state(part, &view.generation, &member.partitions),
-                Some((_, Err(_))) => "unreachable".into(),
-            },
-        );
+        let (state, rate) = match (parts.iter().flatten()).find(|(m, _)| m.id == member.id) {
+            None => (mine.clone(), Some(view.completed_per_second)),
+            Some((_, Ok(part))) => (
+                member_state(part, &view.generation, &member.partitions),
+                Some(part.completed_per_second),
+            ),
+            Some((_, Err(_))) => ("unreachable".into(), None),
+        };
+        member.state = Some(state);
+        member.completed_per_second = rate;
     }
     Ok(Json(view))
 }
