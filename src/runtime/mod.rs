@@ -20,6 +20,9 @@ mod own_writes;
 pub mod ownership;
 mod positions;
 mod snapshot;
+
+/// Store key saying the demo accounts were opened (or came with a snapshot).
+const DEMO_SEEDED: &str = "m/demo_seeded";
 pub mod space;
 mod startup;
 mod supervisor;
@@ -220,10 +223,11 @@ impl Runtime {
         }
     }
 
-    /// Opens the configured demo accounts once, on the first start.
+    /// Opens the configured demo accounts once, on the first start (on a
+    /// cluster, not again by a member restored from the others' snapshots).
     async fn seed_demo_accounts(&self) -> Result<(), RuntimeError> {
         let demo = &self.core.config.demo;
-        const MARKER: &str = "m/demo_seeded";
+        const MARKER: &str = DEMO_SEEDED;
         if demo.accounts == 0 || self.core.store.get::<u32>(MARKER)?.is_some() {
             return Ok(());
         }

@@ -218,7 +218,7 @@ pub(super) async fn restore_missing(
     let secret = &config.cluster.secret;
     let sealer = (!secret.is_empty()).then(|| Sealer::new(secret.expose()));
     let started = Instant::now();
-    let mut restored = 0;
+    let mut restores = Vec::new();
     for partition in 0..config.log.partitions {
         let mut missing = BTreeSet::new();
         for processor in [Inflight::NAME, Accounts::NAME, Confirmed::NAME] {
@@ -226,12 +226,13 @@ pub(super) async fn restore_missing(
                 missing.insert(processor.to_owned());
             }
         }
-        if missing.is_empty() {
-            continue;
+        if !missing.is_empty() {
+            let (tp, sealer) = (topic(config, partition), sealer.as_ref());
+            restores.push(async move { restore_partition(log, store, &tp, sealer, missing).await });
         }
-        let tp = topic(config, partition);
-        restored += restore_partition(log, store, &tp, sealer.as_ref(), missing).await?;
     }
+    // Every partition at once: most of the time goes into waiting for the broker.
+    let restored: usize = (futures::future::try_join_all(restores).await?.into_iter()).sum();
     if restored > 0 {
         tracing::info!(
             restored,

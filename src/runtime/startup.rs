@@ -205,7 +205,10 @@ pub(super) async fn start_tasks(
     if config.scales_out() && targets.is_none() {
         // A task partition this data directory has never held starts from
         // its latest snapshot rather than from the start of the log.
-        super::snapshot::restore_missing(&config, &*log, &store).await?;
+        if super::snapshot::restore_missing(&config, &*log, &store).await? > 0 {
+            // The cluster's state came with the snapshots: no demo accounts to open again.
+            store.put(super::DEMO_SEEDED, &config.demo.accounts)?;
+        }
     }
     let mut checkpoints = Checkpoints::load(&store, config.log.partitions)?;
     if targets.is_none() {

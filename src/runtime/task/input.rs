@@ -152,10 +152,15 @@ impl<P: Processor> TaskLoop<P> {
             .filter(|(kind, _, _)| !(throttled && *kind == SourceTopic::Incoming))
             .map(|(_, tp, next)| Box::pin(log.wait_for(tp, *next, timeout)))
             .collect();
-        // A new assignment wakes the task at once, so that it hands over
-        // (or takes over) without waiting for input or the timeout.
-        let mut assignment = self.core.ownership.changes();
-        let reassigned = assignment.changed();
+        // On a cluster, a new assignment wakes the task at once, so that it
+        // hands over (or takes over) without waiting for input or the timeout.
+        let clustered = self.core.board().is_on();
+        let reassigned = async {
+            match clustered {
+                true => drop(self.core.ownership.changes().changed().await),
+                false => std::future::pending().await,
+            }
+        };
         if waits.is_empty() {
             // Every input is held, or a follower is at its owner's position:
             // look again after the timeout.
@@ -167,14 +172,14 @@ impl<P: Processor> TaskLoop<P> {
             tokio::select! {
                 () = tokio::time::sleep(timeout) => {}
                 () = self.core.processors_stop.cancelled() => {}
-                _ = reassigned => {}
+                () = reassigned => {}
             }
             return Ok(());
         }
         tokio::select! {
             (result, _, _) = select_all(waits) => { result?; }
             () = self.core.processors_stop.cancelled() => {}
-            _ = reassigned => {}
+            () = reassigned => {}
         }
         Ok(())
     }
