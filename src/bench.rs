@@ -77,10 +77,12 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     open_accounts(&runtime, args.accounts).await?;
     println!("accounts: {} opened", args.accounts);
 
+    let (cpu_before, written_before) = process_usage();
     let started = Instant::now();
     let submitted = throughput_phase(&runtime, &args).await?;
     wait_terminal(&runtime, submitted).await;
     let elapsed = started.elapsed().as_secs_f64();
+    let (cpu_after, written_after) = process_usage();
     println!(
         "sustained: {:.0} payments/s ({} payments in {:.2} s, {} partitions)",
         submitted as f64 / elapsed,
@@ -88,6 +90,21 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         elapsed,
         runtime.config().log.partitions
     );
+    let cpu = cpu_after - cpu_before;
+    println!(
+        "cpu: {:.0}% during the sustained phase ({cpu:.1} s of CPU, {:.0} µs per payment)",
+        100.0 * cpu / elapsed,
+        1e6 * cpu / submitted.max(1) as f64
+    );
+    let per_payment = |bytes: u64| bytes / submitted.max(1);
+    match (written_before, written_after) {
+        (Some(before), Some(after)) if after > 0 => println!(
+            "written: {} bytes/payment during the sustained phase, {} since start",
+            per_payment(after - before),
+            per_payment(after)
+        ),
+        _ => println!("written: not counted (no write_bytes in /proc/self/io on this kernel)"),
+    }
     if args.rate > 0 {
         latency_phase(&runtime, &args, submitted).await?;
     }
@@ -344,4 +361,33 @@ async fn post_loop(
         }
     }
     Ok(accepted)
+}
+
+/// Clock ticks per second of `/proc/self/stat` (`USER_HZ`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU seconds this process has used so far (user and system, from
+/// `/proc/self/stat`), and the bytes it has caused to be written to storage
+/// (`write_bytes` of `/proc/self/io`); each `0.0`/`None` where not known.
+fn process_usage() -> (f64, Option<u64>) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 on:
+    // utime and stime are fields 14 and 15.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |n: usize| {
+        fields
+            .get(n)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / TICKS_PER_SECOND;
+    let written = std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            (io.lines())
+                .find_map(|line| line.strip_prefix("write_bytes:"))
+                .and_then(|n| n.trim().parse().ok())
+        });
+    (cpu, written)
 }
