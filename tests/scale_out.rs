@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{
-    balances, cluster_env, confirmed, open_accounts, owned_by_members, records_on, signal,
-    submit_range, terminal_status, ACCOUNTS, OPENING,
+    balances, client, cluster_env, confirmed, env_refs, open_accounts, owned_by_members,
+    records_on, signal, submit_range, terminal_status, ACCOUNTS, OPENING,
 };
 use common::{get, kafka_broker, post, wait_until, Binary};
 use kpay::config::KafkaConfig;
@@ -28,13 +28,10 @@ async fn two_instances_share_the_partitions_and_write_each_record_once() {
         topic("KPAY_TOPICS__CONFIRMED"),
         topic("KPAY_TOPICS__INCOMING"),
     );
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let env_refs = env_refs(&env);
     let a = Binary::start(&dir.path().join("a"), &env_refs).await;
     let mut b = Binary::start(&dir.path().join("b"), &env_refs).await;
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let c = client(10);
     let partitions = 8;
     wait_until(Duration::from_secs(30), || async {
         let mut seen: Vec<u64> = owned_by_members(&c, &a.base).await.concat();
@@ -125,13 +122,10 @@ async fn a_stalled_instance_that_wakes_up_moves_no_money_twice() {
     };
     let dir = tempfile::tempdir().unwrap();
     let env = cluster_env(&broker, dir.path());
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let env_refs = env_refs(&env);
     let a = Binary::start(&dir.path().join("a"), &env_refs).await;
     let b = Binary::start(&dir.path().join("b"), &env_refs).await;
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
+    let c = client(2);
     wait_until(Duration::from_secs(30), || async {
         owned_by_members(&c, &a.base).await.len() == 2
     })
@@ -187,13 +181,10 @@ async fn a_rebalance_during_a_pause_keeps_the_cluster_paused() {
     };
     let dir = tempfile::tempdir().unwrap();
     let env = cluster_env(&broker, dir.path());
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let env_refs = env_refs(&env);
     let a = Binary::start(&dir.path().join("a"), &env_refs).await;
     let b = Binary::start(&dir.path().join("b"), &env_refs).await;
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let c = client(10);
     wait_until(Duration::from_secs(30), || async {
         owned_by_members(&c, &a.base).await.len() == 2
     })
@@ -251,13 +242,10 @@ async fn the_rate_limit_is_the_clusters_total() {
     };
     let dir = tempfile::tempdir().unwrap();
     let env = cluster_env(&broker, dir.path());
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let env_refs = env_refs(&env);
     let a = Binary::start(&dir.path().join("a"), &env_refs).await;
     let b = Binary::start(&dir.path().join("b"), &env_refs).await;
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let c = client(10);
     wait_until(Duration::from_secs(30), || async {
         owned_by_members(&c, &a.base).await.len() == 2
             && owned_by_members(&c, &b.base).await.len() == 2
@@ -340,12 +328,9 @@ async fn a_new_instance_restores_from_the_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let mut env = cluster_env(&broker, dir.path());
     env.push(("KPAY_CLUSTER__SNAPSHOT_INTERVAL_MS".into(), "1000".into()));
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let env_refs = env_refs(&env);
     let a = Binary::start(&dir.path().join("a"), &env_refs).await;
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let c = client(10);
     wait_until(Duration::from_secs(30), || async {
         owned_by_members(&c, &a.base).await.len() == 1
     })

@@ -12,7 +12,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    cluster_env, open_accounts, owned_by_members, terminal_status, ACCOUNTS, OPENING,
+    client, cluster_env, env_refs, open_accounts, owned_by_members, terminal_status, ACCOUNTS,
+    OPENING,
 };
 use common::{get, kafka_broker, wait_until, Binary};
 use kpay::model::partition_for;
@@ -156,14 +157,11 @@ async fn three_instances_divide_the_work_answer_every_query_and_survive_a_loss()
     };
     let dir = tempfile::tempdir().unwrap();
     let env = cluster_env(&broker, dir.path());
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let env = env_refs(&env);
     let a = Binary::start(&dir.path().join("a"), &env).await;
     let b = Binary::start(&dir.path().join("b"), &env).await;
     let mut third = Binary::start(&dir.path().join("c"), &env).await;
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let c = client(10);
     let started = Instant::now();
     for base in [&a.base, &b.base, &third.base] {
         settled_after(&c, base, 3, started).await;

@@ -190,10 +190,7 @@ async fn get_account(
             let view = AccountView::from(existing(&state, &id)?);
             Ok(forward::answered_here(&state, Json(view).into_response()))
         }
-        Owner::At(url) => {
-            let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-            forward::forward(&state, &url, path, &headers).await
-        }
+        Owner::At(url) => forward::forward(&state, &url, &uri, &headers).await,
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -147,14 +147,15 @@ pub fn answered_here(state: &State, mut response: Response) -> Response {
     response
 }
 
-/// `GET {url}{path_and_query}` on the owner, with the caller's credentials,
-/// passed back as the owner answered it (status, body, content type).
+/// The request `uri` (`GET`) asked of the owner at `url`, with the caller's
+/// credentials, passed back as the owner answered it (status, body, content type).
 pub async fn forward(
     state: &State,
     url: &str,
-    path_and_query: &str,
+    uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let path_and_query = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     let answer = get(state, url, path_and_query, &[], headers).await?;
     let status = StatusCode::from_u16(answer.status().as_u16())
         .map_err(|_| unreachable_owner(url, "an invalid status"))?;

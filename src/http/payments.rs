@@ -333,8 +333,7 @@ async fn get_payment(
             Ok(forward::answered_here(&state, Json(view).into_response()))
         }
         Owner::At(url) => {
-            let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-            let answer = forward::forward(&state, &url, path, &headers).await?;
+            let answer = forward::forward(&state, &url, &uri, &headers).await?;
             match (answer.status(), accepted_here(&state, &id)) {
                 (StatusCode::NOT_FOUND, Some(view)) => {
                     Ok(forward::answered_here(&state, Json(view).into_response()))

@@ -27,6 +27,19 @@ pub fn cluster_env(broker: &str, dir: &std::path::Path) -> Vec<(String, String)>
     env
 }
 
+/// `env` as the `(&str, &str)` pairs `Binary` takes.
+pub fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// An HTTP client whose every request gives up after `seconds`.
+pub fn client(seconds: u64) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(seconds))
+        .build()
+        .unwrap()
+}
+
 /// Opens `so-0`… with `OPENING` cents each, through `base`.
 pub async fn open_accounts(c: &reqwest::Client, base: &str) {
     for n in 0..ACCOUNTS {
