@@ -55,6 +55,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Print the state store's live data per table against its size on disk
+    /// (the server must be stopped).
+    StoreSize,
 }
 
 /// Stdout logs (text, or JSON lines), filtered by `RUST_LOG` (default
@@ -114,6 +117,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kpay::app::serve(config, listener, accounts, kpay::control::shutdown_signal()).await
         }
         Command::Bench(args) => kpay::bench::run(config, args).await,
+        Command::StoreSize => {
+            let size = kpay::ops::store_size::measure(&config)?;
+            print!("{}", kpay::ops::store_size::render(&size));
+            Ok(())
+        }
         Command::Rebuild { dry_run } => {
             let reports = kpay::ops::rebuild::run(config, dry_run).await?;
             print!("{}", kpay::ops::rebuild::render(&reports));

@@ -6,8 +6,9 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{post, skip_or_fail_in_ci, terminal, TestServer};
+use common::{post, skip_or_fail_in_ci, terminal, wait_until, TestServer};
 use serde_json::json;
 
 fn promtool_check(text: &str) -> Option<(bool, String)> {
@@ -36,7 +37,14 @@ async fn exposition_is_valid_and_tells_the_business_story() {
     for n in 0..3 {
         terminal(&c, &server.base, &format!("m{n}")).await;
     }
-    let response = c.get(server.url("/metrics")).send().await.unwrap();
+    // Tasks checkpoint within their commit interval (500 ms) once idle.
+    let metrics = server.url("/metrics");
+    wait_until(Duration::from_secs(5), || async {
+        let text = c.get(&metrics).send().await.unwrap().text().await.unwrap();
+        text.contains("kpay_checkpoint_duration_seconds_bucket{")
+    })
+    .await;
+    let response = c.get(&metrics).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.headers()["content-type"]
         .to_str()

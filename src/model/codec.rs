@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{Envelope, Event, PaymentRef, Submitter};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u8 = 2;
+pub const SCHEMA_VERSION: u8 = 3;
 
 /// Largest encoded event accepted; anything bigger is refused, not allocated.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;

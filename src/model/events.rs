@@ -202,17 +202,20 @@ pub enum Event {
     /// `payment.inflight`, keyed by `from`: take the money.
     Debit {
         payment: PaymentRef,
+        #[serde(with = "super::lineage")]
         lineage: Vec<Hop>,
     },
     /// `payment.inflight`, keyed by `to`: give the money.
     Credit {
         payment: PaymentRef,
+        #[serde(with = "super::lineage")]
         lineage: Vec<Hop>,
     },
     /// `payment.inflight`, keyed by `from`: the credit failed, give it back.
     Refund {
         payment: PaymentRef,
         reason: Reason,
+        #[serde(with = "super::lineage")]
         lineage: Vec<Hop>,
     },
     /// `payment.complete` and `payment.confirmed`, keyed by payment id.
@@ -220,6 +223,7 @@ pub enum Event {
         payment: PaymentRef,
         outcome: Outcome,
         completed_at_ms: i64,
+        #[serde(with = "super::lineage")]
         lineage: Vec<Hop>,
     },
     /// `control.commands`: an operator's command, applied in order.

@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod events;
+pub mod lineage;
 pub mod seal;
 
 pub use events::*;

@@ -8,3 +8,4 @@ pub mod dlq;
 pub mod journal;
 pub mod logs;
 pub mod rebuild;
+pub mod store_size;

@@ -27,6 +27,7 @@ pub struct PaymentState {
     /// When it reached its terminal state.
     pub completed_at_ms: Option<i64>,
     /// Every hop it took, in order.
+    #[serde(serialize_with = "crate::model::lineage::serialize")]
     pub lineage: Vec<Hop>,
     /// Who submitted it; `None` for records other producers wrote (see
     /// `model::Submitter`). Last, so rows written before it read as `None`.

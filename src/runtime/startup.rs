@@ -227,8 +227,7 @@ pub(super) async fn start_tasks(
         super::positions::start(&core);
         let _ = core.snapshots.set(super::snapshot::start(&core));
     }
-    note_stored_keys(&core.store, &core.inflight)?;
-    note_stored_keys(&core.store, &core.accounts)?;
+    fill_presence_filters(&core);
     spawn_tasks(&core, checkpoints, targets);
     Ok(core)
 }
@@ -361,13 +360,49 @@ fn shared_views<P: Processor>(
         .collect()
 }
 
-/// Fills each task's presence filter with the keys already in the store.
+/// Fills the presence filters with the keys already in the store, on a
+/// thread of its own: the tasks start at once and ask the store for every
+/// key until their filter is complete (a scan of a million rows takes
+/// seconds). A failed scan leaves the filters incomplete: still correct.
+fn fill_presence_filters(core: &Arc<Core>) {
+    let core = core.clone();
+    let fill = move || {
+        // Stops early on shutdown, so that the store is not held open.
+        let stop = &core.shutdown;
+        let filled = note_stored_keys(&core.store, &core.inflight, stop)
+            .and_then(|()| note_stored_keys(&core.store, &core.accounts, stop));
+        match filled {
+            Ok(()) if stop.is_cancelled() => {}
+            Ok(()) => {
+                core.inflight
+                    .iter()
+                    .for_each(|view| view.presence_complete());
+                core.accounts
+                    .iter()
+                    .for_each(|view| view.presence_complete());
+            }
+            Err(error) => {
+                tracing::warn!(%error, "presence filters not filled: every lookup asks the store")
+            }
+        }
+    };
+    if let Err(error) = std::thread::Builder::new()
+        .name("kpay-presence".into())
+        .spawn(fill)
+    {
+        tracing::warn!(%error, "presence filters not filled: every lookup asks the store");
+    }
+}
+
+/// Adds the keys already in the store to each task's presence filter.
 fn note_stored_keys<P: Processor>(
     store: &Store,
     views: &[Arc<TaskView<P>>],
+    stop: &CancellationToken,
 ) -> Result<(), StoreError> {
     let partitions = views.len() as u32;
     store.for_each_key(P::TABLE, |key| {
         views[partition_for(key, partitions) as usize].note_present(key);
+        !stop.is_cancelled()
     })
 }

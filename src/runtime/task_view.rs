@@ -4,7 +4,7 @@
 //! the views, the flusher and the ingest sequencers read it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use fastbloom::AtomicBloomFilter;
@@ -48,6 +48,10 @@ pub(super) struct TaskView<P: Processor> {
     /// miss here skips the store lookup, which most new payment ids would
     /// otherwise pay twice (ingest dedup and admission).
     pub(super) presence: AtomicBloomFilter,
+    /// Set once `presence` holds every key stored before the start (filled
+    /// in the background, so that a large store does not delay readiness);
+    /// until then every lookup asks the store.
+    pub(super) presence_filled: AtomicBool,
     /// Why the task is down (failed, waiting to be restarted), until it is
     /// through a batch again.
     pub(super) down: Mutex<Option<String>>,
@@ -61,6 +65,7 @@ impl<P: Processor> TaskView<P> {
     ) -> Self {
         Self {
             presence: AtomicBloomFilter::with_false_pos(0.01).expected_items(filter_items.max(1)),
+            presence_filled: AtomicBool::new(false),
             partition,
             rows: RwLock::new(HashMap::new()),
             stats: RwLock::new(checkpoint.stats.clone()),
@@ -91,7 +96,7 @@ impl<P: Processor> TaskView<P> {
         core: &Core,
         key: &str,
     ) -> Result<Option<(P::State, StoredBytes)>, RuntimeError> {
-        if !self.presence.contains(key) {
+        if self.presence_filled.load(Ordering::Acquire) && !self.presence.contains(key) {
             return Ok(None);
         }
         Ok(core.store.get_raw(&row_key(P::TABLE, key))?)
@@ -100,6 +105,11 @@ impl<P: Processor> TaskView<P> {
     /// Records that `key` exists in the store (called for rows found at start).
     pub(super) fn note_present(&self, key: &str) {
         self.presence.insert(key);
+    }
+
+    /// Says the presence filter now holds every key stored before the start.
+    pub(super) fn presence_complete(&self) {
+        self.presence_filled.store(true, Ordering::Release);
     }
 
     /// Rows in the cache newer than the store, with keys after `after` (for listings).

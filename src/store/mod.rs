@@ -16,7 +16,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::failpoint::{self, Point};
 use crate::model::SourceTopic;
 mod raw;
-pub use raw::RawRow;
+pub use raw::{RawRow, TableSize};
 
 /// Errors of the state store, with the key or step they concern.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,7 @@ impl StoreError {
 }
 
 /// Layout version of rows and log records; bumped when either changes.
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 4;
 const FORMAT_KEY: &str = "m/format";
 
 fn sled_error(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {
@@ -99,8 +99,9 @@ pub type StoredBytes = sled::IVec;
 /// checkpoint is written in chunks under an undo record (see [`Store::commit`]).
 pub const MAX_BATCH_ROWS: usize = crate::config::MAX_STORE_BATCH_ROWS;
 
-/// One row of a checkpoint: key, new bytes, bytes it replaces (`None`: new row).
-pub type RowWrite = (String, Vec<u8>, Option<StoredBytes>);
+/// One row of a checkpoint: key, new bytes, bytes it replaces (`None`: new
+/// row). The bytes are shared: the batch and the task's cache hold one copy.
+pub type RowWrite = (String, StoredBytes, Option<StoredBytes>);
 
 /// Rows a checkpoint in progress is replacing, with their previous bytes.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -273,16 +274,6 @@ impl Store {
         self.db.scan_prefix(format!("{table}/").as_bytes()).count() as u64
     }
 
-    /// Calls `f` with every key of `table` (without the prefix).
-    pub fn for_each_key(&self, table: &str, mut f: impl FnMut(&str)) -> Result<(), StoreError> {
-        let prefix = format!("{table}/");
-        for item in self.db.scan_prefix(prefix.as_bytes()) {
-            let (key, _) = item.map_err(sled_error(format!("scan {table}")))?;
-            f(&String::from_utf8_lossy(&key[prefix.len()..]));
-        }
-        Ok(())
-    }
-
     /// Every row of `table` in key order (keys without the prefix), decoded lazily.
     pub fn entries<T: DeserializeOwned>(
         &self,
@@ -367,7 +358,7 @@ impl Store {
         for chunk in earlier {
             let mut batch = Batch::default();
             for (key, bytes, _) in *chunk {
-                batch.insert(key.as_bytes(), bytes.as_slice());
+                batch.insert(key.as_bytes(), bytes.clone());
             }
             self.apply(batch)?;
             if failpoint::reached(Point::StoreMidCommit) {
@@ -378,7 +369,7 @@ impl Store {
         }
         let mut batch = Batch::default();
         for (key, bytes, _) in final_chunk {
-            batch.insert(key.as_bytes(), bytes.as_slice());
+            batch.insert(key.as_bytes(), bytes.clone());
         }
         for (key, bytes) in last {
             batch.insert(key.as_bytes(), bytes);
@@ -475,7 +466,7 @@ mod tests {
             .map(|i| {
                 let key = row_key("a", &format!("{i:05}"));
                 let before = old.db.get(&key).unwrap();
-                (key, encode_row(&format!("{tag}{i}")), before)
+                (key, encode_row(&format!("{tag}{i}")).into(), before)
             })
             .collect()
     }
@@ -495,9 +486,10 @@ mod tests {
         );
         // Simulate a crash after the undo record and the first chunk of a second checkpoint.
         let mut second = rows(300, "new", &store);
-        second.extend(
-            (300..600).map(|i| (row_key("a", &format!("{i:05}")), encode_row(&"fresh"), None)),
-        );
+        second.extend((300..600).map(|i| {
+            let key = row_key("a", &format!("{i:05}"));
+            (key, encode_row(&"fresh").into(), None)
+        }));
         let undo = Undo {
             rows: second
                 .iter()
@@ -507,11 +499,11 @@ mod tests {
         store.put("u/t/0", &undo).unwrap();
         let mut batch = Batch::default();
         for (key, bytes, _) in &second[..MAX_BATCH_ROWS] {
-            batch.insert(key.as_bytes(), bytes.as_slice());
+            batch.insert(key.as_bytes(), bytes.clone());
         }
         store.apply(batch).unwrap();
         for (key, bytes, _) in &second[500..] {
-            store.db.insert(key.as_bytes(), bytes.as_slice()).unwrap();
+            store.db.insert(key.as_bytes(), bytes.clone()).unwrap();
         }
         assert_eq!(store.roll_back_partial().unwrap(), 600);
         let all: Vec<(String, String)> = store.scan("a", None, 1_000).unwrap();

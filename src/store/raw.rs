@@ -6,7 +6,38 @@ use super::{sled_error, Batch, Store, StoreError, MAX_BATCH_ROWS};
 /// A stored row: its key and its bytes.
 pub type RawRow = (Vec<u8>, Vec<u8>);
 
+/// Rows and bytes (keys and values) of one table, by its key prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableSize {
+    pub table: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
 impl Store {
+    /// The live data per table (the key up to its first `/`), in key order:
+    /// what the store would hold with no overhead at all. A full scan.
+    pub fn table_sizes(&self) -> Result<Vec<TableSize>, StoreError> {
+        let mut sizes: Vec<TableSize> = Vec::new();
+        for item in self.db.iter() {
+            let (key, value) = item.map_err(sled_error("scan"))?;
+            let table = key.split(|b| *b == b'/').next().unwrap_or_default();
+            if sizes
+                .last()
+                .is_none_or(|last| last.table.as_bytes() != table)
+            {
+                sizes.push(TableSize {
+                    table: String::from_utf8_lossy(table).into_owned(),
+                    ..TableSize::default()
+                });
+            }
+            let last = sizes.last_mut().expect("pushed above");
+            last.rows += 1;
+            last.bytes += (key.len() + value.len()) as u64;
+        }
+        Ok(sizes)
+    }
+
     /// Every row whose key starts with `prefix` and that `keep` admits (by
     /// the key after the prefix), in key order.
     pub fn raw_rows(
@@ -22,6 +53,23 @@ impl Store {
             }
         }
         Ok(rows)
+    }
+
+    /// Calls `f` with every key of `table` (without the prefix), until it
+    /// answers `false`.
+    pub fn for_each_key(
+        &self,
+        table: &str,
+        mut f: impl FnMut(&str) -> bool,
+    ) -> Result<(), StoreError> {
+        let prefix = format!("{table}/");
+        for item in self.db.scan_prefix(prefix.as_bytes()) {
+            let (key, _) = item.map_err(sled_error(format!("scan {table}")))?;
+            if !f(&String::from_utf8_lossy(&key[prefix.len()..])) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// The stored bytes of `key`.

@@ -6,6 +6,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::PaymentState;
+use crate::model::lineage::Lineage;
 
 const FIELDS: &[&str] = &[
     "payment",
@@ -45,7 +46,7 @@ impl<'de> Visitor<'de> for RowVisitor {
             status: required(&mut seq, 1)?,
             reason: required(&mut seq, 2)?,
             completed_at_ms: required(&mut seq, 3)?,
-            lineage: required(&mut seq, 4)?,
+            lineage: required::<Lineage, _>(&mut seq, 4)?.0,
             // The end of a row written before attribution: postcard reports
             // it as an error, which here means "absent".
             submitted_by: seq.next_element().unwrap_or(None).flatten(),
@@ -66,6 +67,7 @@ mod tests {
         status: PaymentStatus,
         reason: Option<crate::model::Reason>,
         completed_at_ms: Option<i64>,
+        #[serde(with = "crate::model::lineage")]
         lineage: Vec<crate::model::Hop>,
     }
 

@@ -4,6 +4,30 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+/// A row as [`TaskLoop::load_state`] found it.
+pub(super) struct Loaded<S> {
+    pub(super) key: Option<String>,
+    pub(super) state: Option<S>,
+    /// Its bytes in the store, if stored.
+    pub(super) stored: Option<StoredBytes>,
+    /// Taken from the cache, with its `dirty` flag; `None`: not cached.
+    pub(super) cached: Option<bool>,
+}
+
+impl<S> Default for Loaded<S> {
+    fn default() -> Self {
+        Self {
+            key: None,
+            state: None,
+            stored: None,
+            cached: None,
+        }
+    }
+}
+
+/// Records to append, per topic-partition, in emit order.
+pub(super) type Groups = BTreeMap<TopicPartition, Vec<Record>>;
+
 use bytes::Bytes;
 use futures::future::try_join_all;
 
@@ -11,7 +35,7 @@ use super::{error_class, TaskLoop, LOG_RETRY_PAUSE};
 use crate::failpoint::{self, Point};
 use crate::log::{Record, StoredRecord, TopicPartition};
 use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
-use crate::pipeline::{Ctx, Emit, OutTopic, Processor};
+use crate::pipeline::{Ctx, Emit, OutTopic, ProcessError, Processor};
 use crate::runtime::core::authenticated;
 use crate::runtime::dead_letter::DeadLetter;
 use crate::runtime::task_view::Row;
@@ -64,19 +88,8 @@ impl<P: Processor> TaskLoop<P> {
             if instrumented && P::OBSERVED {
                 core.observer.observe(&envelope.event);
             }
-            let key = P::state_key(&envelope.event).map(str::to_owned);
-            let (mut state, stored_bytes) = self.load_state(&rows, key.as_deref())?;
-            let was_kept = state.as_ref().and_then(P::retention).is_some();
-            match P::handle(&mut state, &mut stats, envelope.event, &ctx) {
+            match self.handle(&mut rows, &mut stats, envelope.event, &ctx)? {
                 Ok(emit) => {
-                    if let (Some(key), Some(value)) = (key, state) {
-                        let row = Row {
-                            value,
-                            dirty: true,
-                            stored: stored_bytes,
-                        };
-                        self.keep_row(&mut rows, key, row, was_kept);
-                    }
                     let source = Source {
                         topic: ctx.topic,
                         partition: ctx.partition,
@@ -93,6 +106,53 @@ impl<P: Processor> TaskLoop<P> {
         self.publish_positions();
         self.uncommitted = true;
         Ok(outputs)
+    }
+
+    /// Runs the processor on `event` with its row (taken from the cache or
+    /// read from the store) and keeps the changed row, dirty; on the
+    /// processor's error the row goes back as it was.
+    fn handle(
+        &mut self,
+        rows: &mut HashMap<String, Row<P::State>>,
+        stats: &mut P::Stats,
+        event: Event,
+        ctx: &Ctx,
+    ) -> Result<Result<Option<Emit>, ProcessError>, RuntimeError> {
+        let Loaded {
+            key,
+            mut state,
+            stored,
+            cached,
+        } = self.load_state(rows, P::state_key(&event))?;
+        let was_kept = state.as_ref().and_then(P::retention).is_some();
+        let handled = P::handle(&mut state, stats, event, ctx);
+        match (key, state) {
+            // Unchanged (the processor's contract on error): back as it was.
+            (Some(key), Some(value)) if handled.is_err() => {
+                if let Some(dirty) = cached {
+                    rows.insert(
+                        key,
+                        Row {
+                            value,
+                            dirty,
+                            stored,
+                        },
+                    );
+                }
+            }
+            // Processors create and change rows, never delete them.
+            (Some(key), Some(value)) => {
+                let new = cached.is_none() && stored.is_none();
+                let row = Row {
+                    value,
+                    dirty: true,
+                    stored,
+                };
+                self.keep_row(rows, key, row, was_kept, new);
+            }
+            _ => {}
+        }
+        Ok(handled)
     }
 
     /// The record's event. On an authenticated topic with a cluster secret
@@ -145,11 +205,14 @@ impl<P: Processor> TaskLoop<P> {
         key: String,
         row: Row<P::State>,
         was_kept: bool,
+        new: bool,
     ) {
         if let Some(at_ms) = P::retention(&row.value).filter(|_| !was_kept) {
             self.newly_kept.push((at_ms, key.clone()));
         }
-        self.task.presence.insert(key.as_str());
+        if new {
+            self.task.presence.insert(key.as_str());
+        }
         self.dirty_rows += 1;
         rows.insert(key, row);
     }
@@ -188,21 +251,33 @@ impl<P: Processor> TaskLoop<P> {
         }
     }
 
-    /// The current row for `key` and its stored bytes: cache, else store.
+    /// The current row for `key` and its stored bytes: taken out of the
+    /// cache (the caller puts it back), else read from the store.
     pub(super) fn load_state(
         &self,
-        rows: &HashMap<String, Row<P::State>>,
+        rows: &mut HashMap<String, Row<P::State>>,
         key: Option<&str>,
-    ) -> Result<(Option<P::State>, Option<StoredBytes>), RuntimeError> {
+    ) -> Result<Loaded<P::State>, RuntimeError> {
         let Some(key) = key else {
-            return Ok((None, None));
+            return Ok(Loaded::default());
         };
-        if let Some(row) = rows.get(key) {
-            return Ok((Some(row.value.clone()), row.stored.clone()));
+        if let Some((key, row)) = rows.remove_entry(key) {
+            return Ok(Loaded {
+                key: Some(key),
+                state: Some(row.value),
+                stored: row.stored,
+                cached: Some(row.dirty),
+            });
         }
-        Ok(match self.task.load_raw(&self.core, key)? {
+        let (state, stored) = match self.task.load_raw(&self.core, key)? {
             Some((value, bytes)) => (Some(value), Some(bytes)),
             None => (None, None),
+        };
+        Ok(Loaded {
+            key: Some(key.to_owned()),
+            state,
+            stored,
+            cached: None,
         })
     }
 
@@ -249,16 +324,15 @@ impl<P: Processor> TaskLoop<P> {
         }
     }
 
-    /// Appends outputs and dead letters, grouped per topic-partition in emit
-    /// order, and returns once all are durable.
-    pub(super) async fn produce(&mut self, outputs: &[(Emit, Source)]) -> Result<(), RuntimeError> {
-        let core = self.core.clone();
+    /// Encodes a batch's outputs into records, grouped per topic-partition
+    /// in emit order (once: a retried append sends the same records).
+    pub(super) fn encode_outputs(&self, outputs: Vec<(Emit, Source)>) -> Groups {
+        let core = &self.core;
         let topics = &core.config.topics;
         let partitions = core.config.log.partitions;
-        let mut groups: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
+        let mut groups = Groups::new();
         let now = now_ms();
         for (emit, source) in outputs {
-            let (emit, source) = (emit.clone(), *source);
             let topic = match emit.topic {
                 OutTopic::Incoming => &topics.incoming,
                 OutTopic::Inflight => &topics.inflight,
@@ -266,7 +340,6 @@ impl<P: Processor> TaskLoop<P> {
                 OutTopic::Confirmed => &topics.confirmed,
             };
             let tp = TopicPartition::new(topic.clone(), partition_for(&emit.key, partitions));
-            let envelope = Envelope::new(Some(source), emit.event);
             let kind = match emit.topic {
                 // `payment.confirmed` is for outside consumers: public JSON.
                 OutTopic::Confirmed => None,
@@ -274,6 +347,7 @@ impl<P: Processor> TaskLoop<P> {
                 OutTopic::Inflight => Some(SourceTopic::Inflight),
                 OutTopic::Complete => Some(SourceTopic::Complete),
             };
+            let envelope = Envelope::new(Some(source), emit.event);
             let value = match kind {
                 Some(kind) => core.seal(kind, emit.key.as_bytes(), codec::encode(&envelope)),
                 None => codec::encode_completed_json(&envelope.event)
@@ -285,6 +359,18 @@ impl<P: Processor> TaskLoop<P> {
                 timestamp_ms: now,
             });
         }
+        groups
+    }
+
+    /// Appends encoded outputs and the dead letters not yet published, and
+    /// returns once all are durable.
+    pub(super) async fn produce(&mut self, outputs: &Groups) -> Result<(), RuntimeError> {
+        let core = self.core.clone();
+        let topics = &core.config.topics;
+        let partitions = core.config.log.partitions;
+        // Records share their bytes: the copy is cheap.
+        let mut groups = outputs.clone();
+        let now = now_ms();
         for letter in self.dead_letters.iter().filter(|l| !l.published) {
             let tp = TopicPartition::new(topics.dlq.clone(), letter.source_partition % partitions);
             groups.entry(tp).or_default().push(letter.to_record(now));

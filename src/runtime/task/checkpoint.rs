@@ -23,7 +23,10 @@ impl<P: Processor> TaskLoop<P> {
             let rows = self.task.rows.read().expect("rows lock");
             rows.iter()
                 .filter(|(_, row)| row.dirty)
-                .map(|(key, row)| (key.clone(), encode_row(&row.value), row.stored.clone()))
+                .map(|(key, row)| {
+                    let bytes = StoredBytes::from(encode_row(&row.value));
+                    (key.clone(), bytes, row.stored.clone())
+                })
                 .collect()
         };
         let mut last: Vec<(String, Vec<u8>)> = Vec::new();
@@ -63,7 +66,7 @@ impl<P: Processor> TaskLoop<P> {
         for entry in parts_by_size(&newly_kept, |(_, key)| key.len() + 10) {
             let (at_ms, key) = &entry[0];
             let entry_key = kept_key(P::TABLE, partition, *at_ms, key);
-            store_rows.push((entry_key, encode_row(&entry), None));
+            store_rows.push((entry_key, encode_row(&entry).into(), None));
         }
         last.push((
             checkpoint_key(P::NAME, partition),
@@ -201,7 +204,7 @@ impl<P: Processor> TaskLoop<P> {
         for (key, bytes, _) in writes {
             if let Some(row) = rows.get_mut(&key) {
                 row.dirty = false;
-                row.stored = Some(StoredBytes::from(bytes));
+                row.stored = Some(bytes);
             }
         }
         rows.retain(|_, row| row.dirty || !P::is_settled(&row.value));

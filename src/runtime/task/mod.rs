@@ -26,8 +26,8 @@ use super::task_view::TaskView;
 use super::RuntimeError;
 use crate::failpoint::{self, Point};
 use crate::log::TopicPartition;
-use crate::model::{Source, SourceTopic};
-use crate::pipeline::{Emit, Processor};
+use crate::model::SourceTopic;
+use crate::pipeline::Processor;
 use crate::store::{AppliedKey, Checkpoint};
 
 /// The running state of one task, owned by its loop.
@@ -122,10 +122,19 @@ pub async fn run<P: Processor>(
         if batch.is_empty() {
             // Through a read with nothing to do: up again after a restart.
             state.task.mark_up();
-            if state.uncommitted {
+            // Idle with changes: checkpoint once the commit interval is up
+            // (not at every pause, which would write busy rows per batch).
+            let since = state.last_commit.elapsed();
+            if state.uncommitted && since >= commit_every {
                 state.checkpoint()?;
             }
-            match state.wait_for_input(commit_every).await {
+            let wait = match state.uncommitted {
+                true => commit_every
+                    .saturating_sub(since)
+                    .max(Duration::from_millis(1)),
+                false => commit_every,
+            };
+            match state.wait_for_input(wait).await {
                 Err(RuntimeError::Log(error)) if error.is_transient() => {
                     state.pause_for_log(&error).await;
                 }
@@ -135,7 +144,8 @@ pub async fn run<P: Processor>(
         }
         let outputs = state.apply(batch)?;
         if state.until.is_none() && state.owner {
-            state.produce_until_durable(&outputs).await?;
+            let records = state.encode_outputs(outputs);
+            state.produce_until_durable(&records).await?;
             failpoint::pass(Point::TaskAfterProduce);
         }
         state.task.mark_up();
@@ -193,10 +203,7 @@ impl<P: Processor> TaskLoop<P> {
 
     /// Appends a batch's outputs, retrying while the log is unavailable or
     /// its device full, until they are durable or the processors stop.
-    async fn produce_until_durable(
-        &mut self,
-        outputs: &[(Emit, Source)],
-    ) -> Result<(), RuntimeError> {
+    async fn produce_until_durable(&mut self, outputs: &apply::Groups) -> Result<(), RuntimeError> {
         let core = self.core.clone();
         loop {
             match self.produce(outputs).await {
