@@ -107,6 +107,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     kpay::failpoint::arm_from_env().map_err(anyhow::Error::msg)?;
     match cli.command.unwrap_or(Command::Serve { bootstrap: None }) {
         Command::Serve { bootstrap } => {
+            // Installed first: a SIGTERM during the start waits for the drain.
+            let stop = kpay::control::shutdown_signal();
             let accounts = match &bootstrap {
                 Some(path) => kpay::control::bootstrap::read(path, config.limits.max_amount_cents)?,
                 None => Vec::new(),
@@ -114,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.server.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-            kpay::app::serve(config, listener, accounts, kpay::control::shutdown_signal()).await
+            kpay::app::serve(config, listener, accounts, stop).await
         }
         Command::Bench(args) => kpay::bench::run(config, args).await,
         Command::StoreSize => {

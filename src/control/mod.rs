@@ -6,30 +6,30 @@
 
 pub mod bootstrap;
 
-/// Resolves when the process is asked to stop.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C). The
+/// handlers are installed when this is called, not when it is first awaited:
+/// a signal that arrives while the server is still starting is kept for
+/// then, instead of ending the process the default way (killed, no drain).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        let wait = |name: &'static str, installed: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match installed {
+                Ok(mut signal) => drop(signal.recv().await),
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for {name}");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+        };
+        tokio::select! {
+            () = wait("SIGTERM", terminate) => {}
+            () = wait("Ctrl-C", interrupt) => {}
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+        tracing::info!("shutdown requested: stopping intake and draining");
     }
-    tracing::info!("shutdown requested: stopping intake and draining");
 }
 
 use std::time::Duration;
