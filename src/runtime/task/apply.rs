@@ -4,6 +4,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use bytes::Bytes;
+use futures::future::try_join_all;
+
+use super::{error_class, TaskLoop, LOG_RETRY_PAUSE};
+use crate::failpoint::{self, Point};
+use crate::log::{Record, StoredRecord, TopicPartition};
+use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
+use crate::pipeline::{Ctx, Emit, OutTopic, ProcessError, Processor};
+use crate::runtime::core::authenticated;
+use crate::runtime::dead_letter::DeadLetter;
+use crate::runtime::task_view::Row;
+use crate::runtime::RuntimeError;
+use crate::store::StoredBytes;
+
 /// A row as [`TaskLoop::load_state`] found it.
 pub(super) struct Loaded<S> {
     pub(super) key: Option<String>,
@@ -27,20 +41,6 @@ impl<S> Default for Loaded<S> {
 
 /// Records to append, per topic-partition, in emit order.
 pub(super) type Groups = BTreeMap<TopicPartition, Vec<Record>>;
-
-use bytes::Bytes;
-use futures::future::try_join_all;
-
-use super::{error_class, TaskLoop, LOG_RETRY_PAUSE};
-use crate::failpoint::{self, Point};
-use crate::log::{Record, StoredRecord, TopicPartition};
-use crate::model::{codec, now_ms, partition_for, Envelope, Event, Source, SourceTopic};
-use crate::pipeline::{Ctx, Emit, OutTopic, ProcessError, Processor};
-use crate::runtime::core::authenticated;
-use crate::runtime::dead_letter::DeadLetter;
-use crate::runtime::task_view::Row;
-use crate::runtime::RuntimeError;
-use crate::store::StoredBytes;
 
 impl<P: Processor> TaskLoop<P> {
     /// Applies a batch to the state; returns the records to append.
