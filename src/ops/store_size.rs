@@ -26,8 +26,13 @@ pub fn measure(config: &Config) -> anyhow::Result<StoreSize> {
         config.data.dir.display()
     );
     let store = Store::open(&dir, config.data.state_cache_bytes)?;
+    measure_open(&store, &dir)
+}
+
+/// Measures an open store whose files are under `dir`.
+pub fn measure_open(store: &Store, dir: &std::path::Path) -> anyhow::Result<StoreSize> {
     let tables = store.table_sizes()?;
-    let disk_bytes = dir_bytes(&dir);
+    let disk_bytes = dir_bytes(dir);
     Ok(StoreSize { tables, disk_bytes })
 }
 
@@ -75,15 +80,15 @@ mod tests {
     fn counts_rows_and_bytes_per_table() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
-        config.data.dir = dir.path().to_path_buf();
-        {
-            let store = Store::open(&dir.path().join("state"), 1 << 20).unwrap();
-            store.put("a/x", &7u8).unwrap();
-            store.put("a/yy", &8u8).unwrap();
-            store.put("p/z", &"abc").unwrap();
-            store.flush_blocking().unwrap();
-        }
-        let size = measure(&config).unwrap();
+        config.data.dir = dir.path().join("nothing here");
+        let error = measure(&config).err().unwrap().to_string();
+        assert!(error.contains("no state store"), "{error}");
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        store.put("a/x", &7u8).unwrap();
+        store.put("a/yy", &8u8).unwrap();
+        store.put("p/z", &"abc").unwrap();
+        store.flush_blocking().unwrap();
+        let size = measure_open(&store, dir.path()).unwrap();
         let tables: Vec<_> = size
             .tables
             .iter()
