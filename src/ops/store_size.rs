@@ -26,29 +26,14 @@ pub fn measure(config: &Config) -> anyhow::Result<StoreSize> {
         config.data.dir.display()
     );
     let store = Store::open(&dir, config.data.state_cache_bytes)?;
-    measure_open(&store, &dir)
+    measure_open(&store)
 }
 
-/// Measures an open store whose files are under `dir`.
-pub fn measure_open(store: &Store, dir: &std::path::Path) -> anyhow::Result<StoreSize> {
+/// Measures an open store.
+pub fn measure_open(store: &Store) -> anyhow::Result<StoreSize> {
     let tables = store.table_sizes()?;
-    let disk_bytes = dir_bytes(dir);
+    let disk_bytes = store.disk_bytes();
     Ok(StoreSize { tables, disk_bytes })
-}
-
-/// Bytes of the files under `dir`.
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| match entry.metadata() {
-            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
-            Ok(meta) => meta.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// The table, with a last line a script can read: `live_bytes=… disk_bytes=…`.
@@ -75,7 +60,7 @@ pub fn render(size: &StoreSize) -> String {
 mod tests {
     use super::*;
 
-    // Rows are counted per table with their key and value bytes; the disk figure is the files' size.
+    // Rows are counted per table with their key and value bytes; the disk figure is sled's files' size.
     #[test]
     fn counts_rows_and_bytes_per_table() {
         let dir = tempfile::tempdir().unwrap();
@@ -88,7 +73,7 @@ mod tests {
         store.put("a/yy", &8u8).unwrap();
         store.put("p/z", &"abc").unwrap();
         store.flush_blocking().unwrap();
-        let size = measure_open(&store, dir.path()).unwrap();
+        let size = measure_open(&store).unwrap();
         let tables: Vec<_> = size
             .tables
             .iter()

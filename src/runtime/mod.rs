@@ -20,9 +20,6 @@ mod own_writes;
 pub mod ownership;
 mod positions;
 mod snapshot;
-
-/// Store key saying the demo accounts were opened (or came with a snapshot).
-const DEMO_SEEDED: &str = "m/demo_seeded";
 pub mod space;
 mod startup;
 mod supervisor;
@@ -50,6 +47,9 @@ use crate::pipeline::account::Accounts;
 use crate::pipeline::control::ControlState;
 use crate::pipeline::Processor;
 use crate::store::{Store, StoreError};
+
+/// Store key saying the demo accounts were opened (or came with a snapshot).
+const DEMO_SEEDED: &str = "m/demo_seeded";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -227,8 +227,7 @@ impl Runtime {
     /// cluster, not again by a member restored from the others' snapshots).
     async fn seed_demo_accounts(&self) -> Result<(), RuntimeError> {
         let demo = &self.core.config.demo;
-        const MARKER: &str = DEMO_SEEDED;
-        if demo.accounts == 0 || self.core.store.get::<u32>(MARKER)?.is_some() {
+        if demo.accounts == 0 || self.core.store.get::<u32>(DEMO_SEEDED)?.is_some() {
             return Ok(());
         }
         let events = (0..demo.accounts).map(|n| Event::OpenAccount {
@@ -237,7 +236,7 @@ impl Runtime {
             at_ms: now_ms(),
         });
         self.append_account_events(events.collect()).await?;
-        self.core.store.put(MARKER, &demo.accounts)?;
+        self.core.store.put(DEMO_SEEDED, &demo.accounts)?;
         Ok(())
     }
 

@@ -28,17 +28,6 @@ pub(super) struct Loaded<S> {
     pub(super) cached: Option<bool>,
 }
 
-impl<S> Default for Loaded<S> {
-    fn default() -> Self {
-        Self {
-            key: None,
-            state: None,
-            stored: None,
-            cached: None,
-        }
-    }
-}
-
 /// Records to append, per topic-partition, in emit order.
 pub(super) type Groups = BTreeMap<TopicPartition, Vec<Record>>;
 
@@ -259,7 +248,12 @@ impl<P: Processor> TaskLoop<P> {
         key: Option<&str>,
     ) -> Result<Loaded<P::State>, RuntimeError> {
         let Some(key) = key else {
-            return Ok(Loaded::default());
+            return Ok(Loaded {
+                key: None,
+                state: None,
+                stored: None,
+                cached: None,
+            });
         };
         if let Some((key, row)) = rows.remove_entry(key) {
             return Ok(Loaded {

@@ -128,11 +128,13 @@ pub async fn run<P: Processor>(
             if state.uncommitted && since >= commit_every {
                 state.checkpoint()?;
             }
-            let wait = match state.uncommitted {
-                true => commit_every
+            // Until the next checkpoint is due, or one interval when none is.
+            let wait = if state.uncommitted {
+                commit_every
                     .saturating_sub(since)
-                    .max(Duration::from_millis(1)),
-                false => commit_every,
+                    .max(Duration::from_millis(1))
+            } else {
+                commit_every
             };
             match state.wait_for_input(wait).await {
                 Err(RuntimeError::Log(error)) if error.is_transient() => {
