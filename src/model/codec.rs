@@ -1,7 +1,9 @@
 //! Bytes ⇄ events. Plain sync functions; the runtime routes failures to the DLQ.
 //!
-//! Internal format: one schema-version byte, then the postcard encoding of
-//! [`Envelope`]. Public formats are JSON: a payment on `payment.incoming`
+//! Internal format: one schema-version byte, the postcard encoding of
+//! [`Envelope`], then that of who submitted it (an `Option`: kpay's intake
+//! writes submitted payments in this format too, a third the size of the
+//! JSON). Public formats are JSON: a payment on `payment.incoming`
 //! (`{"id","from","to","amount"}`, which any Kafka client may write; a value
 //! starting with `{` is read as one) and a completion on `payment.confirmed`.
 //! A reader accepts the versions it knows and refuses the rest by name.
@@ -13,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{Envelope, Event, PaymentRef, Submitter};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u8 = 3;
+pub const SCHEMA_VERSION: u8 = 4;
 
 /// Largest encoded event accepted; anything bigger is refused, not allocated.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
@@ -32,11 +34,25 @@ pub enum DecodeError {
     Malformed(String),
 }
 
+/// Who submitted a payment, as the binary format carries it.
+#[derive(Serialize, Deserialize)]
+struct WireSubmitter<'a> {
+    principal: std::borrow::Cow<'a, str>,
+    source: std::borrow::Cow<'a, str>,
+    tag: Option<std::borrow::Cow<'a, str>>,
+}
+
 pub fn encode(envelope: &Envelope) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
     out.push(SCHEMA_VERSION);
+    let by = envelope.submitted_by.as_ref().map(|by| WireSubmitter {
+        principal: by.principal.as_str().into(),
+        source: by.source.as_str().into(),
+        tag: by.tag.as_deref().map(Into::into),
+    });
     // Serializing plain structs into a Vec cannot fail.
     postcard::to_io(envelope, &mut out).expect("postcard into a Vec is infallible");
+    postcard::to_io(&by, &mut out).expect("postcard into a Vec is infallible");
     out
 }
 
@@ -51,7 +67,15 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     if version != SCHEMA_VERSION {
         return Err(DecodeError::UnknownVersion(version));
     }
-    postcard::from_bytes(body).map_err(|error| DecodeError::Malformed(error.to_string()))
+    let malformed = |error: postcard::Error| DecodeError::Malformed(error.to_string());
+    let (mut envelope, rest) = postcard::take_from_bytes::<Envelope>(body).map_err(malformed)?;
+    let (by, _) = postcard::take_from_bytes::<Option<WireSubmitter>>(rest).map_err(malformed)?;
+    envelope.submitted_by = by.map(|by| Submitter {
+        principal: by.principal.into_owned(),
+        source: by.source.into_owned(),
+        tag: by.tag.map(|tag| tag.into_owned()),
+    });
+    Ok(envelope)
 }
 
 /// A payment as JSON, the public format of `payment.incoming` (what any
@@ -114,23 +138,6 @@ fn decode_json_payment(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     Ok(envelope)
 }
 
-/// A submitted payment in the public JSON format of `payment.incoming`.
-pub fn encode_payment_json(payment: &PaymentRef, submitted_by: Option<&Submitter>) -> Vec<u8> {
-    serde_json::to_vec(&JsonPayment {
-        id: payment.id.clone(),
-        from: payment.from.clone(),
-        to: payment.to.clone(),
-        amount: payment.amount_cents,
-        accepted_at: Some(payment.accepted_at_ms),
-        submitted_by: submitted_by.map(|by| JsonSubmitter {
-            principal: by.principal.clone(),
-            source: by.source.clone(),
-            tag: by.tag.clone(),
-        }),
-    })
-    .expect("plain struct serializes")
-}
-
 /// A completion in the public JSON format of `payment.confirmed`; `None`
 /// for any other event.
 pub fn encode_completed_json(event: &Event) -> Option<Vec<u8>> {
@@ -161,6 +168,23 @@ mod tests {
     use super::*;
     use crate::model::*;
     use proptest::prelude::*;
+
+    /// A payment in the public JSON format, as any Kafka client may write it.
+    fn encode_payment_json(payment: &PaymentRef, submitted_by: Option<&Submitter>) -> Vec<u8> {
+        serde_json::to_vec(&JsonPayment {
+            id: payment.id.clone(),
+            from: payment.from.clone(),
+            to: payment.to.clone(),
+            amount: payment.amount_cents,
+            accepted_at: Some(payment.accepted_at_ms),
+            submitted_by: submitted_by.map(|by| JsonSubmitter {
+                principal: by.principal.clone(),
+                source: by.source.clone(),
+                tag: by.tag.clone(),
+            }),
+        })
+        .expect("plain struct serializes")
+    }
 
     fn arb_payment() -> impl Strategy<Value = PaymentRef> {
         (
@@ -228,6 +252,17 @@ mod tests {
         fn round_trip(event in arb_event(), offset in any::<u64>(), partition in 0u32..64) {
             let envelope = Envelope::new(Some(Source { topic: SourceTopic::Inflight, partition, offset }), event);
             prop_assert_eq!(decode(&encode(&envelope)).unwrap(), envelope);
+        }
+
+        // A submitted payment keeps who submitted it, tag included; bytes after it (a seal) are ignored.
+        #[test]
+        fn submitter_round_trips(payment in arb_payment(), principal in "\\PC{0,12}", source in "\\PC{0,24}", tag in proptest::option::of("[0-9a-f]{64}"), tail in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let mut envelope = Envelope::new(None, Event::PaymentSubmitted(payment));
+            envelope.submitted_by = Some(Submitter { principal, source, tag });
+            let mut bytes = encode(&envelope);
+            prop_assert_eq!(decode(&bytes).unwrap(), envelope.clone());
+            bytes.extend_from_slice(&tail);
+            prop_assert_eq!(decode(&bytes).unwrap(), envelope);
         }
     }
 

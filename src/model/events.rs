@@ -278,8 +278,8 @@ pub struct Envelope {
     pub source: Option<Source>,
     /// The event itself.
     pub event: Event,
-    /// Who submitted it, for a payment in the public JSON format whose
-    /// record says so. Not part of the binary format.
+    /// Who submitted it, for a payment whose record says so. The codec
+    /// writes it after the envelope (see `codec`), not as a field of it.
     #[serde(skip)]
     pub submitted_by: Option<Submitter>,
 }

@@ -12,7 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Core, RuntimeError};
 use crate::failpoint::{self, Point};
 use crate::log::{LogError, Record, TopicPartition};
-use crate::model::{codec, now_ms, partition_for, Event, PaymentRef, PaymentStatus, Submitter};
+use crate::model::{
+    codec, now_ms, partition_for, Envelope, Event, PaymentRef, PaymentStatus, SourceTopic,
+    Submitter,
+};
 
 /// The answer to one submission.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,7 +247,7 @@ impl Sequencer {
                 Verdict::New(payment) => {
                     let by = &mut submission.submitted_by;
                     self.core.sign_attribution(payment, by);
-                    Some(to_record(payment, by))
+                    Some(to_record(&self.core, payment, by))
                 }
                 Verdict::Answer(_) => None,
             })
@@ -337,11 +340,16 @@ impl Sequencer {
     }
 }
 
-/// The payment in `payment.incoming`'s public JSON format.
-fn to_record(payment: &PaymentRef, submitted_by: &Submitter) -> Record {
+/// The payment in kpay's binary format, sealed when there is a cluster
+/// secret (any producer may write the public JSON format instead).
+fn to_record(core: &Core, payment: &PaymentRef, submitted_by: &Submitter) -> Record {
+    let mut envelope = Envelope::new(None, Event::PaymentSubmitted(payment.clone()));
+    envelope.submitted_by = Some(submitted_by.clone());
+    let key = payment.id.as_bytes();
+    let value = core.seal(SourceTopic::Incoming, key, codec::encode(&envelope));
     Record {
-        key: Bytes::from(payment.id.clone().into_bytes()),
-        value: Bytes::from(codec::encode_payment_json(payment, Some(submitted_by))),
+        key: Bytes::copy_from_slice(key),
+        value: Bytes::from(value),
         timestamp_ms: payment.accepted_at_ms,
     }
 }
