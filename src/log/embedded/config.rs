@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tokio::sync::Semaphore;
 
-use super::frame::{BODY_FIXED_BYTES, MAX_TOPIC_BYTES};
+use super::frame::MAX_BODY_FIXED_BYTES;
 use super::LOG_TARGET;
 use crate::log::LogError;
 
@@ -61,7 +61,7 @@ impl EmbeddedLogConfig {
 
     /// Largest frame body a record within the limits can produce.
     pub(super) fn max_body_bytes(&self) -> usize {
-        BODY_FIXED_BYTES + MAX_TOPIC_BYTES + self.max_record_bytes
+        MAX_BODY_FIXED_BYTES + self.max_record_bytes
     }
 
     /// Rejects settings the log cannot work with.

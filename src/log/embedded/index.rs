@@ -4,7 +4,7 @@
 //! files the index is rebuilt from besides the segments, so that their
 //! format and their atomic replacement are defined in one place.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::Path;
@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::frame::MAX_TOPIC_BYTES;
+use super::frame::{topic_id, MAX_TOPIC_BYTES};
 use super::segment::sync_dir;
 use super::{corrupt, io_error};
 use crate::log::{LogError, StoredRecord, TopicPartition};
@@ -100,15 +100,25 @@ pub(super) struct TopicEntry {
 /// Every known topic and partition.
 #[derive(Debug, Default)]
 pub(super) struct Registry {
-    /// Topic name to its partitions, to resolve names from appends and frames.
+    /// Topic name to its partitions, to resolve names from appends.
     pub(super) topics: BTreeMap<String, TopicEntry>,
+    /// Topic id (see [`topic_id`]) to name, to resolve frames.
+    names: HashMap<u32, String>,
     /// All partitions by id, for retention which walks segments by id.
     pub(super) by_id: Vec<Arc<Partition>>,
 }
 
 impl Registry {
-    /// Registers a topic; `starts` gives each partition's log start, if known.
-    pub(super) fn add_topic(&mut self, topic: &str, partitions: u32, starts: Option<&Vec<u64>>) {
+    /// Registers a topic; `starts` gives each partition's log start, if
+    /// known. Refused if another topic has the same id in frames.
+    pub(super) fn add_topic(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        starts: Option<&Vec<u64>>,
+    ) -> Result<(), LogError> {
+        self.check_id(topic)?;
+        self.names.insert(topic_id(topic), topic.to_owned());
         let first_id = self.by_id.len();
         for partition in 0..partitions {
             let log_start = starts
@@ -127,6 +137,24 @@ impl Registry {
             partitions,
         };
         self.topics.insert(topic.to_owned(), entry);
+        Ok(())
+    }
+
+    /// Refuses `topic` if another topic has its id in frames.
+    pub(super) fn check_id(&self, topic: &str) -> Result<(), LogError> {
+        let id = topic_id(topic);
+        match self.names.get(&id).filter(|other| *other != topic) {
+            Some(other) => Err(LogError::Backend(format!(
+                "topic {topic:?} has the same frame id ({id:08x}) as topic {other:?}; \
+                 choose another name"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Partition `partition` of the topic with frame id `topic_id`.
+    pub(super) fn lookup_id(&self, topic_id: u32, partition: u32) -> Option<&Arc<Partition>> {
+        self.lookup(self.names.get(&topic_id)?, partition)
     }
 
     /// Partition `partition` of `topic`, if both are registered.
@@ -194,7 +222,7 @@ pub(super) fn load_registry(dir: &Path) -> Result<Registry, LogError> {
                 format!("topic {topic:?} with {partitions} partitions is not valid"),
             ));
         }
-        registry.add_topic(topic, *partitions, starts.get(topic));
+        registry.add_topic(topic, *partitions, starts.get(topic))?;
     }
     Ok(registry)
 }

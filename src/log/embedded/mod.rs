@@ -14,11 +14,16 @@
 //!
 //! ```text
 //! [body_len u32][crc32 u32 of the body]
-//! body = [topic_len u8][topic][partition u32][offset u64][timestamp_ms i64]
-//!        [key_len u32][key][value_len u32][value]
+//! body = [format u8 = 0][topic id u32][partition varint][offset varint]
+//!        [timestamp_ms zigzag varint][key_len varint][key][value]
 //! ```
 //!
-//! The length field counts the body only, so a frame takes `8 + body_len` bytes.
+//! The length field counts the body only, so a frame takes `8 + body_len` bytes;
+//! the value runs to the end of the body. The topic id is the FNV-1a hash of
+//! the topic's name (a topic whose id another topic has is refused), and
+//! varints are 7 bits a byte, low first. A frame of the first format began
+//! with the length of the topic's name instead, never 0, so a log written
+//! by an earlier build is refused at open with the reason.
 //!
 //! # Group commit
 //!
@@ -94,7 +99,7 @@ mod writer;
 
 pub use config::{EmbeddedLogConfig, MAX_SEGMENT_BYTES};
 
-use frame::{frame_bytes, validate_topic_name};
+use frame::{max_frame_bytes, validate_topic_name};
 use index::{load_registry, write_atomically, Partition, Registry, TOPICS_FILE};
 use recovery::{finish_partitions, scan_segments};
 use segment::{create_segment, SegmentTable};
@@ -249,7 +254,7 @@ impl EmbeddedLog {
     }
 
     /// Checks sizes and space before an append is queued.
-    fn check_append(&self, tp: &TopicPartition, records: &[Record]) -> Result<(), LogError> {
+    fn check_append(&self, records: &[Record]) -> Result<(), LogError> {
         let limit_bytes = self.shared.config.max_record_bytes;
         let mut total_bytes: u64 = 0;
         for record in records {
@@ -260,7 +265,7 @@ impl EmbeddedLog {
                     limit_bytes,
                 });
             }
-            total_bytes += frame_bytes(&tp.topic, record) as u64;
+            total_bytes += max_frame_bytes(record) as u64;
         }
         let used_bytes = self.shared.retained_bytes.load(Ordering::Relaxed);
         let limit_bytes = self.shared.config.max_retained_bytes;
@@ -313,13 +318,14 @@ impl EmbeddedLog {
             if let Some(entry) = registry.topics.get(topic) {
                 return check_partition_count(topic, entry.partitions, partitions);
             }
+            registry.check_id(topic)?;
             registry.topic_counts()
         };
         counts.insert(topic.to_owned(), partitions);
         let json = serde_json::to_vec_pretty(&counts)
             .map_err(|e| LogError::Backend(format!("encoding {TOPICS_FILE}: {e}")))?;
         write_atomically(&self.shared.config.dir, TOPICS_FILE, &json)?;
-        write_lock(&self.shared.registry).add_topic(topic, partitions, None);
+        write_lock(&self.shared.registry).add_topic(topic, partitions, None)?;
         tracing::info!(topic, partitions, "topic created");
         Ok(())
     }
@@ -369,7 +375,7 @@ impl Log for EmbeddedLog {
             let high_watermark = lock(&partition.state).high_watermark;
             return Ok(high_watermark);
         }
-        self.check_append(tp, &records)?;
+        self.check_append(&records)?;
         self.submit(partition, records).await
     }
 

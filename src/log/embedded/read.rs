@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::frame::{decode_body, FrameError, FrameReader};
+use super::frame::{decode_body, topic_id, FrameError, FrameReader};
 use super::index::{Partition, RecordPosition};
 use super::{corrupt, io_error, lock, EmbeddedLog};
 use crate::log::{LogError, StoredRecord, TopicPartition};
@@ -132,14 +132,19 @@ fn read_one(
     })?;
     let frame =
         decode_body(body).map_err(|e| corrupt(path, format!("frame at byte {pos}: {e}")))?;
-    if frame.topic != tp.topic || frame.partition != tp.partition || frame.offset != expected_offset
+    if frame.topic_id != topic_id(&tp.topic)
+        || frame.partition != tp.partition
+        || frame.offset != expected_offset
     {
         return Err(corrupt(
             path,
             format!(
-                "frame at byte {pos} holds {}/{} offset {}, the index expected {tp} offset \
-                 {expected_offset}",
-                frame.topic, frame.partition, frame.offset
+                "frame at byte {pos} holds topic id {:08x} partition {} offset {}, the index \
+                 expected {tp} (topic id {:08x}) offset {expected_offset}",
+                frame.topic_id,
+                frame.partition,
+                frame.offset,
+                topic_id(&tp.topic)
             ),
         ));
     }

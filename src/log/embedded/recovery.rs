@@ -127,11 +127,11 @@ impl Recovery<'_> {
         frame: &FrameView<'_>,
         info: &mut SegmentInfo,
     ) -> Result<(), LogError> {
-        let Some(partition) = self.registry.lookup(frame.topic, frame.partition) else {
+        let Some(partition) = self.registry.lookup_id(frame.topic_id, frame.partition) else {
             let reason = format!(
-                "record at byte {pos} belongs to {}/{}, which {TOPICS_FILE} does not list; \
-                 restore {TOPICS_FILE} from a backup",
-                frame.topic, frame.partition
+                "record at byte {pos} belongs to partition {} of the topic with id {:08x}, \
+                 which {TOPICS_FILE} does not list; restore {TOPICS_FILE} from a backup",
+                frame.partition, frame.topic_id
             );
             return Err(corrupt(path, reason));
         };
@@ -243,7 +243,7 @@ mod tests {
     use std::fs::{self, OpenOptions};
 
     use super::*;
-    use crate::log::embedded::frame::frame_bytes;
+    use crate::log::embedded::frame::encode_frame;
     use crate::log::embedded::test_support::{
         flip_byte, read_all, records, segment_files, small_segments, values,
     };
@@ -284,7 +284,14 @@ mod tests {
     // A torn last frame (cut short or with a flipped byte) is dropped on reopen, nothing else.
     #[tokio::test]
     async fn torn_tail_is_truncated() {
-        let last_frame_bytes = frame_bytes("t", &records("r", 10)[9]) as u64;
+        let mut last_frame = Vec::new();
+        encode_frame(
+            &mut last_frame,
+            &TopicPartition::new("t", 0),
+            9,
+            &records("r", 10)[9],
+        );
+        let last_frame_bytes = last_frame.len() as u64;
         for damage in ["cut", "flip"] {
             let dir = tempfile::tempdir().expect("tempdir");
             let config = EmbeddedLogConfig::with_dir(dir.path());
@@ -322,7 +329,7 @@ mod tests {
     #[tokio::test]
     async fn corruption_in_an_older_segment_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = small_segments(dir.path(), 300);
+        let config = small_segments(dir.path(), 120);
         write_and_close(&config, 20).await;
         let files = segment_files(dir.path());
         assert!(

@@ -14,7 +14,7 @@ use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 use tokio::sync::{oneshot, Semaphore};
 
-use super::frame::{encode_frame, frame_bytes};
+use super::frame::{encode_frame, max_frame_bytes};
 use super::index::{Partition, RecordPosition};
 use super::segment::{create_segment, segment_path};
 use super::{io_error, lock, EmbeddedLog, Shared, LOG_TARGET};
@@ -250,7 +250,7 @@ impl Writer {
             let request_bytes: u64 = request
                 .records
                 .iter()
-                .map(|r| frame_bytes(&tp.topic, r) as u64)
+                .map(|r| max_frame_bytes(r) as u64)
                 .sum();
             if request_bytes > MAX_APPEND_BYTES {
                 let _ = request.reply.send(Err(LogError::RecordTooLarge {
