@@ -225,6 +225,11 @@ async fn latency_phase(runtime: &Runtime, args: &BenchArgs, before: u64) -> anyh
             inflight
                 .spawn(async move { runtime.ingest().submit(payment, bench_submitter()).await });
         }
+        // Finished submissions are collected as they go, so that the bench's
+        // own bookkeeping does not add to the peak RSS it reports.
+        while let Some(result) = inflight.try_join_next() {
+            result??;
+        }
     }
     while let Some(result) = inflight.join_next().await {
         result??;
