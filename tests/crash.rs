@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::traffic::{self, Driver, Ledger};
-use common::{get, kpay_command, Binary, TestServer};
+use common::{get, kpay_command, refused_start, Binary, TestServer};
 use rand::Rng;
 use serde_json::json;
 
@@ -169,14 +169,6 @@ async fn a_log_lost_under_a_kept_state_is_refused_with_what_to_do() {
 }
 
 /// Why the server refuses to start on `config`'s data (it must refuse).
-async fn refused_start(config: kpay::config::Config) -> String {
-    kpay::app::start(config)
-        .await
-        .err()
-        .expect("must refuse")
-        .to_string()
-}
-
 /// The newest segment file of the embedded log under `dir`.
 fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
     let mut segments: Vec<_> = std::fs::read_dir(dir.join("log"))

@@ -58,11 +58,7 @@ async fn an_existing_topic_with_other_partitions_is_refused() {
     server.stop().await;
     let mut config = kafka_config(dir.path(), &broker);
     config.log.partitions = 8;
-    let error = kpay::app::start(config.clone())
-        .await
-        .err()
-        .expect("must refuse")
-        .to_string();
+    let error = common::refused_start(config.clone()).await;
     assert!(
         error.contains(&config.topics.incoming) && error.contains("has 4 partitions"),
         "{error}"

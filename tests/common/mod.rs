@@ -54,6 +54,40 @@ pub struct TestServer {
     dir: Option<Arc<tempfile::TempDir>>,
 }
 
+/// Opens the log and the store of `config`. A server stopped a moment ago
+/// in this process may still be dropping its last handles on the store (its
+/// lock): tried again for up to 10 s while the store says it is in use.
+pub async fn open_backends_retrying(
+    config: &Config,
+) -> Result<(Arc<dyn kpay::log::Log>, kpay::store::Store), kpay::runtime::RuntimeError> {
+    let started = Instant::now();
+    loop {
+        match open_backends(config).await {
+            Err(error)
+                if error.to_string().contains("in use by another kpay")
+                    && started.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// Why kpay refuses to start on `config` (which must be refused), over
+/// backends opened as [`open_backends_retrying`] does.
+pub async fn refused_start(config: Config) -> String {
+    let (log, store) = match open_backends_retrying(&config).await {
+        Ok(backends) => backends,
+        Err(error) => return error.to_string(),
+    };
+    kpay::app::start_on(config, log, store)
+        .await
+        .err()
+        .expect("must refuse")
+        .to_string()
+}
+
 impl TestServer {
     /// A server over a fresh temporary directory, on [`test_config`] with
     /// the changes and accounts asked for: see [`ServerBuilder`].
@@ -78,22 +112,11 @@ impl TestServer {
     }
 
     /// A server on `config` (for a restart over a directory a test holds).
+    /// Opens the backends as [`open_backends_retrying`] does.
     pub async fn start(config: Config) -> Self {
-        // A server stopped a moment ago may still be dropping its last
-        // handles on the store (its lock): try again for a little while.
-        let started = Instant::now();
-        let (log, store) = loop {
-            match open_backends(&config).await {
-                Ok(backends) => break backends,
-                Err(error)
-                    if error.to_string().contains("in use by another kpay")
-                        && started.elapsed() < Duration::from_secs(10) =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(error) => panic!("open backends: {error}"),
-            }
-        };
+        let (log, store) = open_backends_retrying(&config)
+            .await
+            .unwrap_or_else(|error| panic!("open backends: {error}"));
         let state = kpay::app::start_on(config.clone(), log, store)
             .await
             .expect("start");
