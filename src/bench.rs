@@ -237,8 +237,12 @@ async fn latency_phase(runtime: &Runtime, args: &BenchArgs, before: u64) -> anyh
     let offered_s = started.elapsed().as_secs_f64();
     wait_terminal(runtime, before + total).await;
     let mut histogram = Histogram::<u64>::new(3)?;
+    let mut steps = Steps::default();
     for (id, start_ms) in &sent {
         let row = runtime.payment(id)?;
+        if let Some(row) = &row {
+            steps.add(*start_ms, row)?;
+        }
         let done_ms = row.and_then(|r| r.completed_at_ms).unwrap_or(0) as f64;
         histogram.record(((done_ms - start_ms).max(0.0) * 1000.0) as u64)?;
     }
@@ -253,7 +257,63 @@ async fn latency_phase(runtime: &Runtime, args: &BenchArgs, before: u64) -> anyh
         ms(0.99),
         histogram.max() as f64 / 1000.0
     );
+    println!("latency by step, p50/p99 ms: {steps}");
     Ok(())
+}
+
+/// Where a payment's time goes, from its lineage: the intake (submit to
+/// accepted), then for each hop the wait in its input topic (appended to
+/// processed) and the append of what it produced (processed to the next
+/// hop's input appended). Whole milliseconds, as lineage records them.
+#[derive(Default)]
+struct Steps(Vec<(String, Histogram<u64>)>);
+
+impl Steps {
+    fn add(
+        &mut self,
+        start_ms: f64,
+        row: &crate::pipeline::inflight::PaymentState,
+    ) -> anyhow::Result<()> {
+        let intake = row.payment.accepted_at_ms as f64 - start_ms;
+        self.record("intake", intake)?;
+        let hops = &row.lineage;
+        for (n, hop) in hops.iter().enumerate() {
+            let stage = hop.stage.as_str();
+            self.record(
+                &format!("{stage} wait"),
+                (hop.at_ms - hop.received_at_ms) as f64,
+            )?;
+            if let Some(next) = hops.get(n + 1) {
+                let append = (next.received_at_ms - hop.at_ms) as f64;
+                self.record(&format!("{stage} append"), append)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, step: &str, ms: f64) -> anyhow::Result<()> {
+        let at = match self.0.iter().position(|(name, _)| name == step) {
+            Some(at) => at,
+            None => {
+                self.0.push((step.to_owned(), Histogram::new(3)?));
+                self.0.len() - 1
+            }
+        };
+        self.0[at].1.record(ms.max(0.0) as u64)?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = (self.0.iter())
+            .map(|(name, h)| {
+                let (p50, p99) = (h.value_at_quantile(0.5), h.value_at_quantile(0.99));
+                format!("{name} {p50}/{p99}")
+            })
+            .collect();
+        f.write_str(&parts.join(", "))
+    }
 }
 
 fn epoch_ms_f64() -> f64 {
