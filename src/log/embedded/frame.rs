@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 
 use bytes::Bytes;
 
-use crate::log::{LogError, Record, StoredRecord, TopicPartition};
+use crate::log::{LogError, Record, StoredRecord};
 
 /// Bytes of the frame header: body length and crc.
 const FRAME_HEADER_BYTES: usize = 8;
@@ -63,12 +63,18 @@ fn put_varint(buf: &mut Vec<u8>, mut value: u64) {
 /// Appends the frame of one record to `buf`: the header, then
 /// `[format u8][topic id u32][partition][offset][timestamp_ms zigzag]
 /// [key_len][key][value]` with varints, the value running to the end.
-pub(super) fn encode_frame(buf: &mut Vec<u8>, tp: &TopicPartition, offset: u64, record: &Record) {
+pub(super) fn encode_frame(
+    buf: &mut Vec<u8>,
+    topic_id: u32,
+    partition: u32,
+    offset: u64,
+    record: &Record,
+) {
     let start = buf.len();
     buf.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
     buf.push(FRAME_FORMAT);
-    buf.extend_from_slice(&topic_id(&tp.topic).to_le_bytes());
-    put_varint(buf, u64::from(tp.partition));
+    buf.extend_from_slice(&topic_id.to_le_bytes());
+    put_varint(buf, u64::from(partition));
     put_varint(buf, offset);
     let timestamp = record.timestamp_ms;
     put_varint(buf, ((timestamp << 1) ^ (timestamp >> 63)) as u64);
@@ -328,9 +334,9 @@ mod tests {
             (9, 1 << 40, -1),
         ] {
             let mut buf = Vec::new();
-            let tp = TopicPartition::new("g", partition);
-            encode_frame(&mut buf, &tp, offset, &record("key", "value", timestamp));
-            assert!(buf.len() <= max_frame_bytes(&record("key", "value", timestamp)));
+            let record = record("key", "value", timestamp);
+            encode_frame(&mut buf, topic_id("g"), partition, offset, &record);
+            assert!(buf.len() <= max_frame_bytes(&record));
             let body = &buf[FRAME_HEADER_BYTES..];
             let frame = decode_body(body).expect("decodes");
             assert_eq!(

@@ -63,8 +63,10 @@ pub(super) struct PartitionState {
 pub(super) struct Partition {
     /// Index into [`Registry::by_id`]; segments refer to partitions by it.
     pub(super) id: usize,
-    /// Name of the partition, written into each of its frames.
+    /// Name of the partition.
     pub(super) tp: TopicPartition,
+    /// Its topic's id (see [`topic_id`]), written into each of its frames.
+    pub(super) topic_id: u32,
     /// Index, high-water mark and tail cache.
     pub(super) state: Mutex<PartitionState>,
     /// Publishes the high-water mark so `wait_for` can sleep until it moves.
@@ -75,6 +77,7 @@ impl Partition {
     fn new(id: usize, tp: TopicPartition, log_start: u64) -> Self {
         Self {
             id,
+            topic_id: topic_id(&tp.topic),
             tp,
             state: Mutex::new(PartitionState {
                 log_start,

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::frame::{decode_body, topic_id, FrameError, FrameReader};
+use super::frame::{decode_body, FrameError, FrameReader};
 use super::index::{Partition, RecordPosition};
 use super::{corrupt, io_error, lock, EmbeddedLog};
 use crate::log::{LogError, StoredRecord, TopicPartition};
@@ -97,7 +97,7 @@ impl EmbeddedLog {
                     &mut reader,
                     &path,
                     u64::from(position.pos),
-                    &partition.tp,
+                    partition,
                     expected,
                 )?);
             }
@@ -121,7 +121,7 @@ fn read_one(
     reader: &mut FrameReader<'_>,
     path: &Path,
     pos: u64,
-    tp: &TopicPartition,
+    partition: &Partition,
     expected_offset: u64,
 ) -> Result<StoredRecord, LogError> {
     let (body, _) = reader.frame_at(pos).map_err(|e| match e {
@@ -132,7 +132,8 @@ fn read_one(
     })?;
     let frame =
         decode_body(body).map_err(|e| corrupt(path, format!("frame at byte {pos}: {e}")))?;
-    if frame.topic_id != topic_id(&tp.topic)
+    let tp = &partition.tp;
+    if frame.topic_id != partition.topic_id
         || frame.partition != tp.partition
         || frame.offset != expected_offset
     {
@@ -141,10 +142,7 @@ fn read_one(
             format!(
                 "frame at byte {pos} holds topic id {:08x} partition {} offset {}, the index \
                  expected {tp} (topic id {:08x}) offset {expected_offset}",
-                frame.topic_id,
-                frame.partition,
-                frame.offset,
-                topic_id(&tp.topic)
+                frame.topic_id, frame.partition, frame.offset, partition.topic_id
             ),
         ));
     }

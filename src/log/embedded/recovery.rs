@@ -243,7 +243,7 @@ mod tests {
     use std::fs::{self, OpenOptions};
 
     use super::*;
-    use crate::log::embedded::frame::encode_frame;
+    use crate::log::embedded::frame::{encode_frame, topic_id};
     use crate::log::embedded::test_support::{
         flip_byte, read_all, records, segment_files, small_segments, values,
     };
@@ -285,12 +285,7 @@ mod tests {
     #[tokio::test]
     async fn torn_tail_is_truncated() {
         let mut last_frame = Vec::new();
-        encode_frame(
-            &mut last_frame,
-            &TopicPartition::new("t", 0),
-            9,
-            &records("r", 10)[9],
-        );
+        encode_frame(&mut last_frame, topic_id("t"), 0, 9, &records("r", 10)[9]);
         let last_frame_bytes = last_frame.len() as u64;
         for damage in ["cut", "flip"] {
             let dir = tempfile::tempdir().expect("tempdir");

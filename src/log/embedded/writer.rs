@@ -274,7 +274,15 @@ impl Writer {
             let mut positions = Vec::with_capacity(request.records.len());
             for (index, record) in request.records.iter().enumerate() {
                 positions.push(self.active_bytes + self.buf.len() as u64);
-                encode_frame(&mut self.buf, tp, first_offset + index as u64, record);
+                let offset = first_offset + index as u64;
+                let partition = &request.partition;
+                encode_frame(
+                    &mut self.buf,
+                    partition.topic_id,
+                    tp.partition,
+                    offset,
+                    record,
+                );
             }
             *next += request.records.len() as u64;
             accepted.push(Accepted {
