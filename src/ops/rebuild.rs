@@ -163,10 +163,9 @@ pub fn compare(live: &Store, rebuilt: &Store) -> anyhow::Result<Vec<TableReport>
             // Opening and update times are times of processing.
             (a.id, a.balance_cents, a.status, a.last_payment_id)
         })?,
-        compare_table(
-            live,
-            rebuilt,
-            Inflight::TABLE,
+        compare_rows(
+            payments(live)?.into_iter().map(Ok::<_, anyhow::Error>),
+            payments(rebuilt)?.into_iter().map(Ok::<_, anyhow::Error>),
             "payments",
             |mut p: PaymentState| {
                 for hop in &mut p.lineage {
@@ -203,12 +202,46 @@ where
     T: DeserializeOwned,
     K: PartialEq + Debug,
 {
+    compare_rows(
+        live.entries::<T>(table),
+        rebuilt.entries::<T>(table),
+        name,
+        normalise,
+    )
+}
+
+/// Every payment row of a store, in key order: rows of their own (payments
+/// in flight) and the rows in blocks of settled ones (`store/settled.rs`).
+fn payments(store: &Store) -> anyhow::Result<Vec<(String, PaymentState)>> {
+    let mut rows = std::collections::BTreeMap::new();
+    for (key, bytes) in store.settled_rows(Inflight::TABLE)? {
+        let row: PaymentState = postcard::from_bytes(&bytes)
+            .with_context(|| format!("settled payment {key} does not decode"))?;
+        rows.insert(key, row);
+    }
+    for entry in store.entries::<PaymentState>(Inflight::TABLE) {
+        let (key, row) = entry?;
+        rows.insert(key, row);
+    }
+    Ok(rows.into_iter().collect())
+}
+
+/// Walks two sequences of rows in key order, comparing normalised rows.
+fn compare_rows<T, K, E>(
+    left: impl Iterator<Item = Result<(String, T), E>>,
+    right: impl Iterator<Item = Result<(String, T), E>>,
+    name: &str,
+    normalise: impl Fn(T) -> K,
+) -> anyhow::Result<TableReport>
+where
+    K: PartialEq + Debug,
+    E: Into<anyhow::Error>,
+{
     let mut report = TableReport {
         table: name.to_owned(),
         ..TableReport::default()
     };
-    let mut left = live.entries::<T>(table).peekable();
-    let mut right = rebuilt.entries::<T>(table).peekable();
+    let (mut left, mut right) = (left.peekable(), right.peekable());
     loop {
         let order = match (left.peek(), right.peek()) {
             (None, None) => break,
@@ -230,18 +263,18 @@ where
         };
         match order {
             std::cmp::Ordering::Less => {
-                let (key, _) = left.next().expect("peeked")?;
+                let (key, _) = left.next().expect("peeked").map_err(Into::into)?;
                 report.only_live += 1;
                 example(&mut report, format!("{key}: only in the live state"));
             }
             std::cmp::Ordering::Greater => {
-                let (key, _) = right.next().expect("peeked")?;
+                let (key, _) = right.next().expect("peeked").map_err(Into::into)?;
                 report.only_rebuilt += 1;
                 example(&mut report, format!("{key}: only in the rebuilt state"));
             }
             std::cmp::Ordering::Equal => {
-                let (key, a) = left.next().expect("peeked")?;
-                let (_, b) = right.next().expect("peeked")?;
+                let (key, a) = left.next().expect("peeked").map_err(Into::into)?;
+                let (_, b) = right.next().expect("peeked").map_err(Into::into)?;
                 let (a, b) = (normalise(a), normalise(b));
                 if a == b {
                     report.equal += 1;

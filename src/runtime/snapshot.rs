@@ -4,7 +4,7 @@
 //!
 //! Every `cluster.snapshot_interval_ms`, right after a checkpoint, the
 //! owner of a task partition takes its rows as stored (the table's rows of
-//! that partition, its retention index, and last its checkpoint: positions,
+//! that partition, its blocks of settled rows, and last its checkpoint: positions,
 //! copy checks, statistics) and a writer appends them to
 //! `topics.snapshots`, partition = the task's partition, keyed by the
 //! processor: a `Begin` record, `Rows` records of at most [`PART_BYTES`],
@@ -38,7 +38,7 @@ use crate::pipeline::account::Accounts;
 use crate::pipeline::confirmed::Confirmed;
 use crate::pipeline::inflight::Inflight;
 use crate::pipeline::Processor;
-use crate::store::{checkpoint_key, kept_table, RawRow, Store, StoreError};
+use crate::store::{checkpoint_key, settled_prefixes, RawRow, Store, StoreError};
 
 /// Bytes of rows in one record, at most (Kafka's default record limit is 1 MiB).
 const PART_BYTES: usize = 256 << 10;
@@ -88,7 +88,7 @@ impl Snapshots {
 }
 
 /// The rows of `P`'s task of `partition` as stored: its table's rows of
-/// that partition, its retention index, and its checkpoint, last.
+/// that partition, its blocks of settled rows, and its checkpoint, last.
 pub(super) fn take<P: Processor>(
     store: &Store,
     partition: u32,
@@ -98,8 +98,9 @@ pub(super) fn take<P: Processor>(
     if P::TABLE != "-" {
         let prefix = format!("{}/", P::TABLE);
         rows = store.raw_rows(&prefix, |key| partition_for(key, partitions) == partition)?;
-        let index = format!("{}/", kept_table(P::TABLE, partition));
-        rows.extend(store.raw_rows(&index, |_| true)?);
+        for prefix in settled_prefixes(P::TABLE, partition) {
+            rows.extend(store.raw_rows(&prefix, |_| true)?);
+        }
     }
     let key = checkpoint_key(P::NAME, partition);
     if let Some(checkpoint) = store.raw_get(&key)? {

@@ -26,7 +26,7 @@ use crate::pipeline::confirmed::{Confirmed, ConfirmedStats};
 use crate::pipeline::control::ControlPlane;
 use crate::pipeline::inflight::Inflight;
 use crate::pipeline::Processor;
-use crate::store::{checkpoint_key, Checkpoint, Store, StoreError};
+use crate::store::{checkpoint_key, BlockIndex, Checkpoint, Store, StoreError};
 
 /// Opens the backends named by `config`: the store, then the embedded log
 /// or a connection to the Kafka cluster.
@@ -227,6 +227,8 @@ pub(super) async fn start_tasks(
         super::positions::start(&core);
         let _ = core.snapshots.set(super::snapshot::start(&core));
     }
+    load_settled(&core.store, &core.inflight)?;
+    load_settled(&core.store, &core.accounts)?;
     fill_presence_filters(&core);
     spawn_tasks(&core, checkpoints, targets);
     Ok(core)
@@ -358,6 +360,22 @@ fn shared_views<P: Processor>(
         .enumerate()
         .map(|(p, c)| Arc::new(TaskView::new(p as u32, c, items)))
         .collect()
+}
+
+/// Reads where each task's settled rows are (the heads of its blocks, 4
+/// bytes of memory per row) and notes their keys in its presence filter,
+/// before any task runs: a lookup must find every settled row.
+fn load_settled<P: Processor>(store: &Store, views: &[Arc<TaskView<P>>]) -> Result<(), StoreError> {
+    if P::TABLE == "-" {
+        return Ok(());
+    }
+    for view in views {
+        let index = BlockIndex::load(store, P::TABLE, view.partition, |key| {
+            view.note_present(key)
+        })?;
+        *view.settled.write().expect("settled lock") = index;
+    }
+    Ok(())
 }
 
 /// Fills the presence filters with the keys already in the store, on a

@@ -13,7 +13,7 @@ use super::core::Core;
 use super::RuntimeError;
 use crate::model::SourceTopic;
 use crate::pipeline::Processor;
-use crate::store::{row_key, Checkpoint, StoredBytes};
+use crate::store::{row_key, BlockIndex, Checkpoint, StoredBytes};
 
 /// A cached state row; `dirty` rows are newer than the store.
 pub(super) struct Row<S> {
@@ -23,6 +23,10 @@ pub(super) struct Row<S> {
     /// chunked checkpoint can be undone without reading the store again.
     pub(super) stored: Option<StoredBytes>,
 }
+
+/// A row as read from the store, with its bytes as a row of its own
+/// (`None`: it is in a block of settled rows).
+pub(super) type Stored<S> = (S, Option<StoredBytes>);
 
 /// What a task shares with the runtime's views and the flusher.
 pub(super) struct TaskView<P: Processor> {
@@ -52,6 +56,9 @@ pub(super) struct TaskView<P: Processor> {
     /// in the background, so that a large store does not delay readiness);
     /// until then every lookup asks the store.
     pub(super) presence_filled: AtomicBool,
+    /// Where this partition's settled rows are (`store/settled.rs`): loaded
+    /// at start, added to by checkpoints, trimmed by retention.
+    pub(super) settled: RwLock<BlockIndex>,
     /// Why the task is down (failed, waiting to be restarted), until it is
     /// through a batch again.
     pub(super) down: Mutex<Option<String>>,
@@ -74,6 +81,7 @@ impl<P: Processor> TaskView<P> {
             caught_up: AtomicBool::new(false),
             positions: Mutex::new(checkpoint.next_offsets.clone()),
             held: Mutex::new(Vec::new()),
+            settled: RwLock::new(BlockIndex::default()),
             down: Mutex::new(None),
         }
     }
@@ -91,15 +99,34 @@ impl<P: Processor> TaskView<P> {
         Ok(self.load_raw(core, key)?.map(|(value, _)| value))
     }
 
+    /// A stored row and its bytes in its table (`None`: in a block of
+    /// settled rows, not a row of its own).
     pub(super) fn load_raw(
         &self,
         core: &Core,
         key: &str,
-    ) -> Result<Option<(P::State, StoredBytes)>, RuntimeError> {
+    ) -> Result<Option<Stored<P::State>>, RuntimeError> {
         if self.presence_filled.load(Ordering::Acquire) && !self.presence.contains(key) {
             return Ok(None);
         }
-        Ok(core.store.get_raw(&row_key(P::TABLE, key))?)
+        let row_key = row_key(P::TABLE, key);
+        if let Some((value, bytes)) = core.store.get_raw(&row_key)? {
+            return Ok(Some((value, Some(bytes))));
+        }
+        let candidates = self.settled.read().expect("settled lock").candidates(key);
+        for seq in candidates {
+            let found = core.store.settled_row(P::TABLE, self.partition, seq, key)?;
+            if let Some(bytes) = found {
+                let value = postcard::from_bytes(&bytes).map_err(|error| {
+                    crate::store::StoreError::Corrupt {
+                        key: row_key.clone(),
+                        reason: error.to_string(),
+                    }
+                })?;
+                return Ok(Some((value, None)));
+            }
+        }
+        Ok(None)
     }
 
     /// Records that `key` exists in the store (called for rows found at start).

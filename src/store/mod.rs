@@ -4,8 +4,9 @@
 //!
 //! Keys: `a/<account id>` accounts, `p/<payment id>` payments,
 //! `t/<processor>/<partition>` task checkpoints, `u/<processor>/<partition>`
-//! the undo record of an interrupted checkpoint, `k/<table>/<partition>/…`
-//! the retention index, `d/<source>/<partition>/<offset>` dead letters,
+//! the undo record of an interrupted checkpoint, `b/<table>/<partition>/<seq>`
+//! and `h/…` blocks of settled rows and their heads (`settled.rs`),
+//! `d/<source>/<partition>/<offset>` dead letters,
 //! `m/<name>` metadata.
 
 use std::collections::BTreeMap;
@@ -16,7 +17,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::failpoint::{self, Point};
 use crate::model::SourceTopic;
 mod raw;
+mod settled;
 pub use raw::{RawRow, TableSize};
+pub use settled::{
+    block_key, head_key, pack, prefixes as settled_prefixes, Block, BlockIndex, Forget, Head,
+};
 
 /// Errors of the state store, with the key or step they concern.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +54,7 @@ impl StoreError {
 }
 
 /// Layout version of rows and log records; bumped when either changes.
-pub const FORMAT: u32 = 4;
+pub const FORMAT: u32 = 5;
 const FORMAT_KEY: &str = "m/format";
 
 fn sled_error(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {
@@ -113,51 +118,12 @@ pub fn undo_key(processor: &str, partition: u32) -> String {
     format!("u/{processor}/{partition}")
 }
 
-/// Soft bound on the bytes of one retention index entry. sled splits a leaf
-/// at 17 entries whatever their size and writes a page over 64 KiB (a quarter
-/// of [`SEGMENT_BYTES`]) as a file of its own, rewritten whole on each change:
-/// with one entry per checkpoint (about 35 KB at 10,000 payments/s), such
-/// files grew by 0.5 MB/s in a model of the soak's writes; entries of about
-/// 2 KiB wrote none.
-pub const VALUE_BYTES: usize = 2 << 10;
-
-/// Splits `items` into runs of about [`VALUE_BYTES`] by `size` (at least one item each).
-pub fn parts_by_size<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
-    let mut parts = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, item) in items.iter().enumerate() {
-        let item_bytes = size(item);
-        if i > start && bytes + item_bytes > VALUE_BYTES {
-            parts.push(&items[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += item_bytes;
-    }
-    if start < items.len() {
-        parts.push(&items[start..]);
-    }
-    parts
-}
-
 /// sled segment size (its default is 512 KiB). With 1,000-row random-key
 /// batches, 256 KiB segments held 150 MB for 1M keys against 195 MB (measured).
 const SEGMENT_BYTES: usize = 256 << 10;
 
 pub fn row_key(table: &str, key: &str) -> String {
     format!("{table}/{key}")
-}
-
-/// The retention index of one task: the rows it may forget, one entry per
-/// checkpoint holding its rows' (time, key), oldest first, keyed
-/// `k/{table}/{partition}/{time}/{key}` by the oldest of them.
-pub fn kept_table(table: &str, partition: u32) -> String {
-    format!("k/{table}/{partition:03}")
-}
-
-/// An entry of [`kept_table`]; times (ms, negative as 0) sort as fixed-width decimals.
-pub fn kept_key(table: &str, partition: u32, at_ms: i64, key: &str) -> String {
-    let at = at_ms.max(0);
-    format!("{}/{at:020}/{key}", kept_table(table, partition))
 }
 
 pub fn checkpoint_key(processor: &str, partition: u32) -> String {
@@ -336,18 +302,20 @@ impl Store {
     /// written first, the rows follow in chunks, and the final chunk carries
     /// `last` and deletes the undo record; [`Store::roll_back_partial`] puts
     /// the previous bytes back if a crash fell in between.
+    /// `removed` rows (key, bytes) are deleted with `last`.
     pub fn commit(
         &self,
         undo_key: &str,
         rows: &[RowWrite],
+        removed: &[(String, StoredBytes)],
         last: Vec<(String, Vec<u8>)>,
     ) -> Result<(), StoreError> {
         let chunks: Vec<&[RowWrite]> = rows.chunks(self.batch_rows).collect();
         if chunks.len() > 1 {
             let undo = Undo {
-                rows: rows
-                    .iter()
+                rows: (rows.iter())
                     .map(|(key, _, old)| (key.clone(), old.as_ref().map(|b| b.to_vec())))
+                    .chain((removed.iter()).map(|(key, old)| (key.clone(), Some(old.to_vec()))))
                     .collect(),
             };
             self.put(undo_key, &undo)?;
@@ -370,6 +338,9 @@ impl Store {
         let mut batch = Batch::default();
         for (key, bytes, _) in final_chunk {
             batch.insert(key.as_bytes(), bytes.clone());
+        }
+        for (key, _) in removed {
+            batch.remove(key.as_bytes());
         }
         for (key, bytes) in last {
             batch.insert(key.as_bytes(), bytes);
@@ -478,7 +449,12 @@ mod tests {
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         let first = rows(300, "old", &store);
         store
-            .commit("u/t/0", &first, vec![("t/t/0".into(), encode_row(&1u32))])
+            .commit(
+                "u/t/0",
+                &first,
+                &[],
+                vec![("t/t/0".into(), encode_row(&1u32))],
+            )
             .unwrap();
         assert!(
             store.get::<Undo>("u/t/0").unwrap().is_none(),
@@ -524,6 +500,40 @@ mod tests {
         );
     }
 
+    // Rows named as removed go with the commit's last batch, in a chunked commit too, and come back on a rollback.
+    #[test]
+    fn removed_rows_go_with_the_commit_and_return_on_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        store
+            .commit("u/t/0", &rows(3, "v", &store), &[], vec![])
+            .unwrap();
+        let old = store.db.get(row_key("a", "00001")).unwrap().unwrap();
+        let removed = vec![(row_key("a", "00001"), old.clone())];
+        let many = rows(MAX_BATCH_ROWS + 10, "w", &store);
+        store.commit("u/t/0", &many[..2], &removed, vec![]).unwrap();
+        assert_eq!(store.get::<String>("a/00001").unwrap(), None);
+        assert_eq!(
+            store.get::<String>("a/00000").unwrap().as_deref(),
+            Some("w0")
+        );
+        // A chunked commit cut off after its first chunk puts the removed row back.
+        let many = rows(MAX_BATCH_ROWS + 10, "x", &store);
+        let undo = Undo {
+            rows: (many.iter())
+                .map(|(k, _, old)| (k.clone(), old.as_ref().map(|b| b.to_vec())))
+                .chain(std::iter::once((row_key("a", "00001"), Some(old.to_vec()))))
+                .collect(),
+        };
+        store.put("u/t/0", &undo).unwrap();
+        store.db.remove(row_key("a", "00001")).unwrap();
+        store.roll_back_partial().unwrap();
+        assert_eq!(
+            store.get::<String>("a/00001").unwrap().as_deref(),
+            Some("v1")
+        );
+    }
+
     // Rows round-trip, scans page by key and stop at the table's end, batches apply together.
     #[test]
     fn rows_scan_and_batches() {
@@ -544,25 +554,6 @@ mod tests {
         assert_eq!(rest, vec![("c".into(), "C".into())]);
         assert_eq!(store.get::<String>("a/c").unwrap().as_deref(), Some("C"));
         assert_eq!(store.get::<String>("a/x").unwrap(), None);
-    }
-}
-
-#[cfg(test)]
-mod parts_tests {
-    use super::*;
-
-    // Items are split in order into runs of at most VALUE_BYTES, except a single item larger than that.
-    #[test]
-    fn parts_stay_within_the_bound_and_keep_every_item_in_order() {
-        let sizes = [100, 1_500, 600, 2_100, 5_000, 10, 20, 2_048];
-        let parts = parts_by_size(&sizes, |s| *s);
-        assert_eq!(parts.concat(), sizes.to_vec());
-        for part in &parts {
-            let bytes: usize = part.iter().sum();
-            assert!(bytes <= VALUE_BYTES || part.len() == 1, "{part:?}");
-        }
-        assert_eq!(parts.len(), 6, "{parts:?}");
-        assert!(parts_by_size(&[] as &[usize], |s| *s).is_empty());
     }
 }
 

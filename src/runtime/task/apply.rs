@@ -113,7 +113,6 @@ impl<P: Processor> TaskLoop<P> {
             stored,
             cached,
         } = self.load_state(rows, P::state_key(&event))?;
-        let was_kept = state.as_ref().and_then(P::retention).is_some();
         let handled = P::handle(&mut state, stats, event, ctx);
         match (key, state) {
             // Unchanged (the processor's contract on error): back as it was.
@@ -137,7 +136,7 @@ impl<P: Processor> TaskLoop<P> {
                     dirty: true,
                     stored,
                 };
-                self.keep_row(rows, key, row, was_kept, new);
+                self.keep_row(rows, key, row, new);
             }
             _ => {}
         }
@@ -186,19 +185,14 @@ impl<P: Processor> TaskLoop<P> {
         }
     }
 
-    /// Keeps a row the processor changed, dirty until the next checkpoint;
-    /// notes it for retention when it just became forgettable.
+    /// Keeps a row the processor changed, dirty until the next checkpoint.
     fn keep_row(
         &mut self,
         rows: &mut HashMap<String, Row<P::State>>,
         key: String,
         row: Row<P::State>,
-        was_kept: bool,
         new: bool,
     ) {
-        if let Some(at_ms) = P::retention(&row.value).filter(|_| !was_kept) {
-            self.newly_kept.push((at_ms, key.clone()));
-        }
         if new {
             self.task.presence.insert(key.as_str());
         }
@@ -264,7 +258,7 @@ impl<P: Processor> TaskLoop<P> {
             });
         }
         let (state, stored) = match self.task.load_raw(&self.core, key)? {
-            Some((value, bytes)) => (Some(value), Some(bytes)),
+            Some((value, bytes)) => (Some(value), bytes),
             None => (None, None),
         };
         Ok(Loaded {

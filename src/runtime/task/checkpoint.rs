@@ -1,5 +1,6 @@
-//! The checkpoint: changed rows, dead letters, input offsets and statistics
-//! in one atomic store write, then forgetting what retention lets go.
+//! The checkpoint: changed rows, settled rows packed in blocks, dead
+//! letters, input offsets and statistics in one atomic store write, then
+//! forgetting what retention lets go.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -10,25 +11,53 @@ use crate::pipeline::Processor;
 use crate::runtime::snapshot;
 use crate::runtime::RuntimeError;
 use crate::store::{
-    checkpoint_key, encode_row, kept_key, kept_table, parts_by_size, row_key, undo_key, Batch,
-    Checkpoint, RowWrite, StoredBytes, MAX_BATCH_ROWS,
+    block_key, checkpoint_key, encode_row, head_key, pack, row_key, undo_key, Batch, Block,
+    Checkpoint, Forget, RowWrite, StoredBytes,
 };
 
+/// A checkpoint's changed rows.
+#[derive(Default)]
+struct Changed {
+    /// Rows of their own: (key, new bytes, bytes they replace).
+    own: Vec<RowWrite>,
+    /// Rows that are over (they only wait for retention): (key, retention
+    /// time, bytes), written packed in blocks.
+    settled: Vec<(String, i64, StoredBytes)>,
+    /// Rows of their own that moved into a block: (table key, old bytes).
+    moved: Vec<(String, StoredBytes)>,
+}
+
 impl<P: Processor> TaskLoop<P> {
+    /// The cache's dirty rows, encoded and sorted into rows of their own
+    /// and settled rows.
+    fn changed_rows(&self) -> Changed {
+        let rows = self.task.rows.read().expect("rows lock");
+        let mut changed = Changed::default();
+        for (key, row) in rows.iter().filter(|(_, row)| row.dirty) {
+            let bytes = StoredBytes::from(encode_row(&row.value));
+            match P::retention(&row.value) {
+                Some(at_ms) => {
+                    if let Some(old) = &row.stored {
+                        changed.moved.push((row_key(P::TABLE, key), old.clone()));
+                    }
+                    changed.settled.push((key.clone(), at_ms, bytes));
+                }
+                None => changed.own.push((key.clone(), bytes, row.stored.clone())),
+            }
+        }
+        changed
+    }
+
     /// Writes changed rows, dead letters, offsets and statistics atomically
     /// (in chunks under an undo record when there are many rows).
     pub(super) fn checkpoint(&mut self) -> Result<(), RuntimeError> {
         let started = Instant::now();
-        let writes: Vec<RowWrite> = {
-            let rows = self.task.rows.read().expect("rows lock");
-            rows.iter()
-                .filter(|(_, row)| row.dirty)
-                .map(|(key, row)| {
-                    let bytes = StoredBytes::from(encode_row(&row.value));
-                    (key.clone(), bytes, row.stored.clone())
-                })
-                .collect()
-        };
+        let Changed {
+            own: writes,
+            settled,
+            moved,
+        } = self.changed_rows();
+        let settled_keys: Vec<String> = settled.iter().map(|(key, _, _)| key.clone()).collect();
         let mut last: Vec<(String, Vec<u8>)> = Vec::new();
         let mut admitted = 0;
         if !self.owner {
@@ -59,14 +88,13 @@ impl<P: Processor> TaskLoop<P> {
             .iter()
             .map(|(key, bytes, old)| (row_key(P::TABLE, key), bytes.clone(), old.clone()))
             .collect();
-        // Index entries of about VALUE_BYTES each: the rows this checkpoint
-        // made forgettable, oldest first, each under its oldest row's time and key.
-        let mut newly_kept = std::mem::take(&mut self.newly_kept);
-        newly_kept.sort_unstable();
-        for entry in parts_by_size(&newly_kept, |(_, key)| key.len() + 10) {
-            let (at_ms, key) = &entry[0];
-            let entry_key = kept_key(P::TABLE, partition, *at_ms, key);
-            store_rows.push((entry_key, encode_row(&entry).into(), None));
+        let mut next_seq = self.task.settled.read().expect("settled lock").next_seq;
+        let blocks = pack(settled, &mut next_seq);
+        for block in &blocks {
+            let (seq, bytes) = (block.seq, StoredBytes::from(&block.bytes[..]));
+            store_rows.push((block_key(P::TABLE, partition, seq), bytes, None));
+            let head = StoredBytes::from(encode_row(&block.head));
+            store_rows.push((head_key(P::TABLE, partition, seq), head, None));
         }
         last.push((
             checkpoint_key(P::NAME, partition),
@@ -74,7 +102,7 @@ impl<P: Processor> TaskLoop<P> {
         ));
         let undo = undo_key(P::NAME, self.task.partition);
         failpoint::pass(Point::TaskBeforeCommit);
-        if let Err(error) = self.core.store.commit(&undo, &store_rows, last) {
+        if let Err(error) = self.core.store.commit(&undo, &store_rows, &moved, last) {
             // Not stored: their places are free, and a restart finds them again.
             self.core.dlq_released(admitted);
             return Err(error.into());
@@ -84,10 +112,11 @@ impl<P: Processor> TaskLoop<P> {
             let _ = self.core.store.flush_blocking();
             failpoint::crash(Point::TaskAfterCommit);
         }
+        self.note_blocks(&blocks);
         self.publish(&next_offsets);
         self.snapshot_if_due()?;
         *self.task.committed.lock().expect("committed lock") = next_offsets.clone();
-        self.settle_rows(writes);
+        self.settle_rows(writes, settled_keys);
         if self.core.config.instrument.enabled {
             metrics::histogram!("kpay_checkpoint_duration_seconds", "processor" => P::NAME)
                 .record(started.elapsed().as_secs_f64());
@@ -141,49 +170,56 @@ impl<P: Processor> TaskLoop<P> {
         self.clock_ms.saturating_sub(self.retention_ms)
     }
 
-    /// Forgets the rows of the retention index older than the retention,
-    /// right after a checkpoint. Each checkpoint writes its rows as entries
-    /// of about `VALUE_BYTES` (oldest first), each keyed by its oldest row,
-    /// so the first entry holds the oldest row of all. Each step forgets up
-    /// to 128 of its expired rows and rewrites the entry without them, in
-    /// one atomic batch.
+    /// Tells the index where the blocks just written are (the rows are
+    /// still in the cache, so readers find them meanwhile).
+    fn note_blocks(&self, blocks: &[Block]) {
+        if blocks.is_empty() {
+            return;
+        }
+        let mut index = self.task.settled.write().expect("settled lock");
+        for block in blocks {
+            index.add(block.seq, &block.head);
+        }
+    }
+
+    /// Forgets the settled rows older than the retention, right after a
+    /// checkpoint: a block whose rows are all past it is deleted, one with
+    /// only some is rewritten without them, up to 64 blocks per atomic batch.
     /// Which rows go depends only on the clock, so whatever the timing of
     /// checkpoints, a replay of the log to the same positions keeps the same.
     pub(super) fn forget_expired(&mut self) -> Result<(), RuntimeError> {
-        const STEP: usize = MAX_BATCH_ROWS / 2;
+        const STEP: usize = 64;
         let partition = self.task.partition;
-        let index = kept_table(P::TABLE, partition);
         let before = self.forgotten_before_ms().max(0);
-        loop {
-            let Some((entry, kept)) = self
-                .core
-                .store
-                .scan::<Vec<(i64, String)>>(&index, None, 1)?
-                .pop()
-            else {
-                return Ok(());
-            };
-            let expired = kept
-                .iter()
-                .take(STEP)
-                .take_while(|(at_ms, _)| *at_ms < before)
-                .count();
-            if expired == 0 {
-                return Ok(());
-            }
+        let plan = self
+            .task
+            .settled
+            .read()
+            .expect("settled lock")
+            .to_forget(before);
+        for step in plan.chunks(STEP) {
             let mut batch = Batch::default();
-            batch.remove(format!("{index}/{entry}").as_bytes());
-            for (_, key) in &kept[..expired] {
-                batch.remove(row_key(P::TABLE, key).as_bytes());
-            }
-            if let Some((at_ms, key)) = kept.get(expired) {
-                let rest = &kept[expired..];
-                let entry = kept_key(P::TABLE, partition, *at_ms, key);
-                batch.insert(entry.as_bytes(), encode_row(&rest));
+            let mut heads = Vec::with_capacity(step.len());
+            let mut gone = Vec::new();
+            for forget in step {
+                let (Forget::Delete(seq) | Forget::Rewrite(seq)) = *forget;
+                let store = &self.core.store;
+                let (keys, head) =
+                    store.forget_settled(&mut batch, P::TABLE, partition, seq, before)?;
+                gone.extend(keys);
+                heads.push((seq, head));
             }
             self.core.store.apply(batch)?;
+            let mut index = self.task.settled.write().expect("settled lock");
+            for (seq, head) in heads {
+                match head {
+                    Some(head) => index.add(seq, &head),
+                    None => index.remove(seq),
+                }
+            }
+            drop(index);
             let mut rows = self.task.rows.write().expect("rows lock");
-            for (_, key) in &kept[..expired] {
+            for key in &gone {
                 if rows.get(key).is_some_and(|row| !row.dirty) {
                     rows.remove(key);
                 }
@@ -191,20 +227,28 @@ impl<P: Processor> TaskLoop<P> {
             drop(rows);
             if self.core.config.instrument.enabled {
                 metrics::counter!("kpay_payments_forgotten_total", "processor" => P::NAME)
-                    .increment(expired as u64);
+                    .increment(gone.len() as u64);
             }
         }
+        Ok(())
     }
 
     /// Marks written rows clean and drops rows memory no longer needs; only
-    /// after the store has them, so readers always find every row.
-    pub(super) fn settle_rows(&self, writes: Vec<RowWrite>) {
+    /// after the store has them, so readers always find every row. Settled
+    /// rows are in a block now, not rows of their own.
+    pub(super) fn settle_rows(&self, writes: Vec<RowWrite>, settled: Vec<String>) {
         let limit = self.core.config.pipeline.cache_rows_per_task;
         let mut rows = self.task.rows.write().expect("rows lock");
         for (key, bytes, _) in writes {
             if let Some(row) = rows.get_mut(&key) {
                 row.dirty = false;
                 row.stored = Some(bytes);
+            }
+        }
+        for key in settled {
+            if let Some(row) = rows.get_mut(&key) {
+                row.dirty = false;
+                row.stored = None;
             }
         }
         rows.retain(|_, row| row.dirty || !P::is_settled(&row.value));

@@ -65,8 +65,6 @@ struct TaskLoop<P: Processor> {
     clock_ms: i64,
     /// How long rows that may be forgotten are kept (`limits.payment_retention_seconds`).
     retention_ms: i64,
-    /// Rows that became forgettable since the last checkpoint: (time, key).
-    newly_kept: Vec<(i64, String)>,
     /// Acting as the partition's owner (appends), or following its owner
     /// (appends nothing); see `role.rs`.
     owner: bool,
@@ -196,7 +194,6 @@ impl<P: Processor> TaskLoop<P> {
             orphan: None,
             clock_ms: checkpoint.clock_ms,
             retention_ms,
-            newly_kept: Vec::new(),
             owner: true,
             last_published: None,
             last_snapshot: None,

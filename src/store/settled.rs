@@ -1,0 +1,454 @@
+//! Settled rows, packed. A row that is over (a payment terminal and
+//! completed) never changes again and only waits for retention, so a
+//! checkpoint writes its settled rows as blocks of about [`BLOCK_BYTES`]
+//! instead of one store key each: sled's cost is per key.
+//!
+//! Each block has two keys, written in the checkpoint's atomic batch:
+//! - `b/{table}/{partition}/{seq}`: the rows, sorted by key;
+//! - `h/{table}/{partition}/{seq}`: its head, each row's key and retention
+//!   time, which is all a start reads to find the rows again.
+//!
+//! [`BlockIndex`] holds every head in memory as 32-bit fingerprints (4 bytes
+//! per row): a lookup reads only the blocks whose fingerprints match, newest
+//! first. Retention deletes a block once all its rows are past it, and
+//! rewrites a block without its expired rows when only some are, so the
+//! store never holds a row retention let go.
+
+use serde::{Deserialize, Serialize};
+
+use super::{sled_error, Batch, Store, StoreError, StoredBytes};
+
+/// Soft bound on a block's bytes. sled splits a leaf at 17 entries whatever
+/// their size and writes a page over 64 KiB as a file of its own, rewritten
+/// whole on each change (docs/architecture.md), so blocks stay small enough
+/// for a leaf of them to stay under that: 2 KiB blocks cost about 3 µs of
+/// CPU and 680 bytes written per row in sled alone, against 20 µs and 900
+/// bytes for a row of its own.
+pub const BLOCK_BYTES: usize = 2 << 10;
+
+/// What a start reads of a block: its rows' keys and retention times.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub rows: Vec<(String, i64)>,
+}
+
+/// One block of settled rows about to be written.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub seq: u64,
+    pub head: Head,
+    /// Encoded rows, sorted by key.
+    pub bytes: Vec<u8>,
+}
+
+/// The store's key prefixes of blocks and of their heads.
+pub const BLOCKS: &str = "b";
+pub const HEADS: &str = "h";
+
+pub fn block_key(table: &str, partition: u32, seq: u64) -> String {
+    format!("{BLOCKS}/{table}/{partition:03}/{seq:016x}")
+}
+
+pub fn head_key(table: &str, partition: u32, seq: u64) -> String {
+    format!("{HEADS}/{table}/{partition:03}/{seq:016x}")
+}
+
+/// The key prefixes of a partition's blocks and heads (for snapshots).
+pub fn prefixes(table: &str, partition: u32) -> [String; 2] {
+    [
+        format!("{BLOCKS}/{table}/{partition:03}/"),
+        format!("{HEADS}/{table}/{partition:03}/"),
+    ]
+}
+
+/// FNV-1a of the key, the fingerprint a lookup matches first.
+fn fingerprint(key: &str) -> u32 {
+    key.bytes().fold(0x811c_9dc5u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Packs `rows` (key, retention time, encoded row) into blocks of about
+/// [`BLOCK_BYTES`], taking sequence numbers from `next_seq`. Rows are cut
+/// into blocks in time order (so that retention empties whole blocks) and
+/// sorted by key within each.
+pub fn pack(mut rows: Vec<(String, i64, StoredBytes)>, next_seq: &mut u64) -> Vec<Block> {
+    rows.sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    let mut blocks = Vec::new();
+    let mut rest = &mut rows[..];
+    while !rest.is_empty() {
+        let mut bytes = 0;
+        let mut take = 0;
+        for (key, _, row) in rest.iter() {
+            if take > 0 && bytes + key.len() + row.len() > BLOCK_BYTES {
+                break;
+            }
+            bytes += key.len() + row.len() + 4;
+            take += 1;
+        }
+        let (part, after) = rest.split_at_mut(take);
+        part.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let seq = *next_seq;
+        *next_seq += 1;
+        blocks.push(encode_block(seq, part));
+        rest = after;
+    }
+    blocks
+}
+
+fn encode_block(seq: u64, rows: &[(String, i64, StoredBytes)]) -> Block {
+    let entries: Vec<(&str, &[u8])> = rows.iter().map(|(k, _, r)| (k.as_str(), &r[..])).collect();
+    Block {
+        seq,
+        head: Head {
+            rows: rows.iter().map(|(k, at, _)| (k.clone(), *at)).collect(),
+        },
+        bytes: postcard::to_allocvec(&entries).expect("postcard into a Vec is infallible"),
+    }
+}
+
+/// A block's rows as stored: (key, encoded row), sorted by key.
+fn decode_block<'a>(key: &str, bytes: &'a [u8]) -> Result<Vec<(&'a str, &'a [u8])>, StoreError> {
+    postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: error.to_string(),
+    })
+}
+
+/// One block as the index knows it.
+#[derive(Debug)]
+struct Meta {
+    seq: u64,
+    oldest_ms: i64,
+    newest_ms: i64,
+    /// Fingerprints of its keys, sorted.
+    fingerprints: Box<[u32]>,
+}
+
+impl Meta {
+    fn new(seq: u64, head: &Head) -> Self {
+        let mut fingerprints: Vec<u32> = head.rows.iter().map(|(k, _)| fingerprint(k)).collect();
+        fingerprints.sort_unstable();
+        let times = head.rows.iter().map(|(_, at)| *at);
+        Self {
+            seq,
+            oldest_ms: times.clone().min().unwrap_or(i64::MAX),
+            newest_ms: times.max().unwrap_or(i64::MIN),
+            fingerprints: fingerprints.into_boxed_slice(),
+        }
+    }
+}
+
+/// The blocks of one table partition, oldest written first.
+#[derive(Debug, Default)]
+pub struct BlockIndex {
+    blocks: Vec<Meta>,
+    /// The sequence number of the next block.
+    pub next_seq: u64,
+    /// Rows in the blocks.
+    rows: usize,
+}
+
+/// What retention does to one block.
+pub enum Forget {
+    /// Every row is past retention: delete the block.
+    Delete(u64),
+    /// Some rows are: rewrite the block with the rest.
+    Rewrite(u64),
+}
+
+impl BlockIndex {
+    /// Reads the heads of `table`'s blocks of `partition`, calling `each`
+    /// with every row key (a start fills the presence filter with them).
+    pub fn load(
+        store: &Store,
+        table: &str,
+        partition: u32,
+        mut each: impl FnMut(&str),
+    ) -> Result<Self, StoreError> {
+        let prefix = &prefixes(table, partition)[1];
+        let mut index = Self::default();
+        for item in store.db.scan_prefix(prefix.as_bytes()) {
+            let (key, value) = item.map_err(sled_error(format!("scan {prefix}")))?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let seq = u64::from_str_radix(&key[prefix.len()..], 16).map_err(|error| {
+                StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: error.to_string(),
+                }
+            })?;
+            let head: Head = postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
+                key: key.clone(),
+                reason: error.to_string(),
+            })?;
+            head.rows.iter().for_each(|(k, _)| each(k));
+            index.add(seq, &head);
+        }
+        Ok(index)
+    }
+
+    /// Notes a block written (or rewritten) under `seq`.
+    pub fn add(&mut self, seq: u64, head: &Head) {
+        self.remove(seq);
+        self.rows += head.rows.len();
+        let at = self.blocks.partition_point(|m| m.seq < seq);
+        self.blocks.insert(at, Meta::new(seq, head));
+        self.next_seq = self.next_seq.max(seq + 1);
+    }
+
+    /// Forgets the block `seq` (deleted).
+    pub fn remove(&mut self, seq: u64) {
+        if let Ok(at) = self.blocks.binary_search_by_key(&seq, |m| m.seq) {
+            self.rows -= self.blocks.remove(at).fingerprints.len();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Blocks and rows held.
+    pub fn len(&self) -> (usize, usize) {
+        (self.blocks.len(), self.rows)
+    }
+
+    /// The blocks that may hold `key`, newest first.
+    pub fn candidates(&self, key: &str) -> Vec<u64> {
+        let wanted = fingerprint(key);
+        (self.blocks.iter().rev())
+            .filter(|m| m.fingerprints.binary_search(&wanted).is_ok())
+            .map(|m| m.seq)
+            .collect()
+    }
+
+    /// What retention does to the blocks holding rows older than `before_ms`.
+    pub fn to_forget(&self, before_ms: i64) -> Vec<Forget> {
+        (self.blocks.iter())
+            .filter(|m| m.oldest_ms < before_ms)
+            .map(|m| match m.newest_ms < before_ms {
+                true => Forget::Delete(m.seq),
+                false => Forget::Rewrite(m.seq),
+            })
+            .collect()
+    }
+}
+
+impl Store {
+    /// The encoded row `key` of block `seq`, if the block holds it.
+    pub fn settled_row(
+        &self,
+        table: &str,
+        partition: u32,
+        seq: u64,
+        key: &str,
+    ) -> Result<Option<StoredBytes>, StoreError> {
+        let block = block_key(table, partition, seq);
+        let Some(bytes) = self
+            .db
+            .get(&block)
+            .map_err(sled_error(format!("get {block}")))?
+        else {
+            // Deleted by retention since the index was read.
+            return Ok(None);
+        };
+        let rows = decode_block(&block, &bytes)?;
+        Ok(rows
+            .binary_search_by(|(k, _)| (*k).cmp(key))
+            .ok()
+            .map(|at| StoredBytes::from(rows[at].1)))
+    }
+
+    /// Adds to `batch` what retention does to block `seq`: deleted when
+    /// every row is older than `before_ms`, else rewritten with the rest.
+    /// Returns the keys of the rows dropped and the block's new head (`None`: deleted).
+    pub fn forget_settled(
+        &self,
+        batch: &mut Batch,
+        table: &str,
+        partition: u32,
+        seq: u64,
+        before_ms: i64,
+    ) -> Result<(Vec<String>, Option<Head>), StoreError> {
+        let (block, head_at) = (
+            block_key(table, partition, seq),
+            head_key(table, partition, seq),
+        );
+        let head: Head = self.get(&head_at)?.unwrap_or_default();
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            head.rows.into_iter().partition(|(_, at)| *at < before_ms);
+        let gone: Vec<String> = gone.into_iter().map(|(k, _)| k).collect();
+        if kept.is_empty() {
+            batch.remove(block.as_bytes());
+            batch.remove(head_at.as_bytes());
+            return Ok((gone, None));
+        }
+        let bytes = self
+            .db
+            .get(&block)
+            .map_err(sled_error(format!("get {block}")))?;
+        let bytes = bytes.unwrap_or_default();
+        let rows = decode_block(&block, &bytes)?;
+        let keep: std::collections::HashSet<&str> = kept.iter().map(|(k, _)| k.as_str()).collect();
+        let rest: Vec<(&str, &[u8])> = rows.into_iter().filter(|(k, _)| keep.contains(k)).collect();
+        let head = Head { rows: kept };
+        batch.insert(
+            block.as_bytes(),
+            postcard::to_allocvec(&rest).expect("postcard into a Vec is infallible"),
+        );
+        batch.insert(
+            head_at.as_bytes(),
+            postcard::to_allocvec(&head).expect("postcard into a Vec is infallible"),
+        );
+        Ok((gone, Some(head)))
+    }
+
+    /// Every settled row of `table` (all partitions): (key, encoded row),
+    /// the newest block's copy where a key is in several.
+    pub fn settled_rows(
+        &self,
+        table: &str,
+    ) -> Result<std::collections::BTreeMap<String, StoredBytes>, StoreError> {
+        let prefix = format!("{BLOCKS}/{table}/");
+        let mut blocks = Vec::new();
+        for item in self.db.scan_prefix(prefix.as_bytes()) {
+            let (key, value) = item.map_err(sled_error(format!("scan {prefix}")))?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let seq = key.rsplit('/').next().unwrap_or_default().to_owned();
+            blocks.push((seq, key, value));
+        }
+        // Oldest first (per partition the sequence rises), so newer copies win.
+        blocks.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut rows = std::collections::BTreeMap::new();
+        for (_, key, value) in &blocks {
+            for (k, row) in decode_block(key, value)? {
+                rows.insert(k.to_owned(), StoredBytes::from(row));
+            }
+        }
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, at: i64) -> (String, i64, StoredBytes) {
+        (key.to_owned(), at, StoredBytes::from(vec![at as u8; 100]))
+    }
+
+    fn write(store: &Store, blocks: &[Block]) {
+        let mut batch = Batch::default();
+        for block in blocks {
+            batch.insert(block_key("p", 0, block.seq).as_bytes(), block.bytes.clone());
+            let head = postcard::to_allocvec(&block.head).unwrap();
+            batch.insert(head_key("p", 0, block.seq).as_bytes(), head);
+        }
+        store.apply(batch).unwrap();
+    }
+
+    #[test]
+    fn rows_are_found_in_their_block_and_survive_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let rows: Vec<_> = (0..1000).map(|i| row(&format!("pay-{i}"), i)).collect();
+        let mut next = 0;
+        let blocks = pack(rows, &mut next);
+        assert!(blocks.len() > 2, "{} blocks", blocks.len());
+        assert_eq!(next, blocks.len() as u64);
+        write(&store, &blocks);
+        let mut keys = 0;
+        let index = BlockIndex::load(&store, "p", 0, |_| keys += 1).unwrap();
+        assert_eq!((keys, index.len().1, index.next_seq), (1000, 1000, next));
+        for i in [0, 1, 499, 999] {
+            let key = format!("pay-{i}");
+            let found: Vec<_> = (index.candidates(&key).into_iter())
+                .filter_map(|seq| store.settled_row("p", 0, seq, &key).unwrap())
+                .collect();
+            assert_eq!(found, vec![StoredBytes::from(vec![i as u8; 100])], "{key}");
+        }
+        assert!(index.candidates("pay-1000").into_iter().all(|seq| {
+            store
+                .settled_row("p", 0, seq, "pay-1000")
+                .unwrap()
+                .is_none()
+        }));
+        assert_eq!(store.settled_rows("p").unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn retention_deletes_whole_blocks_and_trims_the_one_across_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let rows: Vec<_> = (0..1000).map(|i| row(&format!("pay-{i:04}"), i)).collect();
+        let mut next = 0;
+        let blocks = pack(rows, &mut next);
+        write(&store, &blocks);
+        let mut index = BlockIndex::load(&store, "p", 0, |_| {}).unwrap();
+        let mut batch = Batch::default();
+        let mut dropped = 0;
+        for forget in index.to_forget(500) {
+            let seq = match forget {
+                Forget::Delete(seq) | Forget::Rewrite(seq) => seq,
+            };
+            let (gone, head) = store.forget_settled(&mut batch, "p", 0, seq, 500).unwrap();
+            dropped += gone.len();
+            match head {
+                Some(head) => index.add(seq, &head),
+                None => index.remove(seq),
+            }
+        }
+        store.apply(batch).unwrap();
+        assert_eq!(dropped, 500);
+        let left = store.settled_rows("p").unwrap();
+        assert_eq!(left.len(), 500);
+        assert_eq!(left.keys().next().map(String::as_str), Some("pay-0500"));
+        let reloaded = BlockIndex::load(&store, "p", 0, |_| {}).unwrap();
+        assert_eq!(reloaded.len(), index.len());
+        assert!(index.to_forget(500).is_empty());
+    }
+
+    // Blocks and heads have prefixes of their own: a table of another name
+    // (the audit trail's submissions are `s/`) would carry them over or trim them.
+    #[test]
+    fn block_prefixes_are_no_other_tables() {
+        let others = [
+            "a",
+            "p",
+            "t",
+            "u",
+            "m",
+            crate::runtime::dead_letter::TABLE,
+            crate::ops::audit::TABLE,
+            crate::ops::audit::SUBMISSIONS,
+            crate::ops::dlq::REPLAYED,
+            crate::ops::logs::TABLE,
+        ];
+        for prefix in [BLOCKS, HEADS] {
+            assert!(!others.contains(&prefix), "{prefix} is taken");
+        }
+        assert_ne!(BLOCKS, HEADS);
+    }
+
+    #[test]
+    fn the_newest_copy_of_a_row_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut next = 0;
+        let first = pack(vec![row("pay-1", 1)], &mut next);
+        let second = pack(
+            vec![(String::from("pay-1"), 1, StoredBytes::from(&b"new"[..]))],
+            &mut next,
+        );
+        write(&store, &first);
+        write(&store, &second);
+        let index = BlockIndex::load(&store, "p", 0, |_| {}).unwrap();
+        let seq = index.candidates("pay-1")[0];
+        assert_eq!(seq, 1);
+        let found = store.settled_row("p", 0, seq, "pay-1").unwrap();
+        assert_eq!(found.as_deref(), Some(&b"new"[..]));
+        assert_eq!(
+            store.settled_rows("p").unwrap()["pay-1"],
+            StoredBytes::from(&b"new"[..])
+        );
+    }
+}
