@@ -105,6 +105,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         ),
         _ => println!("written: not counted (no write_bytes in /proc/self/io on this kernel)"),
     }
+    lookup_phase(&runtime, &args)?;
     if args.rate > 0 {
         latency_phase(&runtime, &args, submitted).await?;
     }
@@ -194,6 +195,31 @@ async fn throughput_phase(runtime: &Runtime, args: &BenchArgs) -> anyhow::Result
         submitted += done??;
     }
     Ok(submitted)
+}
+
+/// Reads 10,000 payments of the throughput phase by id, as `GET
+/// /api/v1/payments/{id}` does (settled by now: in blocks, most of them out
+/// of the tasks' caches); fails unless every one is found.
+fn lookup_phase(runtime: &Runtime, args: &BenchArgs) -> anyhow::Result<()> {
+    const LOOKUPS: u64 = 10_000;
+    let per_worker = args.payments / args.concurrency;
+    if per_worker == 0 {
+        return Ok(());
+    }
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let started = Instant::now();
+    for _ in 0..LOOKUPS {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let id = format!("t{}-{}", x % args.concurrency, (x >> 32) % per_worker);
+        anyhow::ensure!(runtime.payment(&id)?.is_some(), "payment {id} not found");
+    }
+    println!(
+        "lookups: {LOOKUPS} payments by id, {:.1} µs each (all found)",
+        started.elapsed().as_secs_f64() * 1e6 / LOOKUPS as f64
+    );
+    Ok(())
 }
 
 /// Waits until `expected` payments have reached a terminal state.

@@ -20,7 +20,7 @@ mod raw;
 mod settled;
 pub use raw::{RawRow, TableSize};
 pub use settled::{
-    block_key, head_key, pack, prefixes as settled_prefixes, Block, BlockIndex, Forget, Head,
+    block_key, head_key, pack, prefixes as settled_prefixes, Block, BlockIndex, Head,
 };
 
 /// Errors of the state store, with the key or step they concern.

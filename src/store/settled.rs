@@ -8,9 +8,9 @@
 //! - `h/{table}/{partition}/{seq}`: its head, each row's key and retention
 //!   time, which is all a start reads to find the rows again.
 //!
-//! [`BlockIndex`] holds every head in memory as 32-bit fingerprints (4 bytes
-//! per row): a lookup reads only the blocks whose fingerprints match, newest
-//! first. Retention deletes a block once all its rows are past it, and
+//! [`BlockIndex`] holds every head in memory as 32-bit fingerprints with
+//! their block (8 bytes per row, in 4,096 buckets): a lookup scans one
+//! bucket and reads only the blocks whose fingerprints match, newest first. Retention deletes a block once all its rows are past it, and
 //! rewrites a block without its expired rows when only some are, so the
 //! store never holds a row retention let go.
 
@@ -116,45 +116,48 @@ fn decode_block<'a>(key: &str, bytes: &'a [u8]) -> Result<Vec<(&'a str, &'a [u8]
 }
 
 /// One block as the index knows it.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Meta {
-    seq: u64,
+    /// Its oldest row's retention time.
     oldest_ms: i64,
-    newest_ms: i64,
-    /// Fingerprints of its keys, sorted.
-    fingerprints: Box<[u32]>,
+    rows: usize,
 }
 
 impl Meta {
-    fn new(seq: u64, head: &Head) -> Self {
-        let mut fingerprints: Vec<u32> = head.rows.iter().map(|(k, _)| fingerprint(k)).collect();
-        fingerprints.sort_unstable();
-        let times = head.rows.iter().map(|(_, at)| *at);
+    fn new(head: &Head) -> Self {
         Self {
-            seq,
-            oldest_ms: times.clone().min().unwrap_or(i64::MAX),
-            newest_ms: times.max().unwrap_or(i64::MIN),
-            fingerprints: fingerprints.into_boxed_slice(),
+            oldest_ms: (head.rows.iter().map(|(_, at)| *at).min()).unwrap_or(i64::MAX),
+            rows: head.rows.len(),
         }
     }
 }
 
-/// The blocks of one table partition, oldest written first.
+/// Fingerprints are spread over 2^12 buckets by their low bits; an entry
+/// holds the other 20 bits and the block's sequence number.
+const BUCKET_BITS: u32 = 12;
+const SEQ_BITS: u32 = 44;
+
+/// The bucket of `key` and its entry for block `seq`.
+fn entry(key: &str, seq: u64) -> (usize, u64) {
+    let fingerprint = fingerprint(key);
+    let bucket = (fingerprint & ((1 << BUCKET_BITS) - 1)) as usize;
+    let tag = u64::from(fingerprint >> BUCKET_BITS);
+    (bucket, tag << SEQ_BITS | (seq & ((1 << SEQ_BITS) - 1)))
+}
+
+/// Where the settled rows of one table partition are: each block's times,
+/// and each row's fingerprint with its block (8 bytes per row), so that a
+/// lookup scans one bucket (1/4,096 of the rows) whatever the number of
+/// blocks.
 #[derive(Debug, Default)]
 pub struct BlockIndex {
-    blocks: Vec<Meta>,
+    blocks: std::collections::BTreeMap<u64, Meta>,
+    /// Allocated with the first block.
+    buckets: Vec<Vec<u64>>,
     /// The sequence number of the next block.
     pub next_seq: u64,
     /// Rows in the blocks.
     rows: usize,
-}
-
-/// What retention does to one block.
-pub enum Forget {
-    /// Every row is past retention: delete the block.
-    Delete(u64),
-    /// Some rows are: rewrite the block with the rest.
-    Rewrite(u64),
 }
 
 impl BlockIndex {
@@ -171,35 +174,54 @@ impl BlockIndex {
         for item in store.db.scan_prefix(prefix.as_bytes()) {
             let (key, value) = item.map_err(sled_error(format!("scan {prefix}")))?;
             let key = String::from_utf8_lossy(&key).into_owned();
-            let seq = u64::from_str_radix(&key[prefix.len()..], 16).map_err(|error| {
-                StoreError::Corrupt {
-                    key: key.clone(),
-                    reason: error.to_string(),
-                }
-            })?;
-            let head: Head = postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
+            let corrupt = |reason: String| StoreError::Corrupt {
                 key: key.clone(),
-                reason: error.to_string(),
-            })?;
+                reason,
+            };
+            let seq = u64::from_str_radix(&key[prefix.len()..], 16)
+                .map_err(|error| corrupt(error.to_string()))?;
+            let head: Head =
+                postcard::from_bytes(&value).map_err(|error| corrupt(error.to_string()))?;
             head.rows.iter().for_each(|(k, _)| each(k));
             index.add(seq, &head);
         }
         Ok(index)
     }
 
-    /// Notes a block written (or rewritten) under `seq`.
+    /// Notes a new block `seq`.
     pub fn add(&mut self, seq: u64, head: &Head) {
-        self.remove(seq);
+        debug_assert!(!self.blocks.contains_key(&seq), "block {seq} added twice");
+        if self.buckets.is_empty() {
+            self.buckets = vec![Vec::new(); 1 << BUCKET_BITS];
+        }
+        for (key, _) in &head.rows {
+            let (bucket, entry) = entry(key, seq);
+            self.buckets[bucket].push(entry);
+        }
+        self.blocks.insert(seq, Meta::new(head));
         self.rows += head.rows.len();
-        let at = self.blocks.partition_point(|m| m.seq < seq);
-        self.blocks.insert(at, Meta::new(seq, head));
         self.next_seq = self.next_seq.max(seq + 1);
     }
 
-    /// Forgets the block `seq` (deleted).
-    pub fn remove(&mut self, seq: u64) {
-        if let Ok(at) = self.blocks.binary_search_by_key(&seq, |m| m.seq) {
-            self.rows -= self.blocks.remove(at).fingerprints.len();
+    /// Notes that block `seq` lost the rows `gone`; `head` is what it
+    /// holds now (`None`: it was deleted).
+    pub fn forget(&mut self, seq: u64, gone: &[String], head: Option<&Head>) {
+        for key in gone {
+            let (bucket, entry) = entry(key, seq);
+            let entries = &mut self.buckets[bucket];
+            if let Some(at) = entries.iter().position(|e| *e == entry) {
+                entries.swap_remove(at);
+            }
+        }
+        self.rows -= self.blocks.get(&seq).map_or(0, |m| m.rows);
+        match head {
+            Some(head) => {
+                self.blocks.insert(seq, Meta::new(head));
+                self.rows += head.rows.len();
+            }
+            None => {
+                self.blocks.remove(&seq);
+            }
         }
     }
 
@@ -214,21 +236,24 @@ impl BlockIndex {
 
     /// The blocks that may hold `key`, newest first.
     pub fn candidates(&self, key: &str) -> Vec<u64> {
-        let wanted = fingerprint(key);
-        (self.blocks.iter().rev())
-            .filter(|m| m.fingerprints.binary_search(&wanted).is_ok())
-            .map(|m| m.seq)
-            .collect()
+        if self.buckets.is_empty() {
+            return Vec::new();
+        }
+        let (bucket, wanted) = entry(key, 0);
+        let mut seqs: Vec<u64> = (self.buckets[bucket].iter())
+            .filter(|e| *e >> SEQ_BITS == wanted >> SEQ_BITS)
+            .map(|e| e & ((1 << SEQ_BITS) - 1))
+            .collect();
+        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        seqs.dedup();
+        seqs
     }
 
-    /// What retention does to the blocks holding rows older than `before_ms`.
-    pub fn to_forget(&self, before_ms: i64) -> Vec<Forget> {
+    /// The blocks holding rows older than `before_ms`.
+    pub fn to_forget(&self, before_ms: i64) -> Vec<u64> {
         (self.blocks.iter())
-            .filter(|m| m.oldest_ms < before_ms)
-            .map(|m| match m.newest_ms < before_ms {
-                true => Forget::Delete(m.seq),
-                false => Forget::Rewrite(m.seq),
-            })
+            .filter(|(_, m)| m.oldest_ms < before_ms)
+            .map(|(seq, _)| *seq)
             .collect()
     }
 }
@@ -386,16 +411,10 @@ mod tests {
         let mut index = BlockIndex::load(&store, "p", 0, |_| {}).unwrap();
         let mut batch = Batch::default();
         let mut dropped = 0;
-        for forget in index.to_forget(500) {
-            let seq = match forget {
-                Forget::Delete(seq) | Forget::Rewrite(seq) => seq,
-            };
+        for seq in index.to_forget(500) {
             let (gone, head) = store.forget_settled(&mut batch, "p", 0, seq, 500).unwrap();
             dropped += gone.len();
-            match head {
-                Some(head) => index.add(seq, &head),
-                None => index.remove(seq),
-            }
+            index.forget(seq, &gone, head.as_ref());
         }
         store.apply(batch).unwrap();
         assert_eq!(dropped, 500);
@@ -405,6 +424,15 @@ mod tests {
         let reloaded = BlockIndex::load(&store, "p", 0, |_| {}).unwrap();
         assert_eq!(reloaded.len(), index.len());
         assert!(index.to_forget(500).is_empty());
+        // The forgotten are no candidates any more; the kept still are.
+        assert!(index.candidates("pay-0499").is_empty());
+        assert_eq!(index.buckets.iter().map(Vec::len).sum::<usize>(), 500);
+        for key in ["pay-0500", "pay-0999"] {
+            let found: Vec<_> = (index.candidates(key).into_iter())
+                .filter_map(|seq| store.settled_row("p", 0, seq, key).unwrap())
+                .collect();
+            assert_eq!(found.len(), 1, "{key}");
+        }
     }
 
     // Blocks and heads have prefixes of their own: a table of another name
@@ -442,8 +470,8 @@ mod tests {
         write(&store, &first);
         write(&store, &second);
         let index = BlockIndex::load(&store, "p", 0, |_| {}).unwrap();
+        assert_eq!(index.candidates("pay-1"), vec![1, 0]);
         let seq = index.candidates("pay-1")[0];
-        assert_eq!(seq, 1);
         let found = store.settled_row("p", 0, seq, "pay-1").unwrap();
         assert_eq!(found.as_deref(), Some(&b"new"[..]));
         assert_eq!(

@@ -12,7 +12,7 @@ use crate::runtime::snapshot;
 use crate::runtime::RuntimeError;
 use crate::store::{
     block_key, checkpoint_key, encode_row, head_key, pack, row_key, undo_key, Batch, Block,
-    Checkpoint, Forget, RowWrite, StoredBytes,
+    Checkpoint, RowWrite, StoredBytes,
 };
 
 /// A checkpoint's changed rows.
@@ -199,27 +199,22 @@ impl<P: Processor> TaskLoop<P> {
             .to_forget(before);
         for step in plan.chunks(STEP) {
             let mut batch = Batch::default();
-            let mut heads = Vec::with_capacity(step.len());
-            let mut gone = Vec::new();
-            for forget in step {
-                let (Forget::Delete(seq) | Forget::Rewrite(seq)) = *forget;
+            let mut changes = Vec::with_capacity(step.len());
+            for &seq in step {
                 let store = &self.core.store;
                 let (keys, head) =
                     store.forget_settled(&mut batch, P::TABLE, partition, seq, before)?;
-                gone.extend(keys);
-                heads.push((seq, head));
+                changes.push((seq, keys, head));
             }
             self.core.store.apply(batch)?;
             let mut index = self.task.settled.write().expect("settled lock");
-            for (seq, head) in heads {
-                match head {
-                    Some(head) => index.add(seq, &head),
-                    None => index.remove(seq),
-                }
+            for (seq, keys, head) in &changes {
+                index.forget(*seq, keys, head.as_ref());
             }
             drop(index);
+            let gone: Vec<&String> = changes.iter().flat_map(|(_, keys, _)| keys).collect();
             let mut rows = self.task.rows.write().expect("rows lock");
-            for key in &gone {
+            for key in gone.iter().copied() {
                 if rows.get(key).is_some_and(|row| !row.dirty) {
                     rows.remove(key);
                 }
