@@ -28,8 +28,8 @@
 //! A settled payment leaves its own row for a block of settled rows
 //! (`store::settled`) at the next checkpoint, and is forgotten after
 //! `limits.payment_retention_seconds` (`runtime::task`, after a checkpoint);
-//! a record older than that is
-//! dead-lettered as `expired` rather than risk applying a forgotten copy.
+//! a record older than that is dead-lettered as `expired` rather than risk
+//! applying a forgotten copy.
 //!
 //! Modules, in layers that only import downward (`tests/architecture.rs`
 //! holds the list):
