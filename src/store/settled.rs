@@ -10,9 +10,11 @@
 //!
 //! [`BlockIndex`] holds every head in memory as 32-bit fingerprints with
 //! their block (8 bytes per row, in 4,096 buckets): a lookup scans one
-//! bucket and reads only the blocks whose fingerprints match, newest first. Retention deletes a block once all its rows are past it, and
-//! rewrites a block without its expired rows when only some are, so the
-//! store never holds a row retention let go.
+//! bucket and reads only the blocks whose fingerprints match, newest first.
+//!
+//! Retention deletes a block once all its rows are past it, and rewrites a
+//! block without its expired rows when only some are, so the store never
+//! holds a row retention let go.
 
 use serde::{Deserialize, Serialize};
 
