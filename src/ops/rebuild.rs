@@ -215,8 +215,7 @@ where
 fn payments(store: &Store) -> anyhow::Result<Vec<(String, PaymentState)>> {
     let mut rows = std::collections::BTreeMap::new();
     for (key, bytes) in store.settled_rows(Inflight::TABLE)? {
-        let row: PaymentState = postcard::from_bytes(&bytes)
-            .with_context(|| format!("settled payment {key} does not decode"))?;
+        let row: PaymentState = crate::store::decode_row(&key, &bytes)?;
         rows.insert(key, row);
     }
     for entry in store.entries::<PaymentState>(Inflight::TABLE) {

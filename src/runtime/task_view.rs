@@ -13,7 +13,7 @@ use super::core::Core;
 use super::RuntimeError;
 use crate::model::SourceTopic;
 use crate::pipeline::Processor;
-use crate::store::{row_key, BlockIndex, Checkpoint, StoredBytes};
+use crate::store::{decode_row, row_key, BlockIndex, Checkpoint, StoredBytes};
 
 /// A cached state row; `dirty` rows are newer than the store.
 pub(super) struct Row<S> {
@@ -117,13 +117,7 @@ impl<P: Processor> TaskView<P> {
         for seq in candidates {
             let found = core.store.settled_row(P::TABLE, self.partition, seq, key)?;
             if let Some(bytes) = found {
-                let value = postcard::from_bytes(&bytes).map_err(|error| {
-                    crate::store::StoreError::Corrupt {
-                        key: row_key.clone(),
-                        reason: error.to_string(),
-                    }
-                })?;
-                return Ok(Some((value, None)));
+                return Ok(Some((decode_row(&row_key, &bytes)?, None)));
             }
         }
         Ok(None)

@@ -134,6 +134,14 @@ pub fn encode_row<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("postcard into a Vec is infallible")
 }
 
+/// Decodes the stored bytes of the row under `key` (named in the error).
+pub fn decode_row<'a, T: Deserialize<'a>>(key: &str, bytes: &'a [u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: error.to_string(),
+    })
+}
+
 impl Store {
     /// Opens (or creates) the store under `dir`; `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
@@ -172,12 +180,7 @@ impl Store {
         let Some(bytes) = self.db.get(key).map_err(sled_error(format!("get {key}")))? else {
             return Ok(None);
         };
-        postcard::from_bytes(&bytes)
-            .map(Some)
-            .map_err(|error| StoreError::Corrupt {
-                key: key.to_owned(),
-                reason: error.to_string(),
-            })
+        decode_row(key, &bytes).map(Some)
     }
 
     pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
@@ -207,10 +210,7 @@ impl Store {
                 break;
             };
             let id = String::from_utf8_lossy(id).into_owned();
-            let row = postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
-                key: format!("{prefix}{id}"),
-                reason: error.to_string(),
-            })?;
+            let row = decode_row(&format!("{prefix}{id}"), &value)?;
             rows.push((id, row));
         }
         Ok(rows)
@@ -228,10 +228,7 @@ impl Store {
         let rows = self.db.range(prefix.clone().into_bytes()..end.into_bytes());
         rows.rev().map(move |item| {
             let (key, value) = item.map_err(|e| sled_error(format!("scan {prefix}"))(e))?;
-            postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&key).into_owned(),
-                reason: error.to_string(),
-            })
+            decode_row(&String::from_utf8_lossy(&key), &value)
         })
     }
 
@@ -249,10 +246,7 @@ impl Store {
         self.db.scan_prefix(prefix.as_bytes()).map(move |item| {
             let (key, value) = item.map_err(sled_error(format!("scan {prefix}")))?;
             let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            let row = postcard::from_bytes(&value).map_err(|error| StoreError::Corrupt {
-                key: format!("{prefix}{id}"),
-                reason: error.to_string(),
-            })?;
+            let row = decode_row(&format!("{prefix}{id}"), &value)?;
             Ok((id, row))
         })
     }
@@ -289,10 +283,7 @@ impl Store {
         let Some(bytes) = self.db.get(key).map_err(sled_error(format!("get {key}")))? else {
             return Ok(None);
         };
-        let value = postcard::from_bytes(&bytes).map_err(|error| StoreError::Corrupt {
-            key: key.to_owned(),
-            reason: error.to_string(),
-        })?;
+        let value = decode_row(key, &bytes)?;
         Ok(Some((value, bytes)))
     }
 

@@ -18,7 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{sled_error, Batch, Store, StoreError, StoredBytes};
+use super::{decode_row, sled_error, Batch, Store, StoreError, StoredBytes};
 
 /// Soft bound on a block's bytes. sled splits a leaf at 17 entries whatever
 /// their size and writes a page over 64 KiB as a file of its own, rewritten
@@ -111,10 +111,7 @@ fn encode_block(seq: u64, rows: &[(String, i64, StoredBytes)]) -> Block {
 
 /// A block's rows as stored: (key, encoded row), sorted by key.
 fn decode_block<'a>(key: &str, bytes: &'a [u8]) -> Result<Vec<(&'a str, &'a [u8])>, StoreError> {
-    postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt {
-        key: key.to_owned(),
-        reason: error.to_string(),
-    })
+    decode_row(key, bytes)
 }
 
 /// One block as the index knows it.
@@ -176,14 +173,13 @@ impl BlockIndex {
         for item in store.db.scan_prefix(prefix.as_bytes()) {
             let (key, value) = item.map_err(sled_error(format!("scan {prefix}")))?;
             let key = String::from_utf8_lossy(&key).into_owned();
-            let corrupt = |reason: String| StoreError::Corrupt {
-                key: key.clone(),
-                reason,
-            };
-            let seq = u64::from_str_radix(&key[prefix.len()..], 16)
-                .map_err(|error| corrupt(error.to_string()))?;
-            let head: Head =
-                postcard::from_bytes(&value).map_err(|error| corrupt(error.to_string()))?;
+            let seq = u64::from_str_radix(&key[prefix.len()..], 16).map_err(|error| {
+                StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: error.to_string(),
+                }
+            })?;
+            let head: Head = decode_row(&key, &value)?;
             head.rows.iter().for_each(|(k, _)| each(k));
             index.add(seq, &head);
         }
@@ -373,6 +369,13 @@ mod tests {
         store.apply(batch).unwrap();
     }
 
+    /// Every copy of `key` the index leads to, newest first.
+    fn found(index: &BlockIndex, store: &Store, key: &str) -> Vec<StoredBytes> {
+        (index.candidates(key).into_iter())
+            .filter_map(|seq| store.settled_row("p", 0, seq, key).unwrap())
+            .collect()
+    }
+
     #[test]
     fn rows_are_found_in_their_block_and_survive_a_reload() {
         let dir = tempfile::tempdir().unwrap();
@@ -388,17 +391,10 @@ mod tests {
         assert_eq!((keys, index.len().1, index.next_seq), (1000, 1000, next));
         for i in [0, 1, 499, 999] {
             let key = format!("pay-{i}");
-            let found: Vec<_> = (index.candidates(&key).into_iter())
-                .filter_map(|seq| store.settled_row("p", 0, seq, &key).unwrap())
-                .collect();
-            assert_eq!(found, vec![StoredBytes::from(vec![i as u8; 100])], "{key}");
+            let copies = found(&index, &store, &key);
+            assert_eq!(copies, vec![StoredBytes::from(vec![i as u8; 100])], "{key}");
         }
-        assert!(index.candidates("pay-1000").into_iter().all(|seq| {
-            store
-                .settled_row("p", 0, seq, "pay-1000")
-                .unwrap()
-                .is_none()
-        }));
+        assert!(found(&index, &store, "pay-1000").is_empty());
         assert_eq!(store.settled_rows("p").unwrap().len(), 1000);
     }
 
@@ -430,10 +426,7 @@ mod tests {
         assert!(index.candidates("pay-0499").is_empty());
         assert_eq!(index.buckets.iter().map(Vec::len).sum::<usize>(), 500);
         for key in ["pay-0500", "pay-0999"] {
-            let found: Vec<_> = (index.candidates(key).into_iter())
-                .filter_map(|seq| store.settled_row("p", 0, seq, key).unwrap())
-                .collect();
-            assert_eq!(found.len(), 1, "{key}");
+            assert_eq!(found(&index, &store, key).len(), 1, "{key}");
         }
     }
 

@@ -22,7 +22,8 @@ use crate::store::StoredBytes;
 pub(super) struct Loaded<S> {
     pub(super) key: Option<String>,
     pub(super) state: Option<S>,
-    /// Its bytes in the store, if stored.
+    /// Its bytes as a row of its own in the store (`None`: not stored, or
+    /// in a block of settled rows).
     pub(super) stored: Option<StoredBytes>,
     /// Taken from the cache, with its `dirty` flag; `None`: not cached.
     pub(super) cached: Option<bool>,

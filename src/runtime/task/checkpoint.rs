@@ -57,7 +57,6 @@ impl<P: Processor> TaskLoop<P> {
             settled,
             moved,
         } = self.changed_rows();
-        let settled_keys: Vec<String> = settled.iter().map(|(key, _, _)| key.clone()).collect();
         let mut last: Vec<(String, Vec<u8>)> = Vec::new();
         let mut admitted = 0;
         if !self.owner {
@@ -116,7 +115,7 @@ impl<P: Processor> TaskLoop<P> {
         self.publish(&next_offsets);
         self.snapshot_if_due()?;
         *self.task.committed.lock().expect("committed lock") = next_offsets.clone();
-        self.settle_rows(writes, settled_keys);
+        self.settle_rows(writes, &blocks);
         if self.core.config.instrument.enabled {
             metrics::histogram!("kpay_checkpoint_duration_seconds", "processor" => P::NAME)
                 .record(started.elapsed().as_secs_f64());
@@ -231,7 +230,7 @@ impl<P: Processor> TaskLoop<P> {
     /// Marks written rows clean and drops rows memory no longer needs; only
     /// after the store has them, so readers always find every row. Settled
     /// rows are in a block now, not rows of their own.
-    pub(super) fn settle_rows(&self, writes: Vec<RowWrite>, settled: Vec<String>) {
+    pub(super) fn settle_rows(&self, writes: Vec<RowWrite>, blocks: &[Block]) {
         let limit = self.core.config.pipeline.cache_rows_per_task;
         let mut rows = self.task.rows.write().expect("rows lock");
         for (key, bytes, _) in writes {
@@ -240,8 +239,8 @@ impl<P: Processor> TaskLoop<P> {
                 row.stored = Some(bytes);
             }
         }
-        for key in settled {
-            if let Some(row) = rows.get_mut(&key) {
+        for (key, _) in blocks.iter().flat_map(|block| &block.head.rows) {
+            if let Some(row) = rows.get_mut(key) {
                 row.dirty = false;
                 row.stored = None;
             }
