@@ -591,11 +591,21 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
 
     // Tamper with a balance behind the pipeline's back: the log says otherwise.
     {
+        // Its newest copy, in a block of the account table.
         let store = kpay::store::Store::open(&dir.path().join("state"), 1 << 20).unwrap();
-        let key = kpay::store::row_key("a", "bob");
-        let mut bob: kpay::pipeline::account::Account = store.get(&key).unwrap().unwrap();
+        let (block, bytes) = common::newest_block_of(&store, "a", "bob");
+        let mut rows = kpay::store::block_entries(&block, &bytes).unwrap();
+        let at = rows.iter().position(|(key, _)| key == "bob").unwrap();
+        let mut bob: kpay::pipeline::account::Account =
+            kpay::store::decode_row(&block, &rows[at].1).unwrap();
         bob.balance_cents += 1_000_000;
-        store.put(&key, &bob).unwrap();
+        rows[at].1 = kpay::store::encode_row(&bob).into();
+        let rows = rows.into_iter().map(|(key, row)| (key, i64::MAX, row));
+        let packed = kpay::store::pack(rows.collect(), &mut 0);
+        assert_eq!(packed.len(), 1, "one block as before");
+        store
+            .put_raw(&[(block.into_bytes(), packed[0].bytes.to_vec())])
+            .unwrap();
         futures::executor::block_on(store.flush()).unwrap();
     }
     let (ok, report) = rebuild(dir.path(), true);

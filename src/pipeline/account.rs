@@ -72,6 +72,7 @@ impl Processor for Accounts {
     type Stats = AccountStats;
     const NAME: &'static str = "account";
     const TABLE: &'static str = "a";
+    const PACKED: bool = true;
 
     fn state_key(event: &Event) -> Option<&str> {
         match event {

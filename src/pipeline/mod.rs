@@ -116,6 +116,13 @@ pub trait Processor: Send + Sync + 'static {
         false
     }
 
+    /// Whether this table's rows change often and are all kept for good
+    /// (accounts): the runtime then writes a row's key alone, once, when
+    /// it is new (so that listings find it in key order), and every version
+    /// of the row into blocks of rows (`store/blocks.rs`), where sled's cost
+    /// is per block, not per row.
+    const PACKED: bool = false;
+
     /// For a row the runtime may forget (a payment that is over): the time
     /// it carries; the row goes once that is before
     /// [`Ctx::forgotten_before_ms`]. `None`: the row is kept for good.

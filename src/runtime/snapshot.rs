@@ -38,7 +38,7 @@ use crate::pipeline::account::Accounts;
 use crate::pipeline::confirmed::Confirmed;
 use crate::pipeline::inflight::Inflight;
 use crate::pipeline::Processor;
-use crate::store::{checkpoint_key, settled_prefixes, RawRow, Store, StoreError};
+use crate::store::{block_prefixes, checkpoint_key, RawRow, Store, StoreError};
 
 /// Bytes of rows in one record, at most (Kafka's default record limit is 1 MiB).
 const PART_BYTES: usize = 256 << 10;
@@ -98,7 +98,7 @@ pub(super) fn take<P: Processor>(
     if P::TABLE != "-" {
         let prefix = format!("{}/", P::TABLE);
         rows = store.raw_rows(&prefix, |key| partition_for(key, partitions) == partition)?;
-        for prefix in settled_prefixes(P::TABLE, partition) {
+        for prefix in block_prefixes(P::TABLE, partition) {
             rows.extend(store.raw_rows(&prefix, |_| true)?);
         }
     }

@@ -227,8 +227,8 @@ pub(super) async fn start_tasks(
         super::positions::start(&core);
         let _ = core.snapshots.set(super::snapshot::start(&core));
     }
-    load_settled(&core.store, &core.inflight)?;
-    load_settled(&core.store, &core.accounts)?;
+    load_blocks(&core.store, &core.inflight)?;
+    load_blocks(&core.store, &core.accounts)?;
     fill_presence_filters(&core);
     spawn_tasks(&core, checkpoints, targets);
     Ok(core)
@@ -362,18 +362,18 @@ fn shared_views<P: Processor>(
         .collect()
 }
 
-/// Reads where each task's settled rows are (the heads of its blocks, 4
+/// Reads where each task's rows in blocks are (the heads of its blocks, 8
 /// bytes of memory per row) and notes their keys in its presence filter,
-/// before any task runs: a lookup must find every settled row.
-fn load_settled<P: Processor>(store: &Store, views: &[Arc<TaskView<P>>]) -> Result<(), StoreError> {
+/// before any task runs: a lookup must find every row in a block.
+fn load_blocks<P: Processor>(store: &Store, views: &[Arc<TaskView<P>>]) -> Result<(), StoreError> {
     if P::TABLE == "-" {
         return Ok(());
     }
     for view in views {
-        let index = BlockIndex::load(store, P::TABLE, view.partition, |key| {
+        let index = BlockIndex::load(store, P::TABLE, view.partition, P::PACKED, |key| {
             view.note_present(key)
         })?;
-        *view.settled.write().expect("settled lock") = index;
+        *view.blocks.write().expect("blocks lock") = index;
     }
     Ok(())
 }

@@ -13,7 +13,9 @@ use super::core::Core;
 use super::RuntimeError;
 use crate::model::SourceTopic;
 use crate::pipeline::Processor;
-use crate::store::{decode_row, row_key, BlockIndex, Checkpoint, StoredBytes};
+use crate::store::{
+    block_key, decode_row, find_in_block, row_key, BlockIndex, Checkpoint, StoredBytes,
+};
 
 /// A cached state row; `dirty` rows are newer than the store.
 pub(super) struct Row<S> {
@@ -21,12 +23,20 @@ pub(super) struct Row<S> {
     pub(super) dirty: bool,
     /// The row's bytes in the store (`None`: not stored yet), kept so a
     /// chunked checkpoint can be undone without reading the store again.
+    /// For a packed table: its key, once written.
     pub(super) stored: Option<StoredBytes>,
+    /// The block holding its stored copy (`None`: none does).
+    pub(super) block: Option<u64>,
 }
 
-/// A row as read from the store, with its bytes as a row of its own
-/// (`None`: it is in a block of settled rows).
-pub(super) type Stored<S> = (S, Option<StoredBytes>);
+/// A row as read from the store.
+pub(super) struct Found<S> {
+    pub(super) value: S,
+    /// Its bytes as a row of its own (`None`: it is in a block).
+    pub(super) stored: Option<StoredBytes>,
+    /// The block it is in (`None`: a row of its own).
+    pub(super) block: Option<u64>,
+}
 
 /// What a task shares with the runtime's views and the flusher.
 pub(super) struct TaskView<P: Processor> {
@@ -56,9 +66,9 @@ pub(super) struct TaskView<P: Processor> {
     /// in the background, so that a large store does not delay readiness);
     /// until then every lookup asks the store.
     pub(super) presence_filled: AtomicBool,
-    /// Where this partition's settled rows are (`store/settled.rs`): loaded
-    /// at start, added to by checkpoints, trimmed by retention.
-    pub(super) settled: RwLock<BlockIndex>,
+    /// Where this partition's rows in blocks are (`store/blocks.rs`): loaded
+    /// at start, added to by checkpoints, trimmed by them and by retention.
+    pub(super) blocks: RwLock<BlockIndex>,
     /// Why the task is down (failed, waiting to be restarted), until it is
     /// through a batch again.
     pub(super) down: Mutex<Option<String>>,
@@ -81,7 +91,7 @@ impl<P: Processor> TaskView<P> {
             caught_up: AtomicBool::new(false),
             positions: Mutex::new(checkpoint.next_offsets.clone()),
             held: Mutex::new(Vec::new()),
-            settled: RwLock::new(BlockIndex::default()),
+            blocks: RwLock::new(BlockIndex::new(P::PACKED)),
             down: Mutex::new(None),
         }
     }
@@ -96,31 +106,81 @@ impl<P: Processor> TaskView<P> {
 
     /// Reads a row from the store, unless the presence filter knows it is absent.
     pub(super) fn load(&self, core: &Core, key: &str) -> Result<Option<P::State>, RuntimeError> {
-        Ok(self.load_raw(core, key)?.map(|(value, _)| value))
+        Ok(self.load_raw(core, key)?.map(|found| found.value))
     }
 
-    /// A stored row and its bytes in its table (`None`: in a block of
-    /// settled rows, not a row of its own).
+    /// A stored row, with where it is. A packed table's rows are in blocks
+    /// only (their own key holds no row); other rows are in a block once
+    /// they are over.
     pub(super) fn load_raw(
         &self,
         core: &Core,
         key: &str,
-    ) -> Result<Option<Stored<P::State>>, RuntimeError> {
+    ) -> Result<Option<Found<P::State>>, RuntimeError> {
         if self.presence_filled.load(Ordering::Acquire) && !self.presence.contains(key) {
             return Ok(None);
         }
         let row_key = row_key(P::TABLE, key);
-        if let Some((value, bytes)) = core.store.get_raw(&row_key)? {
-            return Ok(Some((value, Some(bytes))));
+        if !P::PACKED {
+            if let Some((value, bytes)) = core.store.get_raw(&row_key)? {
+                let (stored, block) = (Some(bytes), None);
+                return Ok(Some(Found {
+                    value,
+                    stored,
+                    block,
+                }));
+            }
         }
-        let candidates = self.settled.read().expect("settled lock").candidates(key);
+        let Some((seq, bytes)) = self.find_in_blocks(core, key)? else {
+            return Ok(None);
+        };
+        let value = decode_row(&row_key, &bytes)?;
+        let (stored, block) = (None, Some(seq));
+        Ok(Some(Found {
+            value,
+            stored,
+            block,
+        }))
+    }
+
+    /// The newest copy of `key` in this partition's blocks: (block, bytes).
+    pub(super) fn find_in_blocks(
+        &self,
+        core: &Core,
+        key: &str,
+    ) -> Result<Option<(u64, StoredBytes)>, RuntimeError> {
+        let candidates = self.blocks.read().expect("blocks lock").candidates(key);
         for seq in candidates {
-            let found = core.store.settled_row(P::TABLE, self.partition, seq, key)?;
-            if let Some(bytes) = found {
-                return Ok(Some((decode_row(&row_key, &bytes)?, None)));
+            if let Some(row) = self.row_in_block(core, seq, key)? {
+                return Ok(Some((seq, row)));
             }
         }
         Ok(None)
+    }
+
+    /// Row `key` of block `seq`, read from memory when the block is kept
+    /// there (and kept there once read and decoded, for a packed table).
+    pub(super) fn row_in_block(
+        &self,
+        core: &Core,
+        seq: u64,
+        key: &str,
+    ) -> Result<Option<StoredBytes>, RuntimeError> {
+        let (table, partition) = (P::TABLE, self.partition);
+        let block = block_key(table, partition, seq);
+        if let Some(bytes) = self.blocks.read().expect("blocks lock").bytes(seq) {
+            return Ok(find_in_block(&block, &bytes, key)?);
+        }
+        // `None`: deleted since the index was read.
+        let Some(bytes) = core.store.block_bytes(table, partition, seq)? else {
+            return Ok(None);
+        };
+        let found = find_in_block(&block, &bytes, key)?;
+        self.blocks
+            .write()
+            .expect("blocks lock")
+            .keep_bytes(seq, &bytes);
+        Ok(found)
     }
 
     /// Records that `key` exists in the store (called for rows found at start).

@@ -98,14 +98,21 @@ impl Runtime {
         let mut cursor = after.map(str::to_owned);
         let chunk = limit.max(256);
         loop {
-            let rows =
-                (self.core.store).scan::<Account>(Accounts::TABLE, cursor.as_deref(), chunk)?;
-            let exhausted = rows.len() < chunk;
-            cursor = rows.last().map(|(id, _)| id.clone());
-            let kept = rows
-                .into_iter()
-                .filter(|(id, _)| keep(partition_for(id, partitions)));
-            page.extend(kept);
+            // A stored account's key is a row of its own; its row is in a block.
+            let ids = (self.core.store).scan_keys(Accounts::TABLE, cursor.as_deref(), chunk)?;
+            let exhausted = ids.len() < chunk;
+            cursor = ids.last().cloned();
+            for id in ids {
+                let partition = partition_for(&id, partitions);
+                if !keep(partition) {
+                    continue;
+                }
+                if let Some(account) =
+                    self.core.accounts[partition as usize].get(&self.core, &id)?
+                {
+                    page.insert(id, account);
+                }
+            }
             // Stored rows up to the cursor fill the page: a row not yet
             // stored that sorts after them would not make it in.
             if exhausted || page.len() >= limit {

@@ -2,10 +2,11 @@
 //! state changes, its input offsets and its dead letters commit in one atomic
 //! `apply_batch`.
 //!
-//! Keys: `a/<account id>` accounts, `p/<payment id>` payments,
+//! Keys: `a/<account id>` accounts (the key alone: their rows are in
+//! blocks), `p/<payment id>` payments,
 //! `t/<processor>/<partition>` task checkpoints, `u/<processor>/<partition>`
 //! the undo record of an interrupted checkpoint, `b/<table>/<partition>/<seq>`
-//! and `h/…` blocks of settled rows and their heads (`settled.rs`),
+//! and `h/…` blocks of settled rows and their heads (`blocks.rs`),
 //! `d/<source>/<partition>/<offset>` dead letters,
 //! `m/<name>` metadata.
 
@@ -16,12 +17,13 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::failpoint::{self, Point};
 use crate::model::SourceTopic;
+mod blocks;
 mod raw;
-mod settled;
-pub use raw::{RawRow, TableSize};
-pub use settled::{
-    block_key, head_key, pack, prefixes as settled_prefixes, Block, BlockIndex, Head,
+pub use blocks::{
+    block_entries, block_key, find_in_block, head_key, pack, prefixes as block_prefixes, Block,
+    BlockIndex, Head,
 };
+pub use raw::{RawRow, TableSize};
 
 /// Errors of the state store, with the key or step they concern.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +56,7 @@ impl StoreError {
 }
 
 /// Layout version of rows and log records; bumped when either changes.
-pub const FORMAT: u32 = 5;
+pub const FORMAT: u32 = 6;
 const FORMAT_KEY: &str = "m/format";
 
 fn sled_error(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {
@@ -214,6 +216,30 @@ impl Store {
             rows.push((id, row));
         }
         Ok(rows)
+    }
+
+    /// Keys of `table` after `after`, in key order, at most `limit`.
+    pub fn scan_keys(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{table}/");
+        let start = match after {
+            // The byte 0x00 sorts right after the key itself.
+            Some(after) => format!("{prefix}{after}\u{0}"),
+            None => prefix.clone(),
+        };
+        let mut keys = Vec::new();
+        for item in self.db.range(start.as_bytes()..).keys().take(limit) {
+            let key = item.map_err(sled_error(format!("scan {table}")))?;
+            let Some(id) = key.strip_prefix(prefix.as_bytes()) else {
+                break;
+            };
+            keys.push(String::from_utf8_lossy(id).into_owned());
+        }
+        Ok(keys)
     }
 
     /// Rows of `table` with keys below `before` (all if `None`), newest first,

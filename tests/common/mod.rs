@@ -592,3 +592,16 @@ pub fn expected_stages(status: &str) -> &'static [&'static str] {
         _ => &["admitted", "debited", "rejected", "refunded", "completed"],
     }
 }
+
+/// The newest block of `table` holding the row `key` (`store/blocks.rs`):
+/// the block's store key and bytes.
+pub fn newest_block_of(store: &kpay::store::Store, table: &str, key: &str) -> (String, Vec<u8>) {
+    let blocks = store.raw_rows(&format!("b/{table}/"), |_| true).unwrap();
+    let holding = blocks.into_iter().rev().find(|(block, bytes)| {
+        let block = String::from_utf8_lossy(block);
+        let rows = kpay::store::block_entries(&block, bytes).unwrap();
+        rows.iter().any(|(k, _)| k == key)
+    });
+    let (block, bytes) = holding.unwrap_or_else(|| panic!("no block of {table} holds {key}"));
+    (String::from_utf8(block).unwrap(), bytes)
+}

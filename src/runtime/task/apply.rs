@@ -23,8 +23,10 @@ pub(super) struct Loaded<S> {
     pub(super) key: Option<String>,
     pub(super) state: Option<S>,
     /// Its bytes as a row of its own in the store (`None`: not stored, or
-    /// in a block of settled rows).
+    /// in a block).
     pub(super) stored: Option<StoredBytes>,
+    /// The block holding its stored copy, if any.
+    pub(super) block: Option<u64>,
     /// Taken from the cache, with its `dirty` flag; `None`: not cached.
     pub(super) cached: Option<bool>,
 }
@@ -112,6 +114,7 @@ impl<P: Processor> TaskLoop<P> {
             key,
             mut state,
             stored,
+            block,
             cached,
         } = self.load_state(rows, P::state_key(&event))?;
         let handled = P::handle(&mut state, stats, event, ctx);
@@ -125,17 +128,19 @@ impl<P: Processor> TaskLoop<P> {
                             value,
                             dirty,
                             stored,
+                            block,
                         },
                     );
                 }
             }
             // Processors create and change rows, never delete them.
             (Some(key), Some(value)) => {
-                let new = cached.is_none() && stored.is_none();
+                let new = cached.is_none() && stored.is_none() && block.is_none();
                 let row = Row {
                     value,
                     dirty: true,
                     stored,
+                    block,
                 };
                 self.keep_row(rows, key, row, new);
             }
@@ -247,6 +252,7 @@ impl<P: Processor> TaskLoop<P> {
                 key: None,
                 state: None,
                 stored: None,
+                block: None,
                 cached: None,
             });
         };
@@ -255,17 +261,20 @@ impl<P: Processor> TaskLoop<P> {
                 key: Some(key),
                 state: Some(row.value),
                 stored: row.stored,
+                block: row.block,
                 cached: Some(row.dirty),
             });
         }
-        let (state, stored) = match self.task.load_raw(&self.core, key)? {
-            Some((value, bytes)) => (Some(value), bytes),
-            None => (None, None),
+        let found = self.task.load_raw(&self.core, key)?;
+        let (state, stored, block) = match found {
+            Some(found) => (Some(found.value), found.stored, found.block),
+            None => (None, None, None),
         };
         Ok(Loaded {
             key: Some(key.to_owned()),
             state,
             stored,
+            block,
             cached: None,
         })
     }

@@ -1,6 +1,6 @@
-//! The checkpoint: changed rows, settled rows packed in blocks, dead
-//! letters, input offsets and statistics in one atomic store write, then
-//! forgetting what retention lets go.
+//! The checkpoint: changed rows (packed in blocks when they are over, or of
+//! a packed table), dead letters, input offsets and statistics in one
+//! atomic store write, then forgetting what retention lets go.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -17,30 +17,47 @@ use crate::store::{
 
 /// A checkpoint's changed rows.
 #[derive(Default)]
-struct Changed {
-    /// Rows of their own: (key, new bytes, bytes they replace).
-    own: Vec<RowWrite>,
-    /// Rows that are over (they only wait for retention): (key, retention
-    /// time, bytes), written packed in blocks.
-    settled: Vec<(String, i64, StoredBytes)>,
-    /// Rows of their own that moved into a block: (table key, old bytes).
-    moved: Vec<(String, StoredBytes)>,
+pub(super) struct Changed {
+    /// Rows of their own: (key, new bytes, bytes they replace). A packed
+    /// table's new rows are here as their key alone (empty bytes).
+    pub(super) own: Vec<RowWrite>,
+    /// Rows written packed in blocks: (key, retention time, bytes); a
+    /// packed table's rows are kept for good (`i64::MAX`).
+    pub(super) packed: Vec<(String, i64, StoredBytes)>,
+    /// Store keys deleted with the checkpoint, with their bytes: rows of
+    /// their own that moved into a block, blocks collected.
+    pub(super) removed: Vec<(String, StoredBytes)>,
+    /// Blocks that hold an older copy of a row now written again.
+    pub(super) released: Vec<u64>,
+    /// Blocks deleted, with their rows' keys (for the index).
+    pub(super) collected: Vec<(u64, Vec<String>)>,
 }
 
 impl<P: Processor> TaskLoop<P> {
     /// The cache's dirty rows, encoded and sorted into rows of their own
-    /// and settled rows.
+    /// and rows packed in blocks.
     fn changed_rows(&self) -> Changed {
         let rows = self.task.rows.read().expect("rows lock");
         let mut changed = Changed::default();
         for (key, row) in rows.iter().filter(|(_, row)| row.dirty) {
             let bytes = StoredBytes::from(encode_row(&row.value));
+            changed.released.extend(row.block);
+            if P::PACKED {
+                if row.stored.is_none() && row.block.is_none() {
+                    // New: its key, so that listings find it in key order.
+                    changed
+                        .own
+                        .push((key.clone(), StoredBytes::from(&[][..]), None));
+                }
+                changed.packed.push((key.clone(), i64::MAX, bytes));
+                continue;
+            }
             match P::retention(&row.value) {
                 Some(at_ms) => {
                     if let Some(old) = &row.stored {
-                        changed.moved.push((row_key(P::TABLE, key), old.clone()));
+                        changed.removed.push((row_key(P::TABLE, key), old.clone()));
                     }
-                    changed.settled.push((key.clone(), at_ms, bytes));
+                    changed.packed.push((key.clone(), at_ms, bytes));
                 }
                 None => changed.own.push((key.clone(), bytes, row.stored.clone())),
             }
@@ -52,31 +69,18 @@ impl<P: Processor> TaskLoop<P> {
     /// (in chunks under an undo record when there are many rows).
     pub(super) fn checkpoint(&mut self) -> Result<(), RuntimeError> {
         let started = Instant::now();
+        let mut changed = self.changed_rows();
+        if P::PACKED {
+            self.collect_blocks(&mut changed)?;
+        }
         let Changed {
             own: writes,
-            settled,
-            moved,
-        } = self.changed_rows();
-        let mut last: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut admitted = 0;
-        if !self.owner {
-            // The owner keeps the dead letters of what both processed.
-            self.dead_letters.clear();
-        }
-        for letter in self.dead_letters.drain(..) {
-            if self.core.dlq_admit() {
-                admitted += 1;
-                last.push((letter.store_key(), encode_row(&letter)));
-            } else {
-                // Still on the DLQ topic (published with the batch).
-                metrics::counter!("kpay_dlq_overflow_total").increment(1);
-                tracing::error!(
-                    id = %letter.id,
-                    limit = self.core.config.limits.dlq_entries,
-                    "dead letter queue full: letter kept only on the DLQ topic"
-                );
-            }
-        }
+            packed,
+            removed,
+            released,
+            collected,
+        } = changed;
+        let (mut last, admitted) = self.dead_letter_rows();
         let next_offsets: BTreeMap<_, _> = self
             .inputs
             .iter()
@@ -87,10 +91,10 @@ impl<P: Processor> TaskLoop<P> {
             .iter()
             .map(|(key, bytes, old)| (row_key(P::TABLE, key), bytes.clone(), old.clone()))
             .collect();
-        let mut next_seq = self.task.settled.read().expect("settled lock").next_seq;
-        let blocks = pack(settled, &mut next_seq);
+        let mut next_seq = self.task.blocks.read().expect("blocks lock").next_seq;
+        let blocks = pack(packed, &mut next_seq);
         for block in &blocks {
-            let (seq, bytes) = (block.seq, StoredBytes::from(&block.bytes[..]));
+            let (seq, bytes) = (block.seq, block.bytes.clone());
             store_rows.push((block_key(P::TABLE, partition, seq), bytes, None));
             let head = StoredBytes::from(encode_row(&block.head));
             store_rows.push((head_key(P::TABLE, partition, seq), head, None));
@@ -101,7 +105,7 @@ impl<P: Processor> TaskLoop<P> {
         ));
         let undo = undo_key(P::NAME, self.task.partition);
         failpoint::pass(Point::TaskBeforeCommit);
-        if let Err(error) = self.core.store.commit(&undo, &store_rows, &moved, last) {
+        if let Err(error) = self.core.store.commit(&undo, &store_rows, &removed, last) {
             // Not stored: their places are free, and a restart finds them again.
             self.core.dlq_released(admitted);
             return Err(error.into());
@@ -111,7 +115,7 @@ impl<P: Processor> TaskLoop<P> {
             let _ = self.core.store.flush_blocking();
             failpoint::crash(Point::TaskAfterCommit);
         }
-        self.note_blocks(&blocks);
+        self.note_blocks(&blocks, &released, &collected);
         self.publish(&next_offsets);
         self.snapshot_if_due()?;
         *self.task.committed.lock().expect("committed lock") = next_offsets.clone();
@@ -124,6 +128,32 @@ impl<P: Processor> TaskLoop<P> {
         self.uncommitted = false;
         self.dirty_rows = 0;
         self.forget_expired()
+    }
+
+    /// The dead letters this checkpoint stores, as rows, and how many of
+    /// the queue's places they take.
+    fn dead_letter_rows(&mut self) -> (Vec<(String, Vec<u8>)>, u64) {
+        let mut rows = Vec::new();
+        let mut admitted = 0;
+        if !self.owner {
+            // The owner keeps the dead letters of what both processed.
+            self.dead_letters.clear();
+        }
+        for letter in self.dead_letters.drain(..) {
+            if self.core.dlq_admit() {
+                admitted += 1;
+                rows.push((letter.store_key(), encode_row(&letter)));
+            } else {
+                // Still on the DLQ topic (published with the batch).
+                metrics::counter!("kpay_dlq_overflow_total").increment(1);
+                tracing::error!(
+                    id = %letter.id,
+                    limit = self.core.config.limits.dlq_entries,
+                    "dead letter queue full: letter kept only on the DLQ topic"
+                );
+            }
+        }
+        (rows, admitted)
     }
 
     /// On a cluster, an owner tells the followers where it checkpointed
@@ -169,15 +199,23 @@ impl<P: Processor> TaskLoop<P> {
         self.clock_ms.saturating_sub(self.retention_ms)
     }
 
-    /// Tells the index where the blocks just written are (the rows are
-    /// still in the cache, so readers find them meanwhile).
-    fn note_blocks(&self, blocks: &[Block]) {
-        if blocks.is_empty() {
+    /// Tells the index what the checkpoint did to the blocks: which it
+    /// deleted, where the new ones are, and which hold older copies of rows
+    /// written again (the rows are still in the cache, so readers find them
+    /// meanwhile).
+    fn note_blocks(&self, blocks: &[Block], released: &[u64], collected: &[(u64, Vec<String>)]) {
+        if blocks.is_empty() && collected.is_empty() {
             return;
         }
-        let mut index = self.task.settled.write().expect("settled lock");
+        let mut index = self.task.blocks.write().expect("blocks lock");
+        for (seq, keys) in collected {
+            index.forget(*seq, keys, None);
+        }
         for block in blocks {
-            index.add(block.seq, &block.head);
+            index.add(block.seq, &block.head, Some(block.bytes.clone()));
+        }
+        for seq in released {
+            index.release(*seq);
         }
     }
 
@@ -192,9 +230,9 @@ impl<P: Processor> TaskLoop<P> {
         let before = self.forgotten_before_ms().max(0);
         let plan = self
             .task
-            .settled
+            .blocks
             .read()
-            .expect("settled lock")
+            .expect("blocks lock")
             .to_forget(before);
         for step in plan.chunks(STEP) {
             let mut batch = Batch::default();
@@ -206,7 +244,7 @@ impl<P: Processor> TaskLoop<P> {
                 changes.push((seq, keys, head));
             }
             self.core.store.apply(batch)?;
-            let mut index = self.task.settled.write().expect("settled lock");
+            let mut index = self.task.blocks.write().expect("blocks lock");
             for (seq, keys, head) in &changes {
                 index.forget(*seq, keys, head.as_ref());
             }
@@ -228,8 +266,8 @@ impl<P: Processor> TaskLoop<P> {
     }
 
     /// Marks written rows clean and drops rows memory no longer needs; only
-    /// after the store has them, so readers always find every row. Settled
-    /// rows are in a block now, not rows of their own.
+    /// after the store has them, so readers always find every row. Rows in
+    /// a block now are no rows of their own (but for a packed table's key).
     pub(super) fn settle_rows(&self, writes: Vec<RowWrite>, blocks: &[Block]) {
         let limit = self.core.config.pipeline.cache_rows_per_task;
         let mut rows = self.task.rows.write().expect("rows lock");
@@ -239,10 +277,15 @@ impl<P: Processor> TaskLoop<P> {
                 row.stored = Some(bytes);
             }
         }
-        for (key, _) in blocks.iter().flat_map(|block| &block.head.rows) {
-            if let Some(row) = rows.get_mut(key) {
-                row.dirty = false;
-                row.stored = None;
+        for block in blocks {
+            for (key, _) in &block.head.rows {
+                if let Some(row) = rows.get_mut(key) {
+                    row.dirty = false;
+                    row.block = Some(block.seq);
+                    if !P::PACKED {
+                        row.stored = None;
+                    }
+                }
             }
         }
         rows.retain(|_, row| row.dirty || !P::is_settled(&row.value));

@@ -12,6 +12,7 @@
 
 mod apply;
 mod checkpoint;
+mod collect;
 mod input;
 mod role;
 

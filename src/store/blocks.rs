@@ -1,16 +1,25 @@
-//! Settled rows, packed. A row that is over (a payment terminal and
-//! completed) never changes again and only waits for retention, so a
-//! checkpoint writes its settled rows as blocks of about [`BLOCK_BYTES`]
-//! instead of one store key each: sled's cost is per key.
+//! Rows packed in blocks, because sled's cost is per key: a checkpoint
+//! writes such rows as blocks of about [`BLOCK_BYTES`] instead of one store
+//! key each. Two kinds of rows go there:
+//! - rows that are over (a payment terminal and completed): they never
+//!   change again and only wait for retention;
+//! - every version of a packed table's rows (accounts, `Processor::PACKED`):
+//!   a changed row goes into a new block, and its older copy is dead.
 //!
 //! Each block has two keys, written in the checkpoint's atomic batch:
 //! - `b/{table}/{partition}/{seq}`: the rows, sorted by key;
 //! - `h/{table}/{partition}/{seq}`: its head, each row's key and retention
-//!   time, which is all a start reads to find the rows again.
+//!   time (`i64::MAX` for a row kept for good), which is all a start reads
+//!   to find the rows again.
 //!
 //! [`BlockIndex`] holds every head in memory as 32-bit fingerprints with
 //! their block (8 bytes per row, in 4,096 buckets): a lookup scans one
-//! bucket and reads only the blocks whose fingerprints match, newest first.
+//! bucket and reads only the blocks whose fingerprints match, newest first,
+//! so the newest copy of a row wins. It counts each block's live rows (those
+//! no newer block holds); a checkpoint deletes a block once none is left,
+//! and packs the live rows of one that is at most half live again, so that
+//! dead copies take at most as much room as the live ones. A packed table's
+//! blocks stay in memory once read.
 //!
 //! Retention deletes a block once all its rows are past it, and rewrites a
 //! block without its expired rows when only some are, so the store never
@@ -34,13 +43,13 @@ pub struct Head {
     pub rows: Vec<(String, i64)>,
 }
 
-/// One block of settled rows about to be written.
+/// One block of rows about to be written.
 #[derive(Debug, Clone)]
 pub struct Block {
     pub seq: u64,
     pub head: Head,
     /// Encoded rows, sorted by key.
-    pub bytes: Vec<u8>,
+    pub bytes: StoredBytes,
 }
 
 /// The store's key prefixes of blocks and of their heads.
@@ -105,7 +114,9 @@ fn encode_block(seq: u64, rows: &[(String, i64, StoredBytes)]) -> Block {
         head: Head {
             rows: rows.iter().map(|(k, at, _)| (k.clone(), *at)).collect(),
         },
-        bytes: postcard::to_allocvec(&entries).expect("postcard into a Vec is infallible"),
+        bytes: StoredBytes::from(
+            postcard::to_allocvec(&entries).expect("postcard into a Vec is infallible"),
+        ),
     }
 }
 
@@ -115,11 +126,15 @@ fn decode_block<'a>(key: &str, bytes: &'a [u8]) -> Result<Vec<(&'a str, &'a [u8]
 }
 
 /// One block as the index knows it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Meta {
     /// Its oldest row's retention time.
     oldest_ms: i64,
     rows: usize,
+    /// Rows whose newest copy is in this block.
+    live: usize,
+    /// Its bytes, for a packed table's block once read or written.
+    bytes: Option<StoredBytes>,
 }
 
 impl Meta {
@@ -127,6 +142,8 @@ impl Meta {
         Self {
             oldest_ms: (head.rows.iter().map(|(_, at)| *at).min()).unwrap_or(i64::MAX),
             rows: head.rows.len(),
+            live: head.rows.len(),
+            bytes: None,
         }
     }
 }
@@ -144,10 +161,10 @@ fn entry(key: &str, seq: u64) -> (usize, u64) {
     (bucket, tag << SEQ_BITS | (seq & ((1 << SEQ_BITS) - 1)))
 }
 
-/// Where the settled rows of one table partition are: each block's times,
-/// and each row's fingerprint with its block (8 bytes per row), so that a
-/// lookup scans one bucket (1/4,096 of the rows) whatever the number of
-/// blocks.
+/// Where the blocks of one table partition are: each block's times and
+/// live rows, and each row's fingerprint with its block (8 bytes per row),
+/// so that a lookup scans one bucket (1/4,096 of the rows) whatever the
+/// number of blocks.
 #[derive(Debug, Default)]
 pub struct BlockIndex {
     blocks: std::collections::BTreeMap<u64, Meta>,
@@ -157,19 +174,33 @@ pub struct BlockIndex {
     pub next_seq: u64,
     /// Rows in the blocks.
     rows: usize,
+    /// Blocks stay in memory once read or written (a packed table's).
+    resident: bool,
 }
 
 impl BlockIndex {
+    /// An empty index; `packed`: of a packed table (blocks kept in memory).
+    pub fn new(packed: bool) -> Self {
+        Self {
+            resident: packed,
+            ..Self::default()
+        }
+    }
+
     /// Reads the heads of `table`'s blocks of `partition`, calling `each`
     /// with every row key (a start fills the presence filter with them).
+    /// For a packed table it also counts each block's live rows.
     pub fn load(
         store: &Store,
         table: &str,
         partition: u32,
+        packed: bool,
         mut each: impl FnMut(&str),
     ) -> Result<Self, StoreError> {
         let prefix = &prefixes(table, partition)[1];
-        let mut index = Self::default();
+        let mut index = Self::new(packed);
+        // Each key's newest block so far (the scan is in block order).
+        let mut newest: std::collections::HashMap<String, u64> = Default::default();
         for item in store.db.scan_prefix(prefix.as_bytes()) {
             let (key, value) = item.map_err(sled_error(format!("scan {prefix}")))?;
             let key = String::from_utf8_lossy(&key).into_owned();
@@ -181,13 +212,20 @@ impl BlockIndex {
             })?;
             let head: Head = decode_row(&key, &value)?;
             head.rows.iter().for_each(|(k, _)| each(k));
-            index.add(seq, &head);
+            index.add(seq, &head, None);
+            if packed {
+                for (k, _) in &head.rows {
+                    if let Some(older) = newest.insert(k.clone(), seq) {
+                        index.release(older);
+                    }
+                }
+            }
         }
         Ok(index)
     }
 
-    /// Notes a new block `seq`.
-    pub fn add(&mut self, seq: u64, head: &Head) {
+    /// Notes a new block `seq` (with its bytes, just written).
+    pub fn add(&mut self, seq: u64, head: &Head, bytes: Option<StoredBytes>) {
         debug_assert!(!self.blocks.contains_key(&seq), "block {seq} added twice");
         if self.buckets.is_empty() {
             self.buckets = vec![Vec::new(); 1 << BUCKET_BITS];
@@ -196,9 +234,51 @@ impl BlockIndex {
             let (bucket, entry) = entry(key, seq);
             self.buckets[bucket].push(entry);
         }
-        self.blocks.insert(seq, Meta::new(head));
+        let mut meta = Meta::new(head);
+        meta.bytes = bytes.filter(|_| self.resident);
+        self.blocks.insert(seq, meta);
         self.rows += head.rows.len();
         self.next_seq = self.next_seq.max(seq + 1);
+    }
+
+    /// Notes that a row of block `seq` has a newer copy in another block.
+    pub fn release(&mut self, seq: u64) {
+        if let Some(meta) = self.blocks.get_mut(&seq) {
+            meta.live = meta.live.saturating_sub(1);
+        }
+    }
+
+    /// Block `seq`'s bytes, when kept in memory.
+    pub fn bytes(&self, seq: u64) -> Option<StoredBytes> {
+        self.blocks.get(&seq).and_then(|meta| meta.bytes.clone())
+    }
+
+    /// Keeps block `seq`'s bytes in memory, for a packed table.
+    pub fn keep_bytes(&mut self, seq: u64, bytes: &StoredBytes) {
+        if let Some(meta) = self.blocks.get_mut(&seq).filter(|_| self.resident) {
+            meta.bytes = Some(bytes.clone());
+        }
+    }
+
+    /// Up to `dead` blocks with no live row and up to `sparse` at most half
+    /// live, oldest first: (block, live rows).
+    pub fn to_collect(&self, dead: usize, sparse: usize) -> Vec<(u64, usize)> {
+        let (mut dead_left, mut sparse_left) = (dead, sparse);
+        let mut chosen = Vec::new();
+        for (seq, meta) in &self.blocks {
+            if meta.live == 0 && dead_left > 0 {
+                dead_left -= 1;
+            } else if meta.live > 0 && meta.live * 2 <= meta.rows && sparse_left > 0 {
+                sparse_left -= 1;
+            } else {
+                continue;
+            }
+            chosen.push((*seq, meta.live));
+            if dead_left == 0 && sparse_left == 0 {
+                break;
+            }
+        }
+        chosen
     }
 
     /// Notes that block `seq` lost the rows `gone`; `head` is what it
@@ -256,29 +336,54 @@ impl BlockIndex {
     }
 }
 
+/// The encoded row `key` in the block stored as `bytes` under `block`.
+pub fn find_in_block(
+    block: &str,
+    bytes: &[u8],
+    key: &str,
+) -> Result<Option<StoredBytes>, StoreError> {
+    let rows = decode_block(block, bytes)?;
+    Ok(rows
+        .binary_search_by(|(k, _)| (*k).cmp(key))
+        .ok()
+        .map(|at| StoredBytes::from(rows[at].1)))
+}
+
+/// Every row of the block stored as `bytes` under `block`: (key, encoded row).
+pub fn block_entries(block: &str, bytes: &[u8]) -> Result<Vec<(String, StoredBytes)>, StoreError> {
+    let rows = decode_block(block, bytes)?;
+    Ok(rows
+        .into_iter()
+        .map(|(k, row)| (k.to_owned(), StoredBytes::from(row)))
+        .collect())
+}
+
 impl Store {
+    /// Block `seq`'s bytes (`None`: deleted since the index was read).
+    pub fn block_bytes(
+        &self,
+        table: &str,
+        partition: u32,
+        seq: u64,
+    ) -> Result<Option<StoredBytes>, StoreError> {
+        let block = block_key(table, partition, seq);
+        self.db
+            .get(&block)
+            .map_err(sled_error(format!("get {block}")))
+    }
+
     /// The encoded row `key` of block `seq`, if the block holds it.
-    pub fn settled_row(
+    pub fn block_row(
         &self,
         table: &str,
         partition: u32,
         seq: u64,
         key: &str,
     ) -> Result<Option<StoredBytes>, StoreError> {
-        let block = block_key(table, partition, seq);
-        let Some(bytes) = self
-            .db
-            .get(&block)
-            .map_err(sled_error(format!("get {block}")))?
-        else {
-            // Deleted by retention since the index was read.
-            return Ok(None);
-        };
-        let rows = decode_block(&block, &bytes)?;
-        Ok(rows
-            .binary_search_by(|(k, _)| (*k).cmp(key))
-            .ok()
-            .map(|at| StoredBytes::from(rows[at].1)))
+        match self.block_bytes(table, partition, seq)? {
+            Some(bytes) => find_in_block(&block_key(table, partition, seq), &bytes, key),
+            None => Ok(None),
+        }
     }
 
     /// Adds to `batch` what retention does to block `seq`: deleted when
@@ -327,7 +432,7 @@ impl Store {
 
     /// Every settled row of `table` (all partitions): (key, encoded row),
     /// the newest block's copy where a key is in several.
-    pub fn settled_rows(
+    pub fn block_rows(
         &self,
         table: &str,
     ) -> Result<std::collections::BTreeMap<String, StoredBytes>, StoreError> {
@@ -372,7 +477,7 @@ mod tests {
     /// Every copy of `key` the index leads to, newest first.
     fn found(index: &BlockIndex, store: &Store, key: &str) -> Vec<StoredBytes> {
         (index.candidates(key).into_iter())
-            .filter_map(|seq| store.settled_row("p", 0, seq, key).unwrap())
+            .filter_map(|seq| store.block_row("p", 0, seq, key).unwrap())
             .collect()
     }
 
@@ -387,7 +492,7 @@ mod tests {
         assert_eq!(next, blocks.len() as u64);
         write(&store, &blocks);
         let mut keys = 0;
-        let index = BlockIndex::load(&store, "p", 0, |_| keys += 1).unwrap();
+        let index = BlockIndex::load(&store, "p", 0, false, |_| keys += 1).unwrap();
         assert_eq!((keys, index.len().1, index.next_seq), (1000, 1000, next));
         for i in [0, 1, 499, 999] {
             let key = format!("pay-{i}");
@@ -395,7 +500,7 @@ mod tests {
             assert_eq!(copies, vec![StoredBytes::from(vec![i as u8; 100])], "{key}");
         }
         assert!(found(&index, &store, "pay-1000").is_empty());
-        assert_eq!(store.settled_rows("p").unwrap().len(), 1000);
+        assert_eq!(store.block_rows("p").unwrap().len(), 1000);
     }
 
     #[test]
@@ -406,7 +511,7 @@ mod tests {
         let mut next = 0;
         let blocks = pack(rows, &mut next);
         write(&store, &blocks);
-        let mut index = BlockIndex::load(&store, "p", 0, |_| {}).unwrap();
+        let mut index = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
         let mut batch = Batch::default();
         let mut dropped = 0;
         for seq in index.to_forget(500) {
@@ -416,10 +521,10 @@ mod tests {
         }
         store.apply(batch).unwrap();
         assert_eq!(dropped, 500);
-        let left = store.settled_rows("p").unwrap();
+        let left = store.block_rows("p").unwrap();
         assert_eq!(left.len(), 500);
         assert_eq!(left.keys().next().map(String::as_str), Some("pay-0500"));
-        let reloaded = BlockIndex::load(&store, "p", 0, |_| {}).unwrap();
+        let reloaded = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
         assert_eq!(reloaded.len(), index.len());
         assert!(index.to_forget(500).is_empty());
         // The forgotten are no candidates any more; the kept still are.
@@ -464,13 +569,13 @@ mod tests {
         );
         write(&store, &first);
         write(&store, &second);
-        let index = BlockIndex::load(&store, "p", 0, |_| {}).unwrap();
+        let index = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
         assert_eq!(index.candidates("pay-1"), vec![1, 0]);
         let seq = index.candidates("pay-1")[0];
-        let found = store.settled_row("p", 0, seq, "pay-1").unwrap();
+        let found = store.block_row("p", 0, seq, "pay-1").unwrap();
         assert_eq!(found.as_deref(), Some(&b"new"[..]));
         assert_eq!(
-            store.settled_rows("p").unwrap()["pay-1"],
+            store.block_rows("p").unwrap()["pay-1"],
             StoredBytes::from(&b"new"[..])
         );
     }
