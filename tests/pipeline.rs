@@ -139,3 +139,88 @@ async fn retention_drops_segments_every_processor_has_passed() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_rows_live_in_blocks_whose_dead_copies_are_collected() {
+    // Every version of an account row goes into a new block; the copies it replaces die in older blocks, which checkpoints delete or pack again, so the blocks hold at most about twice the live rows. With no row cache, every debit and credit reads its account from the blocks; a restart reads them from the store, and a listing pages them in id order.
+    const ACCOUNTS: usize = 200;
+    const PAYMENTS: usize = 6_000;
+    let ids: Vec<String> = (0..ACCOUNTS).map(|n| format!("acct-{n:03}")).collect();
+    let opened: Vec<(&str, i64)> = ids.iter().map(|id| (id.as_str(), 1_000_000)).collect();
+    let (server, client) = TestServer::builder()
+        .config(|c| c.pipeline.cache_rows_per_task = 0)
+        .accounts(&opened)
+        .start()
+        .await;
+    let mut expected: std::collections::BTreeMap<&str, i64> = opened.iter().copied().collect();
+    for n in 0..PAYMENTS {
+        let (from, to) = (n % ACCOUNTS, (n * 7 + 1 + n / ACCOUNTS) % ACCOUNTS);
+        if from == to {
+            continue;
+        }
+        let amount = (n % 97 + 1) as i64;
+        *expected.get_mut(ids[from].as_str()).unwrap() -= amount;
+        *expected.get_mut(ids[to].as_str()).unwrap() += amount;
+        let payment = PaymentRef {
+            id: format!("p-{n}"),
+            from: ids[from].clone(),
+            to: ids[to].clone(),
+            amount_cents: amount,
+            accepted_at_ms: 0,
+        };
+        let submitter = Submitter::new("test", "tests/pipeline.rs");
+        let ingest = server.runtime().ingest();
+        ingest.submit(payment, submitter).await.unwrap();
+    }
+    let sent = (0..PAYMENTS)
+        .filter(|n| n % ACCOUNTS != (n * 7 + 1 + n / ACCOUNTS) % ACCOUNTS)
+        .count() as u64;
+    wait_confirmed(&server, sent).await;
+    let (config, dir) = (server.config().clone(), server.dir());
+    server.stop().await;
+
+    let (_, store) = common::open_backends_retrying(&config).await.unwrap();
+    let blocks = store.raw_rows("b/a/", |_| true).unwrap();
+    let mut copies = 0;
+    for (key, bytes) in &blocks {
+        let key = String::from_utf8_lossy(key);
+        copies += kpay::store::block_entries(&key, bytes).unwrap().len();
+    }
+    println!(
+        "{} account blocks hold {copies} copies of {ACCOUNTS} rows",
+        blocks.len()
+    );
+    assert!(copies >= ACCOUNTS, "{copies} copies");
+    // Without collection they would be one per account per checkpoint.
+    assert!(copies <= 4 * ACCOUNTS, "{copies} copies");
+    drop(store);
+
+    let server = TestServer::start(config).await;
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let cursor = after
+            .as_ref()
+            .map_or(String::new(), |a| format!("&after={a}"));
+        let url = server.url(&format!("/api/v1/accounts?limit=64{cursor}"));
+        let (status, page) = common::get(&client, &url).await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["items"].as_array().unwrap().clone();
+        listed.extend(items.iter().map(|a| {
+            let id = a["id"].as_str().unwrap().to_owned();
+            (id, a["balance"].as_i64().unwrap())
+        }));
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let wanted: Vec<(String, i64)> = (expected.iter())
+        .map(|(id, cents)| (id.to_string(), *cents))
+        .collect();
+    assert_eq!(listed, wanted);
+    let (_, integrity) = common::get(&client, &server.url("/api/v1/ledger/integrity")).await;
+    assert_eq!(integrity["ok"], true, "{integrity}");
+    server.stop().await;
+    drop(dir);
+}

@@ -457,83 +457,11 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod prefix_tests {
     use super::*;
-
-    fn row(key: &str, at: i64) -> (String, i64, StoredBytes) {
-        (key.to_owned(), at, StoredBytes::from(vec![at as u8; 100]))
-    }
-
-    fn write(store: &Store, blocks: &[Block]) {
-        let mut batch = Batch::default();
-        for block in blocks {
-            batch.insert(block_key("p", 0, block.seq).as_bytes(), block.bytes.clone());
-            let head = postcard::to_allocvec(&block.head).unwrap();
-            batch.insert(head_key("p", 0, block.seq).as_bytes(), head);
-        }
-        store.apply(batch).unwrap();
-    }
-
-    /// Every copy of `key` the index leads to, newest first.
-    fn found(index: &BlockIndex, store: &Store, key: &str) -> Vec<StoredBytes> {
-        (index.candidates(key).into_iter())
-            .filter_map(|seq| store.block_row("p", 0, seq, key).unwrap())
-            .collect()
-    }
-
-    #[test]
-    fn rows_are_found_in_their_block_and_survive_a_reload() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let rows: Vec<_> = (0..1000).map(|i| row(&format!("pay-{i}"), i)).collect();
-        let mut next = 0;
-        let blocks = pack(rows, &mut next);
-        assert!(blocks.len() > 2, "{} blocks", blocks.len());
-        assert_eq!(next, blocks.len() as u64);
-        write(&store, &blocks);
-        let mut keys = 0;
-        let index = BlockIndex::load(&store, "p", 0, false, |_| keys += 1).unwrap();
-        assert_eq!((keys, index.len().1, index.next_seq), (1000, 1000, next));
-        for i in [0, 1, 499, 999] {
-            let key = format!("pay-{i}");
-            let copies = found(&index, &store, &key);
-            assert_eq!(copies, vec![StoredBytes::from(vec![i as u8; 100])], "{key}");
-        }
-        assert!(found(&index, &store, "pay-1000").is_empty());
-        assert_eq!(store.block_rows("p").unwrap().len(), 1000);
-    }
-
-    #[test]
-    fn retention_deletes_whole_blocks_and_trims_the_one_across_the_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let rows: Vec<_> = (0..1000).map(|i| row(&format!("pay-{i:04}"), i)).collect();
-        let mut next = 0;
-        let blocks = pack(rows, &mut next);
-        write(&store, &blocks);
-        let mut index = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
-        let mut batch = Batch::default();
-        let mut dropped = 0;
-        for seq in index.to_forget(500) {
-            let (gone, head) = store.forget_settled(&mut batch, "p", 0, seq, 500).unwrap();
-            dropped += gone.len();
-            index.forget(seq, &gone, head.as_ref());
-        }
-        store.apply(batch).unwrap();
-        assert_eq!(dropped, 500);
-        let left = store.block_rows("p").unwrap();
-        assert_eq!(left.len(), 500);
-        assert_eq!(left.keys().next().map(String::as_str), Some("pay-0500"));
-        let reloaded = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
-        assert_eq!(reloaded.len(), index.len());
-        assert!(index.to_forget(500).is_empty());
-        // The forgotten are no candidates any more; the kept still are.
-        assert!(index.candidates("pay-0499").is_empty());
-        assert_eq!(index.buckets.iter().map(Vec::len).sum::<usize>(), 500);
-        for key in ["pay-0500", "pay-0999"] {
-            assert_eq!(found(&index, &store, key).len(), 1, "{key}");
-        }
-    }
 
     // Blocks and heads have prefixes of their own: a table of another name
     // (the audit trail's submissions are `s/`) would carry them over or trim them.
@@ -555,28 +483,5 @@ mod tests {
             assert!(!others.contains(&prefix), "{prefix} is taken");
         }
         assert_ne!(BLOCKS, HEADS);
-    }
-
-    #[test]
-    fn the_newest_copy_of_a_row_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let mut next = 0;
-        let first = pack(vec![row("pay-1", 1)], &mut next);
-        let second = pack(
-            vec![(String::from("pay-1"), 1, StoredBytes::from(&b"new"[..]))],
-            &mut next,
-        );
-        write(&store, &first);
-        write(&store, &second);
-        let index = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
-        assert_eq!(index.candidates("pay-1"), vec![1, 0]);
-        let seq = index.candidates("pay-1")[0];
-        let found = store.block_row("p", 0, seq, "pay-1").unwrap();
-        assert_eq!(found.as_deref(), Some(&b"new"[..]));
-        assert_eq!(
-            store.block_rows("p").unwrap()["pay-1"],
-            StoredBytes::from(&b"new"[..])
-        );
     }
 }
