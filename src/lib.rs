@@ -25,8 +25,10 @@
 //! `payment.dlq`) and the task goes on; an operator replays it (`ops::dlq`)
 //! to its source topic.
 //!
-//! A settled payment leaves its own row for a block of settled rows
-//! (`store::settled`) at the next checkpoint, and is forgotten after
+//! Account rows live in blocks (`store::blocks`): each checkpoint packs the
+//! accounts it changed into new blocks, and collects the older copies. A
+//! settled payment leaves its own row for a block (`store::blocks`) at the
+//! next checkpoint, and is forgotten after
 //! `limits.payment_retention_seconds` (`runtime::task`, after a checkpoint);
 //! a record older than that is dead-lettered as `expired` rather than risk
 //! applying a forgotten copy.

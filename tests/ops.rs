@@ -600,7 +600,7 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
             kpay::store::decode_row(&block, &rows[at].1).unwrap();
         bob.balance_cents += 1_000_000;
         rows[at].1 = kpay::store::encode_row(&bob).into();
-        let rows = rows.into_iter().map(|(key, row)| (key, i64::MAX, row));
+        let rows = rows.into_iter().map(|(key, row)| (key, 0, row));
         let packed = kpay::store::pack(rows.collect(), &mut 0);
         assert_eq!(packed.len(), 1, "one block as before");
         store

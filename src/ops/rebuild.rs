@@ -216,7 +216,7 @@ where
 }
 
 /// Every account of a store, in key order: the newest copy of its row in
-/// the blocks (`store/blocks.rs`); its key alone is a row of its own.
+/// the blocks (`store/blocks/`); its key alone is a row of its own.
 fn accounts(store: &Store) -> anyhow::Result<Vec<(String, Account)>> {
     let rows = store.block_rows(Accounts::TABLE)?;
     let mut missing = None;
@@ -238,7 +238,7 @@ fn accounts(store: &Store) -> anyhow::Result<Vec<(String, Account)>> {
 }
 
 /// Every payment row of a store, in key order: rows of their own (payments
-/// in flight) and the rows in blocks of settled ones (`store/settled.rs`).
+/// in flight) and the rows in blocks of settled ones (`store/blocks/`).
 fn payments(store: &Store) -> anyhow::Result<Vec<(String, PaymentState)>> {
     let mut rows = std::collections::BTreeMap::new();
     for (key, bytes) in store.block_rows(Inflight::TABLE)? {

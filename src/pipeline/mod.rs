@@ -119,7 +119,7 @@ pub trait Processor: Send + Sync + 'static {
     /// Whether this table's rows change often and are all kept for good
     /// (accounts): the runtime then writes a row's key alone, once, when
     /// it is new (so that listings find it in key order), and every version
-    /// of the row into blocks of rows (`store/blocks.rs`), where sled's cost
+    /// of the row into blocks of rows (`store/blocks/`), where sled's cost
     /// is per block, not per row.
     const PACKED: bool = false;
 

@@ -66,7 +66,7 @@ pub(super) struct TaskView<P: Processor> {
     /// in the background, so that a large store does not delay readiness);
     /// until then every lookup asks the store.
     pub(super) presence_filled: AtomicBool,
-    /// Where this partition's rows in blocks are (`store/blocks.rs`): loaded
+    /// Where this partition's rows in blocks are (`store/blocks/`): loaded
     /// at start, added to by checkpoints, trimmed by them and by retention.
     pub(super) blocks: RwLock<BlockIndex>,
     /// Why the task is down (failed, waiting to be restarted), until it is

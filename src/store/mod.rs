@@ -2,13 +2,14 @@
 //! state changes, its input offsets and its dead letters commit in one atomic
 //! `apply_batch`.
 //!
-//! Keys: `a/<account id>` accounts (the key alone: their rows are in
-//! blocks), `p/<payment id>` payments,
-//! `t/<processor>/<partition>` task checkpoints, `u/<processor>/<partition>`
-//! the undo record of an interrupted checkpoint, `b/<table>/<partition>/<seq>`
-//! and `h/…` blocks of settled rows and their heads (`blocks.rs`),
-//! `d/<source>/<partition>/<offset>` dead letters,
-//! `m/<name>` metadata.
+//! Keys:
+//! - `a/<account id>` accounts: the key alone, their rows are in blocks;
+//! - `p/<payment id>` payments in flight;
+//! - `b/<table>/<partition>/<seq>` and `h/…` blocks of rows and their heads
+//!   (`blocks/`): every account version, payments that are over;
+//! - `t/<processor>/<partition>` task checkpoints, `u/<processor>/<partition>`
+//!   the undo record of an interrupted checkpoint;
+//! - `d/<source>/<partition>/<offset>` dead letters, `m/<name>` metadata.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -216,30 +217,6 @@ impl Store {
             rows.push((id, row));
         }
         Ok(rows)
-    }
-
-    /// Keys of `table` after `after`, in key order, at most `limit`.
-    pub fn scan_keys(
-        &self,
-        table: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
-        let prefix = format!("{table}/");
-        let start = match after {
-            // The byte 0x00 sorts right after the key itself.
-            Some(after) => format!("{prefix}{after}\u{0}"),
-            None => prefix.clone(),
-        };
-        let mut keys = Vec::new();
-        for item in self.db.range(start.as_bytes()..).keys().take(limit) {
-            let key = item.map_err(sled_error(format!("scan {table}")))?;
-            let Some(id) = key.strip_prefix(prefix.as_bytes()) else {
-                break;
-            };
-            keys.push(String::from_utf8_lossy(id).into_owned());
-        }
-        Ok(keys)
     }
 
     /// Rows of `table` with keys below `before` (all if `None`), newest first,

@@ -55,6 +55,30 @@ impl Store {
         Ok(rows)
     }
 
+    /// Keys of `table` after `after`, in key order, at most `limit`.
+    pub fn scan_keys(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{table}/");
+        let start = match after {
+            // The byte 0x00 sorts right after the key itself.
+            Some(after) => format!("{prefix}{after}\u{0}"),
+            None => prefix.clone(),
+        };
+        let mut keys = Vec::new();
+        for item in self.db.range(start.as_bytes()..).keys().take(limit) {
+            let key = item.map_err(sled_error(format!("scan {table}")))?;
+            let Some(id) = key.strip_prefix(prefix.as_bytes()) else {
+                break;
+            };
+            keys.push(String::from_utf8_lossy(id).into_owned());
+        }
+        Ok(keys)
+    }
+
     /// Calls `f` with every key of `table` (without the prefix), until it
     /// answers `false`.
     pub fn for_each_key(

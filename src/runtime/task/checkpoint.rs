@@ -22,7 +22,7 @@ pub(super) struct Changed {
     /// table's new rows are here as their key alone (empty bytes).
     pub(super) own: Vec<RowWrite>,
     /// Rows written packed in blocks: (key, retention time, bytes); a
-    /// packed table's rows are kept for good (`i64::MAX`).
+    /// packed table's rows are kept for good (time 0: retention skips them).
     pub(super) packed: Vec<(String, i64, StoredBytes)>,
     /// Store keys deleted with the checkpoint, with their bytes: rows of
     /// their own that moved into a block, blocks collected.
@@ -49,7 +49,7 @@ impl<P: Processor> TaskLoop<P> {
                         .own
                         .push((key.clone(), StoredBytes::from(&[][..]), None));
                 }
-                changed.packed.push((key.clone(), i64::MAX, bytes));
+                changed.packed.push((key.clone(), 0, bytes));
                 continue;
             }
             match P::retention(&row.value) {

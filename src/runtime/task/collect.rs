@@ -2,7 +2,7 @@
 //! a new block, so older copies die in the blocks behind. A checkpoint
 //! deletes blocks with no live row left and packs again the live rows of
 //! blocks at most half live, so dead copies never take more room than the
-//! live rows (`store/blocks.rs`).
+//! live rows (`store/blocks/`).
 
 use super::checkpoint::Changed;
 use super::TaskLoop;
@@ -41,7 +41,7 @@ impl<P: Processor> TaskLoop<P> {
                 for (key, row) in block_entries(&block, &bytes)? {
                     if self.is_newest_copy(&key, seq)? {
                         let at = head.rows.iter().find(|(k, _)| *k == key);
-                        let at_ms = at.map_or(i64::MAX, |(_, at)| *at);
+                        let at_ms = at.map_or(0, |(_, at)| *at);
                         changed.packed.push((key, at_ms, row));
                     }
                 }

@@ -9,7 +9,7 @@
 //! Each block has two keys, written in the checkpoint's atomic batch:
 //! - `b/{table}/{partition}/{seq}`: the rows, sorted by key;
 //! - `h/{table}/{partition}/{seq}`: its head, each row's key and retention
-//!   time (`i64::MAX` for a row kept for good), which is all a start reads
+//!   time (0 for a packed table's rows, which retention never forgets), which is all a start reads
 //!   to find the rows again.
 //!
 //! [`BlockIndex`] holds every head in memory as 32-bit fingerprints with
@@ -174,15 +174,16 @@ pub struct BlockIndex {
     pub next_seq: u64,
     /// Rows in the blocks.
     rows: usize,
-    /// Blocks stay in memory once read or written (a packed table's).
-    resident: bool,
+    /// Of a packed table: blocks stay in memory once read or written, and
+    /// retention forgets nothing.
+    packed: bool,
 }
 
 impl BlockIndex {
     /// An empty index; `packed`: of a packed table (blocks kept in memory).
     pub fn new(packed: bool) -> Self {
         Self {
-            resident: packed,
+            packed,
             ..Self::default()
         }
     }
@@ -214,8 +215,8 @@ impl BlockIndex {
             head.rows.iter().for_each(|(k, _)| each(k));
             index.add(seq, &head, None);
             if packed {
-                for (k, _) in &head.rows {
-                    if let Some(older) = newest.insert(k.clone(), seq) {
+                for (k, _) in head.rows {
+                    if let Some(older) = newest.insert(k, seq) {
                         index.release(older);
                     }
                 }
@@ -235,7 +236,7 @@ impl BlockIndex {
             self.buckets[bucket].push(entry);
         }
         let mut meta = Meta::new(head);
-        meta.bytes = bytes.filter(|_| self.resident);
+        meta.bytes = bytes.filter(|_| self.packed);
         self.blocks.insert(seq, meta);
         self.rows += head.rows.len();
         self.next_seq = self.next_seq.max(seq + 1);
@@ -255,7 +256,7 @@ impl BlockIndex {
 
     /// Keeps block `seq`'s bytes in memory, for a packed table.
     pub fn keep_bytes(&mut self, seq: u64, bytes: &StoredBytes) {
-        if let Some(meta) = self.blocks.get_mut(&seq).filter(|_| self.resident) {
+        if let Some(meta) = self.blocks.get_mut(&seq).filter(|_| self.packed) {
             meta.bytes = Some(bytes.clone());
         }
     }
@@ -327,8 +328,11 @@ impl BlockIndex {
         seqs
     }
 
-    /// The blocks holding rows older than `before_ms`.
+    /// The blocks holding rows older than `before_ms` (none of a packed table).
     pub fn to_forget(&self, before_ms: i64) -> Vec<u64> {
+        if self.packed {
+            return Vec::new();
+        }
         (self.blocks.iter())
             .filter(|(_, m)| m.oldest_ms < before_ms)
             .map(|(seq, _)| *seq)

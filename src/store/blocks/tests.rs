@@ -105,7 +105,7 @@ fn a_start_counts_live_rows_and_finds_dead_and_sparse_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 1 << 20).unwrap();
     let mut next = 0;
-    let kept = |key: &str| (key.to_owned(), i64::MAX, StoredBytes::from(&b"v"[..]));
+    let kept = |key: &str| (key.to_owned(), 0, StoredBytes::from(&b"v"[..]));
     // Block 0: a b c d; block 1: a b c (newer); block 2: d.
     for keys in [&["a", "b", "c", "d"][..], &["a", "b", "c"], &["d"]] {
         write(
@@ -115,6 +115,7 @@ fn a_start_counts_live_rows_and_finds_dead_and_sparse_blocks() {
     }
     let index = BlockIndex::load(&store, "p", 0, true, |_| {}).unwrap();
     assert_eq!(index.to_collect(10, 10), vec![(0, 0)], "block 0 is dead");
+    assert!(index.to_forget(i64::MAX).is_empty(), "kept for good");
     let index = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
     assert!(
         index.to_collect(10, 10).is_empty(),
