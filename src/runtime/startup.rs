@@ -26,7 +26,7 @@ use crate::pipeline::confirmed::{Confirmed, ConfirmedStats};
 use crate::pipeline::control::ControlPlane;
 use crate::pipeline::inflight::Inflight;
 use crate::pipeline::Processor;
-use crate::store::{checkpoint_key, BlockIndex, Checkpoint, Store, StoreError};
+use crate::store::{checkpoint_key, dead_copies, BlockIndex, Checkpoint, Store, StoreError};
 
 /// Opens the backends named by `config`: the store, then the embedded log
 /// or a connection to the Kafka cluster.
@@ -370,8 +370,11 @@ fn load_blocks<P: Processor>(store: &Store, views: &[Arc<TaskView<P>>]) -> Resul
         return Ok(());
     }
     for view in views {
+        // A packed table's keys are rows of their own too, noted with the others.
         let index = BlockIndex::load(store, P::TABLE, view.partition, P::PACKED, |key| {
-            view.note_present(key)
+            if !P::PACKED {
+                view.note_present(key)
+            }
         })?;
         *view.blocks.write().expect("blocks lock") = index;
     }
@@ -382,8 +385,15 @@ fn load_blocks<P: Processor>(store: &Store, views: &[Arc<TaskView<P>>]) -> Resul
 /// thread of its own: the tasks start at once and ask the store for every
 /// key until their filter is complete (a scan of a million rows takes
 /// seconds). A failed scan leaves the filters incomplete: still correct.
+///
+/// Then it counts the dead copies in the account blocks found at start,
+/// which a start counts live (`store::dead_copies`), so that collection
+/// can take them.
 fn fill_presence_filters(core: &Arc<Core>) {
     let core = core.clone();
+    let found: Vec<u64> = (core.accounts.iter())
+        .map(|view| view.blocks.read().expect("blocks lock").next_seq)
+        .collect();
     let fill = move || {
         // Stops early on shutdown, so that the store is not held open.
         let stop = &core.shutdown;
@@ -403,6 +413,9 @@ fn fill_presence_filters(core: &Arc<Core>) {
                 tracing::warn!(%error, "presence filters not filled: every lookup asks the store")
             }
         }
+        if let Err(error) = count_dead_copies(&core.store, &core.accounts, &found, stop) {
+            tracing::warn!(%error, "dead copies in account blocks not counted: kept until a restart");
+        }
     };
     if let Err(error) = std::thread::Builder::new()
         .name("kpay-presence".into())
@@ -410,6 +423,30 @@ fn fill_presence_filters(core: &Arc<Core>) {
     {
         tracing::warn!(%error, "presence filters not filled: every lookup asks the store");
     }
+}
+
+/// Counts, per task of a packed table, the dead copies in the blocks below
+/// `found` (those its start found) into its index.
+fn count_dead_copies<P: Processor>(
+    store: &Store,
+    views: &[Arc<TaskView<P>>],
+    found: &[u64],
+    stop: &CancellationToken,
+) -> Result<(), StoreError> {
+    if !P::PACKED {
+        return Ok(());
+    }
+    for (view, &below) in views.iter().zip(found) {
+        if stop.is_cancelled() {
+            break;
+        }
+        let dead = dead_copies(store, P::TABLE, view.partition, below)?;
+        let mut index = view.blocks.write().expect("blocks lock");
+        for (seq, count) in dead {
+            index.release_dead(seq, count);
+        }
+    }
+    Ok(())
 }
 
 /// Adds the keys already in the store to each task's presence filter.

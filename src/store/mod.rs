@@ -21,8 +21,8 @@ use crate::model::SourceTopic;
 mod blocks;
 mod raw;
 pub use blocks::{
-    block_entries, block_key, find_in_block, head_key, pack, prefixes as block_prefixes, Block,
-    BlockIndex, Head,
+    block_entries, block_key, dead_copies, find_in_block, head_key, pack,
+    prefixes as block_prefixes, Block, BlockIndex, Head,
 };
 pub use raw::{RawRow, TableSize};
 

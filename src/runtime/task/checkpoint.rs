@@ -212,7 +212,7 @@ impl<P: Processor> TaskLoop<P> {
             index.forget(*seq, keys, None);
         }
         for block in blocks {
-            index.add(block.seq, &block.head, Some(block.bytes.clone()));
+            index.add(block.seq, &block.head.rows, Some(block.bytes.clone()));
         }
         for seq in released {
             index.release(*seq);

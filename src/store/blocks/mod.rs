@@ -138,14 +138,21 @@ struct Meta {
 }
 
 impl Meta {
-    fn new(head: &Head) -> Self {
+    fn new<K>(rows: &[(K, i64)]) -> Self {
         Self {
-            oldest_ms: (head.rows.iter().map(|(_, at)| *at).min()).unwrap_or(i64::MAX),
-            rows: head.rows.len(),
-            live: head.rows.len(),
+            oldest_ms: (rows.iter().map(|(_, at)| *at).min()).unwrap_or(i64::MAX),
+            rows: rows.len(),
+            live: rows.len(),
             bytes: None,
         }
     }
+}
+
+/// A head as a start reads it, its keys borrowed from the stored bytes.
+#[derive(Deserialize)]
+struct HeadRef<'a> {
+    #[serde(borrow)]
+    rows: Vec<(&'a str, i64)>,
 }
 
 /// Fingerprints are spread over 2^12 buckets by their low bits; an entry
@@ -190,7 +197,7 @@ impl BlockIndex {
 
     /// Reads the heads of `table`'s blocks of `partition`, calling `each`
     /// with every row key (a start fills the presence filter with them).
-    /// For a packed table it also counts each block's live rows.
+    /// Every row counts as live: [`dead_copies`] finds out which are not.
     pub fn load(
         store: &Store,
         table: &str,
@@ -198,48 +205,39 @@ impl BlockIndex {
         packed: bool,
         mut each: impl FnMut(&str),
     ) -> Result<Self, StoreError> {
-        let prefix = &prefixes(table, partition)[1];
         let mut index = Self::new(packed);
-        // Each key's newest block so far (the scan is in block order).
-        let mut newest: std::collections::HashMap<String, u64> = Default::default();
-        for item in store.db.scan_prefix(prefix.as_bytes()) {
-            let (key, value) = item.map_err(sled_error(format!("scan {prefix}")))?;
-            let key = String::from_utf8_lossy(&key).into_owned();
-            let seq = u64::from_str_radix(&key[prefix.len()..], 16).map_err(|error| {
-                StoreError::Corrupt {
-                    key: key.clone(),
-                    reason: error.to_string(),
-                }
-            })?;
-            let head: Head = decode_row(&key, &value)?;
+        for item in heads(store, table, partition) {
+            let (key, seq, value) = item?;
+            let head: HeadRef = decode_row(&key, &value)?;
             head.rows.iter().for_each(|(k, _)| each(k));
-            index.add(seq, &head, None);
-            if packed {
-                for (k, _) in head.rows {
-                    if let Some(older) = newest.insert(k, seq) {
-                        index.release(older);
-                    }
-                }
-            }
+            index.add(seq, &head.rows, None);
         }
         Ok(index)
     }
 
-    /// Notes a new block `seq` (with its bytes, just written).
-    pub fn add(&mut self, seq: u64, head: &Head, bytes: Option<StoredBytes>) {
+    /// Notes a new block `seq` with its head's rows (and its bytes, just written).
+    pub fn add<K: AsRef<str>>(&mut self, seq: u64, rows: &[(K, i64)], bytes: Option<StoredBytes>) {
         debug_assert!(!self.blocks.contains_key(&seq), "block {seq} added twice");
         if self.buckets.is_empty() {
             self.buckets = vec![Vec::new(); 1 << BUCKET_BITS];
         }
-        for (key, _) in &head.rows {
-            let (bucket, entry) = entry(key, seq);
+        for (key, _) in rows {
+            let (bucket, entry) = entry(key.as_ref(), seq);
             self.buckets[bucket].push(entry);
         }
-        let mut meta = Meta::new(head);
+        let mut meta = Meta::new(rows);
         meta.bytes = bytes.filter(|_| self.packed);
         self.blocks.insert(seq, meta);
-        self.rows += head.rows.len();
+        self.rows += rows.len();
         self.next_seq = self.next_seq.max(seq + 1);
+    }
+
+    /// Notes that `dead` rows of block `seq` have newer copies in other
+    /// blocks (found by [`dead_copies`]).
+    pub fn release_dead(&mut self, seq: u64, dead: usize) {
+        if let Some(meta) = self.blocks.get_mut(&seq) {
+            meta.live = meta.live.saturating_sub(dead);
+        }
     }
 
     /// Notes that a row of block `seq` has a newer copy in another block.
@@ -295,7 +293,7 @@ impl BlockIndex {
         self.rows -= self.blocks.get(&seq).map_or(0, |m| m.rows);
         match head {
             Some(head) => {
-                self.blocks.insert(seq, Meta::new(head));
+                self.blocks.insert(seq, Meta::new(&head.rows));
                 self.rows += head.rows.len();
             }
             None => {
@@ -338,6 +336,53 @@ impl BlockIndex {
             .map(|(seq, _)| *seq)
             .collect()
     }
+}
+
+/// The heads of `table`'s blocks of `partition`, in block order: (store
+/// key, block, bytes).
+fn heads<'a>(
+    store: &'a Store,
+    table: &str,
+    partition: u32,
+) -> impl Iterator<Item = Result<(String, u64, StoredBytes), StoreError>> + 'a {
+    let prefix = prefixes(table, partition)[1].clone();
+    store.db.scan_prefix(prefix.as_bytes()).map(move |item| {
+        let (key, value) = item.map_err(sled_error(format!("scan {prefix}")))?;
+        let key = String::from_utf8_lossy(&key).into_owned();
+        let seq =
+            u64::from_str_radix(&key[prefix.len()..], 16).map_err(|error| StoreError::Corrupt {
+                key: key.clone(),
+                reason: error.to_string(),
+            })?;
+        Ok((key, seq, value))
+    })
+}
+
+/// Per block of `table`'s `partition` below `below` (those a start found):
+/// how many of its rows have a newer copy in a later block below `below`.
+/// A start counts every row live and runs this in the background: a block
+/// made or collected since only makes a count too high, never too low.
+pub fn dead_copies(
+    store: &Store,
+    table: &str,
+    partition: u32,
+    below: u64,
+) -> Result<Vec<(u64, usize)>, StoreError> {
+    let mut newest: std::collections::HashMap<String, u64> = Default::default();
+    let mut dead: std::collections::BTreeMap<u64, usize> = Default::default();
+    for item in heads(store, table, partition) {
+        let (key, seq, value) = item?;
+        if seq >= below {
+            break;
+        }
+        let head: Head = decode_row(&key, &value)?;
+        for (k, _) in head.rows {
+            if let Some(older) = newest.insert(k, seq) {
+                *dead.entry(older).or_default() += 1;
+            }
+        }
+    }
+    Ok(dead.into_iter().collect())
 }
 
 /// The encoded row `key` in the block stored as `bytes` under `block`.

@@ -101,7 +101,7 @@ fn the_newest_copy_of_a_row_wins() {
 }
 
 #[test]
-fn a_start_counts_live_rows_and_finds_dead_and_sparse_blocks() {
+fn dead_copies_are_counted_after_a_start_and_found_for_collection() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 1 << 20).unwrap();
     let mut next = 0;
@@ -113,16 +113,20 @@ fn a_start_counts_live_rows_and_finds_dead_and_sparse_blocks() {
             &pack(keys.iter().map(|k| kept(k)).collect(), &mut next),
         );
     }
-    let index = BlockIndex::load(&store, "p", 0, true, |_| {}).unwrap();
-    assert_eq!(index.to_collect(10, 10), vec![(0, 0)], "block 0 is dead");
-    assert!(index.to_forget(i64::MAX).is_empty(), "kept for good");
-    let index = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
+    let mut index = BlockIndex::load(&store, "p", 0, true, |_| {}).unwrap();
     assert!(
         index.to_collect(10, 10).is_empty(),
-        "counted for packed tables only"
+        "a start counts every row live"
     );
+    assert!(index.to_forget(i64::MAX).is_empty(), "kept for good");
+    assert_eq!(dead_copies(&store, "p", 0, 3).unwrap(), vec![(0, 4)]);
+    // Only blocks the start found count: block 2's copy of d is not below 2.
+    assert_eq!(dead_copies(&store, "p", 0, 2).unwrap(), vec![(0, 3)]);
+    for (seq, dead) in dead_copies(&store, "p", 0, index.next_seq).unwrap() {
+        index.release_dead(seq, dead);
+    }
+    assert_eq!(index.to_collect(10, 10), vec![(0, 0)], "block 0 is dead");
     // Releases as checkpoints make them: two of block 1's rows written again.
-    let mut index = BlockIndex::load(&store, "p", 0, true, |_| {}).unwrap();
     index.release(1);
     assert!(!index.to_collect(0, 10).iter().any(|(seq, _)| *seq == 1));
     index.release(1);
