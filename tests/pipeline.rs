@@ -191,7 +191,8 @@ async fn account_rows_live_in_blocks_whose_dead_copies_are_collected() {
         blocks.len()
     );
     assert!(copies >= ACCOUNTS, "{copies} copies");
-    // Without collection they would be one per account per checkpoint.
+    // Collected, at most three copies per row (and a checkpoint's worth not yet);
+    // without collection, one per account per checkpoint.
     assert!(copies <= 4 * ACCOUNTS, "{copies} copies");
     drop(store);
 

@@ -1,8 +1,9 @@
 //! Collecting a packed table's blocks: every version of its rows goes into
 //! a new block, so older copies die in the blocks behind. A checkpoint
 //! deletes blocks with no live row left and packs again the live rows of
-//! blocks at most half live, so dead copies never take more room than the
-//! live rows (`store/blocks/`).
+//! blocks at most a third live, so dead copies never take more than twice
+//! the room of the live rows (`store/blocks/`). A third, not a half: packing
+//! again at half live wrote 30 % more per payment with a million accounts.
 
 use super::checkpoint::Changed;
 use super::TaskLoop;
@@ -16,8 +17,8 @@ const DEAD_PER_CHECKPOINT: usize = 256;
 impl<P: Processor> TaskLoop<P> {
     /// Adds to `changed` the blocks this checkpoint deletes and the live
     /// rows it packs again. Sparse blocks are taken twice as fast as the
-    /// checkpoint writes new ones (each frees at least half a block), so
-    /// collection keeps up with any rate of change.
+    /// checkpoint writes new ones (each frees at least two thirds of a
+    /// block), so collection keeps up with any rate of change.
     pub(super) fn collect_blocks(&self, changed: &mut Changed) -> Result<(), RuntimeError> {
         let new_blocks = changed.packed.len().div_ceil(16);
         let plan = (self.task.blocks.read().expect("blocks lock"))

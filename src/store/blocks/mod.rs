@@ -17,8 +17,8 @@
 //! bucket and reads only the blocks whose fingerprints match, newest first,
 //! so the newest copy of a row wins. It counts each block's live rows (those
 //! no newer block holds); a checkpoint deletes a block once none is left,
-//! and packs the live rows of one that is at most half live again, so that
-//! dead copies take at most as much room as the live ones. A packed table's
+//! and packs the live rows of one that is at most a third live again, so
+//! that dead copies take at most twice the room of the live ones. A packed table's
 //! blocks stay in memory once read.
 //!
 //! Retention deletes a block once all its rows are past it, and rewrites a
@@ -259,15 +259,15 @@ impl BlockIndex {
         }
     }
 
-    /// Up to `dead` blocks with no live row and up to `sparse` at most half
-    /// live, oldest first: (block, live rows).
+    /// Up to `dead` blocks with no live row and up to `sparse` at most a
+    /// third live, oldest first: (block, live rows).
     pub fn to_collect(&self, dead: usize, sparse: usize) -> Vec<(u64, usize)> {
         let (mut dead_left, mut sparse_left) = (dead, sparse);
         let mut chosen = Vec::new();
         for (seq, meta) in &self.blocks {
             if meta.live == 0 && dead_left > 0 {
                 dead_left -= 1;
-            } else if meta.live > 0 && meta.live * 2 <= meta.rows && sparse_left > 0 {
+            } else if meta.live > 0 && meta.live * 3 <= meta.rows && sparse_left > 0 {
                 sparse_left -= 1;
             } else {
                 continue;
