@@ -142,7 +142,7 @@ async fn retention_drops_segments_every_processor_has_passed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn account_rows_live_in_blocks_whose_dead_copies_are_collected() {
-    // Every version of an account row goes into a new block; the copies it replaces die in older blocks, which checkpoints delete or pack again, so the blocks hold at most about twice the live rows. With no row cache, every debit and credit reads its account from the blocks; a restart reads them from the store, and a listing pages them in id order.
+    // Every version of an account row goes into a new block; the copies it replaces die in older blocks, which checkpoints delete or pack again, so the blocks hold at most about three copies per live row. With no row cache, every debit and credit reads its account from the blocks; a restart reads them from the store, and a listing pages them in id order.
     const ACCOUNTS: usize = 200;
     const PAYMENTS: usize = 6_000;
     let ids: Vec<String> = (0..ACCOUNTS).map(|n| format!("acct-{n:03}")).collect();
