@@ -218,7 +218,7 @@ where
 /// Every account of a store, in key order: the newest copy of its row in
 /// the blocks (`store/blocks/`); its key alone is a row of its own.
 fn accounts(store: &Store) -> anyhow::Result<Vec<(String, Account)>> {
-    let rows = store.block_rows(Accounts::TABLE)?;
+    let rows = rows_in_blocks::<Account>(store, Accounts::TABLE)?;
     let mut missing = None;
     store.for_each_key(Accounts::TABLE, |key| {
         if !rows.contains_key(key) {
@@ -229,22 +229,26 @@ fn accounts(store: &Store) -> anyhow::Result<Vec<(String, Account)>> {
     if let Some(key) = missing {
         bail!("account {key} has its key in the state store but no row");
     }
-    let mut accounts = Vec::with_capacity(rows.len());
-    for (key, bytes) in rows {
-        let row: Account = crate::store::decode_row(&key, &bytes)?;
-        accounts.push((key, row));
+    Ok(rows.into_iter().collect())
+}
+
+/// The newest copy in the blocks of every row of `table`, decoded.
+fn rows_in_blocks<T: DeserializeOwned>(
+    store: &Store,
+    table: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, T>> {
+    let mut rows = std::collections::BTreeMap::new();
+    for (key, bytes) in store.block_rows(table)? {
+        let row = crate::store::decode_row(&key, &bytes)?;
+        rows.insert(key, row);
     }
-    Ok(accounts)
+    Ok(rows)
 }
 
 /// Every payment row of a store, in key order: rows of their own (payments
 /// in flight) and the rows in blocks of settled ones (`store/blocks/`).
 fn payments(store: &Store) -> anyhow::Result<Vec<(String, PaymentState)>> {
-    let mut rows = std::collections::BTreeMap::new();
-    for (key, bytes) in store.block_rows(Inflight::TABLE)? {
-        let row: PaymentState = crate::store::decode_row(&key, &bytes)?;
-        rows.insert(key, row);
-    }
+    let mut rows = rows_in_blocks::<PaymentState>(store, Inflight::TABLE)?;
     for entry in store.entries::<PaymentState>(Inflight::TABLE) {
         let (key, row) = entry?;
         rows.insert(key, row);

@@ -443,7 +443,7 @@ fn count_dead_copies<P: Processor>(
         let dead = dead_copies(store, P::TABLE, view.partition, below)?;
         let mut index = view.blocks.write().expect("blocks lock");
         for (seq, count) in dead {
-            index.release_dead(seq, count);
+            index.release(seq, count);
         }
     }
     Ok(())

@@ -13,9 +13,7 @@ use super::core::Core;
 use super::RuntimeError;
 use crate::model::SourceTopic;
 use crate::pipeline::Processor;
-use crate::store::{
-    block_key, decode_row, find_in_block, row_key, BlockIndex, Checkpoint, StoredBytes,
-};
+use crate::store::{decode_row, find_in_block, row_key, BlockIndex, Checkpoint, StoredBytes};
 
 /// A cached state row; `dirty` rows are newer than the store.
 pub(super) struct Row<S> {
@@ -167,15 +165,14 @@ impl<P: Processor> TaskView<P> {
         key: &str,
     ) -> Result<Option<StoredBytes>, RuntimeError> {
         let (table, partition) = (P::TABLE, self.partition);
-        let block = block_key(table, partition, seq);
         if let Some(bytes) = self.blocks.read().expect("blocks lock").bytes(seq) {
-            return Ok(find_in_block(&block, &bytes, key)?);
+            return Ok(find_in_block((table, partition, seq), &bytes, key)?);
         }
         // `None`: deleted since the index was read.
         let Some(bytes) = core.store.block_bytes(table, partition, seq)? else {
             return Ok(None);
         };
-        let found = find_in_block(&block, &bytes, key)?;
+        let found = find_in_block((table, partition, seq), &bytes, key)?;
         self.blocks
             .write()
             .expect("blocks lock")

@@ -200,6 +200,22 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, T)>, StoreError> {
+        let mut rows = Vec::new();
+        for (id, value) in self.stored_after(table, after, limit)? {
+            let row = decode_row(&row_key(table, &id), &value)?;
+            rows.push((id, row));
+        }
+        Ok(rows)
+    }
+
+    /// Rows of `table` with keys after `after`, in key order, at most
+    /// `limit`, as stored: (key without the prefix, bytes).
+    fn stored_after(
+        &self,
+        table: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, StoredBytes)>, StoreError> {
         let prefix = format!("{table}/");
         let start = match after {
             // The byte 0x00 sorts right after the key itself.
@@ -212,9 +228,7 @@ impl Store {
             let Some(id) = key.strip_prefix(prefix.as_bytes()) else {
                 break;
             };
-            let id = String::from_utf8_lossy(id).into_owned();
-            let row = decode_row(&format!("{prefix}{id}"), &value)?;
-            rows.push((id, row));
+            rows.push((String::from_utf8_lossy(id).into_owned(), value));
         }
         Ok(rows)
     }

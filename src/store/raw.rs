@@ -62,21 +62,8 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let prefix = format!("{table}/");
-        let start = match after {
-            // The byte 0x00 sorts right after the key itself.
-            Some(after) => format!("{prefix}{after}\u{0}"),
-            None => prefix.clone(),
-        };
-        let mut keys = Vec::new();
-        for item in self.db.range(start.as_bytes()..).keys().take(limit) {
-            let key = item.map_err(sled_error(format!("scan {table}")))?;
-            let Some(id) = key.strip_prefix(prefix.as_bytes()) else {
-                break;
-            };
-            keys.push(String::from_utf8_lossy(id).into_owned());
-        }
-        Ok(keys)
+        let stored = self.stored_after(table, after, limit)?;
+        Ok(stored.into_iter().map(|(id, _)| id).collect())
     }
 
     /// Calls `f` with every key of `table` (without the prefix), until it

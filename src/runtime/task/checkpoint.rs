@@ -215,7 +215,7 @@ impl<P: Processor> TaskLoop<P> {
             index.add(block.seq, &block.head.rows, Some(block.bytes.clone()));
         }
         for seq in released {
-            index.release(*seq);
+            index.release(*seq, 1);
         }
     }
 

@@ -41,9 +41,8 @@ impl<P: Processor> TaskLoop<P> {
             if live > 0 {
                 for (key, row) in block_entries(&block, &bytes)? {
                     if self.is_newest_copy(&key, seq)? {
-                        let at = head.rows.iter().find(|(k, _)| *k == key);
-                        let at_ms = at.map_or(0, |(_, at)| *at);
-                        changed.packed.push((key, at_ms, row));
+                        // A packed table's rows carry time 0 (kept for good).
+                        changed.packed.push((key, 0, row));
                     }
                 }
             }

@@ -233,17 +233,10 @@ impl BlockIndex {
     }
 
     /// Notes that `dead` rows of block `seq` have newer copies in other
-    /// blocks (found by [`dead_copies`]).
-    pub fn release_dead(&mut self, seq: u64, dead: usize) {
+    /// blocks (a row written again, or found by [`dead_copies`]).
+    pub fn release(&mut self, seq: u64, dead: usize) {
         if let Some(meta) = self.blocks.get_mut(&seq) {
             meta.live = meta.live.saturating_sub(dead);
-        }
-    }
-
-    /// Notes that a row of block `seq` has a newer copy in another block.
-    pub fn release(&mut self, seq: u64) {
-        if let Some(meta) = self.blocks.get_mut(&seq) {
-            meta.live = meta.live.saturating_sub(1);
         }
     }
 
@@ -385,13 +378,18 @@ pub fn dead_copies(
     Ok(dead.into_iter().collect())
 }
 
-/// The encoded row `key` in the block stored as `bytes` under `block`.
+/// The encoded row `key` in block `seq` of `table`'s `partition`, stored
+/// as `bytes` (the block's store key is only made for an error).
 pub fn find_in_block(
-    block: &str,
+    (table, partition, seq): (&str, u32, u64),
     bytes: &[u8],
     key: &str,
 ) -> Result<Option<StoredBytes>, StoreError> {
-    let rows = decode_block(block, bytes)?;
+    let rows: Vec<(&str, &[u8])> =
+        postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt {
+            key: block_key(table, partition, seq),
+            reason: error.to_string(),
+        })?;
     Ok(rows
         .binary_search_by(|(k, _)| (*k).cmp(key))
         .ok()
@@ -419,20 +417,6 @@ impl Store {
         self.db
             .get(&block)
             .map_err(sled_error(format!("get {block}")))
-    }
-
-    /// The encoded row `key` of block `seq`, if the block holds it.
-    pub fn block_row(
-        &self,
-        table: &str,
-        partition: u32,
-        seq: u64,
-        key: &str,
-    ) -> Result<Option<StoredBytes>, StoreError> {
-        match self.block_bytes(table, partition, seq)? {
-            Some(bytes) => find_in_block(&block_key(table, partition, seq), &bytes, key),
-            None => Ok(None),
-        }
     }
 
     /// Adds to `batch` what retention does to block `seq`: deleted when

@@ -16,23 +16,36 @@ fn write(store: &Store, blocks: &[Block]) {
     store.apply(batch).unwrap();
 }
 
+/// A store holding `rows` packed: (its directory, the store, the blocks
+/// written, the next sequence number).
+fn stored(rows: Vec<(String, i64, StoredBytes)>) -> (tempfile::TempDir, Store, usize, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1 << 20).unwrap();
+    let mut next = 0;
+    let blocks = pack(rows, &mut next);
+    write(&store, &blocks);
+    (dir, store, blocks.len(), next)
+}
+
+/// Row `key` of stored block `seq`, if it holds it.
+fn row_of(store: &Store, seq: u64, key: &str) -> Option<StoredBytes> {
+    let bytes = store.block_bytes("p", 0, seq).unwrap()?;
+    find_in_block(("p", 0, seq), &bytes, key).unwrap()
+}
+
 /// Every copy of `key` the index leads to, newest first.
 fn found(index: &BlockIndex, store: &Store, key: &str) -> Vec<StoredBytes> {
     (index.candidates(key).into_iter())
-        .filter_map(|seq| store.block_row("p", 0, seq, key).unwrap())
+        .filter_map(|seq| row_of(store, seq, key))
         .collect()
 }
 
 #[test]
 fn rows_are_found_in_their_block_and_survive_a_reload() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 1 << 20).unwrap();
     let rows: Vec<_> = (0..1000).map(|i| row(&format!("pay-{i}"), i)).collect();
-    let mut next = 0;
-    let blocks = pack(rows, &mut next);
-    assert!(blocks.len() > 2, "{} blocks", blocks.len());
-    assert_eq!(next, blocks.len() as u64);
-    write(&store, &blocks);
+    let (_dir, store, blocks, next) = stored(rows);
+    assert!(blocks > 2, "{blocks} blocks");
+    assert_eq!(next, blocks as u64);
     let mut keys = 0;
     let index = BlockIndex::load(&store, "p", 0, false, |_| keys += 1).unwrap();
     assert_eq!((keys, index.len().1, index.next_seq), (1000, 1000, next));
@@ -47,12 +60,8 @@ fn rows_are_found_in_their_block_and_survive_a_reload() {
 
 #[test]
 fn retention_deletes_whole_blocks_and_trims_the_one_across_the_cut() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 1 << 20).unwrap();
     let rows: Vec<_> = (0..1000).map(|i| row(&format!("pay-{i:04}"), i)).collect();
-    let mut next = 0;
-    let blocks = pack(rows, &mut next);
-    write(&store, &blocks);
+    let (_dir, store, _, _) = stored(rows);
     let mut index = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
     let mut batch = Batch::default();
     let mut dropped = 0;
@@ -92,7 +101,7 @@ fn the_newest_copy_of_a_row_wins() {
     let index = BlockIndex::load(&store, "p", 0, false, |_| {}).unwrap();
     assert_eq!(index.candidates("pay-1"), vec![1, 0]);
     let seq = index.candidates("pay-1")[0];
-    let found = store.block_row("p", 0, seq, "pay-1").unwrap();
+    let found = row_of(&store, seq, "pay-1");
     assert_eq!(found.as_deref(), Some(&b"new"[..]));
     assert_eq!(
         store.block_rows("p").unwrap()["pay-1"],
@@ -123,13 +132,13 @@ fn dead_copies_are_counted_after_a_start_and_found_for_collection() {
     // Only blocks the start found count: block 2's copy of d is not below 2.
     assert_eq!(dead_copies(&store, "p", 0, 2).unwrap(), vec![(0, 3)]);
     for (seq, dead) in dead_copies(&store, "p", 0, index.next_seq).unwrap() {
-        index.release_dead(seq, dead);
+        index.release(seq, dead);
     }
     assert_eq!(index.to_collect(10, 10), vec![(0, 0)], "block 0 is dead");
     // Releases as checkpoints make them: two of block 1's rows written again.
-    index.release(1);
+    index.release(1, 1);
     assert!(!index.to_collect(0, 10).iter().any(|(seq, _)| *seq == 1));
-    index.release(1);
+    index.release(1, 1);
     assert_eq!(
         index.to_collect(0, 10),
         vec![(1, 1)],
