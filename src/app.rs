@@ -75,6 +75,8 @@ pub async fn serve(
     let state = start(config).await?;
     let member = join_group(&state, &listener).await?;
     open_bootstrap_accounts(&state.runtime, bootstrap).await?;
+    let screening = state.runtime.config().screening.clone();
+    crate::control::apply_initial_screening(&state.runtime, screening).await?;
     let router = crate::http::app(state.clone(), static_dir);
     tracing::info!(address = %listener.local_addr()?, "kpay listening");
     let intake = state.runtime.intake_closing();

@@ -9,6 +9,7 @@ import { startLive } from './js/live.js';
 import { createOperations } from './js/operations.js';
 import { createOverview } from './js/overview.js';
 import { createPayments } from './js/payments.js';
+import { createScreening } from './js/screening.js';
 import { every } from './js/tasks.js';
 
 const LISTS_MS = 3000;
@@ -76,12 +77,15 @@ const overview = createOverview({ onAction: afterAction });
 const payments = createPayments({ onAction: afterAction });
 const accounts = createAccounts({ onPaymentClick: (id) => payments.lookup(id) });
 const operations = createOperations({ onAction: afterAction });
+const screening = createScreening({ onAction: afterAction });
 
 live = startLive({
   onSnapshot: (snapshot, source, errors) => overview.apply(snapshot, source, errors),
   onMode: showMode,
 });
-lists = every(LISTS_MS, () => Promise.all([operations.refresh(), payments.refreshRecent()]));
+lists = every(LISTS_MS, () => Promise.all([
+  operations.refresh(), payments.refreshRecent(), screening.refresh(),
+]));
 accountsTask = every(ACCOUNTS_MS, () => accounts.refresh());
 const cluster = createCluster();
 every(CLUSTER_MS, () => cluster.refresh());

@@ -460,3 +460,101 @@ async fn steps(client: &Client, server: &TestServer) -> Result<(), String> {
     screenshot(client, "swagger-try-it-out.png").await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn screening_in_a_real_browser() {
+    if !chromium_present() {
+        let why = format!(
+            "{CHROMIUM} or {CHROMEDRIVER} not found (apt-get install chromium chromium-driver)"
+        );
+        skip_or_fail_in_ci("screening_in_a_real_browser", &why);
+        return;
+    }
+    let (server, _) = TestServer::with_accounts(&[("payer", 1_000_000), ("payee", 0)]).await;
+    let driver = Driver::start().await;
+    let client = browser(&driver).await;
+    let result = screening_steps(&client, &server).await;
+    if let Err(failure) = &result {
+        screenshot(&client, "screening-failure.png").await;
+        let errors = page_errors(&client).await;
+        let _ = client.close().await;
+        panic!("{failure}\npage errors: {errors:?}");
+    }
+    let _ = client.close().await;
+    server.stop().await;
+}
+
+/// The rules set from the panel, a held payment shown with its value in
+/// the business panel, then approved and another declined from the list.
+async fn screening_steps(client: &Client, server: &TestServer) -> Result<(), String> {
+    let (c, base) = (reqwest::Client::new(), server.base.clone());
+    let seconds = Duration::from_secs;
+    client.goto(&base).await.map_err(|e| e.to_string())?;
+    eventually("rules shown", seconds(10), || async {
+        text(client, "#screening-source").await.contains("all off")
+    })
+    .await?;
+    fill(client, "#scr-review", "200.00").await?;
+    fill(client, "#scr-blocked", "acct-x, acct-y").await?;
+    click(client, "#btn-screening").await?;
+    let rules = || async { get(&c, &format!("{base}/api/v1/screening/rules")).await.1 };
+    eventually("rules applied", seconds(10), || async {
+        rules().await["rules"]["review_above"] == json!(20_000)
+    })
+    .await?;
+    let set = rules().await;
+    if set["rules"]["blocked_accounts"] != json!(["acct-x", "acct-y"])
+        || set["rules"]["max_amount"] != Value::Null
+    {
+        return Err(format!("rules set from the panel: {set}"));
+    }
+    for id in ["big-1", "big-2"] {
+        let body = json!({"id": id, "from": "payer", "to": "payee", "amount": 25_000});
+        let (status, answer) = post(&c, &format!("{base}/api/v1/payments"), body).await;
+        if status != 202 {
+            return Err(format!("submit {id}: {status} {answer}"));
+        }
+    }
+    eventually("two held rows", seconds(10), || async {
+        client
+            .find_all(Locator::Css("#held-list li[data-id]"))
+            .await
+            .is_ok_and(|rows| rows.len() == 2)
+    })
+    .await?;
+    eventually(
+        "held counted in the business panel",
+        seconds(10),
+        || async { number(client, "#m-held-count").await == Some(2.0) },
+    )
+    .await?;
+    screenshot(client, "screening-held.png").await;
+    click(
+        client,
+        "#held-list li[data-id='big-1'] button[data-verdict='approve']",
+    )
+    .await?;
+    click(
+        client,
+        "#held-list li[data-id='big-2'] button[data-verdict='decline']",
+    )
+    .await?;
+    let status_of = |id: &'static str| {
+        let (c, base) = (c.clone(), base.clone());
+        async move { get(&c, &format!("{base}/api/v1/payments/{id}")).await.1 }
+    };
+    eventually("approved and declined", seconds(10), || async {
+        status_of("big-1").await["status"] == "confirmed"
+            && status_of("big-2").await["reason"] == "declined"
+    })
+    .await?;
+    eventually("held list empty", seconds(10), || async {
+        text(client, "#held-empty").await.contains("None")
+    })
+    .await?;
+    let errors = page_errors(client).await;
+    if !errors.is_empty() {
+        return Err(format!("page errors: {errors:?}"));
+    }
+    Ok(())
+}

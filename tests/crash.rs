@@ -33,6 +33,17 @@ async fn kill_9_on_kafka_loses_nothing_and_moves_money_once() {
     crash_run(dir, backend, 4).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_one_debit_in_flight_per_payer_loses_nothing() {
+    // The same with screening on and each payer's payments in a queue in
+    // its account row: the queue and its releases survive every crash.
+    let rules = vec![(
+        "KPAY_SCREENING__SINGLE_INFLIGHT_DEBIT".to_owned(),
+        "true".to_owned(),
+    )];
+    crash_run(tempfile::tempdir().unwrap(), rules, 4).await;
+}
+
 async fn crash_run(dir: tempfile::TempDir, backend: Vec<(String, String)>, kills: usize) {
     let client = reqwest::Client::new();
     let mut env = vec![
@@ -59,18 +70,29 @@ async fn crash_run(dir: tempfile::TempDir, backend: Vec<(String, String)>, kills
     );
     let outcome = traffic::check(&client, &server.base, &ledger).await;
     assert!(outcome.every_path_taken(), "every path taken");
+    let (_, rules) = get(&client, &format!("{}/api/v1/screening/rules", server.base)).await;
+    let single = rules["rules"]["single_inflight_debit"] == json!(true);
+    let screened = backend.iter().any(|(k, _)| k.starts_with("KPAY_SCREENING"));
+    assert_eq!(single, screened, "{rules}");
+    assert_eq!(
+        outcome.waited > 0,
+        screened,
+        "payments waited: {}",
+        outcome.waited
+    );
 
     // A graceful stop exits 0, and replays left no dead letters behind.
     let exit = server.terminate();
     assert!(exit.success(), "SIGTERM exit: {exit:?}");
     traffic::assert_no_dead_letters(dir.path());
     println!(
-        "crash test: {} acknowledged, {} unknown, {} confirmed, {} rejected, {} reversed",
+        "crash test: {} acknowledged, {} unknown, {} confirmed, {} rejected, {} reversed, {} waited",
         ledger.acknowledged.len(),
         ledger.unknown.len(),
         outcome.count("confirmed"),
         outcome.count("rejected"),
-        outcome.count("reversed")
+        outcome.count("reversed"),
+        outcome.waited
     );
 }
 

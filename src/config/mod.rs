@@ -42,6 +42,9 @@ pub struct Config {
     pub slo: SloConfig,
     pub ops: OpsConfig,
     pub cluster: ClusterConfig,
+    /// The screening rules a new log starts with (`[screening]`); later
+    /// changes go through `PUT /api/v1/screening/rules`.
+    pub screening: crate::model::ScreeningRules,
     /// Bearer tokens and roles, `token:role,token:role` (roles: operator,
     /// teller, viewer); usually from `KPAY_TOKENS`. Empty: protected mode.
     pub tokens: Tokens,

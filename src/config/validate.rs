@@ -36,6 +36,9 @@ impl Config {
         self.validate_generator()?;
         self.validate_limits()?;
         self.validate_cluster()?;
+        if let Err(message) = self.screening.validate() {
+            return invalid("screening", message);
+        }
         self.validate_instrument_and_demo()
     }
 

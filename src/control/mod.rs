@@ -38,7 +38,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::log::TopicPartition;
-use crate::model::{now_ms, ControlAction, ControlCommand, CountAmount, SourceTopic};
+use crate::model::{
+    now_ms, ControlAction, ControlCommand, CountAmount, ScreeningRules, SourceTopic,
+};
 use crate::pipeline::control::ControlPlane;
 use crate::pipeline::inflight::Inflight;
 use crate::pipeline::Processor;
@@ -46,6 +48,10 @@ use crate::runtime::{Runtime, RuntimeError};
 
 /// How long a command call waits for the control processor to apply it.
 pub const APPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a start waits for the control processor to read the commands
+/// there were, before it decides whether the `[screening]` settings apply.
+const START_WAIT: Duration = Duration::from_secs(30);
 
 /// The control plane as an operator sees it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -84,6 +90,65 @@ pub async fn command(
     let deadline = tokio::time::Instant::now() + APPLY_WAIT;
     while applied_position(runtime) <= offset && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Sets the screening rules through `control.commands` and waits (bounded)
+/// until every account partition screens with them; returns whether they do.
+pub async fn set_screening(
+    runtime: &Runtime,
+    rules: ScreeningRules,
+    principal: &str,
+    reason: Option<String>,
+) -> Result<bool, RuntimeError> {
+    let command = ControlCommand {
+        action: ControlAction::SetScreeningRules(rules),
+        principal: principal.to_owned(),
+        reason,
+        at_ms: now_ms(),
+    };
+    let offset = runtime.append_command(command).await?;
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    loop {
+        if runtime.screening_applied().is_some_and(|v| v >= offset) {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sets the `[screening]` settings once, on a log whose commands never set
+/// rules: after the control processor has read every command there was at
+/// start, so that rules an operator set are never replaced by the settings.
+pub async fn apply_initial_screening(
+    runtime: &Runtime,
+    rules: ScreeningRules,
+) -> Result<(), RuntimeError> {
+    if !rules.any() {
+        return Ok(());
+    }
+    let tp = TopicPartition::new(runtime.topics().commands.clone(), 0);
+    let end = runtime.log().high_watermark(&tp).await?;
+    let deadline = tokio::time::Instant::now() + START_WAIT;
+    while applied_position(runtime) < end {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "the control processor has not read control.commands yet: [screening] not applied"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if runtime.control_state().screening_version.is_some() {
+        return Ok(());
+    }
+    let reason = Some("[screening] settings at the first start".to_owned());
+    if !set_screening(runtime, rules, "config", reason).await? {
+        tracing::warn!("the [screening] settings are not applied on every partition yet");
     }
     Ok(())
 }

@@ -69,7 +69,8 @@ fn required_role(method: &Method, path: &str, protect_reads: bool) -> Option<Rol
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return protect_reads.then_some(Role::Viewer);
     }
-    if path.starts_with("/api/v1/accounts") || path.starts_with("/api/v1/payments") {
+    let review = path.ends_with("/approve") || path.ends_with("/decline");
+    if path.starts_with("/api/v1/accounts") || (path.starts_with("/api/v1/payments") && !review) {
         return Some(Role::Teller);
     }
     Some(Role::Operator)
@@ -136,6 +137,19 @@ mod tests {
             (&post, "/api/v1/payments", false, Some(Role::Teller)),
             (&post, "/api/v1/accounts/a/close", false, Some(Role::Teller)),
             (&post, "/api/v1/control/pause", false, Some(Role::Operator)),
+            (
+                &post,
+                "/api/v1/payments/p1/approve",
+                false,
+                Some(Role::Operator),
+            ),
+            (
+                &post,
+                "/api/v1/payments/p1/decline",
+                false,
+                Some(Role::Operator),
+            ),
+            (&put, "/api/v1/screening/rules", false, Some(Role::Operator)),
             (
                 &put,
                 "/api/v1/control/rate-limit",

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod ops;
 pub mod origin;
 pub mod payments;
+pub mod screening;
 pub mod stream;
 
 use std::path::PathBuf;
@@ -80,6 +81,7 @@ pub fn page_limit(
         (name = "payments", description = "Submit payments and follow them"),
         (name = "metrics", description = "Business metrics and the ledger check"),
         (name = "control", description = "Pause with drain, resume, rate limit"),
+        (name = "screening", description = "Screening rules before the debit; review of held payments"),
         (name = "generator", description = "Payments at a set rate, for demos and load"),
         (name = "operations", description = "Dead letter queue, audit trail, error log, record injection"),
         (name = "health", description = "Liveness and readiness")
@@ -92,6 +94,7 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(accounts::router())
         .merge(payments::router())
+        .merge(screening::router())
         .merge(metrics::router())
         .merge(control::router())
         .merge(ops::router())

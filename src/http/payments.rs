@@ -100,7 +100,7 @@ pub struct PaymentView {
     pub to: String,
     /// Cents.
     pub amount: i64,
-    /// `accepted`, `inflight`, `confirmed`, `rejected` or `reversed`.
+    /// `accepted`, `inflight`, `held`, `confirmed`, `rejected` or `reversed`.
     #[schema(example = "confirmed")]
     pub status: String,
     /// For `rejected` and `reversed`: `insufficient_funds`, `unknown_account`, …
@@ -114,6 +114,9 @@ pub struct PaymentView {
     /// another producer wrote to `payment.incoming` without saying, or
     /// (with `cluster.secret`) whose attribution kpay did not sign.
     pub submitted_by: Option<SubmitterView>,
+    /// With `single_inflight_debit`: the payer's payment this one waits
+    /// for (status `accepted`), or waited for.
+    pub waiting_for: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -267,7 +270,7 @@ fn hop_view(topics: &crate::config::TopicsConfig, hop: Hop) -> HopView {
     }
 }
 
-fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
+pub(super) fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
     let runtime = &state.runtime;
     let row = runtime.payment(id)?;
     if let Some(row) = row {
@@ -284,6 +287,7 @@ fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
                 .map(|hop| hop_view(runtime.topics(), hop))
                 .collect(),
             submitted_by: row.submitted_by.map(SubmitterView::from),
+            waiting_for: row.waiting_for,
         }));
     }
     Ok(accepted_here(state, id))
@@ -302,6 +306,7 @@ fn accepted_here(state: &State, id: &str) -> Option<PaymentView> {
         completed_at: None,
         lineage: Vec::new(),
         submitted_by: by.map(SubmitterView::from),
+        waiting_for: None,
     })
 }
 
@@ -344,7 +349,8 @@ async fn get_payment(
     }
 }
 
-/// Recently accepted payments (since start), newest first.
+/// Recently accepted payments (since start), newest first; with
+/// `status=held`, every payment held for review (in id order).
 #[utoipa::path(get, path = "/api/v1/payments", tag = "payments", params(ListQuery),
     responses((status = 200, body = PaymentList), (status = 400, body = ErrorBody)))]
 async fn list_payments(
@@ -356,11 +362,18 @@ async fn list_payments(
         None => None,
         Some(text) => Some(PaymentStatus::parse(text).ok_or_else(|| {
             ApiError::BadRequest(format!(
-                "status {text:?} is not one of accepted, inflight, confirmed, rejected, reversed"
+                "status {text:?} is not one of accepted, inflight, held, confirmed, rejected, reversed"
             ))
         })?),
     };
-    let ids = state.runtime.recent_payments();
+    // Held payments may be older than the recent list: their own index.
+    let ids = match wanted {
+        Some(PaymentStatus::Held) => {
+            let owned = state.runtime.ownership().owned();
+            state.runtime.held_payments(|p| owned.owns(p))
+        }
+        _ => state.runtime.recent_payments(),
+    };
     let mut items = Vec::new();
     for id in ids {
         let Some(view) = find(&state, &id)? else {

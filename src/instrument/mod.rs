@@ -38,8 +38,10 @@ pub struct ByReason {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PipelineMetrics {
-    /// Admitted, not yet terminal.
+    /// Admitted, not yet terminal (held ones apart).
     pub inflight: CountAmount,
+    /// Held by screening for review: no money moved yet.
+    pub held: CountAmount,
     pub confirmed: ConfirmedView,
     pub rejected: ByReason,
     pub reversed: ByReason,
@@ -51,6 +53,10 @@ impl PipelineMetrics {
             inflight: CountAmount {
                 count: inflight.inflight_count,
                 amount: inflight.inflight_amount_cents,
+            },
+            held: CountAmount {
+                count: inflight.held_count,
+                amount: inflight.held_amount_cents,
             },
             confirmed: ConfirmedView {
                 count: confirmed.confirmed_count,

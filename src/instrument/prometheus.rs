@@ -81,6 +81,14 @@ pub fn describe() {
         "kpay_inflight_amount_cents",
         "Money in inflight payments, in cents."
     );
+    describe_gauge!(
+        "kpay_held_payments",
+        "Payments held by screening for review."
+    );
+    describe_gauge!(
+        "kpay_held_amount_cents",
+        "Money in payments held for review, in cents."
+    );
     describe_histogram!(
         "kpay_payment_latency_seconds",
         Unit::Seconds,
@@ -146,6 +154,8 @@ pub async fn render(runtime: &Runtime) -> Result<String, RuntimeError> {
     let inflight = runtime.inflight_totals();
     gauge!("kpay_inflight_payments").set(inflight.inflight_count as f64);
     gauge!("kpay_inflight_amount_cents").set(inflight.inflight_amount_cents as f64);
+    gauge!("kpay_held_payments").set(inflight.held_count as f64);
+    gauge!("kpay_held_amount_cents").set(inflight.held_amount_cents as f64);
     for lag in super::lag::owned_lag(runtime).await? {
         let labels = [
             ("processor", lag.processor),

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Reason;
+use super::{Reason, ScreeningRules};
 
 /// The processing step that read a record; names hops in lineage and the
 /// sources of derived records.
@@ -23,6 +23,18 @@ pub enum Stage {
     Rejected,
     /// The inflight processor recorded the terminal state.
     Completed,
+    /// The account processor screened the payment before its debit.
+    Screened,
+    /// The inflight processor recorded that screening held the payment for
+    /// an operator's review.
+    Held,
+    /// An operator approved the held payment (the inflight processor sent
+    /// its debit again).
+    Approved,
+    /// An operator declined the held payment.
+    Declined,
+    /// The payer's previous payment is not terminal yet: this one waits.
+    Waiting,
 }
 
 impl Stage {
@@ -35,6 +47,11 @@ impl Stage {
             Self::Refunded => "refunded",
             Self::Rejected => "rejected",
             Self::Completed => "completed",
+            Self::Screened => "screened",
+            Self::Held => "held",
+            Self::Approved => "approved",
+            Self::Declined => "declined",
+            Self::Waiting => "waiting",
         }
     }
 
@@ -42,19 +59,31 @@ impl Stage {
     pub fn processor(self) -> &'static str {
         match self {
             Self::Submitted => "ingest",
-            Self::Admitted | Self::Completed => "inflight",
-            Self::Debited | Self::Credited | Self::Refunded | Self::Rejected => "account",
+            Self::Admitted | Self::Completed | Self::Held | Self::Approved | Self::Declined => {
+                "inflight"
+            }
+            Self::Debited
+            | Self::Credited
+            | Self::Refunded
+            | Self::Rejected
+            | Self::Screened
+            | Self::Waiting => "account",
         }
     }
 
     /// The topic of the record this step reads (`Submitted` writes it).
     pub fn input(self) -> SourceTopic {
         match self {
-            Self::Submitted | Self::Admitted => SourceTopic::Incoming,
-            Self::Debited | Self::Credited | Self::Refunded | Self::Rejected => {
-                SourceTopic::Inflight
+            Self::Submitted | Self::Admitted | Self::Approved | Self::Declined => {
+                SourceTopic::Incoming
             }
-            Self::Completed => SourceTopic::Complete,
+            Self::Debited
+            | Self::Credited
+            | Self::Refunded
+            | Self::Rejected
+            | Self::Screened
+            | Self::Waiting => SourceTopic::Inflight,
+            Self::Completed | Self::Held => SourceTopic::Complete,
         }
     }
 }
@@ -228,6 +257,40 @@ pub enum Event {
     },
     /// `control.commands`: an operator's command, applied in order.
     Control(ControlCommand),
+    /// `payment.inflight`, one copy on every partition (from the control
+    /// processor): the screening rules in force from here on, and the
+    /// offset of the command in `control.commands` that set them.
+    ScreeningRules { rules: ScreeningRules, version: u64 },
+    /// `payment.complete`, keyed by payment id: screening held the payment
+    /// for review; nothing was debited.
+    Held {
+        payment: PaymentRef,
+        #[serde(with = "super::lineage")]
+        lineage: Vec<Hop>,
+    },
+    /// `payment.complete`, keyed by payment id: the payment waits for the
+    /// payer's payment `waiting_for` to be terminal.
+    Waiting {
+        payment: PaymentRef,
+        waiting_for: String,
+        #[serde(with = "super::lineage")]
+        lineage: Vec<Hop>,
+    },
+    /// `payment.incoming`, keyed by payment id (kpay's API): an operator
+    /// approves or declines a held payment.
+    Review {
+        payment_id: String,
+        approve: bool,
+        principal: String,
+        at_ms: i64,
+        /// Where the inflight processor read the hold (`payment.complete`,
+        /// the `held` hop): a replay applies the review after it.
+        held_partition: u32,
+        held_offset: u64,
+    },
+    /// `payment.inflight`, keyed by `from`: a screened payment is terminal,
+    /// so the payer's next waiting payment may go.
+    Release { payment: PaymentRef },
 }
 
 impl Event {
@@ -243,12 +306,17 @@ impl Event {
             Self::Refund { .. } => "refund",
             Self::Completed { .. } => "completed",
             Self::Control(_) => "control",
+            Self::ScreeningRules { .. } => "screening_rules",
+            Self::Held { .. } => "held",
+            Self::Waiting { .. } => "waiting",
+            Self::Review { .. } => "review",
+            Self::Release { .. } => "release",
         }
     }
 }
 
 /// What an operator asked the control plane to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlAction {
     /// Stop admitting new payments; admitted ones drain.
     Pause,
@@ -256,6 +324,8 @@ pub enum ControlAction {
     Resume,
     /// Admissions per second (0 = unlimited).
     SetRateLimit(u64),
+    /// The screening rules from here on (handed to every account partition).
+    SetScreeningRules(ScreeningRules),
 }
 
 /// A control command as it travels through `control.commands`.

@@ -4,9 +4,11 @@
 pub mod codec;
 pub mod events;
 pub mod lineage;
+pub mod rules;
 pub mod seal;
 
 pub use events::*;
+pub use rules::{ScreeningRules, Velocity};
 
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +92,8 @@ pub enum PaymentStatus {
     Rejected,
     /// Debited, the credit failed, the debit was refunded.
     Reversed,
+    /// Held by screening for an operator's review (approve or decline).
+    Held,
 }
 
 impl PaymentStatus {
@@ -104,6 +108,7 @@ impl PaymentStatus {
             Self::Confirmed => "confirmed",
             Self::Rejected => "rejected",
             Self::Reversed => "reversed",
+            Self::Held => "held",
         }
     }
 
@@ -114,6 +119,7 @@ impl PaymentStatus {
             Self::Confirmed,
             Self::Rejected,
             Self::Reversed,
+            Self::Held,
         ]
         .into_iter()
         .find(|status| status.as_str() == text)
@@ -134,6 +140,17 @@ pub enum Reason {
     Invalid,
     /// Crediting would overflow the receiving balance.
     BalanceOverflow,
+    /// Above the screening rules' `max_amount`.
+    LimitExceeded,
+    /// From or to an account on the screening rules' blocked list.
+    Blocked,
+    /// More payments from the payer within the window than the rules allow.
+    Velocity,
+    /// Held for review and declined by an operator.
+    Declined,
+    /// More payments of the payer waiting for their turn than kept
+    /// (`screening::MAX_WAITING_PER_PAYER`).
+    QueueFull,
 }
 
 impl Reason {
@@ -144,6 +161,11 @@ impl Reason {
             Self::AccountClosed => "account_closed",
             Self::Invalid => "invalid",
             Self::BalanceOverflow => "balance_overflow",
+            Self::LimitExceeded => "limit_exceeded",
+            Self::Blocked => "blocked",
+            Self::Velocity => "velocity",
+            Self::Declined => "declined",
+            Self::QueueFull => "queue_full",
         }
     }
 }

@@ -6,10 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::screening::{self, Payer, Verdict, WaitingPayment, MAX_WAITING_PER_PAYER};
 use super::{
     checked_add, checked_sub, completed, hop, Ctx, Emit, OutTopic, ProcessError, Processor,
 };
-use crate::model::{Event, Hop, Outcome, PaymentRef, Reason, Stage};
+use crate::model::{Event, Hop, Outcome, PaymentRef, Reason, ScreeningRules, Stage};
 
 /// Whether an account can move money.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +35,8 @@ pub struct Account {
     pub updated_at_ms: i64,
     /// The last payment that debited or credited it.
     pub last_payment_id: Option<String>,
+    /// What screening keeps of it as a payer (`None`: nothing).
+    pub payer: Option<Box<Payer>>,
 }
 
 /// Money totals of one partition; with all partitions they prove conservation.
@@ -51,6 +54,10 @@ pub struct AccountStats {
     pub credited_cents: i64,
     /// Money given back by refunds here.
     pub refunded_cents: i64,
+    /// The screening rules in force on this partition.
+    pub screening: ScreeningRules,
+    /// The offset in `control.commands` of the command that set them.
+    pub screening_version: Option<u64>,
 }
 
 impl AccountStats {
@@ -79,7 +86,9 @@ impl Processor for Accounts {
             Event::OpenAccount { account, .. }
             | Event::Deposit { account, .. }
             | Event::CloseAccount { account, .. } => Some(account),
-            Event::Debit { payment, .. } | Event::Refund { payment, .. } => Some(&payment.from),
+            Event::Debit { payment, .. }
+            | Event::Refund { payment, .. }
+            | Event::Release { payment } => Some(&payment.from),
             Event::Credit { payment, .. } => Some(&payment.to),
             _ => None,
         }
@@ -106,6 +115,12 @@ impl Processor for Accounts {
                 Ok(None)
             }
             Event::Debit { payment, lineage } => debit(state, stats, payment, lineage, ctx),
+            Event::Release { payment } => Ok(release(state, stats, &payment, ctx)?),
+            Event::ScreeningRules { rules, version } => {
+                stats.screening = rules;
+                stats.screening_version = Some(version);
+                Ok(None)
+            }
             Event::Credit { payment, lineage } => credit(state, stats, payment, lineage, ctx),
             Event::Refund {
                 payment,
@@ -145,6 +160,7 @@ fn open(
         opened_at_ms: ctx.now_ms,
         updated_at_ms: ctx.now_ms,
         last_payment_id: None,
+        payer: None,
     });
     Ok(())
 }
@@ -175,7 +191,136 @@ fn deposit(
     Ok(None)
 }
 
+/// Screens a debit (when rules are on), lets it wait for the payer's
+/// previous payment (when that rule is on), else debits. With no rule on
+/// and nothing kept for the payer, it is the debit alone.
 fn debit(
+    state: &mut Option<Account>,
+    stats: &mut AccountStats,
+    payment: PaymentRef,
+    lineage: Vec<Hop>,
+    ctx: &Ctx,
+) -> Result<Option<Emit>, ProcessError> {
+    let screened = match state.as_ref() {
+        Some(a) if a.status == AccountStatus::Open => {
+            stats.screening.any() || a.payer.as_ref().is_some_and(|p| p.current.is_some())
+        }
+        _ => false,
+    };
+    if !screened {
+        return debit_now(state, stats, payment, lineage, ctx);
+    }
+    // The processor's contract: on an error nothing changed.
+    let before = state.clone();
+    let result = screen_then_debit(state, stats, payment, lineage, ctx);
+    if result.is_err() {
+        *state = before;
+    }
+    result
+}
+
+fn screen_then_debit(
+    state: &mut Option<Account>,
+    stats: &mut AccountStats,
+    payment: PaymentRef,
+    mut lineage: Vec<Hop>,
+    ctx: &Ctx,
+) -> Result<Option<Emit>, ProcessError> {
+    let rules = &stats.screening;
+    let account = state.as_mut().expect("screened accounts exist");
+    let payer = account.payer.get_or_insert_with(Box::default);
+    let approved = lineage.iter().any(|h| h.stage == Stage::Approved);
+    if rules.any() && !approved {
+        lineage.push(hop(Stage::Screened, ctx));
+        match screening::screen(rules, Some(payer), &payment) {
+            Verdict::Reject(reason) => {
+                drop_if_empty(account);
+                let outcome = Outcome::Rejected(reason);
+                return Ok(Some(completed(payment, outcome, lineage, ctx)));
+            }
+            Verdict::Hold => {
+                screening::count_admitted(rules, payer, payment.accepted_at_ms);
+                drop_if_empty(account);
+                let key = payment.id.clone();
+                let event = Event::Held { payment, lineage };
+                let topic = OutTopic::Complete;
+                return Ok(Some(Emit { topic, key, event }));
+            }
+            Verdict::Pass => screening::count_admitted(rules, payer, payment.accepted_at_ms),
+        }
+    }
+    match payer.current.clone() {
+        Some(before) if before != payment.id => {
+            if payer.waiting.len() >= MAX_WAITING_PER_PAYER {
+                let outcome = Outcome::Rejected(Reason::QueueFull);
+                return Ok(Some(completed(payment, outcome, lineage, ctx)));
+            }
+            lineage.push(hop(Stage::Waiting, ctx));
+            payer.waiting.push_back(WaitingPayment {
+                payment: payment.clone(),
+                lineage: lineage.clone(),
+            });
+            let key = payment.id.clone();
+            let event = Event::Waiting {
+                payment,
+                waiting_for: before,
+                lineage,
+            };
+            let topic = OutTopic::Complete;
+            return Ok(Some(Emit { topic, key, event }));
+        }
+        _ if rules.single_inflight() => payer.current = Some(payment.id.clone()),
+        _ => {}
+    }
+    drop_if_empty(account);
+    debit_now(state, stats, payment, lineage, ctx)
+}
+
+/// Keeps no payer part in a row that has nothing in it.
+fn drop_if_empty(account: &mut Account) {
+    if account.payer.as_ref().is_some_and(|p| p.is_empty()) {
+        account.payer = None;
+    }
+}
+
+/// A screened payment of this payer is terminal: if it was the one the
+/// payer's next payment waits for, that one goes now.
+fn release(
+    state: &mut Option<Account>,
+    stats: &mut AccountStats,
+    payment: &PaymentRef,
+    ctx: &Ctx,
+) -> Result<Option<Emit>, ProcessError> {
+    let Some(payer) = state.as_mut().and_then(|a| a.payer.as_mut()) else {
+        return Ok(None);
+    };
+    if payer.current.as_deref() != Some(payment.id.as_str()) {
+        return Ok(None);
+    }
+    payer.current = None;
+    let Some(next) = payer.waiting.pop_front() else {
+        drop_if_empty(state.as_mut().expect("has a payer"));
+        return Ok(None);
+    };
+    payer.current = Some(next.payment.id.clone());
+    let result = debit_now(
+        state,
+        stats,
+        next.payment.clone(),
+        next.lineage.clone(),
+        ctx,
+    );
+    if result.is_err() {
+        // The processor's contract: on an error nothing changed.
+        let payer = state.as_mut().and_then(|a| a.payer.as_mut()).expect("kept");
+        payer.waiting.push_front(next);
+        payer.current = Some(payment.id.clone());
+    }
+    result
+}
+
+/// Takes the money, or rejects the payment when it cannot be taken.
+fn debit_now(
     state: &mut Option<Account>,
     stats: &mut AccountStats,
     payment: PaymentRef,

@@ -86,7 +86,11 @@ impl Processor for Confirmed {
             lineage,
         } = event
         else {
-            return Err(ProcessError::UnexpectedEvent { kind: event.kind() });
+            return match event {
+                // Steps on the way, for the inflight processor: not an end.
+                Event::Held { .. } | Event::Waiting { .. } => Ok(None),
+                _ => Err(ProcessError::UnexpectedEvent { kind: event.kind() }),
+            };
         };
         stats.windows.record(&payment, outcome, completed_at_ms);
         match outcome {

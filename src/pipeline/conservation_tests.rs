@@ -10,7 +10,9 @@ use super::account::{Account, AccountStats, Accounts};
 use super::confirmed::{Confirmed, ConfirmedStats};
 use super::inflight::{Inflight, InflightStats, PaymentState};
 use super::{Ctx, Emit, OutTopic, Processor};
-use crate::model::{partition_for, Event, PaymentRef, PaymentStatus, SourceTopic};
+use crate::model::{
+    partition_for, Event, PaymentRef, PaymentStatus, ScreeningRules, SourceTopic, Velocity,
+};
 
 const PARTITIONS: u32 = 3;
 
@@ -27,8 +29,17 @@ struct World {
 
 impl World {
     fn new() -> Self {
+        Self::screening(ScreeningRules::default())
+    }
+
+    /// A world whose account partitions screen with `rules`.
+    fn screening(rules: ScreeningRules) -> Self {
+        let stats = AccountStats {
+            screening: rules,
+            ..AccountStats::default()
+        };
         Self {
-            account_stats: vec![AccountStats::default(); PARTITIONS as usize],
+            account_stats: vec![stats; PARTITIONS as usize],
             inflight_stats: vec![InflightStats::default(); PARTITIONS as usize],
             ..Self::default()
         }
@@ -40,6 +51,7 @@ impl World {
             OutTopic::Inflight => SourceTopic::Inflight,
             OutTopic::Complete => SourceTopic::Complete,
             OutTopic::Confirmed => return,
+            OutTopic::EveryInflight => unreachable!("no control processor in this world"),
         };
         self.queues
             .entry(topic)
@@ -160,5 +172,112 @@ proptest! {
         let s = &world.confirmed_stats;
         prop_assert_eq!((s.confirmed_count + s.rejected_count + s.reversed_count) as usize, world.payments.len());
         prop_assert_eq!(world.inflight_stats.iter().map(|s| s.inflight_count).sum::<u64>(), 0);
+    }
+}
+
+fn rules() -> impl Strategy<Value = ScreeningRules> {
+    (
+        proptest::option::of(100i64..600),
+        proptest::option::of(50i64..400),
+        proptest::option::of((1u32..4, 1u32..3)),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(max, review, velocity, blocked, single)| ScreeningRules {
+            max_amount: max,
+            review_above: review,
+            velocity: velocity.map(|(max_payments, window_seconds)| Velocity {
+                max_payments,
+                window_seconds,
+            }),
+            blocked_accounts: blocked.then(|| vec!["a5".to_owned()]),
+            single_inflight_debit: Some(single),
+        })
+}
+
+#[derive(Debug, Clone)]
+enum Screened {
+    Op(Op),
+    Review(u8, bool),
+}
+
+fn screened_op() -> impl Strategy<Value = Screened> {
+    prop_oneof![
+        4 => op().prop_map(Screened::Op),
+        1 => (0u8..120, any::<bool>()).prop_map(|(n, approve)| Screened::Review(n, approve)),
+    ]
+}
+
+impl World {
+    fn review(&mut self, id: String, approve: bool) {
+        let event = Event::Review {
+            payment_id: id.clone(),
+            approve,
+            principal: "ops".into(),
+            at_ms: 0,
+            held_partition: 0,
+            held_offset: 0,
+        };
+        self.queues
+            .entry(SourceTopic::Incoming)
+            .or_default()
+            .push_back((id, event));
+    }
+
+    fn drain(&mut self) {
+        let topics = [
+            SourceTopic::Incoming,
+            SourceTopic::Inflight,
+            SourceTopic::Complete,
+        ];
+        while self.queues.values().any(|q| !q.is_empty()) {
+            for topic in topics {
+                self.step(topic);
+            }
+            self.assert_conserved();
+        }
+    }
+}
+
+proptest! {
+    // With any screening rules, reviews in any order and single debits in
+    // flight, money is conserved; once every held payment is reviewed,
+    // every payment is terminal, nothing is held, inflight or waiting.
+    #[test]
+    fn money_is_conserved_with_screening(rules in rules(), ops in proptest::collection::vec(screened_op(), 1..120)) {
+        let mut world = World::screening(rules);
+        let topics = [SourceTopic::Incoming, SourceTopic::Inflight, SourceTopic::Complete];
+        for (n, op) in ops.into_iter().enumerate() {
+            match op {
+                Screened::Op(Op::Open(a, cents)) => world.push(Emit { topic: OutTopic::Inflight, key: format!("a{a}"),
+                    event: Event::OpenAccount { account: format!("a{a}"), opening_balance_cents: cents, at_ms: 0 } }),
+                Screened::Op(Op::Close(a)) => world.push(Emit { topic: OutTopic::Inflight, key: format!("a{a}"),
+                    event: Event::CloseAccount { account: format!("a{a}"), at_ms: 0 } }),
+                Screened::Op(Op::Pay(from, to, cents)) => {
+                    let payment = PaymentRef { id: format!("p{n}"), from: format!("a{from}"),
+                        to: format!("a{to}"), amount_cents: cents, accepted_at_ms: 1_000 * n as i64 };
+                    world.queues.entry(SourceTopic::Incoming).or_default()
+                        .push_back((payment.id.clone(), Event::PaymentSubmitted(payment)));
+                }
+                Screened::Op(Op::Deliver(t)) => world.step(topics[t as usize]),
+                Screened::Review(p, approve) => world.review(format!("p{p}"), approve),
+            }
+            world.assert_conserved();
+        }
+        world.drain();
+        let held: Vec<String> = world.payments.values()
+            .filter(|p| p.status == PaymentStatus::Held).map(|p| p.payment.id.clone()).collect();
+        let held_ids: usize = world.inflight_stats.iter().map(|s| s.held_ids.len()).sum();
+        prop_assert_eq!(held_ids, held.len());
+        for (i, id) in held.into_iter().enumerate() { world.review(id, i % 2 == 0); }
+        world.drain();
+        prop_assert!(world.payments.values().all(|p| p.status.is_terminal()), "a payment is not terminal");
+        let s = &world.confirmed_stats;
+        prop_assert_eq!((s.confirmed_count + s.rejected_count + s.reversed_count) as usize, world.payments.len());
+        for stats in &world.inflight_stats {
+            prop_assert_eq!((stats.inflight_count, stats.held_count, stats.held_amount_cents), (0, 0, 0));
+        }
+        prop_assert!(world.accounts.values().all(|a| a.payer.as_ref().is_none_or(|p| p.waiting.is_empty() && p.current.is_none())),
+            "a payment still waits");
     }
 }

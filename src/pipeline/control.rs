@@ -5,8 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Ctx, Emit, ProcessError, Processor};
-use crate::model::{ControlAction, Event};
+use super::{Ctx, Emit, OutTopic, ProcessError, Processor};
+use crate::model::{ControlAction, Event, ScreeningRules};
 
 /// What the control plane has been told, in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +22,11 @@ pub struct ControlState {
     /// Who gave the last command, and why.
     pub last_principal: Option<String>,
     pub last_reason: Option<String>,
+    /// The screening rules in force (all off until set).
+    pub screening: ScreeningRules,
+    /// The offset of the command that set them (`None`: never set; the
+    /// `[screening]` settings are then applied once at start).
+    pub screening_version: Option<u64>,
 }
 
 pub struct ControlPlane;
@@ -36,11 +41,12 @@ impl Processor for ControlPlane {
         _state: &mut Option<()>,
         control: &mut ControlState,
         event: Event,
-        _ctx: &Ctx,
+        ctx: &Ctx,
     ) -> Result<Option<Emit>, ProcessError> {
         let Event::Control(command) = event else {
             return Err(ProcessError::UnexpectedEvent { kind: event.kind() });
         };
+        let mut emit = None;
         match command.action {
             ControlAction::Pause | ControlAction::Resume => {
                 let paused = command.action == ControlAction::Pause;
@@ -50,11 +56,25 @@ impl Processor for ControlPlane {
                 }
             }
             ControlAction::SetRateLimit(per_second) => control.rate_limit_per_second = per_second,
+            ControlAction::SetScreeningRules(rules) => {
+                // Every account partition screens; each gets the rules at
+                // a fixed place in its own input.
+                control.screening = rules.clone();
+                control.screening_version = Some(ctx.offset);
+                emit = Some(Emit {
+                    topic: OutTopic::EveryInflight,
+                    key: "screening".into(),
+                    event: Event::ScreeningRules {
+                        rules,
+                        version: ctx.offset,
+                    },
+                });
+            }
         }
         control.commands_applied += 1;
         control.last_principal = Some(command.principal);
         control.last_reason = command.reason;
-        Ok(None)
+        Ok(emit)
     }
 }
 

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+mod review;
 mod row;
 
 use super::{
@@ -32,6 +33,9 @@ pub struct PaymentState {
     /// Who submitted it; `None` for records other producers wrote (see
     /// `model::Submitter`). Last, so rows written before it read as `None`.
     pub submitted_by: Option<Submitter>,
+    /// The payer's payment this one waits (or waited) for
+    /// (`single_inflight_debit`).
+    pub waiting_for: Option<String>,
 }
 
 /// Inflight statistics of one partition.
@@ -45,7 +49,18 @@ pub struct InflightStats {
     pub admitted_count: u64,
     /// Copies of an already known payment id that were ignored.
     pub duplicate_count: u64,
+    /// Payments held by screening for review (not counted as inflight).
+    pub held_count: u64,
+    /// Their total amount.
+    pub held_amount_cents: i64,
+    /// Their ids (at most [`MAX_HELD_PER_PARTITION`]); totals over
+    /// partitions leave them out.
+    pub held_ids: std::collections::BTreeSet<String>,
 }
+
+/// Most payments held for review on one partition; one more is rejected
+/// (`queue_full`) instead of held, so the held list stays bounded.
+pub const MAX_HELD_PER_PARTITION: usize = 10_000;
 
 impl InflightStats {
     /// Adds another partition's statistics (for totals over all partitions).
@@ -54,6 +69,8 @@ impl InflightStats {
         self.inflight_amount_cents += other.inflight_amount_cents;
         self.admitted_count += other.admitted_count;
         self.duplicate_count += other.duplicate_count;
+        self.held_count += other.held_count;
+        self.held_amount_cents += other.held_amount_cents;
     }
 }
 
@@ -67,19 +84,39 @@ impl Processor for Inflight {
 
     fn state_key(event: &Event) -> Option<&str> {
         match event {
-            Event::PaymentSubmitted(payment) | Event::Completed { payment, .. } => {
-                Some(&payment.id)
-            }
+            Event::PaymentSubmitted(payment)
+            | Event::Completed { payment, .. }
+            | Event::Held { payment, .. }
+            | Event::Waiting { payment, .. } => Some(&payment.id),
+            Event::Review { payment_id, .. } => Some(payment_id),
             _ => None,
         }
     }
 
     fn prerequisite(event: &Event) -> Option<(SourceTopic, u32, u64)> {
-        let Event::Completed { lineage, .. } = event else {
+        if let Event::Review {
+            held_partition,
+            held_offset,
+            ..
+        } = event
+        {
+            return Some((SourceTopic::Complete, *held_partition, *held_offset));
+        }
+        let (Event::Completed { lineage, .. }
+        | Event::Held { lineage, .. }
+        | Event::Waiting { lineage, .. }) = event
+        else {
             return None;
         };
-        let admitted = lineage.iter().find(|hop| hop.stage == Stage::Admitted)?;
-        Some((SourceTopic::Incoming, admitted.partition, admitted.offset))
+        // The newest record of `payment.incoming` it follows from: the
+        // admission, or an operator's review of a held payment.
+        let read = lineage.iter().rev().find(|hop| {
+            matches!(
+                hop.stage,
+                Stage::Admitted | Stage::Approved | Stage::Declined
+            )
+        })?;
+        Some((SourceTopic::Incoming, read.partition, read.offset))
     }
 
     fn is_settled(state: &PaymentState) -> bool {
@@ -120,7 +157,30 @@ impl Processor for Inflight {
                     completed_at_ms,
                     lineage,
                 };
-                complete(state, stats, completion, ctx).map(|()| None)
+                complete(state, stats, completion, ctx)
+            }
+            (SourceTopic::Incoming, Event::Review { approve, .. }) => {
+                review::review(state, stats, approve, ctx)
+            }
+            (SourceTopic::Complete, Event::Held { payment, lineage }) => {
+                review::held(state, stats, &payment, lineage, ctx)
+            }
+            (
+                SourceTopic::Complete,
+                Event::Waiting {
+                    payment,
+                    waiting_for,
+                    lineage,
+                },
+            ) => {
+                if let Some(row) = state.as_mut().filter(|r| r.payment.same_request(&payment)) {
+                    if row.status == PaymentStatus::Inflight {
+                        row.status = PaymentStatus::Accepted;
+                        row.waiting_for = Some(waiting_for);
+                        row.lineage = lineage;
+                    }
+                }
+                Ok(None)
             }
             (_, other) => Err(ProcessError::UnexpectedEvent { kind: other.kind() }),
         }
@@ -223,6 +283,7 @@ fn admit(
         completed_at_ms: None,
         lineage: vec![admitted.clone()],
         submitted_by: submitter(ctx),
+        waiting_for: None,
     });
     Ok(Some(Emit {
         topic: OutTopic::Inflight,
@@ -257,6 +318,7 @@ fn reject_invalid(
         completed_at_ms: Some(ctx.now_ms),
         lineage: vec![admitted.clone()],
         submitted_by: submitter(ctx),
+        waiting_for: None,
     });
     completed(payment, outcome, vec![admitted], ctx)
 }
@@ -274,7 +336,7 @@ fn complete(
     stats: &mut InflightStats,
     completion: Completion,
     ctx: &Ctx,
-) -> Result<(), ProcessError> {
+) -> Result<Option<Emit>, ProcessError> {
     let id = &completion.payment.id;
     let Some(current) = state else {
         return Err(ProcessError::ImpossibleState(format!(
@@ -292,7 +354,13 @@ fn complete(
         if current.lineage.last().map(|h| h.stage) != Some(Stage::Completed) {
             current.lineage.push(hop(Stage::Completed, ctx));
         }
-        return Ok(());
+        return Ok(None);
+    }
+    if current.status == PaymentStatus::Held {
+        // Only a decline ends a held payment, and it made it terminal.
+        return Err(ProcessError::ImpossibleState(format!(
+            "completion for payment {id} while it is held for review"
+        )));
     }
     let amount = checked_sub(
         stats.inflight_amount_cents,
@@ -307,281 +375,16 @@ fn complete(
     current.completed_at_ms = Some(completion.completed_at_ms);
     current.lineage = completion.lineage;
     current.lineage.push(hop(Stage::Completed, ctx));
-    Ok(())
+    // A screened payment is over: the payer's next waiting one may go.
+    let screened = current.lineage.iter().any(|h| h.stage == Stage::Screened);
+    Ok(screened.then(|| Emit {
+        topic: OutTopic::Inflight,
+        key: current.payment.from.clone(),
+        event: Event::Release {
+            payment: current.payment.clone(),
+        },
+    }))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn payment(id: &str, amount_cents: i64) -> PaymentRef {
-        PaymentRef {
-            id: id.into(),
-            from: "a".into(),
-            to: "b".into(),
-            amount_cents,
-            accepted_at_ms: 1,
-        }
-    }
-
-    fn ctx(topic: SourceTopic, offset: u64) -> Ctx<'static> {
-        Ctx {
-            topic,
-            partition: 0,
-            offset,
-            received_at_ms: 0,
-            now_ms: 10,
-            partitions: 1,
-            forgotten_before_ms: i64::MIN,
-            max_amount_cents: 100_000_000_000,
-            submitted_by: None,
-        }
-    }
-
-    // Admission emits one DEBIT keyed by `from` and counts the payment inflight.
-    #[test]
-    fn admits_and_debits() {
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let emit = Inflight::handle(
-            &mut state,
-            &mut stats,
-            Event::PaymentSubmitted(payment("p1", 500)),
-            &ctx(SourceTopic::Incoming, 3),
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!((emit.topic, emit.key.as_str()), (OutTopic::Inflight, "a"));
-        assert!(matches!(emit.event, Event::Debit { .. }));
-        assert_eq!(state.unwrap().status, PaymentStatus::Inflight);
-        assert_eq!(
-            (stats.inflight_count, stats.inflight_amount_cents),
-            (1, 500)
-        );
-    }
-
-    // A second copy of the same payment is ignored; a different body under the same id is dead-lettered.
-    #[test]
-    fn dedups_copies() {
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let c = ctx(SourceTopic::Incoming, 0);
-        let submit = |p| Event::PaymentSubmitted(p);
-        Inflight::handle(&mut state, &mut stats, submit(payment("p1", 5)), &c).unwrap();
-        let again = Inflight::handle(&mut state, &mut stats, submit(payment("p1", 5)), &c);
-        assert_eq!(again, Ok(None));
-        let before = (state.clone(), stats.clone());
-        let other = Inflight::handle(&mut state, &mut stats, submit(payment("p1", 6)), &c);
-        assert!(matches!(other, Err(ProcessError::ImpossibleState(_))));
-        assert_eq!((state, stats.clone()), before);
-        assert_eq!(stats.inflight_count, 1);
-    }
-
-    // A payment on another partition than its id's moves there, untouched and unrecorded here.
-    #[test]
-    fn misplaced_payment_moves_to_its_partition() {
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let p = payment("p1", 5);
-        let home = partition_for("p1", 8);
-        let ctx = Ctx {
-            partition: (home + 1) % 8,
-            partitions: 8,
-            ..ctx(SourceTopic::Incoming, 0)
-        };
-        let emit = Inflight::handle(
-            &mut state,
-            &mut stats,
-            Event::PaymentSubmitted(p.clone()),
-            &ctx,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!((emit.topic, emit.key.as_str()), (OutTopic::Incoming, "p1"));
-        assert_eq!(emit.event, Event::PaymentSubmitted(p));
-        assert!(state.is_none());
-        assert_eq!(stats, InflightStats::default());
-    }
-
-    // Invalid payments from other producers end as rejected(invalid), never inflight.
-    #[test]
-    fn invalid_payment_is_rejected() {
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let emit = Inflight::handle(
-            &mut state,
-            &mut stats,
-            Event::PaymentSubmitted(payment("p1", -5)),
-            &ctx(SourceTopic::Incoming, 0),
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(emit.topic, OutTopic::Complete);
-        assert_eq!(state.unwrap().reason, Some(Reason::Invalid));
-        assert_eq!(stats.inflight_count, 0);
-    }
-
-    // Records from any producer meet the API's rules: above the amount limit or a bad id is rejected(invalid).
-    #[test]
-    fn the_api_rules_hold_for_every_producer() {
-        let mut bad_id = payment("p 2", 5);
-        bad_id.from = "a/../b".into();
-        for p in [payment("p1", 1_500_000_000_000), bad_id] {
-            let (mut state, mut stats) = (None, InflightStats::default());
-            let c = ctx(SourceTopic::Incoming, 0);
-            let event = Event::PaymentSubmitted(p);
-            let emit = Inflight::handle(&mut state, &mut stats, event, &c).unwrap();
-            assert_eq!(emit.unwrap().topic, OutTopic::Complete);
-            assert_eq!(state.unwrap().reason, Some(Reason::Invalid));
-            assert_eq!((stats.inflight_count, stats.admitted_count), (0, 0));
-        }
-    }
-
-    // An acceptance time after the append (beyond the skew) becomes the append time; within the skew it stays.
-    #[test]
-    fn a_future_acceptance_time_is_replaced_by_the_append_time() {
-        let c = Ctx {
-            received_at_ms: 5_000,
-            ..ctx(SourceTopic::Incoming, 0)
-        };
-        for (claimed, kept) in [
-            (2_081_000_000_000, 5_000),
-            (5_000 + ACCEPTED_AT_SKEW_MS, 6_000),
-        ] {
-            let (mut state, mut stats) = (None, InflightStats::default());
-            let mut p = payment("p1", 5);
-            p.accepted_at_ms = claimed;
-            let emit = Inflight::handle(&mut state, &mut stats, Event::PaymentSubmitted(p), &c);
-            let Some(Event::Debit { payment, .. }) = emit.unwrap().map(|e| e.event) else {
-                panic!("no debit");
-            };
-            assert_eq!(payment.accepted_at_ms, kept);
-            assert_eq!(state.unwrap().payment.accepted_at_ms, kept);
-        }
-    }
-
-    // Completion sets the terminal state once and releases the inflight value.
-    #[test]
-    fn completion_is_terminal_once() {
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let p = payment("p1", 700);
-        Inflight::handle(
-            &mut state,
-            &mut stats,
-            Event::PaymentSubmitted(p.clone()),
-            &ctx(SourceTopic::Incoming, 0),
-        )
-        .unwrap();
-        let done = Event::Completed {
-            payment: p,
-            outcome: Outcome::Reversed(Reason::UnknownAccount),
-            completed_at_ms: 20,
-            lineage: vec![],
-        };
-        let c = ctx(SourceTopic::Complete, 4);
-        Inflight::handle(&mut state, &mut stats, done.clone(), &c).unwrap();
-        Inflight::handle(&mut state, &mut stats, done, &c).unwrap();
-        let row = state.unwrap();
-        assert_eq!(row.status, PaymentStatus::Reversed);
-        assert_eq!(row.lineage.last().unwrap().stage, Stage::Completed);
-        assert_eq!((stats.inflight_count, stats.inflight_amount_cents), (0, 0));
-    }
-
-    // A completion for a payment never admitted is an impossible state.
-    #[test]
-    fn unknown_completion_is_an_error() {
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let done = Event::Completed {
-            payment: payment("nope", 1),
-            outcome: Outcome::Confirmed,
-            completed_at_ms: 1,
-            lineage: vec![],
-        };
-        let result = Inflight::handle(&mut state, &mut stats, done, &ctx(SourceTopic::Complete, 0));
-        assert!(matches!(result, Err(ProcessError::ImpossibleState(_))));
-    }
-
-    // A payment older than the retention is an error for the operator,
-    // known id or not (so a replay decides the same whether or not the row
-    // was forgotten yet). One just inside it is admitted.
-    #[test]
-    fn a_payment_older_than_the_retention_is_refused_known_or_not() {
-        let old = Ctx {
-            forgotten_before_ms: 2,
-            ..ctx(SourceTopic::Incoming, 0)
-        };
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let submit = Event::PaymentSubmitted(payment("p1", 5));
-        let result = Inflight::handle(&mut state, &mut stats, submit.clone(), &old);
-        assert!(
-            matches!(result, Err(ProcessError::Expired(_))),
-            "{result:?}"
-        );
-        assert_eq!((state, stats.admitted_count), (None, 0));
-        let (mut state, mut stats) = (None, InflightStats::default());
-        Inflight::handle(
-            &mut state,
-            &mut stats,
-            submit.clone(),
-            &ctx(SourceTopic::Incoming, 0),
-        )
-        .unwrap();
-        let known = state.clone();
-        let result = Inflight::handle(&mut state, &mut stats, submit, &old);
-        assert!(
-            matches!(result, Err(ProcessError::Expired(_))),
-            "{result:?}"
-        );
-        assert_eq!((state, stats.duplicate_count), (known, 0));
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let recent = Ctx {
-            forgotten_before_ms: 1,
-            ..ctx(SourceTopic::Incoming, 0)
-        };
-        let p = payment("p1", 5);
-        Inflight::handle(&mut state, &mut stats, Event::PaymentSubmitted(p), &recent).unwrap();
-        assert_eq!(state.unwrap().status, PaymentStatus::Inflight);
-    }
-
-    // Only a payment whose completion was read may be forgotten: a payment
-    // rejected at admission waits for its own completion to come back.
-    #[test]
-    fn a_payment_may_be_forgotten_once_its_completion_is_read() {
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let p = payment("p1", -5);
-        let submit = Event::PaymentSubmitted(p.clone());
-        let emit = Inflight::handle(
-            &mut state,
-            &mut stats,
-            submit,
-            &ctx(SourceTopic::Incoming, 0),
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(Inflight::retention(state.as_ref().unwrap()), None);
-        let c = ctx(SourceTopic::Complete, 9);
-        Inflight::handle(&mut state, &mut stats, emit.event.clone(), &c).unwrap();
-        let row = state.clone().unwrap();
-        assert_eq!(Inflight::retention(&row), Some(p.accepted_at_ms));
-        assert_eq!(row.lineage.last().unwrap().offset, 9);
-        // Its completion read again changes nothing.
-        Inflight::handle(&mut state, &mut stats, emit.event, &c).unwrap();
-        assert_eq!(state.unwrap(), row);
-
-        let (mut state, mut stats) = (None, InflightStats::default());
-        let p = payment("p2", 5);
-        let submit = Event::PaymentSubmitted(p.clone());
-        Inflight::handle(
-            &mut state,
-            &mut stats,
-            submit,
-            &ctx(SourceTopic::Incoming, 0),
-        )
-        .unwrap();
-        assert_eq!(Inflight::retention(state.as_ref().unwrap()), None);
-        let done = Event::Completed {
-            payment: p,
-            outcome: Outcome::Confirmed,
-            completed_at_ms: 20,
-            lineage: vec![],
-        };
-        Inflight::handle(&mut state, &mut stats, done, &c).unwrap();
-        assert_eq!(Inflight::retention(state.as_ref().unwrap()), Some(1));
-    }
-}
+mod tests;

@@ -9,6 +9,7 @@ pub mod account;
 pub mod confirmed;
 pub mod control;
 pub mod inflight;
+pub mod screening;
 pub mod windows;
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -21,6 +22,8 @@ pub enum OutTopic {
     /// Back to `payment.incoming`, on the partition the key belongs to.
     Incoming,
     Inflight,
+    /// A copy on every partition of `payment.inflight` (the key is only a label).
+    EveryInflight,
     Complete,
     Confirmed,
 }

@@ -265,6 +265,34 @@ impl Runtime {
         Ok(())
     }
 
+    /// Appends an operator's review of a held payment to `payment.incoming`
+    /// (keyed by the payment, so its inflight task applies it in order, and
+    /// a pause holds it like new payments), sourced like account events.
+    /// `held` is where the hold was read (the `held` hop's partition and
+    /// offset of `payment.complete`).
+    pub async fn append_review(
+        &self,
+        payment_id: &str,
+        approve: bool,
+        principal: &str,
+        held: (u32, u64),
+    ) -> Result<(), RuntimeError> {
+        let event = Event::Review {
+            payment_id: payment_id.to_owned(),
+            approve,
+            principal: principal.to_owned(),
+            at_ms: crate::model::now_ms(),
+            held_partition: held.0,
+            held_offset: held.1,
+        };
+        let core = &self.core;
+        let keyed = vec![(payment_id.to_owned(), event)];
+        core.own_writes
+            .append(core, SourceTopic::Incoming, keyed)
+            .await?;
+        Ok(())
+    }
+
     /// Which partitions this instance owns, and which its tasks act for.
     pub fn ownership(&self) -> &ownership::Ownership {
         &self.core.ownership

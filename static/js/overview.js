@@ -44,6 +44,8 @@ export function createOverview({ onAction }) {
   function renderPipeline(p) {
     setText($('m-inflight-count'), count(p.inflight?.count));
     setText($('m-inflight-value'), money(p.inflight?.amount));
+    setText($('m-held-count'), count(p.held?.count));
+    setText($('m-held-value'), money(p.held?.amount));
     setText($('m-confirmed-count'), count(p.confirmed?.today_count));
     setText($('m-confirmed-value'), money(p.confirmed?.today_amount));
     $('m-confirmed-count').parentElement.title =

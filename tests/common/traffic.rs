@@ -176,6 +176,9 @@ async fn drive(base: String, ledger: Arc<Mutex<Ledger>>, round: usize, stop: Can
 /// Terminal states found by [`check`].
 pub struct Outcome {
     pub statuses: BTreeMap<String, String>,
+    /// Payments that waited for their payer's previous one (screening's
+    /// `single_inflight_debit`).
+    pub waited: usize,
 }
 
 impl Outcome {
@@ -201,6 +204,7 @@ impl Outcome {
 /// counts match; nothing is in flight; money is conserved.
 pub async fn check(client: &reqwest::Client, base: &str, ledger: &Ledger) -> Outcome {
     let mut statuses: BTreeMap<String, String> = BTreeMap::new();
+    let mut waited = 0;
     let mut balances = [OPENING_CENTS; ACCOUNTS];
     let everything = ledger
         .acknowledged
@@ -231,8 +235,15 @@ pub async fn check(client: &reqwest::Client, base: &str, ledger: &Ledger) -> Out
             (&json!(from), &json!(to), &json!(amount))
         );
         let status = payment["status"].as_str().unwrap().to_owned();
-        // Each hop once: a record applied twice would show twice.
-        let stages = super::lineage_stages(&payment);
+        // Each hop once: a record applied twice would show twice. Screening
+        // (when on) adds its step, and a wait for the payer's previous payment.
+        let mut stages = super::lineage_stages(&payment);
+        waited += usize::from(stages.contains(&"waiting"));
+        for step in ["screened", "waiting"] {
+            let count = stages.iter().filter(|s| **s == step).count();
+            assert!(count <= 1, "{id}: {step} {count} times: {payment}");
+            stages.retain(|s| *s != step);
+        }
         assert_eq!(stages, super::expected_stages(&status), "{id}: {payment}");
         if status == "confirmed" {
             let index = |name: &str| name[4..].parse::<usize>().unwrap();
@@ -258,7 +269,7 @@ pub async fn check(client: &reqwest::Client, base: &str, ledger: &Ledger) -> Out
         );
         assert!(*expected >= 0);
     }
-    let outcome = Outcome { statuses };
+    let outcome = Outcome { statuses, waited };
     let (_, metrics) = get(client, &format!("{base}/api/v1/metrics/pipeline")).await;
     for status in ["confirmed", "rejected", "reversed"] {
         assert_eq!(

@@ -15,6 +15,7 @@ const FIELDS: &[&str] = &[
     "completed_at_ms",
     "lineage",
     "submitted_by",
+    "waiting_for",
 ];
 
 impl<'de> Deserialize<'de> for PaymentState {
@@ -50,6 +51,7 @@ impl<'de> Visitor<'de> for RowVisitor {
             // The end of a row written before attribution: postcard reports
             // it as an error, which here means "absent".
             submitted_by: seq.next_element().unwrap_or(None).flatten(),
+            waiting_for: seq.next_element().unwrap_or(None).flatten(),
         })
     }
 }
@@ -85,6 +87,7 @@ mod tests {
             completed_at_ms: Some(9),
             lineage: vec![],
             submitted_by,
+            waiting_for: None,
         }
     }
 

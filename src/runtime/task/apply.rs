@@ -333,17 +333,23 @@ impl<P: Processor> TaskLoop<P> {
         for (emit, source) in outputs {
             let topic = match emit.topic {
                 OutTopic::Incoming => &topics.incoming,
-                OutTopic::Inflight => &topics.inflight,
+                OutTopic::Inflight | OutTopic::EveryInflight => &topics.inflight,
                 OutTopic::Complete => &topics.complete,
                 OutTopic::Confirmed => &topics.confirmed,
             };
-            let tp = TopicPartition::new(topic.clone(), partition_for(&emit.key, partitions));
             let kind = match emit.topic {
                 // `payment.confirmed` is for outside consumers: public JSON.
                 OutTopic::Confirmed => None,
                 OutTopic::Incoming => Some(SourceTopic::Incoming),
-                OutTopic::Inflight => Some(SourceTopic::Inflight),
+                OutTopic::Inflight | OutTopic::EveryInflight => Some(SourceTopic::Inflight),
                 OutTopic::Complete => Some(SourceTopic::Complete),
+            };
+            let targets = match emit.topic {
+                OutTopic::EveryInflight => 0..partitions,
+                _ => {
+                    let partition = partition_for(&emit.key, partitions);
+                    partition..partition + 1
+                }
             };
             let envelope = Envelope::new(Some(source), emit.event);
             let value = match kind {
@@ -351,11 +357,15 @@ impl<P: Processor> TaskLoop<P> {
                 None => codec::encode_completed_json(&envelope.event)
                     .unwrap_or_else(|| codec::encode(&envelope)),
             };
-            groups.entry(tp).or_default().push(Record {
-                key: Bytes::from(emit.key.into_bytes()),
-                value: Bytes::from(value),
-                timestamp_ms: now,
-            });
+            let (key, value) = (Bytes::from(emit.key.into_bytes()), Bytes::from(value));
+            for partition in targets {
+                let tp = TopicPartition::new(topic.clone(), partition);
+                groups.entry(tp).or_default().push(Record {
+                    key: key.clone(),
+                    value: value.clone(),
+                    timestamp_ms: now,
+                });
+            }
         }
         groups
     }
