@@ -51,7 +51,13 @@ pub async fn start_on(
     if instrumented {
         prometheus::keep_up(&runtime);
     }
-    Ok(Arc::new(AppState {
+    let changes = {
+        let (runtime, live) = (runtime.clone(), live.clone());
+        crate::control::adaptive::start(&runtime.clone(), move || {
+            adaptive_signals(runtime.clone(), live.clone())
+        })
+    };
+    let state = Arc::new(AppState {
         audit: ops::audit::start(&runtime),
         generator: Generator::new(runtime.clone()),
         runtime,
@@ -59,7 +65,60 @@ pub async fn start_on(
         slo,
         membership: std::sync::OnceLock::new(),
         closing: tokio_util::sync::CancellationToken::new(),
-    }))
+    });
+    if let Some(changes) = changes {
+        audit_rate_changes(&state, changes);
+    }
+    Ok(state)
+}
+
+/// What the adaptive controller looks at, from the instrumentation plane:
+/// the newest seconds' p99 and completions, what is in flight, the lag,
+/// the free space.
+async fn adaptive_signals(
+    runtime: Runtime,
+    live: Arc<LiveView>,
+) -> crate::control::adaptive::Signals {
+    let points = live.points(crate::model::now_ms());
+    let newest = points.iter().rev().take(3);
+    let lag = crate::instrument::lag::owned_lag(&runtime).await;
+    crate::control::adaptive::Signals {
+        p99_ms: newest.clone().find_map(|p| p.p99_ms),
+        completed_per_second: newest.map(|p| p.count).max().unwrap_or(0),
+        inflight: runtime.inflight_totals().inflight_count,
+        lag_records: lag.map_or(0, |views| views.iter().map(|v| v.lag_records).sum()),
+        space_low: runtime.check_space().is_err(),
+    }
+}
+
+/// Records each change of the adaptive controller's rate as a control
+/// event in the audit trail.
+fn audit_rate_changes(
+    state: &State,
+    mut changes: tokio::sync::mpsc::Receiver<crate::control::adaptive::RateChange>,
+) {
+    let audited = state.clone();
+    state.runtime.spawn(async move {
+        while let Some(change) = changes.recv().await {
+            let entry = ops::audit::AuditEntry {
+                seq: 0,
+                at_ms: crate::model::now_ms(),
+                principal: "controller".into(),
+                role: "controller".into(),
+                action: "ADAPT intake rate".into(),
+                parameters: format!(
+                    "{} → {} payments/s: {}",
+                    change.from, change.to, change.reason
+                ),
+                source: "control.adaptive".into(),
+                status: 200,
+                outcome: "ok".into(),
+            };
+            if let Err((_, error)) = audited.audit.record(entry).await {
+                tracing::warn!(%error, "the adaptive rate change is not in the audit trail");
+            }
+        }
+    });
 }
 
 /// Runs the whole system on `listener` until `stop` resolves (or a task

@@ -9,9 +9,12 @@
 //!    appends it durably to `payment.incoming` (group commit) before the 202.
 //! 2. `runtime::task` runs `pipeline::inflight` per partition: dedup, status,
 //!    inflight totals; it emits a DEBIT keyed by `from` to `payment.inflight`.
-//! 3. `pipeline::account` debits `from` and emits a CREDIT keyed by `to`
-//!    (or completes the payment as rejected); the CREDIT credits `to` and
-//!    emits the completion to `payment.complete` (or a REFUND back to `from`,
+//! 3. `pipeline::account` screens the payment when rules are on
+//!    (`pipeline::screening`: reject it, hold it for an operator's review
+//!    in `pipeline::inflight`, or queue it behind the payer's payment in
+//!    flight), then debits `from` and emits a CREDIT keyed by `to` (or
+//!    completes the payment as rejected); the CREDIT credits `to` and emits
+//!    the completion to `payment.complete` (or a REFUND back to `from`,
 //!    which completes it as reversed).
 //! 4. `pipeline::inflight` records the terminal state and the lineage (every
 //!    hop's processor, partition, offset, time in and out); `pipeline::confirmed`
@@ -49,7 +52,8 @@
 //!   ingest, flush, retention, shutdown; reached through `Runtime`'s methods.
 //! - [`instrument`]: pillar 2, business metrics: live view, SLOs, lag, Prometheus.
 //! - [`control`]: pillar 3, commands through the log: pause with drain,
-//!   rate limit, status, bootstrap, the shutdown signal.
+//!   rate limit, screening rules, status, bootstrap, the shutdown signal;
+//!   the adaptive intake controller.
 //! - [`ops`]: pillar 4: dead letters and replay, audit trail and error log
 //!   (journals), `kpay rebuild` (state from the log).
 //! - [`generator`]: payments at a set rate for demos and load, through the ingest path.

@@ -470,7 +470,15 @@ async fn screening_in_a_real_browser() {
         skip_or_fail_in_ci("screening_in_a_real_browser", &why);
         return;
     }
-    let (server, _) = TestServer::with_accounts(&[("payer", 1_000_000), ("payee", 0)]).await;
+    // Adaptive intake on, so its rate shows in the control panel too.
+    let (server, _) = TestServer::builder()
+        .config(|c| {
+            c.control.adaptive = true;
+            c.control.adaptive_interval_ms = 200;
+        })
+        .accounts(&[("payer", 1_000_000), ("payee", 0)])
+        .start()
+        .await;
     let driver = Driver::start().await;
     let client = browser(&driver).await;
     let result = screening_steps(&client, &server).await;
@@ -485,7 +493,8 @@ async fn screening_in_a_real_browser() {
 }
 
 /// The rules set from the panel, a held payment shown with its value in
-/// the business panel, then approved and another declined from the list.
+/// the business panel, then approved and another declined from the list;
+/// the adaptive intake's rate and reason in the control panel.
 async fn screening_steps(client: &Client, server: &TestServer) -> Result<(), String> {
     let (c, base) = (reqwest::Client::new(), server.base.clone());
     let seconds = Duration::from_secs;
@@ -550,6 +559,16 @@ async fn screening_steps(client: &Client, server: &TestServer) -> Result<(), Str
     .await?;
     eventually("held list empty", seconds(10), || async {
         text(client, "#held-empty").await.contains("None")
+    })
+    .await?;
+    // The adaptive rate in force, as the control status says it.
+    eventually("adaptive rate shown", seconds(10), || async {
+        let shown = number(client, "#rate-adaptive-value").await;
+        let (_, status) = get(&c, &format!("{base}/api/v1/control/status")).await;
+        let in_force = status["rate_in_force"].as_f64();
+        shown.is_some()
+            && shown == in_force
+            && !text(client, "#rate-adaptive-reason").await.is_empty()
     })
     .await?;
     let errors = page_errors(client).await;

@@ -42,6 +42,7 @@ pub struct Config {
     pub slo: SloConfig,
     pub ops: OpsConfig,
     pub cluster: ClusterConfig,
+    pub control: ControlConfig,
     /// The screening rules a new log starts with (`[screening]`); later
     /// changes go through `PUT /api/v1/screening/rules`.
     pub screening: crate::model::ScreeningRules,

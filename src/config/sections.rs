@@ -33,6 +33,34 @@ impl Default for SloConfig {
     }
 }
 
+/// The control plane's own settings (`[control]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// A controller sets the intake rate from the live signals (p99
+    /// latency against `slo.latency_p99_ms`, lag against
+    /// `slo.max_lag_records`, the free-space floor), never above the
+    /// operator's rate limit.
+    pub adaptive: bool,
+    /// Lowest intake rate the controller sets, payments per second.
+    pub adaptive_min_per_second: u64,
+    /// Highest, when the operator set no rate limit.
+    pub adaptive_max_per_second: u64,
+    /// How often it looks at the signals, ms.
+    pub adaptive_interval_ms: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            adaptive: false,
+            adaptive_min_per_second: 10,
+            adaptive_max_per_second: 100_000,
+            adaptive_interval_ms: 1_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct InstrumentConfig {

@@ -39,6 +39,19 @@ impl Config {
         if let Err(message) = self.screening.validate() {
             return invalid("screening", message);
         }
+        let control = &self.control;
+        if control.adaptive_min_per_second == 0 {
+            return invalid("control.adaptive_min_per_second", "must be at least 1");
+        }
+        if control.adaptive_max_per_second < control.adaptive_min_per_second {
+            return invalid(
+                "control.adaptive_max_per_second",
+                "must be at least control.adaptive_min_per_second",
+            );
+        }
+        if !(100..=60_000).contains(&control.adaptive_interval_ms) {
+            return invalid("control.adaptive_interval_ms", "must be 100 to 60000");
+        }
         self.validate_instrument_and_demo()
     }
 

@@ -4,6 +4,7 @@
 //! The commands are applied by the control processor, which is pure logic
 //! like every processor and so lives with them (`pipeline::control`).
 
+pub mod adaptive;
 pub mod bootstrap;
 
 /// Resolves when the process is asked to stop (SIGTERM or Ctrl-C). The
@@ -69,6 +70,16 @@ pub struct ControlStatus {
     pub rate_limit: u64,
     /// Commands applied since the start of the log.
     pub commands_applied: u64,
+    /// Whether the adaptive controller sets the intake rate (`control.adaptive`).
+    pub adaptive: bool,
+    /// The rate in force, payments per second (0: unlimited): the
+    /// controller's intake rate when adaptive, else the operator's limit.
+    pub rate_in_force: u64,
+    /// Who set it: `operator` or `controller`.
+    #[schema(example = "controller")]
+    pub rate_set_by: String,
+    /// Why: the controller's reason, or the operator's last command's.
+    pub rate_reason: Option<String>,
 }
 
 /// Appends a command to `control.commands` and waits (bounded) until the
@@ -189,7 +200,19 @@ pub async fn status(
         (true, 0) => "paused",
         (true, _) => "draining",
     };
+    let adaptive = runtime.config().control.adaptive;
+    let intake = runtime.throttle().get();
+    let (rate_in_force, rate_set_by, rate_reason) = if adaptive {
+        (intake.rate, "controller", Some(intake.reason))
+    } else {
+        let why = control.last_reason.clone();
+        (control.rate_limit_per_second, "operator", why)
+    };
     Ok(ControlStatus {
+        adaptive,
+        rate_in_force,
+        rate_set_by: rate_set_by.to_owned(),
+        rate_reason,
         state: state.to_owned(),
         since: control.since_ms,
         inflight: CountAmount {

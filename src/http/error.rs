@@ -119,6 +119,7 @@ impl From<IngestError> for ApiError {
             }
             IngestError::Conflict(_) => Self::Conflict(error.to_string()),
             IngestError::Busy(_)
+            | IngestError::Throttled(_)
             | IngestError::Backlog { .. }
             | IngestError::Closed
             | IngestError::Log(_) => Self::Unavailable(error.to_string()),

@@ -115,6 +115,8 @@ pub(super) struct Core {
     pub(super) recent: RecentPayments,
     /// The admission token bucket, rebuilt when the rate limit changes.
     pub(super) admission: Mutex<Option<(u64, Arc<DefaultDirectRateLimiter>)>>,
+    /// The intake's rate when a controller sets one; test slow-downs.
+    pub(super) throttle: Arc<super::throttle::Throttle>,
     /// Serialises replays and deletions of dead letters.
     pub(super) dlq_lock: tokio::sync::Mutex<()>,
     /// Dead letters waiting in the store, against `limits.dlq_entries`.
@@ -239,6 +241,17 @@ impl Core {
             }
             _ => rate,
         }
+    }
+
+    /// This instance's part of the operator's rate limit (0: none).
+    pub(super) fn rate_limit_share(&self) -> u64 {
+        let rate = self
+            .control
+            .stats
+            .read()
+            .expect("stats lock")
+            .rate_limit_per_second;
+        self.rate_share(rate)
     }
 
     /// Whether a rate limit is set.

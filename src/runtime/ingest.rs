@@ -39,6 +39,8 @@ pub enum IngestError {
         pending: usize,
         limit: usize,
     },
+    #[error("intake is held at {0} payments/s by the adaptive controller (control.adaptive); retry later")]
+    Throttled(u64),
     #[error("the server is shutting down")]
     Closed,
     /// Free space below `data.min_free_bytes`; nothing was written.
@@ -97,6 +99,7 @@ impl Recent {
 /// Handles to the sequencers.
 pub struct Ingest {
     queues: Vec<mpsc::Sender<Submission>>,
+    throttle: Arc<super::throttle::Throttle>,
     /// Per partition: what was appended and is not yet durable in the store.
     pub recent: Vec<Arc<Mutex<Recent>>>,
 }
@@ -109,6 +112,7 @@ impl Ingest {
         payment: PaymentRef,
         submitted_by: Submitter,
     ) -> Result<Admission, IngestError> {
+        self.throttle.admit().map_err(IngestError::Throttled)?;
         let partition = partition_for(&payment.id, self.queues.len() as u32);
         let (reply, answer) = oneshot::channel();
         let submission = Submission {
@@ -156,6 +160,7 @@ pub(super) async fn start(core: &Arc<Core>) -> Result<Ingest, RuntimeError> {
     }
     Ok(Ingest {
         queues,
+        throttle: core.throttle.clone(),
         recent: recents,
     })
 }

@@ -25,6 +25,7 @@ mod startup;
 mod supervisor;
 mod task;
 mod task_view;
+pub mod throttle;
 mod views;
 
 use std::collections::BTreeMap;
@@ -263,6 +264,18 @@ impl Runtime {
             .append(core, SourceTopic::Inflight, keyed)
             .await?;
         Ok(())
+    }
+
+    /// The intake's rate set by a controller (`control::adaptive`), and the
+    /// test hooks that slow a processor down.
+    pub fn throttle(&self) -> &throttle::Throttle {
+        &self.core.throttle
+    }
+
+    /// This instance's part of the operator's rate limit (0: none): all of
+    /// it alone, its partitions' share on a cluster.
+    pub fn rate_limit_share(&self) -> u64 {
+        self.core.rate_limit_share()
     }
 
     /// Appends an operator's review of a held payment to `payment.incoming`

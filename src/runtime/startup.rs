@@ -263,6 +263,7 @@ fn new_core(
         observer,
         recent: RecentPayments::default(),
         admission: std::sync::Mutex::new(None),
+        throttle: Default::default(),
         dlq_lock: tokio::sync::Mutex::new(()),
         dlq_stored: AtomicU64::new(dlq_stored),
         space,

@@ -127,7 +127,14 @@ export function createOverview({ onAction }) {
     }
 
     const limit = c.rate_limit ?? 0;
-    setText($('rate-current'), `Current limit: ${limit > 0 ? `${count(limit)} payments/s` : 'unlimited'}`);
+    const perSecond = (rate) => (rate > 0 ? `${count(rate)} payments/s` : 'unlimited');
+    setText($('rate-current'), `Operator limit: ${perSecond(limit)}`);
+    const adaptive = $('rate-adaptive');
+    adaptive.hidden = !c.adaptive;
+    if (c.adaptive) {
+      setText($('rate-adaptive-value'), perSecond(c.rate_in_force ?? 0));
+      setText($('rate-adaptive-reason'), c.rate_reason || '');
+    }
     const input = $('rate-limit-input');
     if (!rateLimitShown && document.activeElement !== input && input.value === '') {
       input.value = String(limit);

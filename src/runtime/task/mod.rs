@@ -143,7 +143,11 @@ pub async fn run<P: Processor>(
             }
             continue;
         }
+        let records = batch.len();
         let outputs = state.apply(batch)?;
+        if let Some(delay) = core.throttle.delay(P::NAME, records) {
+            tokio::time::sleep(delay).await;
+        }
         if state.until.is_none() && state.owner {
             let records = state.encode_outputs(outputs);
             state.produce_until_durable(&records).await?;
