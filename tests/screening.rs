@@ -363,6 +363,64 @@ async fn one_debit_in_flight_per_payer_waits_in_order() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_debit_in_flight_per_payer_is_the_same_after_kill_9_mid_run() {
+    // 30 at once from an account funded for 10, the real binary killed
+    // while they go through one by one: after the restart, 10 confirmed,
+    // 20 rejected, each debit after the previous payment was terminal.
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("KPAY_SCREENING__SINGLE_INFLIGHT_DEBIT", "true"),
+        ("KPAY_DEMO__ACCOUNTS", "0"),
+    ];
+    let mut kpay = Binary::start(dir.path(), &env).await;
+    let c = reqwest::Client::new();
+    let base = kpay.base.clone();
+    common::open_account(&c, &base, "one", 1_000).await;
+    common::open_account(&c, &base, "two", 0).await;
+    let payments: Vec<Value> = (0..30)
+        .map(|n| json!({"id": format!("k{n:02}"), "from": "one", "to": "two", "amount": 100}))
+        .collect();
+    let (status, answer) = post(
+        &c,
+        &format!("{base}/api/v1/payments/batch"),
+        json!({"payments": payments}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status_code"] == 202),
+        "{answer}"
+    );
+    // Some done, most still queued behind each other.
+    common::wait_until(Duration::from_secs(10), || async {
+        let (_, metrics) = get(&c, &format!("{base}/api/v1/metrics/pipeline")).await;
+        metrics["confirmed"]["count"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    let (_, before) = get(&c, &format!("{base}/api/v1/metrics/pipeline")).await;
+    kpay.kill9();
+    let ended = |m: &Value| {
+        m["confirmed"]["count"].as_u64().unwrap_or(0) + m["rejected"]["count"].as_u64().unwrap_or(0)
+    };
+    println!("killed with {} of 30 terminal", ended(&before));
+    let kpay = Binary::start(dir.path(), &env).await;
+    let mut ends = Vec::new();
+    for n in 0..30 {
+        ends.push(terminal(&c, &kpay.base, &format!("k{n:02}")).await);
+    }
+    assert_sequential(&ends, 10);
+    let (_, account) = get(&c, &format!("{}/api/v1/accounts/one", kpay.base)).await;
+    assert_eq!(account["balance"], 0, "{account}");
+    let (_, integrity) = get(&c, &format!("{}/api/v1/ledger/integrity", kpay.base)).await;
+    assert_eq!(integrity["ok"], true, "{integrity}");
+    kpay.stop().await;
+}
+
 /// What the API says of the accounts, these payments (without the times
 /// hops were processed at) and the totals.
 async fn api_state(c: &reqwest::Client, base: &str, payments: &[&str]) -> Value {
@@ -384,45 +442,39 @@ async fn api_state(c: &reqwest::Client, base: &str, payments: &[&str]) -> Value 
 }
 
 /// Exactly `confirmed` of the payments are confirmed and the rest rejected
-/// for funds; each debit came after the previous payment of the payer was
-/// terminal (by the lineage's times).
+/// for funds; each debit (or refusal) came after the previous payment of
+/// the payer was terminal: its step was processed after that payment's
+/// completion was appended (times of the lineage; the append time of a
+/// record is kept through a crash, where a replay may process it again).
 fn assert_sequential(ends: &[Value], confirmed: usize) {
     let count = ends.iter().filter(|p| p["status"] == "confirmed").count();
     assert_eq!(count, confirmed, "{ends:?}");
     for p in ends.iter().filter(|p| p["status"] != "confirmed") {
         assert_eq!(p["reason"], "insufficient_funds", "{p}");
     }
-    let at = |p: &Value, stage: &str| -> i64 {
+    let hop = |p: &Value, stage: &str| -> Value {
         let hops = p["lineage"].as_array().unwrap();
-        let hop = hops
-            .iter()
-            .find(|h| h["stage"] == stage)
-            .unwrap_or_else(|| panic!("no {stage}: {p}"));
-        hop["processed_at"].as_i64().unwrap()
+        let found = hops.iter().rev().find(|h| h["stage"] == stage);
+        found.unwrap_or_else(|| panic!("no {stage}: {p}")).clone()
+    };
+    let step = |p: &Value| {
+        hop(
+            p,
+            if p["status"] == "confirmed" {
+                "debited"
+            } else {
+                "rejected"
+            },
+        )
     };
     // The order the debits were decided in: by the account partition's offset.
-    let mut decided: Vec<(u64, &Value)> = ends
-        .iter()
-        .map(|p| {
-            let hops = p["lineage"].as_array().unwrap();
-            let step = hops
-                .iter()
-                .rev()
-                .find(|h| h["stage"] == "debited" || h["stage"] == "rejected")
-                .unwrap();
-            (step["offset"].as_u64().unwrap(), p)
-        })
-        .collect();
-    decided.sort_by_key(|(offset, _)| *offset);
+    let mut decided: Vec<&Value> = ends.iter().collect();
+    decided.sort_by_key(|p| step(p)["offset"].as_u64().unwrap());
     for pair in decided.windows(2) {
-        let (before, after) = (pair[0].1, pair[1].1);
-        let step = if after["status"] == "confirmed" {
-            "debited"
-        } else {
-            "rejected"
-        };
+        let (before, after) = (pair[0], pair[1]);
+        let terminal = hop(before, "completed")["received_at"].as_i64().unwrap();
         assert!(
-            at(after, step) >= at(before, "completed"),
+            step(after)["processed_at"].as_i64().unwrap() >= terminal,
             "{} debited before {} was terminal",
             after["id"],
             before["id"]
