@@ -33,12 +33,12 @@ async fn bad_requests_get_a_reason_and_write_nothing() {
         (
             json!({"from":"a","to":"b","amount":12.5}),
             400,
-            "invalid type",
+            "amount: expected an integer, got the number 12.5",
         ),
         (
             json!({"from":"a","to":"b","amount":"12"}),
             400,
-            "invalid type",
+            "amount: expected an integer, got a string \"12\"",
         ),
         (
             json!({"from":"a","to":"b","amount":200_000_000_000i64}),
@@ -66,7 +66,14 @@ async fn bad_requests_get_a_reason_and_write_nothing() {
             400,
             "limit is 64",
         ),
-        (json!({"to":"b","amount":5}), 400, "missing field"),
+        (json!({"to":"b","amount":5}), 400, "`from` is required"),
+        // An array is not a payment, whatever it holds.
+        (
+            json!(["p1", "a", "b", 5]),
+            400,
+            "must be a JSON object, got an array",
+        ),
+        (json!("p1"), 400, "must be a JSON object, got a string"),
     ];
     for (body, status, needle) in cases {
         let (got, answer) = post(&client, &url, body.clone()).await;
@@ -77,6 +84,20 @@ async fn bad_requests_get_a_reason_and_write_nothing() {
             "{body}: {message:?} lacks {needle:?}"
         );
         assert_eq!(answer["error"]["code"], "invalid_request");
+        // Said in the API's terms, never the Rust types behind it.
+        for rust in [
+            "struct ",
+            "i64",
+            "u32",
+            "u64",
+            "PaymentRequest",
+            " at line ",
+        ] {
+            assert!(
+                !message.contains(rust),
+                "{body}: {message:?} names {rust:?}"
+            );
+        }
     }
     let raw = client
         .post(&url)
@@ -339,6 +360,11 @@ async fn batch_reports_each_item() {
         .map(|r| r["status_code"].as_i64().unwrap())
         .collect();
     assert_eq!(codes, vec![202, 400, 202]);
+    // Every result carries its item's id, refused ones too.
+    let ids: Vec<&str> = (body["results"].as_array().unwrap().iter())
+        .map(|r| r["id"].as_str().unwrap_or("null"))
+        .collect();
+    assert_eq!(ids, ["b1", "b2", "b3"], "{body}");
     terminal(&c, &base, "b1").await;
     terminal(&c, &base, "b3").await;
     let (status, _) = post(
@@ -444,5 +470,112 @@ async fn openapi_documents_every_endpoint_and_swagger_serves() {
     assert_eq!(get(&c, &server.url("/healthz")).await.0, 200);
     assert_eq!(get(&c, &server.url("/readyz")).await.0, 200);
     assert_eq!(get(&c, &server.url("/api/v1/payments/nope")).await.0, 404);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_wrong_methods_answer_in_the_error_shape() {
+    // 404 and 405 (OPTIONS too) carry {"error":{"code","message"}} as JSON;
+    // 405 says which methods the route takes, in Allow and in words.
+    let (server, c) = TestServer::with_accounts(&[]).await;
+    let cases = [
+        ("GET", "/api/v1/nope", 404, "not_found"),
+        ("GET", "/nothing-here.txt", 404, "not_found"),
+        ("DELETE", "/api/v1/payments", 405, "method_not_allowed"),
+        ("PATCH", "/api/v1/control/pause", 405, "method_not_allowed"),
+        ("OPTIONS", "/api/v1/payments", 405, "method_not_allowed"),
+    ];
+    for (method, path, status, code) in cases {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let response = c
+            .request(method.clone(), server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            content_type.as_deref(),
+            Some("application/json"),
+            "{method} {path}"
+        );
+        let allow = response
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(path), "{message}");
+        if status == 405 {
+            let allow = allow.unwrap_or_else(|| panic!("{method} {path}: no Allow"));
+            assert!(
+                !allow.is_empty() && message.contains(&allow),
+                "{allow} / {message}"
+            );
+        }
+    }
+    // A known route still answers its own 404 with its own message.
+    let (status, body) = common::get(&c, &server.url("/api/v1/payments/none")).await;
+    assert_eq!(status, 404);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("payment none not found"),
+        "{body}"
+    );
+    // An array where a command's optional body belongs is refused, not applied.
+    let response = c
+        .post(server.url("/api/v1/control/resume"))
+        .json(&json!(["\u{ed}"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_filters_are_validated_like_status() {
+    let (server, c) = TestServer::with_accounts(&[]).await;
+    for (query, needle) in [
+        (
+            "class=bogus",
+            "class \"bogus\" is not one of decode, unauthenticated",
+        ),
+        (
+            "topic=bogus",
+            "topic \"bogus\" is not one of payment.incoming",
+        ),
+        (
+            "processor=bogus",
+            "processor \"bogus\" is not one of inflight, account",
+        ),
+        (
+            "status=bogus",
+            "status \"bogus\" is not one of waiting, replayed",
+        ),
+    ] {
+        let (status, body) = common::get(&c, &server.url(&format!("/api/v1/dlq?{query}"))).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        common::assert_error_mentions(&body, needle);
+    }
+    for query in [
+        "class=decode",
+        "topic=payment.inflight",
+        "processor=account",
+        "status=replayed",
+    ] {
+        let (status, body) = common::get(&c, &server.url(&format!("/api/v1/dlq?{query}"))).await;
+        assert_eq!(
+            (status, &body["items"]),
+            (200, &json!([])),
+            "{query}: {body}"
+        );
+    }
     server.stop().await;
 }

@@ -1,14 +1,15 @@
 //! One error type for every handler, mapped to a status and the JSON shape
 //! `{"error":{"code","message"}}`. Internal details are logged, not returned.
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::{FromRequest, OptionalFromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{de::DeserializeOwned, Serialize};
 use utoipa::ToSchema;
 
+use super::body;
 use crate::runtime::ingest::IngestError;
 use crate::runtime::RuntimeError;
 
@@ -25,6 +26,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("request body is larger than the limit")]
     TooLarge,
     #[error("{0}")]
@@ -63,6 +66,7 @@ impl ApiError {
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::Unsupported(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
@@ -128,7 +132,9 @@ impl From<IngestError> for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections use the API's error shape.
+/// A JSON request body, refused in the API's error shape and terms: not
+/// JSON (415), too large (413), not an object, or a field of the wrong
+/// kind, named by its path (400).
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
@@ -139,10 +145,22 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match <Json<T> as FromRequest<S>>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::Unsupported(
+                "send the body as JSON with Content-Type: application/json".into(),
+            ));
         }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge
+            } else {
+                ApiError::BadRequest(format!(
+                    "the body could not be read: {}",
+                    rejection.body_text()
+                ))
+            }
+        })?;
+        body::parse(&bytes).map(Self).map_err(ApiError::BadRequest)
     }
 }
 
@@ -155,21 +173,30 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
-        match <Json<T> as OptionalFromRequest<S>>::from_request(req, state).await {
-            Ok(value) => Ok(value.map(|Json(value)| Self(value))),
-            Err(rejection) => Err(json_rejection(rejection)),
+        if !req.headers().contains_key(header::CONTENT_TYPE) {
+            return Ok(None);
         }
+        <Self as FromRequest<S>>::from_request(req, state)
+            .await
+            .map(Some)
     }
 }
 
-fn json_rejection(rejection: JsonRejection) -> ApiError {
-    match &rejection {
-        JsonRejection::MissingJsonContentType(_) => ApiError::Unsupported(
-            "send the body as JSON with Content-Type: application/json".into(),
-        ),
-        _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
-        _ => ApiError::BadRequest(rejection.body_text()),
-    }
+/// `application/json`, or any `application/*+json`.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
 impl From<crate::ops::dlq::DlqError> for ApiError {
@@ -204,7 +231,7 @@ macro_rules! api_extractor {
                 <$bounds>::from_request_parts(parts, state)
                     .await
                     .map(|value| Self(value.0))
-                    .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))
+                    .map_err(|rejection| ApiError::BadRequest(body::plain(&rejection.body_text())))
             }
         }
     };

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod auth;
+mod body;
 pub mod cluster;
 pub mod control;
 pub mod error;
@@ -89,9 +90,9 @@ pub fn page_limit(
 )]
 struct ApiDoc;
 
-/// The OpenAPI document and the API router, built from the handlers' annotations.
-pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
-    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// Every API route with its OpenAPI annotations.
+fn routes() -> OpenApiRouter<State> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(accounts::router())
         .merge(payments::router())
         .merge(screening::router())
@@ -102,7 +103,11 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .merge(stream::router())
         .merge(health::router())
         .merge(cluster::router())
-        .split_for_parts();
+}
+
+/// The OpenAPI document and the API router, built from the handlers' annotations.
+pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, api) = routes().split_for_parts();
     let api = with_error_responses(api);
     let max_body = state.runtime.config().server.max_body_bytes;
     let router = router
@@ -320,7 +325,47 @@ pub fn app(state: State, static_dir: PathBuf) -> Router {
             state,
             origin::guard_host,
         ));
-    router.merge(rest)
+    // Around the whole router, not each route: a 405's `Allow` is set by
+    // the route's method router, outside a route's own layers.
+    Router::new()
+        .fallback_service(router.merge(rest))
+        .layer(axum::middleware::from_fn(error_shape))
+}
+
+/// Unknown routes (404) and methods a route does not take (405, `OPTIONS`
+/// included) answer in the API's error shape like every other error; a
+/// 405 keeps the `Allow` header the router set. An answer with a body of
+/// its own (a handler's 404, a file) passes as it is.
+async fn error_shape(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    let shaped = status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED;
+    if !shaped || response.headers().contains_key(header::CONTENT_TYPE) {
+        return response;
+    }
+    let error = if status == StatusCode::NOT_FOUND {
+        error::ApiError::NotFound(format!("no route {method} {path}"))
+    } else {
+        let allow = (response.headers().get(header::ALLOW))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        error::ApiError::MethodNotAllowed(format!(
+            "{method} is not allowed on {path}; allowed: {}",
+            if allow.is_empty() { "none" } else { &allow }
+        ))
+    };
+    let mut shaped = error.into_response();
+    if let Some(allow) = response.headers().get(header::ALLOW) {
+        shaped.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    shaped
 }
 
 #[cfg(test)]
@@ -330,6 +375,57 @@ mod tests {
     use crate::ops::journal::JournalError;
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
+
+    // Every field a request body takes an array in is one the body check
+    // lets through (`body::ARRAY_FIELDS`), and no other.
+    #[test]
+    fn the_array_fields_are_those_of_the_request_bodies() {
+        let (_, api) = routes().split_for_parts();
+        let doc = serde_json::to_value(&api).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let mut pending: Vec<String> = Vec::new();
+        for item in doc["paths"].as_object().unwrap().values() {
+            for operation in item.as_object().unwrap().values() {
+                let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
+                pending.extend(refs(schema));
+            }
+        }
+        let (mut seen, mut arrays) = (
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+        );
+        while let Some(name) = pending.pop() {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let schema = &schemas[&name];
+            for (field, property) in schema["properties"].as_object().into_iter().flatten() {
+                let kinds = property["type"].to_string();
+                if kinds.contains("array") {
+                    arrays.insert(field.clone());
+                }
+                pending.extend(refs(property));
+            }
+        }
+        let listed: std::collections::BTreeSet<String> =
+            body::ARRAY_FIELDS.iter().map(|f| f.to_string()).collect();
+        assert_eq!(arrays, listed);
+    }
+
+    /// The schema names `value` refers to, however deep.
+    fn refs(value: &serde_json::Value) -> Vec<String> {
+        match value {
+            serde_json::Value::Object(map) => map
+                .iter()
+                .flat_map(|(key, v)| match (key.as_str(), v.as_str()) {
+                    ("$ref", Some(r)) => vec![r.rsplit('/').next().unwrap().to_owned()],
+                    _ => refs(v),
+                })
+                .collect(),
+            serde_json::Value::Array(items) => items.iter().flat_map(refs).collect(),
+            _ => Vec::new(),
+        }
+    }
 
     // A control call that succeeded but is unaudited is not answered with its success; others keep their answer.
     #[test]

@@ -34,11 +34,15 @@ pub struct DlqQuery {
     pub after: Option<String>,
     /// `waiting` (default) or `replayed`.
     pub status: Option<String>,
-    /// Only this error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`, `expired`.
+    /// Only this error class: `decode`, `unauthenticated`, `unexpected_event`,
+    /// `impossible_state`, `overflow`, `expired` (another: 400).
     pub class: Option<String>,
-    /// Only records from this topic.
+    /// Only records from this input topic (`payment.incoming`,
+    /// `payment.inflight`, `payment.complete`, `control.commands` by
+    /// default; another: 400).
     pub topic: Option<String>,
-    /// Only records this processor gave up on.
+    /// Only records this processor gave up on: `inflight`, `account`,
+    /// `confirmed`, `control` (another: 400).
     pub processor: Option<String>,
 }
 
@@ -103,6 +107,25 @@ async fn list_dead_letters(
             )))
         }
     };
+    use crate::runtime::dead_letter::{CLASSES, PROCESSORS};
+    let one_of = |what: &str, value: &Option<String>, allowed: &[&str]| match value {
+        Some(text) if !allowed.contains(&text.as_str()) => Err(ApiError::BadRequest(format!(
+            "{what} {text:?} is not one of {}",
+            allowed.join(", ")
+        ))),
+        _ => Ok(()),
+    };
+    let topics = state.runtime.topics();
+    let inputs = [
+        &topics.incoming,
+        &topics.inflight,
+        &topics.complete,
+        &topics.commands,
+    ];
+    let inputs: Vec<&str> = inputs.iter().map(|t| t.as_str()).collect();
+    one_of("class", &query.class, CLASSES)?;
+    one_of("topic", &query.topic, &inputs)?;
+    one_of("processor", &query.processor, PROCESSORS)?;
     let filter = Filter {
         replayed,
         class: query.class,

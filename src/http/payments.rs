@@ -62,6 +62,8 @@ pub struct BatchRequest {
 pub struct BatchItem {
     /// HTTP status this payment would have had alone (202, 400, 409, 503, 507).
     pub status_code: u16,
+    /// The payment's id: the one given, or the one made for it; `null` only
+    /// for a refused item that came without one.
     pub id: Option<String>,
     pub status: Option<String>,
     pub error: Option<super::error::ErrorDetail>,
@@ -231,6 +233,9 @@ async fn submit_batch(
             request.payments.len()
         )));
     }
+    // A refused item is answered with its own id, so clients need not
+    // match answers by position.
+    let ids: Vec<Option<String>> = request.payments.iter().map(|p| p.id.clone()).collect();
     let answers = join_all(
         request
             .payments
@@ -240,7 +245,8 @@ async fn submit_batch(
     .await;
     let results = answers
         .into_iter()
-        .map(|answer| match answer {
+        .zip(ids)
+        .map(|(answer, id)| match answer {
             Ok(accepted) => BatchItem {
                 status_code: 202,
                 id: Some(accepted.id),
@@ -249,7 +255,7 @@ async fn submit_batch(
             },
             Err(error) => BatchItem {
                 status_code: error.status().as_u16(),
-                id: None,
+                id,
                 status: None,
                 error: Some(error.body().error),
             },

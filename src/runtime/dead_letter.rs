@@ -49,6 +49,21 @@ pub struct Replay {
     pub corrected: bool,
 }
 
+/// Every error class a dead letter may have: a record that did not decode,
+/// one whose cluster HMAC was missing or wrong, and the processors' errors
+/// (`runtime::task::error_class`).
+pub const CLASSES: &[&str] = &[
+    "decode",
+    "unauthenticated",
+    "unexpected_event",
+    "impossible_state",
+    "overflow",
+    "expired",
+];
+
+/// The processors whose tasks dead-letter records.
+pub const PROCESSORS: &[&str] = &["inflight", "account", "confirmed", "control"];
+
 // `remote = "Self"`: the derive writes inherent functions, and the trait
 // impls below choose between them and the store's layout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -58,7 +73,8 @@ pub struct DeadLetter {
     /// processors read `payment.complete`, each may give up on a record).
     #[schema(example = "payment.incoming:3:1017:inflight")]
     pub id: String,
-    /// Error class: `decode`, `unexpected_event`, `impossible_state`, `overflow`, `expired`.
+    /// Error class: `decode`, `unauthenticated`, `unexpected_event`,
+    /// `impossible_state`, `overflow`, `expired`.
     #[schema(example = "decode")]
     pub class: String,
     /// What exactly was wrong (at most 1,024 bytes of it).

@@ -246,3 +246,26 @@ fn error_class(error: &crate::pipeline::ProcessError) -> &'static str {
         ProcessError::Expired(_) => "expired",
     }
 }
+
+#[cfg(test)]
+mod error_class_tests {
+    use crate::pipeline::ProcessError;
+
+    // Every class a processor's error maps to is one the DLQ filter accepts.
+    #[test]
+    fn every_error_class_is_listed() {
+        let errors = [
+            ProcessError::UnexpectedEvent { kind: "x" },
+            ProcessError::ImpossibleState(String::new()),
+            ProcessError::Overflow(String::new()),
+            ProcessError::Expired(String::new()),
+        ];
+        for error in errors {
+            let class = super::error_class(&error);
+            assert!(
+                crate::runtime::dead_letter::CLASSES.contains(&class),
+                "{class}"
+            );
+        }
+    }
+}
