@@ -65,6 +65,7 @@ pub async fn start_on(
         slo,
         membership: std::sync::OnceLock::new(),
         closing: tokio_util::sync::CancellationToken::new(),
+        keys_in_flight: Default::default(),
     });
     if let Some(changes) = changes {
         audit_rate_changes(&state, changes);

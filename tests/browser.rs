@@ -561,6 +561,43 @@ async fn screening_steps(client: &Client, server: &TestServer) -> Result<(), Str
         text(client, "#held-empty").await.contains("None")
     })
     .await?;
+    // Submit pressed twice (two submit events, the second before the first
+    // is answered): one payment, the form's Idempotency-Key makes it so.
+    fill(client, "#pay-id", "").await?;
+    fill(client, "#pay-from", "payer").await?;
+    fill(client, "#pay-to", "payee").await?;
+    fill(client, "#pay-amount", "1.23").await?;
+    let twice =
+        "const f = document.getElementById('pay-form'); f.requestSubmit(); f.requestSubmit();";
+    client
+        .execute(twice, vec![])
+        .await
+        .map_err(|e| e.to_string())?;
+    eventually("the payment answered", seconds(10), || async {
+        text(client, "#pay-result").await.contains("Accepted")
+    })
+    .await?;
+    let payments = || async {
+        get(&c, &format!("{base}/api/v1/payments?limit=100"))
+            .await
+            .1
+    };
+    eventually("one payment of 1.23 confirmed", seconds(10), || async {
+        let list = payments().await;
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        let ours: Vec<&Value> = items.iter().filter(|p| p["amount"] == 123).collect();
+        ours.len() == 1 && ours[0]["status"] == "confirmed"
+    })
+    .await?;
+    tokio::time::sleep(seconds(1)).await;
+    let list = payments().await;
+    let count = (list["items"].as_array().unwrap().iter())
+        .filter(|p| p["amount"] == 123)
+        .count();
+    let (_, payee) = get(&c, &format!("{base}/api/v1/accounts/payee")).await;
+    if count != 1 || payee["balance"] != json!(25_000 + 123) {
+        return Err(format!("a double submit paid {count} times: {payee}"));
+    }
     // The adaptive rate in force, as the control status says it.
     eventually("adaptive rate shown", seconds(10), || async {
         let shown = number(client, "#rate-adaptive-value").await;

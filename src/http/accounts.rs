@@ -13,6 +13,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
 use super::forward::{self, Owner, Scope};
+use super::idempotency::{IdempotencyKey, REPLAYED};
 use super::State;
 use crate::model::{now_ms, partition_for, validate_id, Event};
 use crate::pipeline::account::{Account, AccountStatus, Accounts};
@@ -46,6 +47,11 @@ pub struct DepositRequest {
     /// Amount in cents (> 0).
     #[schema(example = 2500)]
     pub amount: i64,
+    /// Makes the deposit happen once: the same id again changes nothing
+    /// (202, `Idempotent-Replayed: true`), with another amount 409. Without
+    /// it, the `Idempotency-Key` is the id.
+    #[schema(example = "dep-2026-0001")]
+    pub id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -133,6 +139,7 @@ fn existing(state: &State, id: &str) -> Result<Account, ApiError> {
 
 /// Open an account with an opening balance.
 #[utoipa::path(post, path = "/api/v1/accounts", tag = "accounts", request_body = OpenAccountRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the call safe to repeat: the same key and body get the first answer again (`Idempotent-Replayed: true`), another body 409")),
     responses((status = 201, body = AccountView), (status = 202, body = AccountChange),
               (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn open_account(
@@ -254,29 +261,69 @@ fn page_of(mut sorted: Vec<AccountView>, limit: usize) -> AccountPage {
 
 /// Add money to an open account.
 #[utoipa::path(post, path = "/api/v1/accounts/{id}/deposit", tag = "accounts",
-    params(("id" = String, Path, description = "Account id")), request_body = DepositRequest,
+    params(("id" = String, Path, description = "Account id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the call safe to repeat: \
+        the same key and body get the first answer again (`Idempotent-Replayed: true`), another body 409; \
+        without an `id` in the body the key is the deposit's id, applied once")), request_body = DepositRequest,
     responses((status = 202, body = AccountChange), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn deposit(
     Extract(state): Extract<State>,
     Path(id): Path<String>,
+    key: Option<axum::Extension<IdempotencyKey>>,
     JsonBody(request): JsonBody<DepositRequest>,
-) -> Result<(StatusCode, Json<AccountChange>), ApiError> {
+) -> Result<Response, ApiError> {
     check_amount(&state, request.amount, "amount", 1)?;
-    if existing(&state, &id)?.status == AccountStatus::Closed {
+    let account = existing(&state, &id)?;
+    if account.status == AccountStatus::Closed {
         return Err(ApiError::Conflict(format!("account {id} is closed")));
     }
-    let event = Event::Deposit {
+    let deposit_id = request
+        .id
+        .or(key.map(|axum::Extension(IdempotencyKey(key))| key));
+    let Some(deposit_id) = deposit_id else {
+        let event = Event::Deposit {
+            account: id.clone(),
+            amount_cents: request.amount,
+            at_ms: now_ms(),
+        };
+        return Ok(accept_account_event(&state, id, event)
+            .await?
+            .into_response());
+    };
+    validate_id(&deposit_id).map_err(|e| ApiError::BadRequest(format!("deposit id {e}")))?;
+    let kept = account.deposits.as_deref().into_iter().flatten();
+    if let Some(before) = kept.into_iter().find(|k| k.id == deposit_id) {
+        if before.amount_cents != request.amount {
+            return Err(ApiError::Conflict(format!(
+                "deposit {deposit_id} was made with {} cents, not {}",
+                before.amount_cents, request.amount
+            )));
+        }
+        let change = AccountChange {
+            account: id,
+            status: "accepted".into(),
+        };
+        let mut response = (StatusCode::ACCEPTED, Json(change)).into_response();
+        response
+            .headers_mut()
+            .insert(REPLAYED, axum::http::HeaderValue::from_static("true"));
+        return Ok(response);
+    }
+    let event = Event::KeyedDeposit {
         account: id.clone(),
         amount_cents: request.amount,
         at_ms: now_ms(),
+        id: deposit_id,
     };
-    accept_account_event(&state, id, event).await
+    Ok(accept_account_event(&state, id, event)
+        .await?
+        .into_response())
 }
 
 /// Close an account: later payments from it are rejected, to it reversed.
 #[utoipa::path(post, path = "/api/v1/accounts/{id}/close", tag = "accounts",
-    params(("id" = String, Path, description = "Account id")),
+    params(("id" = String, Path, description = "Account id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the call safe to repeat: the same key and body get the first answer again (`Idempotent-Replayed: true`), another body 409")),
     responses((status = 202, body = AccountChange), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
 async fn close_account(

@@ -10,6 +10,7 @@ pub mod error;
 pub mod forward;
 pub mod generator;
 pub mod health;
+pub mod idempotency;
 pub mod metrics;
 pub mod ops;
 pub mod origin;
@@ -51,6 +52,8 @@ pub struct AppState {
     /// Cancelled when the HTTP server begins its graceful stop, so that
     /// long-lived responses (the event stream) end and do not hold it open.
     pub closing: tokio_util::sync::CancellationToken,
+    /// `Idempotency-Key`s whose first call is being answered now.
+    pub keys_in_flight: idempotency::InFlight,
 }
 
 pub type State = Arc<AppState>;
@@ -74,7 +77,14 @@ pub fn page_limit(
 #[openapi(
     info(
         title = "kpay",
-        description = "Payments as event-streaming microservices. Money is integer cents.",
+        description = "Payments as event-streaming microservices. Money is integer cents.\n\n\
+            Safe retries: every state-changing call takes an `Idempotency-Key` header (1-40 \
+            characters of [A-Za-z0-9_.:-]). The same key with the same method, path and body gets \
+            the first answer again, with `Idempotent-Replayed: true`; with another call, 409. Keys \
+            are kept as long as payments (`limits.payment_retention_seconds`). The effect itself \
+            happens once: a payment's id (the key when the body has none), a batch item's id \
+            (`<key>.<index>` when it has none), a deposit's `id` (the key when the body has none) \
+            and an account's id are each applied once.",
         version = "1"
     ),
     tags(
@@ -112,6 +122,10 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
     let max_body = state.runtime.config().server.max_body_bytes;
     let router = router
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authorize,

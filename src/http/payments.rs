@@ -13,6 +13,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
 use super::forward::{self, Owner};
+use super::idempotency::IdempotencyKey;
 use super::State;
 use crate::model::{
     new_payment_id, partition_for, validate_id, Hop, PaymentRef, PaymentStatus, Submitter,
@@ -202,6 +203,9 @@ async fn submit_one(
 /// directory's device is full (or below `data.min_free_bytes`) and nothing
 /// was written: retry once space is freed.
 #[utoipa::path(post, path = "/api/v1/payments", tag = "payments", request_body = PaymentRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the call safe to repeat: \
+        the same key and body get the first answer again (`Idempotent-Replayed: true`), another body 409. \
+        The key is the payment's id when the body has none. 1-40 characters of [A-Za-z0-9_.:-]; kept as long as payments.")),
     responses((status = 202, body = PaymentAccepted), (status = 400, body = ErrorBody),
               (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 503, body = ErrorBody),
@@ -211,21 +215,38 @@ async fn submit_one(
 async fn submit(
     Extract(state): Extract<State>,
     caller: Caller,
-    JsonBody(request): JsonBody<PaymentRequest>,
+    key: Option<axum::Extension<IdempotencyKey>>,
+    JsonBody(mut request): JsonBody<PaymentRequest>,
 ) -> Result<(StatusCode, Json<PaymentAccepted>), ApiError> {
+    // The key is the payment's id when the body has none: a retry after a
+    // lost answer is then the same payment, not another.
+    if let (None, Some(axum::Extension(IdempotencyKey(key)))) = (&request.id, key) {
+        request.id = Some(key);
+    }
     let accepted = submit_one(&state, &caller, request).await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
 /// Submit many payments; each gets its own result.
 #[utoipa::path(post, path = "/api/v1/payments/batch", tag = "payments", request_body = BatchRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the batch as a whole safe \
+        to repeat: the same key and body get the first answer again, another body 409; an item without \
+        an id gets `<key>.<index>`.")),
     responses((status = 200, body = BatchResponse), (status = 400, body = ErrorBody),
               (status = 413, body = ErrorBody)))]
 async fn submit_batch(
     Extract(state): Extract<State>,
     caller: Caller,
-    JsonBody(request): JsonBody<BatchRequest>,
+    key: Option<axum::Extension<IdempotencyKey>>,
+    JsonBody(mut request): JsonBody<BatchRequest>,
 ) -> Result<Json<BatchResponse>, ApiError> {
+    // With a key, an item without an id is `<key>.<index>`: the batch
+    // again is the same payments.
+    if let Some(axum::Extension(IdempotencyKey(key))) = key {
+        for (index, payment) in request.payments.iter_mut().enumerate() {
+            payment.id.get_or_insert_with(|| format!("{key}.{index}"));
+        }
+    }
     let max = state.runtime.config().limits.max_batch_payments;
     if request.payments.is_empty() || request.payments.len() > max {
         return Err(ApiError::BadRequest(format!(

@@ -291,6 +291,14 @@ pub enum Event {
     /// `payment.inflight`, keyed by `from`: a screened payment is terminal,
     /// so the payer's next waiting payment may go.
     Release { payment: PaymentRef },
+    /// `payment.inflight`: add money from outside the system, once per `id`
+    /// (a deposit with an id or an `Idempotency-Key`).
+    KeyedDeposit {
+        account: String,
+        amount_cents: i64,
+        at_ms: i64,
+        id: String,
+    },
 }
 
 impl Event {
@@ -311,6 +319,7 @@ impl Event {
             Self::Waiting { .. } => "waiting",
             Self::Review { .. } => "review",
             Self::Release { .. } => "release",
+            Self::KeyedDeposit { .. } => "deposit",
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod dlq;
+pub mod idempotency;
 pub mod journal;
 pub mod logs;
 pub mod rebuild;

@@ -32,7 +32,8 @@ use crate::runtime::{open_backends, Runtime, Targets};
 use crate::store::{Checkpoint, Store};
 
 /// Tables the operator changes directly; carried over, never replayed.
-const CARRIED_OVER: [&str; 7] = [
+const CARRIED_OVER: [&str; 8] = [
+    crate::ops::idempotency::TABLE,
     crate::ops::dlq::TABLE,
     crate::ops::dlq::REPLAYED,
     crate::ops::audit::TABLE,

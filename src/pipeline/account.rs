@@ -37,7 +37,21 @@ pub struct Account {
     pub last_payment_id: Option<String>,
     /// What screening keeps of it as a payer (`None`: nothing).
     pub payer: Option<Box<Payer>>,
+    /// Deposits made with an id, for as long as payments are kept, so that
+    /// one made again is not applied again (`None`: none).
+    pub deposits: Option<Box<Vec<KeptDeposit>>>,
 }
+
+/// A deposit made with an id: its amount, and when it was appended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptDeposit {
+    pub id: String,
+    pub amount_cents: i64,
+    pub at_ms: i64,
+}
+
+/// Most deposits with an id an account keeps; beyond, the oldest go first.
+pub const MAX_KEPT_DEPOSITS: usize = 1_000;
 
 /// Money totals of one partition; with all partitions they prove conservation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +99,7 @@ impl Processor for Accounts {
         match event {
             Event::OpenAccount { account, .. }
             | Event::Deposit { account, .. }
+            | Event::KeyedDeposit { account, .. }
             | Event::CloseAccount { account, .. } => Some(account),
             Event::Debit { payment, .. }
             | Event::Refund { payment, .. }
@@ -107,6 +122,9 @@ impl Processor for Accounts {
                 ..
             } => open(state, stats, account, opening_balance_cents, ctx).map(|()| None),
             Event::Deposit { amount_cents, .. } => deposit(state, stats, amount_cents, ctx),
+            Event::KeyedDeposit {
+                amount_cents, id, ..
+            } => keyed_deposit(state, stats, id, amount_cents, ctx),
             Event::CloseAccount { .. } => {
                 if let Some(account) = state {
                     account.status = AccountStatus::Closed;
@@ -161,6 +179,7 @@ fn open(
         updated_at_ms: ctx.now_ms,
         last_payment_id: None,
         payer: None,
+        deposits: None,
     });
     Ok(())
 }
@@ -188,6 +207,40 @@ fn deposit(
     account.updated_at_ms = ctx.now_ms;
     stats.funded_cents = funded;
     stats.balance_sum_cents = sum;
+    Ok(None)
+}
+
+/// A deposit with an id: applied once; the same id again changes nothing,
+/// with another amount it is an error (the API refuses it with 409 first).
+fn keyed_deposit(
+    state: &mut Option<Account>,
+    stats: &mut AccountStats,
+    id: String,
+    amount_cents: i64,
+    ctx: &Ctx,
+) -> Result<Option<Emit>, ProcessError> {
+    let kept = state.as_ref().and_then(|a| a.deposits.as_deref());
+    if let Some(before) = kept.and_then(|d| d.iter().find(|k| k.id == id)) {
+        if before.amount_cents == amount_cents {
+            return Ok(None);
+        }
+        return Err(ProcessError::ImpossibleState(format!(
+            "deposit {id} made again with {amount_cents} cents, first with {}",
+            before.amount_cents
+        )));
+    }
+    deposit(state, stats, amount_cents, ctx)?;
+    let account = state.as_mut().expect("deposited");
+    let deposits = account.deposits.get_or_insert_with(Box::default);
+    deposits.retain(|k| k.at_ms >= ctx.forgotten_before_ms);
+    if deposits.len() >= MAX_KEPT_DEPOSITS {
+        deposits.remove(0);
+    }
+    deposits.push(KeptDeposit {
+        id,
+        amount_cents,
+        at_ms: ctx.received_at_ms,
+    });
     Ok(None)
 }
 

@@ -40,8 +40,8 @@ export function setToken(token) {
  * Calls the API. `body` (when given) is sent as JSON. Resolves to the parsed
  * JSON (or null for an empty body); rejects with ApiError.
  */
-export async function api(method, path, body) {
-  const headers = { Accept: 'application/json' };
+export async function api(method, path, body, extraHeaders = {}) {
+  const headers = { Accept: 'application/json', ...extraHeaders };
   const token = getToken();
   if (token) headers.Authorization = `Bearer ${token}`;
   const init = { method, headers, cache: 'no-store' };
@@ -82,7 +82,19 @@ export async function api(method, path, body) {
 }
 
 export const get = (path) => api('GET', path);
-export const post = (path, body) => api('POST', path, body);
+export const post = (path, body, headers) => api('POST', path, body, headers);
+
+/**
+ * A new `Idempotency-Key`: the same key sent again gets the first answer,
+ * so a repeated submission (a double click, a retry after a timeout) does
+ * not pay twice.
+ */
+export function newIdempotencyKey() {
+  if (window.crypto?.randomUUID) return window.crypto.randomUUID();
+  const bytes = new Uint8Array(16);
+  window.crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
 export const put = (path, body) => api('PUT', path, body);
 
 /** A path segment, escaped (dead letter ids contain `:` and `.`). */

@@ -1,7 +1,9 @@
 // The payments panel: look up a payment (followed until terminal), its
 // lineage as a timeline, the submit form, and the recent payments list.
 
-import { ApiError, describe, get, post, query, seg } from './api.js';
+import {
+  ApiError, describe, get, newIdempotencyKey, post, query, seg,
+} from './api.js';
 import {
   $, dateTime, duration, h, money, parseAmount, preciseTime, setText, showError, time,
 } from './format.js';
@@ -141,6 +143,12 @@ export function createPayments({ onAction }) {
     field?.focus();
   }
 
+  // One key per payment typed: kept until the form is edited, so that
+  // submitting it again (a double click, a retry after a timeout) is the
+  // same payment, answered as it was the first time.
+  let payKey = null;
+  $('pay-form').addEventListener('input', () => { payKey = null; });
+
   $('pay-form').addEventListener('submit', async (event) => {
     event.preventDefault();
     const fields = ['pay-from', 'pay-to', 'pay-amount', 'pay-id'].map($);
@@ -166,13 +174,13 @@ export function createPayments({ onAction }) {
     result.className = 'result';
     result.replaceChildren('Submitting…');
     try {
-      const accepted = await post('/api/v1/payments', body);
+      payKey = payKey || newIdempotencyKey();
+      const accepted = await post('/api/v1/payments', body, { 'Idempotency-Key': payKey });
       const link = h('a', { href: `#payment=${encodeURIComponent(accepted.id)}`, class: 'payment-link mono', dataset: { paymentId: accepted.id } }, accepted.id);
       result.className = 'result result-ok';
       result.replaceChildren(
         accepted.status === 'accepted' ? `Accepted ${money(amount.cents)}: ` : `Already submitted (${accepted.status}): `,
         link);
-      idEl.value = '';
       onAction();
       lookup(accepted.id, { fresh: true });
     } catch (error) {
