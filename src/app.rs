@@ -70,7 +70,34 @@ pub async fn start_on(
     if let Some(changes) = changes {
         audit_rate_changes(&state, changes);
     }
+    forget_expired_keys(&state.runtime);
     Ok(state)
+}
+
+/// How often the kept answers of `Idempotency-Key`s older than the payment
+/// retention are deleted.
+const KEY_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deletes kept `Idempotency-Key` answers once older than the retention.
+fn forget_expired_keys(runtime: &Runtime) {
+    let task = runtime.clone();
+    runtime.spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(KEY_SWEEP) => {}
+                () = task.stopped() => return,
+            }
+            let sweep = task.clone();
+            let swept =
+                tokio::task::spawn_blocking(move || ops::idempotency::forget_expired(&sweep));
+            match swept.await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(forgotten)) => tracing::debug!(forgotten, "expired idempotency keys deleted"),
+                Ok(Err(error)) => tracing::warn!(%error, "expired idempotency keys not deleted"),
+                Err(error) => tracing::warn!(%error, "the idempotency key sweep failed"),
+            }
+        }
+    });
 }
 
 /// What the adaptive controller looks at, from the instrumentation plane:

@@ -233,6 +233,7 @@ async fn submit(
         to repeat: the same key and body get the first answer again, another body 409; an item without \
         an id gets `<key>.<index>`.")),
     responses((status = 200, body = BatchResponse), (status = 400, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The Idempotency-Key was used for another call, or is being answered"),
               (status = 413, body = ErrorBody)))]
 async fn submit_batch(
     Extract(state): Extract<State>,
