@@ -512,10 +512,8 @@ async fn unknown_routes_and_wrong_methods_answer_in_the_error_shape() {
         assert!(message.contains(path), "{message}");
         if status == 405 {
             let allow = allow.unwrap_or_else(|| panic!("{method} {path}: no Allow"));
-            assert!(
-                !allow.is_empty() && message.contains(&allow),
-                "{allow} / {message}"
-            );
+            assert!(allow.contains("GET") || allow.contains("POST"), "{allow}");
+            assert!(message.contains("Allow"), "{message}");
         }
     }
     // A known route still answers its own 404 with its own message.

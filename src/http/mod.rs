@@ -120,7 +120,10 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
     let (router, api) = routes().split_for_parts();
     let api = with_error_responses(api);
     let max_body = state.runtime.config().server.max_body_bytes;
+    // Before the layers, so that a 405 passes them like any answer (CORS
+    // preflights and the audit included).
     let router = router
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -334,52 +337,29 @@ pub fn app(state: State, static_dir: PathBuf) -> Router {
     // The API checks Host inside its audit layer; the rest needs the check too.
     let rest = Router::new()
         .merge(SwaggerUi::new("/swagger-ui").url("/api-docs/openapi.json", api))
-        .fallback_service(ServeDir::new(static_dir))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback_service(ServeDir::new(static_dir).not_found_service(
+            axum::handler::HandlerWithoutStateExt::into_service(not_found),
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state,
             origin::guard_host,
         ));
-    // Around the whole router, not each route: a 405's `Allow` is set by
-    // the route's method router, outside a route's own layers.
-    Router::new()
-        .fallback_service(router.merge(rest))
-        .layer(axum::middleware::from_fn(error_shape))
+    router.merge(rest)
 }
 
-/// Unknown routes (404) and methods a route does not take (405, `OPTIONS`
-/// included) answer in the API's error shape like every other error; a
-/// 405 keeps the `Allow` header the router set. An answer with a body of
-/// its own (a handler's 404, a file) passes as it is.
-async fn error_shape(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::http::{header, StatusCode};
-    use axum::response::IntoResponse;
-    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let response = next.run(request).await;
-    let status = response.status();
-    let shaped = status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED;
-    if !shaped || response.headers().contains_key(header::CONTENT_TYPE) {
-        return response;
-    }
-    let error = if status == StatusCode::NOT_FOUND {
-        error::ApiError::NotFound(format!("no route {method} {path}"))
-    } else {
-        let allow = (response.headers().get(header::ALLOW))
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        error::ApiError::MethodNotAllowed(format!(
-            "{method} is not allowed on {path}; allowed: {}",
-            if allow.is_empty() { "none" } else { &allow }
-        ))
-    };
-    let mut shaped = error.into_response();
-    if let Some(allow) = response.headers().get(header::ALLOW) {
-        shaped.headers_mut().insert(header::ALLOW, allow.clone());
-    }
-    shaped
+/// A route asked with a method it does not take (`OPTIONS` included): 405
+/// in the API's error shape; the route adds `Allow`.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::MethodNotAllowed(format!(
+        "{method} is not allowed on {}; Allow lists the methods it takes",
+        uri.path()
+    ))
+}
+
+/// A path with no route and no file: 404 in the API's error shape.
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::NotFound(format!("no route {method} {}", uri.path()))
 }
 
 #[cfg(test)]
