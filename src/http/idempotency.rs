@@ -1,4 +1,5 @@
-//! The `Idempotency-Key` header on state-changing calls (the convention of
+//! The `Idempotency-Key` header on the calls that move money or change an
+//! account, those the OpenAPI document lists it on (the convention of
 //! Stripe, Adyen and the IETF httpapi draft): the same key with the same
 //! call (method, path, body) gets the first answer again, marked
 //! `Idempotent-Replayed: true`; with another call, 409. Two calls with one
@@ -66,13 +67,49 @@ fn kept(status: StatusCode) -> bool {
     status.is_success() || matches!(status.as_u16(), 400 | 404 | 409 | 413 | 415 | 422)
 }
 
+/// The operations that take the header, as (method, route): those the
+/// OpenAPI document says take it.
+#[derive(Default)]
+pub struct Keyed(HashSet<(Method, String)>);
+
+impl Keyed {
+    /// Reads them from the document.
+    pub fn from_document(api: &utoipa::openapi::OpenApi) -> Self {
+        let mut keyed = HashSet::new();
+        for (path, item) in &api.paths.paths {
+            let operations = [
+                (Method::POST, &item.post),
+                (Method::PUT, &item.put),
+                (Method::PATCH, &item.patch),
+                (Method::DELETE, &item.delete),
+            ];
+            for (method, operation) in operations {
+                let takes = (operation.as_ref().and_then(|o| o.parameters.as_ref()))
+                    .is_some_and(|ps| ps.iter().any(|p| p.name.eq_ignore_ascii_case(HEADER)));
+                if takes {
+                    keyed.insert((method, path.clone()));
+                }
+            }
+        }
+        Self(keyed)
+    }
+}
+
 /// The middleware, inside auth (an unauthorised call never reaches it).
-pub async fn layer(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
-    let reading = matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS
-    );
-    let Some(value) = request.headers().get(HEADER).filter(|_| !reading) else {
+pub async fn layer(
+    Extract((state, keyed)): Extract<(State, std::sync::Arc<Keyed>)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    // Only the operations that take a key; any other goes on as it came (a
+    // method the route does not take gets its 405).
+    let route = request.extensions().get::<axum::extract::MatchedPath>();
+    let takes = route.is_some_and(|r| {
+        keyed
+            .0
+            .contains(&(request.method().clone(), r.as_str().to_owned()))
+    });
+    let Some(value) = request.headers().get(HEADER).filter(|_| takes) else {
         return next.run(request).await;
     };
     let key = match value

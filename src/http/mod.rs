@@ -78,7 +78,8 @@ pub fn page_limit(
     info(
         title = "kpay",
         description = "Payments as event-streaming microservices. Money is integer cents.\n\n\
-            Safe retries: every state-changing call takes an `Idempotency-Key` header (1-40 \
+            Safe retries: the calls that move money or change an account take an \
+            `Idempotency-Key` header (1-40 \
             characters of [A-Za-z0-9_.:-]). The same key with the same method, path and body gets \
             the first answer again, with `Idempotent-Replayed: true`; with another call, 409. Keys \
             are kept as long as payments (`limits.payment_retention_seconds`). The effect itself \
@@ -126,7 +127,10 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            (
+                state.clone(),
+                Arc::new(idempotency::Keyed::from_document(&api)),
+            ),
             idempotency::layer,
         ))
         .layer(axum::middleware::from_fn_with_state(
