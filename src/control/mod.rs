@@ -83,13 +83,13 @@ pub struct ControlStatus {
 }
 
 /// Appends a command to `control.commands` and waits (bounded) until the
-/// control processor has applied it.
+/// control processor has applied it; returns its offset.
 pub async fn command(
     runtime: &Runtime,
     action: ControlAction,
     principal: &str,
     reason: Option<String>,
-) -> Result<(), RuntimeError> {
+) -> Result<u64, RuntimeError> {
     let runtime = &runtime;
     let command = ControlCommand {
         action,
@@ -102,7 +102,7 @@ pub async fn command(
     while applied_position(runtime) <= offset && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Ok(())
+    Ok(offset)
 }
 
 /// Sets the screening rules through `control.commands` and waits (bounded)
@@ -113,13 +113,8 @@ pub async fn set_screening(
     principal: &str,
     reason: Option<String>,
 ) -> Result<bool, RuntimeError> {
-    let command = ControlCommand {
-        action: ControlAction::SetScreeningRules(rules),
-        principal: principal.to_owned(),
-        reason,
-        at_ms: now_ms(),
-    };
-    let offset = runtime.append_command(command).await?;
+    let action = ControlAction::SetScreeningRules(rules);
+    let offset = command(runtime, action, principal, reason).await?;
     let deadline = tokio::time::Instant::now() + APPLY_WAIT;
     loop {
         if runtime.screening_applied().is_some_and(|v| v >= offset) {

@@ -133,7 +133,9 @@ impl Processor for Accounts {
                 Ok(None)
             }
             Event::Debit { payment, lineage } => debit(state, stats, payment, lineage, ctx),
-            Event::Release { payment } => Ok(release(state, stats, &payment, ctx)?),
+            Event::Release { payment } => {
+                unchanged_on_error(state, |state| release(state, stats, &payment, ctx))
+            }
             Event::ScreeningRules { rules, version } => {
                 stats.screening = rules;
                 stats.screening_version = Some(version);
@@ -263,9 +265,20 @@ fn debit(
     if !screened {
         return debit_now(state, stats, payment, lineage, ctx);
     }
-    // The processor's contract: on an error nothing changed.
+    unchanged_on_error(state, |state| {
+        screen_then_debit(state, stats, payment, lineage, ctx)
+    })
+}
+
+/// Runs `change` on the row, and puts the row back as it was when it
+/// fails: the processor's contract, for the steps that change the payer's
+/// part of the row before the debit may fail.
+fn unchanged_on_error(
+    state: &mut Option<Account>,
+    change: impl FnOnce(&mut Option<Account>) -> Result<Option<Emit>, ProcessError>,
+) -> Result<Option<Emit>, ProcessError> {
     let before = state.clone();
-    let result = screen_then_debit(state, stats, payment, lineage, ctx);
+    let result = change(state);
     if result.is_err() {
         *state = before;
     }
@@ -356,20 +369,7 @@ fn release(
         return Ok(None);
     };
     payer.current = Some(next.payment.id.clone());
-    let result = debit_now(
-        state,
-        stats,
-        next.payment.clone(),
-        next.lineage.clone(),
-        ctx,
-    );
-    if result.is_err() {
-        // The processor's contract: on an error nothing changed.
-        let payer = state.as_mut().and_then(|a| a.payer.as_mut()).expect("kept");
-        payer.waiting.push_front(next);
-        payer.current = Some(payment.id.clone());
-    }
-    result
+    debit_now(state, stats, next.payment, next.lineage, ctx)
 }
 
 /// Takes the money, or rejects the payment when it cannot be taken.

@@ -344,27 +344,28 @@ impl<P: Processor> TaskLoop<P> {
                 OutTopic::Inflight | OutTopic::EveryInflight => Some(SourceTopic::Inflight),
                 OutTopic::Complete => Some(SourceTopic::Complete),
             };
-            let targets = match emit.topic {
-                OutTopic::EveryInflight => 0..partitions,
-                _ => {
-                    let partition = partition_for(&emit.key, partitions);
-                    partition..partition + 1
-                }
-            };
+            let target = partition_for(&emit.key, partitions);
+            let every = emit.topic == OutTopic::EveryInflight;
             let envelope = Envelope::new(Some(source), emit.event);
             let value = match kind {
                 Some(kind) => core.seal(kind, emit.key.as_bytes(), codec::encode(&envelope)),
                 None => codec::encode_completed_json(&envelope.event)
                     .unwrap_or_else(|| codec::encode(&envelope)),
             };
-            let (key, value) = (Bytes::from(emit.key.into_bytes()), Bytes::from(value));
-            for partition in targets {
-                let tp = TopicPartition::new(topic.clone(), partition);
-                groups.entry(tp).or_default().push(Record {
-                    key: key.clone(),
-                    value: value.clone(),
-                    timestamp_ms: now,
-                });
+            let record = Record {
+                key: Bytes::from(emit.key.into_bytes()),
+                value: Bytes::from(value),
+                timestamp_ms: now,
+            };
+            if every {
+                // One copy per partition (the rules' broadcast); the bytes are shared.
+                for partition in 0..partitions {
+                    let tp = TopicPartition::new(topic.clone(), partition);
+                    groups.entry(tp).or_default().push(record.clone());
+                }
+            } else {
+                let tp = TopicPartition::new(topic.clone(), target);
+                groups.entry(tp).or_default().push(record);
             }
         }
         groups
