@@ -132,7 +132,7 @@ async fn business_rules_end_in_the_right_terminal_state() {
         json!({}),
     )
     .await;
-    assert_eq!(status, 202);
+    assert_eq!(status, 200);
     common::wait_until(std::time::Duration::from_secs(5), || async {
         get(&c, &format!("{base}/api/v1/accounts/carol")).await.1["status"] == "closed"
     })

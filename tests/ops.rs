@@ -493,7 +493,15 @@ async fn snapshot(c: &reqwest::Client, base: &str, payments: &[&str]) -> Value {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| json!([a["id"], a["balance"], a["status"], a["last_payment_id"]]))
+        .map(|a| {
+            json!([
+                a["id"],
+                a["balance"],
+                a["status"],
+                a["last_payment_id"],
+                a["emptied_by"]
+            ])
+        })
         .collect();
     json!({
         "accounts": accounts,
@@ -509,8 +517,13 @@ async fn snapshot(c: &reqwest::Client, base: &str, payments: &[&str]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one() {
-    let (server, c) =
-        TestServer::with_raw_records(&[("alice", 10_000), ("bob", 500), ("carol", 0)]).await;
+    let (server, c) = TestServer::with_raw_records(&[
+        ("alice", 10_000),
+        ("bob", 500),
+        ("carol", 0),
+        ("dave", 40),
+    ])
+    .await;
     let (base, dir) = (server.base.clone(), server.dir());
     let (status, _) = post(
         &c,
@@ -559,6 +572,17 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
         terminal(&c, &base, "batch-poor").await["status"],
         "rejected"
     );
+    // An account closed by moving its balance: a payment the account
+    // processor itself submitted.
+    let url = format!("{base}/api/v1/accounts/dave/close");
+    let (status, _) = post(&c, &url, json!({"transfer_to": "bob"})).await;
+    assert!((200..300).contains(&status), "{status}");
+    common::wait_until(std::time::Duration::from_secs(10), || async {
+        get(&c, &format!("{base}/api/v1/accounts/dave")).await.1["status"] == "closed"
+    })
+    .await;
+    let (_, dave) = get(&c, &format!("{base}/api/v1/accounts/dave")).await;
+    let emptied_by = dave["emptied_by"].as_str().unwrap().to_owned();
     // A dead letter, replayed corrected: a replay source in the log.
     let record = json!({"key": "fixed", "value": "garbage"});
     let (id, _) = dead_lettered(&c, &base, "payment.incoming", "inflight", record).await;
@@ -577,7 +601,7 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
         202
     );
     let mut ids: Vec<&str> = cases.iter().map(|c| c.0).collect();
-    ids.extend(["fixed", "waiting", "batch-ok", "batch-poor"]);
+    ids.extend(["fixed", "waiting", "batch-ok", "batch-poor", &emptied_by]);
     let before = snapshot(&c, &base, &ids).await;
     server.stop().await;
 
@@ -633,7 +657,7 @@ async fn rebuild_from_the_log_equals_the_live_state_and_repairs_a_tampered_one()
     assert_eq!(terminal(&c, &base, "waiting").await["status"], "confirmed");
     assert_eq!(
         balance(&c, &base, "bob").await,
-        500 + 250 + 1_000 - 300 + 50 + 5 + 10
+        500 + 250 + 1_000 - 300 + 50 + 5 + 10 + 40
     );
     ledger_ok(&c, &base).await;
     let after = snapshot(&c, &base, &ids).await;

@@ -15,11 +15,12 @@ use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
 use super::forward::{self, Owner, Scope};
 use super::idempotency::{IdempotencyKey, REPLAYED};
 use super::State;
-use crate::model::{now_ms, partition_for, validate_id, Event};
+use crate::model::{new_payment_id, now_ms, partition_for, validate_id, Event};
 use crate::pipeline::account::{Account, AccountStatus, Accounts};
 use crate::pipeline::Processor;
 
-/// How long `POST /accounts` waits for the account processor to apply the open.
+/// How long `POST /accounts` waits for the account processor to apply the
+/// open, and `POST /accounts/{id}/close` the close.
 const OPEN_WAIT: Duration = Duration::from_secs(5);
 
 pub fn router() -> OpenApiRouter<State> {
@@ -61,7 +62,7 @@ pub struct AccountView {
     /// Balance in cents.
     #[schema(example = 100000)]
     pub balance: i64,
-    /// `open` or `closed`.
+    /// `open`, `closing` (its balance is moving out) or `closed`.
     #[schema(example = "open")]
     pub status: String,
     /// Opening time, ms since the epoch.
@@ -70,6 +71,21 @@ pub struct AccountView {
     pub updated_at: i64,
     /// The last payment that moved its money.
     pub last_payment_id: Option<String>,
+    /// While closing: the payment moving its balance out, and where to.
+    pub closing: Option<ClosingView>,
+    /// When it closed, ms since the epoch.
+    pub closed_at: Option<i64>,
+    /// The payment that moved its balance out as it closed (absent: it
+    /// closed empty).
+    pub emptied_by: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ClosingView {
+    /// The payment moving the balance.
+    pub payment_id: String,
+    /// The account it goes to.
+    pub transfer_to: String,
 }
 
 impl From<Account> for AccountView {
@@ -77,14 +93,25 @@ impl From<Account> for AccountView {
         Self {
             id: account.id,
             balance: account.balance_cents,
-            status: match account.status {
-                AccountStatus::Open => "open".into(),
-                AccountStatus::Closed => "closed".into(),
-            },
+            status: status_name(account.status).into(),
             opened_at: account.opened_at_ms,
             updated_at: account.updated_at_ms,
             last_payment_id: account.last_payment_id,
+            closing: account.closing.map(|c| ClosingView {
+                payment_id: c.payment_id,
+                transfer_to: c.to,
+            }),
+            closed_at: account.closed_at_ms,
+            emptied_by: account.emptied_by,
         }
+    }
+}
+
+fn status_name(status: AccountStatus) -> &'static str {
+    match status {
+        AccountStatus::Open => "open",
+        AccountStatus::Closing => "closing",
+        AccountStatus::Closed => "closed",
     }
 }
 
@@ -99,9 +126,22 @@ pub struct AccountPage {
 pub struct AccountChange {
     #[schema(example = "alice")]
     pub account: String,
-    /// `accepted`: durable in the log, applied shortly.
+    /// `accepted`: durable in the log, applied shortly; `closing`: its
+    /// balance is moving out as payment `payment_id`.
     #[schema(example = "accepted")]
     pub status: String,
+    /// The payment moving a closing account's balance (`GET /api/v1/payments/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_id: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloseRequest {
+    /// Where the balance goes: an open account. Required when the balance
+    /// is not zero; the account closes once that payment is confirmed.
+    #[schema(example = "bob")]
+    pub transfer_to: Option<String>,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -169,10 +209,7 @@ async fn open_account(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let change = AccountChange {
-        account: request.id,
-        status: "accepted".into(),
-    };
+    let change = AccountChange::accepted(request.id);
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::to_value(change).expect("serializable")),
@@ -275,8 +312,9 @@ async fn deposit(
 ) -> Result<Response, ApiError> {
     check_amount(&state, request.amount, "amount", 1)?;
     let account = existing(&state, &id)?;
-    if account.status == AccountStatus::Closed {
-        return Err(ApiError::Conflict(format!("account {id} is closed")));
+    if account.status != AccountStatus::Open {
+        let status = status_name(account.status);
+        return Err(ApiError::Conflict(format!("account {id} is {status}")));
     }
     let deposit_id = request
         .id
@@ -300,10 +338,7 @@ async fn deposit(
                 before.amount_cents, request.amount
             )));
         }
-        let change = AccountChange {
-            account: id,
-            status: "accepted".into(),
-        };
+        let change = AccountChange::accepted(id);
         let mut response = (StatusCode::ACCEPTED, Json(change)).into_response();
         response
             .headers_mut()
@@ -321,25 +356,115 @@ async fn deposit(
         .into_response())
 }
 
-/// Close an account: later payments from it are rejected, to it reversed.
-#[utoipa::path(post, path = "/api/v1/accounts/{id}/close", tag = "accounts",
+/// Close an account. With money in it, name where the money goes
+/// (`transfer_to`): it moves as a payment, and the account closes once that
+/// is confirmed (`closing` until then; a reversal reopens it). A closed
+/// account refuses payments from it and reverses payments to it.
+#[utoipa::path(post, path = "/api/v1/accounts/{id}/close", tag = "accounts", request_body(content = Option<CloseRequest>, description = "Optional; required with a balance"),
     params(("id" = String, Path, description = "Account id"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the call safe to repeat: the same key and body get the first answer again (`Idempotent-Replayed: true`), another body 409")),
-    responses((status = 202, body = AccountChange), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = AccountView, description = "Closed"),
+              (status = 202, body = AccountChange, description = "Closing (the balance is moving as `payment_id`), or accepted and not applied yet"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "`balance_not_zero` without `transfer_to`; already closed or closing; `transfer_to` not open")))]
 async fn close_account(
     Extract(state): Extract<State>,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<AccountChange>), ApiError> {
-    if existing(&state, &id)?.status == AccountStatus::Closed {
-        return Err(ApiError::Conflict(format!(
-            "account {id} is already closed"
-        )));
-    }
-    let event = Event::CloseAccount {
-        account: id.clone(),
-        at_ms: now_ms(),
+    request: Option<JsonBody<CloseRequest>>,
+) -> Result<Response, ApiError> {
+    let account = existing(&state, &id)?;
+    let transfer_to = request.and_then(|JsonBody(r)| r.transfer_to);
+    let event = match (account.status, account.balance_cents, transfer_to) {
+        (AccountStatus::Closing, ..) => {
+            return Err(ApiError::Conflict(format!("account {id} is closing")));
+        }
+        (AccountStatus::Closed, 0, _) => {
+            return Err(ApiError::Conflict(format!(
+                "account {id} is already closed"
+            )));
+        }
+        (_, balance, None) if balance != 0 => return Err(not_zero(&id, balance)),
+        (_, _, None) => Event::CloseAccount {
+            account: id.clone(),
+            at_ms: now_ms(),
+        },
+        (_, balance, Some(to)) => {
+            check_transfer(&state, &id, balance, &to)?;
+            Event::CloseAccountTo {
+                account: id.clone(),
+                to,
+                payment_id: new_payment_id(),
+                at_ms: now_ms(),
+            }
+        }
     };
-    accept_account_event(&state, id, event).await
+    state.runtime.check_space()?;
+    if !state.runtime.apply_account_event(event, OPEN_WAIT).await? {
+        return Ok((StatusCode::ACCEPTED, Json(AccountChange::accepted(id))).into_response());
+    }
+    let account = existing(&state, &id)?;
+    match account.status {
+        AccountStatus::Closed => Ok(Json(AccountView::from(account)).into_response()),
+        AccountStatus::Closing => {
+            let change = AccountChange {
+                account: id,
+                status: "closing".into(),
+                payment_id: account.closing.map(|c| c.payment_id),
+            };
+            Ok((StatusCode::ACCEPTED, Json(change)).into_response())
+        }
+        // Money came in between the check and the close: it stays open.
+        AccountStatus::Open => Err(not_zero(&id, account.balance_cents)),
+    }
+}
+
+fn not_zero(id: &str, balance: i64) -> ApiError {
+    ApiError::ConflictAs(
+        "balance_not_zero",
+        format!(
+            "account {id} holds {balance} cents: close it with {{\"transfer_to\": \"<account>\"}} \
+             to move them to another account"
+        ),
+    )
+}
+
+/// Whether `balance` can move from `id` to `to` as one payment.
+fn check_transfer(state: &State, id: &str, balance: i64, to: &str) -> Result<(), ApiError> {
+    validate_id(to).map_err(|e| ApiError::BadRequest(format!("transfer_to {e}")))?;
+    if to == id {
+        return Err(ApiError::BadRequest(
+            "transfer_to is the account being closed".into(),
+        ));
+    }
+    let max = state.runtime.config().limits.max_amount_cents;
+    if balance > max {
+        return Err(ApiError::ConflictAs(
+            "balance_above_limit",
+            format!(
+                "account {id} holds {balance} cents, more than one payment may move \
+                 (limits.max_amount_cents = {max}): pay part of it out first"
+            ),
+        ));
+    }
+    match state.runtime.account(to)? {
+        Some(target) if target.status == AccountStatus::Open => Ok(()),
+        Some(target) => Err(ApiError::Conflict(format!(
+            "transfer_to account {to} is {}",
+            status_name(target.status)
+        ))),
+        None => Err(ApiError::Conflict(format!(
+            "transfer_to account {to} does not exist"
+        ))),
+    }
+}
+
+impl AccountChange {
+    fn accepted(account: String) -> Self {
+        Self {
+            account,
+            status: "accepted".into(),
+            payment_id: None,
+        }
+    }
 }
 
 /// Appends an account event (unless the data device is short of space) and
@@ -351,9 +476,5 @@ async fn accept_account_event(
 ) -> Result<(StatusCode, Json<AccountChange>), ApiError> {
     state.runtime.check_space()?;
     state.runtime.append_account_events(vec![event]).await?;
-    let change = AccountChange {
-        account,
-        status: "accepted".into(),
-    };
-    Ok((StatusCode::ACCEPTED, Json(change)))
+    Ok((StatusCode::ACCEPTED, Json(AccountChange::accepted(account))))
 }

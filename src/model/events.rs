@@ -35,6 +35,9 @@ pub enum Stage {
     Declined,
     /// The payer's previous payment is not terminal yet: this one waits.
     Waiting,
+    /// The payment moves a closing account's whole balance to the account
+    /// named at the close (the account processor debits it as its last).
+    Closing,
 }
 
 impl Stage {
@@ -52,6 +55,7 @@ impl Stage {
             Self::Approved => "approved",
             Self::Declined => "declined",
             Self::Waiting => "waiting",
+            Self::Closing => "closing",
         }
     }
 
@@ -67,7 +71,8 @@ impl Stage {
             | Self::Refunded
             | Self::Rejected
             | Self::Screened
-            | Self::Waiting => "account",
+            | Self::Waiting
+            | Self::Closing => "account",
         }
     }
 
@@ -82,7 +87,8 @@ impl Stage {
             | Self::Refunded
             | Self::Rejected
             | Self::Screened
-            | Self::Waiting => SourceTopic::Inflight,
+            | Self::Waiting
+            | Self::Closing => SourceTopic::Inflight,
             Self::Completed | Self::Held => SourceTopic::Complete,
         }
     }
@@ -226,7 +232,8 @@ pub enum Event {
         amount_cents: i64,
         at_ms: i64,
     },
-    /// `payment.inflight`: close an account; later debits and credits fail.
+    /// `payment.inflight`: close an account whose balance is zero; later
+    /// debits and credits fail. One with money in it stays open.
     CloseAccount { account: String, at_ms: i64 },
     /// `payment.inflight`, keyed by `from`: take the money.
     Debit {
@@ -299,6 +306,15 @@ pub enum Event {
         at_ms: i64,
         id: String,
     },
+    /// `payment.inflight`, keyed by the account: close it and move its
+    /// balance to `to` as payment `payment_id` (the account processor
+    /// submits it to `payment.incoming`); it closes once that is confirmed.
+    CloseAccountTo {
+        account: String,
+        to: String,
+        payment_id: String,
+        at_ms: i64,
+    },
 }
 
 impl Event {
@@ -320,6 +336,7 @@ impl Event {
             Self::Review { .. } => "review",
             Self::Release { .. } => "release",
             Self::KeyedDeposit { .. } => "deposit",
+            Self::CloseAccountTo { .. } => "close_account",
         }
     }
 }

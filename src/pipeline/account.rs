@@ -2,9 +2,14 @@
 //! account id. DEBIT checks and takes the money and asks for the CREDIT; CREDIT
 //! gives it and completes the payment; a CREDIT that cannot land asks for a
 //! REFUND to `from` (the saga), which gives the money back and completes the
-//! payment as reversed. A balance never goes below zero.
+//! payment as reversed. A balance never goes below zero. Closing an account
+//! with money in it moves the money out first (`closing`).
 
 use serde::{Deserialize, Serialize};
+
+mod closing;
+
+pub use closing::Closing;
 
 use super::screening::{self, Payer, Verdict, WaitingPayment, MAX_WAITING_PER_PAYER};
 use super::{
@@ -18,6 +23,8 @@ use crate::model::{Event, Hop, Outcome, PaymentRef, Reason, ScreeningRules, Stag
 pub enum AccountStatus {
     Open,
     Closed,
+    /// Its balance is moving out; it closes when that payment is confirmed.
+    Closing,
 }
 
 /// One row of the `accounts` state table.
@@ -27,7 +34,7 @@ pub struct Account {
     pub id: String,
     /// Money held, in cents; never negative.
     pub balance_cents: i64,
-    /// Open accounts send and receive; closed ones refuse both.
+    /// Open accounts send and receive; closed and closing ones refuse both.
     pub status: AccountStatus,
     /// When the account was opened.
     pub opened_at_ms: i64,
@@ -40,6 +47,12 @@ pub struct Account {
     /// Deposits made with an id, for as long as payments are kept, so that
     /// one made again is not applied again (`None`: none).
     pub deposits: Option<Box<Vec<KeptDeposit>>>,
+    /// While closing: the payment moving its balance out.
+    pub closing: Option<Box<Closing>>,
+    /// When it closed (`None`: never).
+    pub closed_at_ms: Option<i64>,
+    /// The payment that emptied it as it closed (`None`: it closed empty).
+    pub emptied_by: Option<String>,
 }
 
 /// A deposit made with an id: its amount, and when it was appended.
@@ -100,7 +113,8 @@ impl Processor for Accounts {
             Event::OpenAccount { account, .. }
             | Event::Deposit { account, .. }
             | Event::KeyedDeposit { account, .. }
-            | Event::CloseAccount { account, .. } => Some(account),
+            | Event::CloseAccount { account, .. }
+            | Event::CloseAccountTo { account, .. } => Some(account),
             Event::Debit { payment, .. }
             | Event::Refund { payment, .. }
             | Event::Release { payment } => Some(&payment.from),
@@ -126,11 +140,11 @@ impl Processor for Accounts {
                 amount_cents, id, ..
             } => keyed_deposit(state, stats, id, amount_cents, ctx),
             Event::CloseAccount { .. } => {
-                if let Some(account) = state {
-                    account.status = AccountStatus::Closed;
-                    account.updated_at_ms = ctx.now_ms;
-                }
+                closing::close(state, ctx);
                 Ok(None)
+            }
+            Event::CloseAccountTo { to, payment_id, .. } => {
+                closing::close_to(state, to, payment_id, ctx)
             }
             Event::Debit { payment, lineage } => debit(state, stats, payment, lineage, ctx),
             Event::Release { payment } => {
@@ -182,6 +196,9 @@ fn open(
         last_payment_id: None,
         payer: None,
         deposits: None,
+        closing: None,
+        closed_at_ms: None,
+        emptied_by: None,
     });
     Ok(())
 }
@@ -357,6 +374,9 @@ fn release(
     payment: &PaymentRef,
     ctx: &Ctx,
 ) -> Result<Option<Emit>, ProcessError> {
+    if closing::confirmed(state, &payment.id, ctx) {
+        return Ok(None);
+    }
     let Some(payer) = state.as_mut().and_then(|a| a.payer.as_mut()) else {
         return Ok(None);
     };
@@ -382,7 +402,7 @@ fn debit_now(
 ) -> Result<Option<Emit>, ProcessError> {
     let refusal = match state {
         None => Some(Reason::UnknownAccount),
-        Some(a) if a.status == AccountStatus::Closed => Some(Reason::AccountClosed),
+        Some(a) if !a.may_debit(&payment.id) => Some(Reason::AccountClosed),
         Some(a) if a.balance_cents < payment.amount_cents => Some(Reason::InsufficientFunds),
         Some(_) => None,
     };
@@ -399,6 +419,10 @@ fn debit_now(
     assert!(account.balance_cents >= 0, "balance below zero after debit");
     account.updated_at_ms = ctx.now_ms;
     account.last_payment_id = Some(payment.id.clone());
+    if account.status == AccountStatus::Closing {
+        // The inflight processor sends a `Release` when it completes.
+        lineage.push(hop(Stage::Closing, ctx));
+    }
     lineage.push(hop(Stage::Debited, ctx));
     Ok(Some(Emit {
         topic: OutTopic::Inflight,
@@ -417,7 +441,7 @@ fn credit(
     let amount = payment.amount_cents;
     let landing = match state {
         None => Err(Reason::UnknownAccount),
-        Some(a) if a.status == AccountStatus::Closed => Err(Reason::AccountClosed),
+        Some(a) if a.status != AccountStatus::Open => Err(Reason::AccountClosed),
         Some(a) => a
             .balance_cents
             .checked_add(amount)
@@ -474,6 +498,7 @@ fn refund(
     account.updated_at_ms = ctx.now_ms;
     stats.refunded_cents = refunded;
     stats.balance_sum_cents = sum;
+    closing::reversed(account, &payment.id);
     lineage.push(hop(Stage::Refunded, ctx));
     Ok(Some(completed(
         payment,

@@ -126,6 +126,7 @@ impl World {
 enum Op {
     Open(u8, i64),
     Close(u8),
+    CloseTo(u8, u8),
     Pay(u8, u8, i64),
     Deliver(u8),
 }
@@ -134,6 +135,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0u8..6, 0i64..1_000).prop_map(|(a, b)| Op::Open(a, b)),
         (0u8..6).prop_map(Op::Close),
+        (0u8..6, 0u8..7).prop_map(|(a, t)| Op::CloseTo(a, t)),
         (0u8..7, 0u8..7, -5i64..600).prop_map(|(f, t, c)| Op::Pay(f, t, c)),
         (0u8..3).prop_map(Op::Deliver),
     ]
@@ -152,6 +154,7 @@ proptest! {
                     event: Event::OpenAccount { account: format!("a{a}"), opening_balance_cents: cents, at_ms: 0 } }),
                 Op::Close(a) => world.push(Emit { topic: OutTopic::Inflight, key: format!("a{a}"),
                     event: Event::CloseAccount { account: format!("a{a}"), at_ms: 0 } }),
+                Op::CloseTo(a, to) => world.close_to(a, to, n),
                 Op::Pay(from, to, cents) => {
                     let payment = PaymentRef { id: format!("p{n}"), from: format!("a{from}"),
                         to: format!("a{to}"), amount_cents: cents, accepted_at_ms: 0 };
@@ -172,6 +175,7 @@ proptest! {
         let s = &world.confirmed_stats;
         prop_assert_eq!((s.confirmed_count + s.rejected_count + s.reversed_count) as usize, world.payments.len());
         prop_assert_eq!(world.inflight_stats.iter().map(|s| s.inflight_count).sum::<u64>(), 0);
+        prop_assert!(!world.closing(), "an account is still closing");
     }
 }
 
@@ -209,6 +213,30 @@ fn screened_op() -> impl Strategy<Value = Screened> {
 }
 
 impl World {
+    /// Closes account `a` toward `to` (a transfer to itself is left out: the
+    /// API refuses it, and the processor dead-letters it).
+    fn close_to(&mut self, a: u8, to: u8, n: usize) {
+        if a == to {
+            return;
+        }
+        self.push(Emit {
+            topic: OutTopic::Inflight,
+            key: format!("a{a}"),
+            event: Event::CloseAccountTo {
+                account: format!("a{a}"),
+                to: format!("a{to}"),
+                payment_id: format!("close{n}"),
+                at_ms: 0,
+            },
+        });
+    }
+
+    /// Whether some account still waits for its closing transfer.
+    fn closing(&self) -> bool {
+        (self.accounts.values())
+            .any(|a| a.status == crate::pipeline::account::AccountStatus::Closing)
+    }
+
     fn review(&mut self, id: String, approve: bool) {
         let event = Event::Review {
             payment_id: id.clone(),
@@ -253,6 +281,7 @@ proptest! {
                     event: Event::OpenAccount { account: format!("a{a}"), opening_balance_cents: cents, at_ms: 0 } }),
                 Screened::Op(Op::Close(a)) => world.push(Emit { topic: OutTopic::Inflight, key: format!("a{a}"),
                     event: Event::CloseAccount { account: format!("a{a}"), at_ms: 0 } }),
+                Screened::Op(Op::CloseTo(a, to)) => world.close_to(a, to, n),
                 Screened::Op(Op::Pay(from, to, cents)) => {
                     let payment = PaymentRef { id: format!("p{n}"), from: format!("a{from}"),
                         to: format!("a{to}"), amount_cents: cents, accepted_at_ms: 1_000 * n as i64 };
@@ -279,5 +308,6 @@ proptest! {
         }
         prop_assert!(world.accounts.values().all(|a| a.payer.as_ref().is_none_or(|p| p.waiting.is_empty() && p.current.is_none())),
             "a payment still waits");
+        prop_assert!(!world.closing(), "an account is still closing");
     }
 }

@@ -375,9 +375,11 @@ fn complete(
     current.completed_at_ms = Some(completion.completed_at_ms);
     current.lineage = completion.lineage;
     current.lineage.push(hop(Stage::Completed, ctx));
-    // A screened payment is over: the payer's next waiting one may go.
-    let screened = current.lineage.iter().any(|h| h.stage == Stage::Screened);
-    Ok(screened.then(|| Emit {
+    // A screened payment is over: the payer's next waiting one may go; a
+    // closing account's last one is: it may close.
+    let release =
+        (current.lineage.iter()).any(|h| matches!(h.stage, Stage::Screened | Stage::Closing));
+    Ok(release.then(|| Emit {
         topic: OutTopic::Inflight,
         key: current.payment.from.clone(),
         event: Event::Release {

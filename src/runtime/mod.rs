@@ -43,7 +43,7 @@ pub use views::InputPosition;
 use self::core::Core;
 use crate::config::{Config, TopicsConfig};
 use crate::log::{Log, LogError};
-use crate::model::{now_ms, ControlCommand, Event, SourceTopic};
+use crate::model::{now_ms, partition_for, ControlCommand, Event, SourceTopic};
 use crate::pipeline::account::Accounts;
 use crate::pipeline::control::ControlState;
 use crate::pipeline::Processor;
@@ -264,6 +264,36 @@ impl Runtime {
             .append(core, SourceTopic::Inflight, keyed)
             .await?;
         Ok(())
+    }
+
+    /// Appends one account event like [`Self::append_account_events`] and
+    /// waits, at most `wait`, until this instance's account task for its
+    /// partition has applied it. Returns whether it has.
+    pub async fn apply_account_event(
+        &self,
+        event: Event,
+        wait: Duration,
+    ) -> Result<bool, RuntimeError> {
+        let account = Accounts::state_key(&event).expect("account events have an account");
+        let partition = partition_for(account, self.core.config.log.partitions);
+        let keyed = vec![(account.to_owned(), event)];
+        let core = &self.core;
+        let appended = core.own_writes.append(core, SourceTopic::Inflight, keyed);
+        let offset = appended.await?.expect("one record appended");
+        let task = &core.accounts[partition as usize];
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let position = (task.positions.lock().expect("positions lock"))
+                .get(&(SourceTopic::Inflight, partition))
+                .copied();
+            if position.is_some_and(|next| next > offset) {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// The intake's rate set by a controller (`control::adaptive`), and the

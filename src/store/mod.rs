@@ -57,7 +57,7 @@ impl StoreError {
 }
 
 /// Layout version of rows and log records; bumped when either changes.
-pub const FORMAT: u32 = 8;
+pub const FORMAT: u32 = 9;
 const FORMAT_KEY: &str = "m/format";
 
 fn sled_error(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {

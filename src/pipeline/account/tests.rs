@@ -187,3 +187,130 @@ fn a_keyed_deposit_is_applied_once() {
         .collect();
     assert_eq!(kept, ["d2"]);
 }
+
+fn close_to(to: &str) -> Event {
+    Event::CloseAccountTo {
+        account: "a".into(),
+        to: to.into(),
+        payment_id: "move".into(),
+        at_ms: 0,
+    }
+}
+
+/// Closes "a" (balance 700) toward "b": the transfer it submits and the
+/// debit that carries it out.
+fn closing() -> (Option<Account>, AccountStats, PaymentRef) {
+    let (mut state, mut stats) = opened(700);
+    let emit = Accounts::handle(&mut state, &mut stats, close_to("b"), &ctx())
+        .unwrap()
+        .unwrap();
+    let Event::PaymentSubmitted(transfer) = emit.event else {
+        panic!("expected a payment, got {:?}", emit.event);
+    };
+    assert_eq!(
+        (emit.topic, emit.key.as_str()),
+        (OutTopic::Incoming, "move")
+    );
+    assert_eq!((transfer.from.as_str(), transfer.to.as_str()), ("a", "b"));
+    assert_eq!(transfer.amount_cents, 700);
+    assert_eq!(state.as_ref().unwrap().status, AccountStatus::Closing);
+    let debit = Event::Debit {
+        payment: transfer.clone(),
+        lineage: vec![],
+    };
+    let emit = Accounts::handle(&mut state, &mut stats, debit, &ctx())
+        .unwrap()
+        .unwrap();
+    let Event::Credit { lineage, .. } = emit.event else {
+        panic!("expected a credit, got {:?}", emit.event);
+    };
+    assert!(lineage.iter().any(|h| h.stage == Stage::Closing));
+    assert_eq!(state.as_ref().unwrap().balance_cents, 0);
+    (state, stats, transfer)
+}
+
+// Without a destination, an account with money stays open; an empty one closes.
+#[test]
+fn a_plain_close_needs_an_empty_account() {
+    let close = || Event::CloseAccount {
+        account: "a".into(),
+        at_ms: 0,
+    };
+    let (mut state, mut stats) = opened(1);
+    Accounts::handle(&mut state, &mut stats, close(), &ctx()).unwrap();
+    assert_eq!(state.as_ref().unwrap().status, AccountStatus::Open);
+    let (mut state, mut stats) = opened(0);
+    Accounts::handle(&mut state, &mut stats, close(), &ctx()).unwrap();
+    let account = state.unwrap();
+    assert_eq!(account.status, AccountStatus::Closed);
+    assert_eq!((account.closed_at_ms, account.emptied_by), (Some(5), None));
+}
+
+// While its balance moves out, a closing account takes no other payment in
+// or out and ignores another close; confirmed, it closes.
+#[test]
+fn a_closing_account_is_frozen_until_its_transfer_is_confirmed() {
+    let (mut state, mut stats, transfer) = closing();
+    let other = Event::Debit {
+        payment: PaymentRef {
+            id: "other".into(),
+            ..pay(0)
+        },
+        lineage: vec![],
+    };
+    let got = Accounts::handle(&mut state, &mut stats, other, &ctx()).unwrap();
+    assert_eq!(outcome(got), Outcome::Rejected(Reason::AccountClosed));
+    let into = Event::Credit {
+        payment: PaymentRef {
+            from: "x".into(),
+            to: "a".into(),
+            ..pay(5)
+        },
+        lineage: vec![],
+    };
+    let emit = Accounts::handle(&mut state, &mut stats, into, &ctx());
+    assert!(matches!(emit.unwrap().unwrap().event, Event::Refund { .. }));
+    let again = Accounts::handle(&mut state, &mut stats, close_to("c"), &ctx()).unwrap();
+    assert!(again.is_none());
+    let release = Event::Release { payment: transfer };
+    Accounts::handle(&mut state, &mut stats, release, &ctx()).unwrap();
+    let account = state.unwrap();
+    assert_eq!(account.status, AccountStatus::Closed);
+    assert_eq!(account.emptied_by.as_deref(), Some("move"));
+    assert!(account.closing.is_none());
+}
+
+// A transfer that cannot land comes back and reopens the account, money and all.
+#[test]
+fn a_reversed_transfer_reopens_the_account() {
+    let (mut state, mut stats, transfer) = closing();
+    let refund = Event::Refund {
+        payment: transfer.clone(),
+        reason: Reason::AccountClosed,
+        lineage: vec![],
+    };
+    let got = Accounts::handle(&mut state, &mut stats, refund, &ctx()).unwrap();
+    assert_eq!(outcome(got), Outcome::Reversed(Reason::AccountClosed));
+    // The completion's release then changes nothing.
+    let release = Event::Release { payment: transfer };
+    Accounts::handle(&mut state, &mut stats, release, &ctx()).unwrap();
+    let account = state.unwrap();
+    assert_eq!(
+        (account.status, account.balance_cents),
+        (AccountStatus::Open, 700)
+    );
+    assert!(account.closing.is_none() && account.closed_at_ms.is_none());
+}
+
+// A close whose transfer admission would refuse (to itself) is not applied.
+#[test]
+fn a_transfer_admission_would_refuse_is_a_dead_letter() {
+    let (mut state, mut stats) = opened(700);
+    let before = state.clone();
+    let got = Accounts::handle(&mut state, &mut stats, close_to("a"), &ctx());
+    assert!(
+        matches!(got, Err(ProcessError::ImpossibleState(_))),
+        "{got:?}"
+    );
+    assert_eq!(state, before);
+}
