@@ -325,11 +325,7 @@ async fn run(generator: Arc<Generator>, settings: Settings, stop: CancellationTo
             let generator = generator.clone();
             pending.push(Box::pin(async move {
                 let by = Submitter::new("generator", "generator");
-                let answer = generator.runtime.ingest().submit(payment, by).await;
-                if let Ok(Admission::Accepted(payment)) = &answer {
-                    generator.runtime.remember_payment(&payment.id);
-                }
-                answer
+                generator.runtime.ingest().submit(payment, by).await
             }));
         }
     }

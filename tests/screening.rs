@@ -217,7 +217,7 @@ async fn held_payments_are_listed_counted_and_approved_or_declined_once() {
         .iter()
         .map(|p| p["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["h1", "h2", "h3"], "{list}");
+    assert_eq!(ids, ["h3", "h2", "h1"], "newest first: {list}");
     let (_, metrics) = get(&c, &server.url("/api/v1/metrics/pipeline")).await;
     assert_eq!(
         metrics["held"],

@@ -152,6 +152,7 @@ pub struct PageQuery {
     /// Return accounts with ids after this one.
     pub after: Option<String>,
     /// `cluster` (default) or `member` (only the partitions this instance owns).
+    #[param(inline)]
     pub scope: Option<Scope>,
 }
 
@@ -249,6 +250,9 @@ async fn list_accounts(
     headers: HeaderMap,
 ) -> Result<Json<AccountPage>, ApiError> {
     let limit = super::page_limit(&state, query.limit, 100)?;
+    if let Some(after) = &query.after {
+        validate_id(after).map_err(|e| ApiError::BadRequest(format!("after {e}")))?;
+    }
     let after = query.after.as_deref();
     let owned = state.runtime.ownership().owned();
     let ownership = state.runtime.ownership();

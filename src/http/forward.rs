@@ -66,6 +66,7 @@ pub enum Scope {
 #[into_params(parameter_in = Query)]
 pub struct ScopeQuery {
     /// `cluster` (default) or `member`; the same without a group.
+    #[param(inline)]
     pub scope: Option<Scope>,
 }
 

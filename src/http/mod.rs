@@ -120,6 +120,7 @@ fn routes() -> OpenApiRouter<State> {
 pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
     let (router, api) = routes().split_for_parts();
     let api = with_error_responses(api);
+    let api = with_parameter_rules(api, state.runtime.config());
     let max_body = state.runtime.config().server.max_body_bytes;
     // Before the layers, so that a 405 passes them like any answer (CORS
     // preflights and the audit included).
@@ -152,6 +153,72 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
         .layer(axum::middleware::from_fn(count_requests));
     (router.with_state(state), api)
 }
+
+/// States in the OpenAPI document the rules the handlers check on
+/// parameters, with this instance's limits: `limit` is 1 to
+/// `limits.max_page_items`; ids (path `id`s, `from`, `to`, an account
+/// cursor) are 1–64 characters of `[A-Za-z0-9_.:-]`; times are ≥ 0; a
+/// dead letter's topic is one of the input topics' names.
+fn with_parameter_rules(
+    mut api: utoipa::openapi::OpenApi,
+    config: &crate::config::Config,
+) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{path::ParameterIn, RefOr, Schema};
+    let (limits, topics) = (&config.limits, &config.topics);
+    let inputs = [
+        &topics.incoming,
+        &topics.inflight,
+        &topics.complete,
+        &topics.commands,
+    ];
+    for (path, item) in api.paths.paths.iter_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                let Some(RefOr::T(Schema::Object(schema))) = parameter.schema.as_mut() else {
+                    continue;
+                };
+                let is_path = parameter.parameter_in == ParameterIn::Path;
+                match parameter.name.as_str() {
+                    "limit" => {
+                        schema.minimum = Some(1.into());
+                        schema.maximum = Some((limits.max_page_items as u64).into());
+                    }
+                    "since" | "until" => schema.minimum = Some(0.into()),
+                    "id" if is_path && path.starts_with("/api/v1/dlq") => {
+                        schema.pattern = Some(DLQ_ID_PATTERN.into());
+                    }
+                    "after" if path == "/api/v1/dlq" => {
+                        schema.pattern = Some(DLQ_ID_PATTERN.into())
+                    }
+                    "topic" if path == "/api/v1/dlq" => {
+                        schema.enum_values =
+                            Some(inputs.iter().map(|t| t.as_str().into()).collect());
+                    }
+                    "id" if is_path => schema.pattern = Some(ID_PATTERN.into()),
+                    "from" | "to" => schema.pattern = Some(ID_PATTERN.into()),
+                    "after" if path == "/api/v1/accounts" => {
+                        schema.pattern = Some(ID_PATTERN.into());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    api
+}
+
+/// Ids of accounts and payments, as `model::validate_id` checks them.
+const ID_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,64}$";
+
+/// Dead letter ids: `<topic>:<partition>:<offset>:<processor>`.
+const DLQ_ID_PATTERN: &str =
+    "^[A-Za-z0-9._-]{1,249}:[0-9]{1,9}:[0-9]{1,18}:(inflight|account|confirmed|control)$";
 
 /// Documents on every operation the errors any request may get, besides
 /// those its handler declares: a bad query, path or body (400), auth (401,

@@ -33,9 +33,11 @@ pub struct DlqQuery {
     /// Continue after this id (the `next` of the previous page).
     pub after: Option<String>,
     /// `waiting` (default) or `replayed`.
+    #[param(schema_with = dlq_statuses)]
     pub status: Option<String>,
     /// Only this error class: `decode`, `unauthenticated`, `unexpected_event`,
     /// `impossible_state`, `overflow`, `expired` (another: 400).
+    #[param(schema_with = dlq_classes)]
     pub class: Option<String>,
     /// Only records from this input topic (`payment.incoming`,
     /// `payment.inflight`, `payment.complete`, `control.commands` by
@@ -43,7 +45,47 @@ pub struct DlqQuery {
     pub topic: Option<String>,
     /// Only records this processor gave up on: `inflight`, `account`,
     /// `confirmed`, `control` (another: 400).
+    #[param(schema_with = dlq_processors)]
     pub processor: Option<String>,
+}
+
+/// A string parameter that takes one of `values`, as the OpenAPI document states it.
+fn one_of_schema(values: &[&str]) -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(values.iter().copied()))
+        .build()
+}
+
+fn dlq_statuses() -> utoipa::openapi::Object {
+    one_of_schema(&["waiting", "replayed"])
+}
+
+fn dlq_classes() -> utoipa::openapi::Object {
+    one_of_schema(crate::runtime::dead_letter::CLASSES)
+}
+
+fn dlq_processors() -> utoipa::openapi::Object {
+    one_of_schema(crate::runtime::dead_letter::PROCESSORS)
+}
+
+fn audit_classes() -> utoipa::openapi::Object {
+    one_of_schema(&["admin", "submission"])
+}
+
+fn log_levels() -> utoipa::openapi::Object {
+    one_of_schema(&["warn", "error"])
+}
+
+const AUDIT_ROLES: &[&str] = &["operator", "teller", "viewer", "local", "none"];
+const AUDIT_OUTCOMES: &[&str] = &["ok", "refused", "failed"];
+
+fn audit_roles() -> utoipa::openapi::Object {
+    one_of_schema(AUDIT_ROLES)
+}
+
+fn audit_outcomes() -> utoipa::openapi::Object {
+    one_of_schema(AUDIT_OUTCOMES)
 }
 
 #[derive(Serialize, ToSchema)]
@@ -354,14 +396,17 @@ pub struct AuditQuery {
     pub limit: Option<usize>,
     /// `admin` (default: control and administrative calls) or `submission`
     /// (payments and accounts).
+    #[param(schema_with = audit_classes)]
     pub class: Option<String>,
     /// A substring of `METHOD route`, e.g. `control` or `POST`.
     pub action: Option<String>,
     /// Exactly this principal, e.g. `operator#0`.
     pub principal: Option<String>,
     /// `operator`, `teller`, `viewer`, `local` or `none`.
+    #[param(schema_with = audit_roles)]
     pub role: Option<String>,
     /// `ok`, `refused` or `failed`.
+    #[param(schema_with = audit_outcomes)]
     pub outcome: Option<String>,
     /// At or after this time, ms since the epoch.
     pub since: Option<i64>,
@@ -408,15 +453,21 @@ async fn audit_log(
             ApiError::BadRequest(format!("class {text:?} is not one of admin, submission"))
         })?,
     };
-    one_of("outcome", &query.outcome, &["ok", "refused", "failed"])?;
-    let roles = ["operator", "teller", "viewer", "local", "none"];
-    one_of("role", &query.role, &roles)?;
+    one_of("outcome", &query.outcome, AUDIT_OUTCOMES)?;
+    one_of("role", &query.role, AUDIT_ROLES)?;
     // Positions are Kafka-style offsets (int64 in the API document): a
     // larger cursor names no entry and is refused like any bad value.
     if query.before.is_some_and(|before| before > i64::MAX as u64) {
         return Err(ApiError::BadRequest(
             "before must be a seq between 0 and 9223372036854775807".into(),
         ));
+    }
+    for (name, at) in [("since", query.since), ("until", query.until)] {
+        if at.is_some_and(|at| at < 0) {
+            return Err(ApiError::BadRequest(format!(
+                "{name} must be ≥ 0 (ms since the epoch)"
+            )));
+        }
     }
     if let (Some(since), Some(until)) = (query.since, query.until) {
         if since > until {
@@ -447,6 +498,7 @@ pub struct ErrorLogQuery {
     /// At most this many entries, newest first (default 100).
     pub limit: Option<usize>,
     /// Only `warn` or only `error`.
+    #[param(schema_with = log_levels)]
     pub level: Option<String>,
 }
 

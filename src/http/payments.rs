@@ -18,9 +18,10 @@ use super::State;
 use crate::model::{
     new_payment_id, partition_for, validate_id, Hop, PaymentRef, PaymentStatus, Submitter,
 };
-use crate::pipeline::inflight::{validate_payment, Inflight};
+use crate::pipeline::inflight::{validate_payment, Inflight, PaymentState};
 use crate::pipeline::Processor;
 use crate::runtime::ingest::Admission;
+use crate::runtime::payment_list::{Cursor, Listed, PaymentFilter};
 
 pub fn router() -> OpenApiRouter<State> {
     OpenApiRouter::new()
@@ -143,15 +144,60 @@ impl From<Submitter> for SubmitterView {
 
 #[derive(Serialize, ToSchema)]
 pub struct PaymentList {
+    /// Newest first, by acceptance time (then id).
     pub items: Vec<PaymentView>,
+    /// Pass as `after` for the next page; absent on the last page. A page
+    /// whose filter matched little may end early (even empty) with one.
+    pub next_after: Option<String>,
+}
+
+/// A payment's status, as a filter.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusFilter {
+    Accepted,
+    Inflight,
+    Held,
+    Confirmed,
+    Rejected,
+    Reversed,
+}
+
+impl From<StatusFilter> for PaymentStatus {
+    fn from(status: StatusFilter) -> Self {
+        match status {
+            StatusFilter::Accepted => Self::Accepted,
+            StatusFilter::Inflight => Self::Inflight,
+            StatusFilter::Held => Self::Held,
+            StatusFilter::Confirmed => Self::Confirmed,
+            StatusFilter::Rejected => Self::Rejected,
+            StatusFilter::Reversed => Self::Reversed,
+        }
+    }
 }
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only payments in this status.
-    pub status: Option<String>,
-    /// At most this many (default 50).
+    #[param(inline)]
+    pub status: Option<StatusFilter>,
+    /// Only payments from this account.
+    pub from: Option<String>,
+    /// Only payments to this account.
+    pub to: Option<String>,
+    /// Only payments accepted at or after this time, ms since the epoch.
+    #[param(minimum = 0)]
+    pub since: Option<i64>,
+    /// Only payments accepted at or before this time, ms since the epoch.
+    #[param(minimum = 0)]
+    pub until: Option<i64>,
+    /// The `next_after` of the previous page.
+    #[param(pattern = r"^[0-9]{1,18}\.[A-Za-z0-9_.:-]{0,64}$")]
+    pub after: Option<String>,
+    /// At most this many (default 50, at most the configured page limit).
+    #[param(minimum = 1)]
     pub limit: Option<usize>,
 }
 
@@ -185,13 +231,10 @@ async fn submit_one(
     let submitted_by = caller.0.clone();
     let admission = state.runtime.ingest().submit(payment, submitted_by).await?;
     Ok(match admission {
-        Admission::Accepted(payment) => {
-            state.runtime.remember_payment(&payment.id);
-            PaymentAccepted {
-                id: payment.id,
-                status: PaymentStatus::Accepted.as_str().into(),
-            }
-        }
+        Admission::Accepted(payment) => PaymentAccepted {
+            id: payment.id,
+            status: PaymentStatus::Accepted.as_str().into(),
+        },
         Admission::Duplicate(payment, status) => PaymentAccepted {
             id: payment.id,
             status: status.as_str().into(),
@@ -299,31 +342,39 @@ fn hop_view(topics: &crate::config::TopicsConfig, hop: Hop) -> HopView {
 }
 
 pub(super) fn find(state: &State, id: &str) -> Result<Option<PaymentView>, ApiError> {
-    let runtime = &state.runtime;
-    let row = runtime.payment(id)?;
-    if let Some(row) = row {
-        return Ok(Some(PaymentView {
-            id: row.payment.id,
-            from: row.payment.from,
-            to: row.payment.to,
-            amount: row.payment.amount_cents,
-            status: row.status.as_str().into(),
-            reason: row.reason.map(|r| r.as_str().into()),
-            accepted_at: row.payment.accepted_at_ms,
-            completed_at: row.completed_at_ms,
-            lineage: (row.lineage.into_iter())
-                .map(|hop| hop_view(runtime.topics(), hop))
-                .collect(),
-            submitted_by: row.submitted_by.map(SubmitterView::from),
-            waiting_for: row.waiting_for,
-        }));
+    if let Some(row) = state.runtime.payment(id)? {
+        return Ok(Some(row_view(state, row)));
     }
     Ok(accepted_here(state, id))
 }
 
+/// A payment as the inflight processor has it.
+fn row_view(state: &State, row: PaymentState) -> PaymentView {
+    PaymentView {
+        id: row.payment.id,
+        from: row.payment.from,
+        to: row.payment.to,
+        amount: row.payment.amount_cents,
+        status: row.status.as_str().into(),
+        reason: row.reason.map(|r| r.as_str().into()),
+        accepted_at: row.payment.accepted_at_ms,
+        completed_at: row.completed_at_ms,
+        lineage: (row.lineage.into_iter())
+            .map(|hop| hop_view(state.runtime.topics(), hop))
+            .collect(),
+        submitted_by: row.submitted_by.map(SubmitterView::from),
+        waiting_for: row.waiting_for,
+    }
+}
+
 /// Payment `id` as accepted here and not yet admitted, if it is.
 fn accepted_here(state: &State, id: &str) -> Option<PaymentView> {
-    (state.runtime.ingest().accepted(id)).map(|(payment, by)| PaymentView {
+    (state.runtime.ingest().accepted(id)).map(|(payment, by)| accepted_view(payment, by))
+}
+
+/// A payment accepted and not admitted yet.
+fn accepted_view(payment: PaymentRef, by: Option<Submitter>) -> PaymentView {
+    PaymentView {
         id: payment.id,
         from: payment.from,
         to: payment.to,
@@ -335,7 +386,7 @@ fn accepted_here(state: &State, id: &str) -> Option<PaymentView> {
         lineage: Vec::new(),
         submitted_by: by.map(SubmitterView::from),
         waiting_for: None,
-    })
+    }
 }
 
 /// A payment's status, reason and lineage (one entry per hop). On a cluster,
@@ -377,8 +428,9 @@ async fn get_payment(
     }
 }
 
-/// Recently accepted payments (since start), newest first; with
-/// `status=held`, every payment held for review (in id order).
+/// Payments newest first, by acceptance time, in pages: pass `next_after`
+/// back as `after`. Every filter given must hold. On a cluster, a member
+/// lists the partitions it owns.
 #[utoipa::path(get, path = "/api/v1/payments", tag = "payments", params(ListQuery),
     responses((status = 200, body = PaymentList), (status = 400, body = ErrorBody)))]
 async fn list_payments(
@@ -386,33 +438,43 @@ async fn list_payments(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<PaymentList>, ApiError> {
     let limit = super::page_limit(&state, query.limit, 50)?;
-    let wanted = match query.status.as_deref() {
+    let after = match query.after.as_deref() {
         None => None,
-        Some(text) => Some(PaymentStatus::parse(text).ok_or_else(|| {
+        Some(text) => Some(Cursor::parse(text).ok_or_else(|| {
             ApiError::BadRequest(format!(
-                "status {text:?} is not one of accepted, inflight, held, confirmed, rejected, reversed"
+                "after {text:?} is not a cursor: pass the `next_after` of the previous page"
             ))
         })?),
     };
-    // Held payments may be older than the recent list: their own index.
-    let ids = match wanted {
-        Some(PaymentStatus::Held) => {
-            let owned = state.runtime.ownership().owned();
-            state.runtime.held_payments(|p| owned.owns(p))
-        }
-        _ => state.runtime.recent_payments(),
-    };
-    let mut items = Vec::new();
-    for id in ids {
-        let Some(view) = find(&state, &id)? else {
-            continue;
-        };
-        if wanted.is_none_or(|w| w.as_str() == view.status) {
-            items.push(view);
-            if items.len() == limit {
-                break;
-            }
+    for (name, id) in [("from", &query.from), ("to", &query.to)] {
+        if let Some(id) = id {
+            validate_id(id).map_err(|e| ApiError::BadRequest(format!("{name} {e}")))?;
         }
     }
-    Ok(Json(PaymentList { items }))
+    for (name, at) in [("since", query.since), ("until", query.until)] {
+        if at.is_some_and(|at| at < 0) {
+            return Err(ApiError::BadRequest(format!(
+                "{name} must be ≥ 0 (ms since the epoch)"
+            )));
+        }
+    }
+    let filter = PaymentFilter {
+        status: query.status.map(Into::into),
+        from: query.from,
+        to: query.to,
+        since_ms: query.since,
+        until_ms: query.until,
+    };
+    let owned = state.runtime.ownership().owned();
+    let page = (state.runtime).payments_page(&filter, after.as_ref(), limit, |p| owned.owns(p))?;
+    let items = (page.items.into_iter())
+        .map(|item| match item {
+            Listed::Row(row) => row_view(&state, row),
+            Listed::Accepted(payment, by) => accepted_view(payment, by),
+        })
+        .collect();
+    Ok(Json(PaymentList {
+        items,
+        next_after: page.next.map(|cursor| cursor.to_string()),
+    }))
 }

@@ -2,7 +2,6 @@
 //! each task's view per partition, the gates and the stop signals. Private
 //! to the runtime: the layers above see `Runtime`'s named methods.
 
-use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -59,31 +58,6 @@ pub(super) fn authenticated(kind: SourceTopic, value: &[u8]) -> bool {
     }
 }
 
-/// Most payment ids remembered for the recent list (`GET /payments`).
-pub const RECENT_PAYMENTS: usize = 10_000;
-
-/// Ids of recently accepted payments, newest last, bounded.
-#[derive(Default)]
-pub(super) struct RecentPayments {
-    ids: Mutex<VecDeque<String>>,
-}
-
-impl RecentPayments {
-    pub(super) fn remember(&self, id: &str) {
-        let mut recent = self.ids.lock().expect("recent lock");
-        if recent.len() == RECENT_PAYMENTS {
-            recent.pop_front();
-        }
-        recent.push_back(id.to_owned());
-    }
-
-    /// Newest first.
-    pub(super) fn newest(&self, limit: usize) -> Vec<String> {
-        let recent = self.ids.lock().expect("recent lock");
-        recent.iter().rev().take(limit).cloned().collect()
-    }
-}
-
 /// Everything the runtime's tasks, sequencers and views share.
 pub(super) struct Core {
     /// The settings the runtime was started with (topic names included).
@@ -111,8 +85,6 @@ pub(super) struct Core {
     pub(super) tracker: TaskTracker,
     /// Sees each completion, for the instrumentation plane.
     pub(super) observer: Arc<dyn Observer>,
-    /// Ids of recently accepted payments, for the recent list.
-    pub(super) recent: RecentPayments,
     /// The admission token bucket, rebuilt when the rate limit changes.
     pub(super) admission: Mutex<Option<(u64, Arc<DefaultDirectRateLimiter>)>>,
     /// The intake's rate when a controller sets one; test slow-downs.

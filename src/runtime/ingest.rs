@@ -129,6 +129,21 @@ impl Ingest {
         answer.await.map_err(|_| IngestError::Closed)?
     }
 
+    /// Every payment accepted on the partitions `keep` admits and not yet
+    /// in the inflight processor's checkpoint (admitted since, or waiting
+    /// in `payment.incoming`), with who submitted it.
+    pub fn recent(&self, keep: impl Fn(u32) -> bool) -> Vec<(PaymentRef, Option<Submitter>)> {
+        let partitions = self.recent.iter().enumerate();
+        let kept = partitions.filter(|(partition, _)| keep(*partition as u32));
+        kept.flat_map(|(_, recent)| {
+            let recent = recent.lock().expect("recent lock");
+            let all = recent.by_id.values();
+            all.map(|(payment, by, _)| (payment.clone(), by.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+    }
+
     /// A payment accepted but not yet admitted by the inflight processor,
     /// with who submitted it.
     pub fn accepted(&self, id: &str) -> Option<(PaymentRef, Option<Submitter>)> {

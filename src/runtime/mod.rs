@@ -18,6 +18,7 @@ mod flush;
 pub mod ingest;
 mod own_writes;
 pub mod ownership;
+pub mod payment_list;
 mod positions;
 mod snapshot;
 pub mod space;
@@ -35,7 +36,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use self::core::{NoObserver, Observer, RECENT_PAYMENTS};
+pub use self::core::{NoObserver, Observer};
 pub use startup::open_backends;
 pub use task::Positions;
 pub use views::InputPosition;
@@ -177,17 +178,6 @@ impl Runtime {
     /// Cancelled when intake stops: shutdown began, or a task failed.
     pub fn intake_closing(&self) -> CancellationToken {
         self.core.shutdown.clone()
-    }
-
-    /// Remembers a payment for the recent list.
-    pub fn remember_payment(&self, id: &str) {
-        self.core.recent.remember(id);
-    }
-
-    /// Ids of recently accepted payments, newest first (at most
-    /// [`RECENT_PAYMENTS`]).
-    pub fn recent_payments(&self) -> Vec<String> {
-        self.core.recent.newest(RECENT_PAYMENTS)
     }
 
     /// The control state as applied so far.

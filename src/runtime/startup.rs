@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::core::{Core, Observer, RecentPayments};
+use super::core::{Core, Observer};
 use super::own_writes::OwnWrites;
 use super::ownership::Ownership;
 use super::space::SpaceGuard;
@@ -261,7 +261,6 @@ fn new_core(
         tasks_running: Default::default(),
         tracker: TaskTracker::new(),
         observer,
-        recent: RecentPayments::default(),
         admission: std::sync::Mutex::new(None),
         throttle: Default::default(),
         dlq_lock: tokio::sync::Mutex::new(()),

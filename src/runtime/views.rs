@@ -144,20 +144,6 @@ impl Runtime {
             .flatten()
     }
 
-    /// Ids of the payments held for review on the partitions `keep`
-    /// admits, in id order.
-    pub fn held_payments(&self, keep: impl Fn(u32) -> bool) -> Vec<String> {
-        let mut ids: Vec<String> = (self.core.inflight.iter().enumerate())
-            .filter(|(partition, _)| keep(*partition as u32))
-            .flat_map(|(_, task)| {
-                let stats = task.stats.read().expect("stats lock");
-                stats.held_ids.iter().cloned().collect::<Vec<_>>()
-            })
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-
     /// The throughput and latency windows of all partitions, merged.
     pub fn windows(&self) -> WindowStats {
         self.windows_of(|_| true)

@@ -130,6 +130,8 @@ fn decode_block<'a>(key: &str, bytes: &'a [u8]) -> Result<Vec<(&'a str, &'a [u8]
 struct Meta {
     /// Its oldest row's retention time.
     oldest_ms: i64,
+    /// Its newest row's retention time.
+    newest_ms: i64,
     rows: usize,
     /// Rows whose newest copy is in this block.
     live: usize,
@@ -141,6 +143,7 @@ impl Meta {
     fn new<K>(rows: &[(K, i64)]) -> Self {
         Self {
             oldest_ms: (rows.iter().map(|(_, at)| *at).min()).unwrap_or(i64::MAX),
+            newest_ms: (rows.iter().map(|(_, at)| *at).max()).unwrap_or(i64::MIN),
             rows: rows.len(),
             live: rows.len(),
             bytes: None,
@@ -317,6 +320,15 @@ impl BlockIndex {
         seqs.sort_unstable_by(|a, b| b.cmp(a));
         seqs.dedup();
         seqs
+    }
+
+    /// The blocks that may hold rows with retention times in `since_ms..=until_ms`:
+    /// (newest row's time, block).
+    pub fn overlapping(&self, since_ms: i64, until_ms: i64) -> Vec<(i64, u64)> {
+        (self.blocks.iter())
+            .filter(|(_, m)| m.oldest_ms <= until_ms && m.newest_ms >= since_ms)
+            .map(|(seq, m)| (m.newest_ms, *seq))
+            .collect()
     }
 
     /// The blocks holding rows older than `before_ms` (none of a packed table).
