@@ -141,6 +141,38 @@ async fn assert_queries_agree(c: &reqwest::Client, bases: &[&str], expected: &[V
     }
 }
 
+/// Every instance lists every payment once, newest first, in merged pages.
+async fn assert_payments_listed(c: &reqwest::Client, bases: &[&str], accepted: &[String]) {
+    let mut expected = accepted.to_vec();
+    expected.sort();
+    for base in bases {
+        let mut listed: Vec<(i64, String)> = Vec::new();
+        let mut after = String::new();
+        loop {
+            let url = format!("{base}/api/v1/payments?limit=9{after}");
+            let (status, page) = get(c, &url).await;
+            assert_eq!(status, 200, "{page}");
+            listed.extend(page["items"].as_array().unwrap().iter().map(|p| {
+                (
+                    p["accepted_at"].as_i64().unwrap(),
+                    p["id"].as_str().unwrap().to_owned(),
+                )
+            }));
+            match page["next_after"].as_str() {
+                Some(next) => after = format!("&after={next}"),
+                None => break,
+            }
+        }
+        assert!(
+            listed.windows(2).all(|w| w[0] > w[1]),
+            "not newest first at {base}: {listed:?}"
+        );
+        let mut ids: Vec<String> = listed.into_iter().map(|(_, id)| id).collect();
+        ids.sort();
+        assert_eq!(ids, expected, "the merged payment list at {base}");
+    }
+}
+
 /// How long until `base` sees `members` settled members, from `since`.
 async fn settled_after(
     c: &reqwest::Client,
@@ -177,6 +209,7 @@ async fn three_instances_divide_the_work_answer_every_query_and_survive_a_loss()
     assert_eq!(accepted.len(), 60);
     let expected = settle(&c, &b.base, &accepted).await;
     assert_queries_agree(&c, &bases, &expected).await;
+    assert_payments_listed(&c, &bases, &accepted).await;
 
     // The views that span the cluster: every partition's lag once, from its owner.
     for base in bases {

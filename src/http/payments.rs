@@ -12,7 +12,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, JsonBody, Path, Query};
-use super::forward::{self, Owner};
+use super::forward::{self, Owner, Scope};
 use super::idempotency::IdempotencyKey;
 use super::State;
 use crate::model::{
@@ -77,7 +77,7 @@ pub struct BatchResponse {
     pub results: Vec<BatchItem>,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct HopView {
     /// `admitted`, `debited`, `credited`, `rejected`, `refunded`, `completed`.
     #[schema(example = "debited")]
@@ -97,7 +97,7 @@ pub struct HopView {
     pub processed_at: i64,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct PaymentView {
     pub id: String,
     pub from: String,
@@ -123,7 +123,7 @@ pub struct PaymentView {
     pub waiting_for: Option<String>,
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct SubmitterView {
     /// As in the audit trail: `local`, `teller#0`, `generator`, …
     #[schema(example = "teller#0")]
@@ -142,7 +142,7 @@ impl From<Submitter> for SubmitterView {
     }
 }
 
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct PaymentList {
     /// Newest first, by acceptance time (then id).
     pub items: Vec<PaymentView>,
@@ -199,6 +199,9 @@ pub struct ListQuery {
     /// At most this many (default 50, at most the configured page limit).
     #[param(minimum = 1)]
     pub limit: Option<usize>,
+    /// `cluster` (default) or `member` (only the partitions this instance owns).
+    #[param(inline)]
+    pub scope: Option<Scope>,
 }
 
 /// Checks a request and turns it into the payment to submit.
@@ -429,13 +432,15 @@ async fn get_payment(
 }
 
 /// Payments newest first, by acceptance time, in pages: pass `next_after`
-/// back as `after`. Every filter given must hold. On a cluster, a member
-/// lists the partitions it owns.
+/// back as `after`. Every filter given must hold. On a cluster, each member
+/// gives the page of the partitions it owns, and the pages are merged.
 #[utoipa::path(get, path = "/api/v1/payments", tag = "payments", params(ListQuery),
-    responses((status = 200, body = PaymentList), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = PaymentList), (status = 400, body = ErrorBody),
+              (status = 503, body = ErrorBody, description = "A member did not answer")))]
 async fn list_payments(
     Extract(state): Extract<State>,
     Query(query): Query<ListQuery>,
+    headers: HeaderMap,
 ) -> Result<Json<PaymentList>, ApiError> {
     let limit = super::page_limit(&state, query.limit, 50)?;
     let after = match query.after.as_deref() {
@@ -473,8 +478,60 @@ async fn list_payments(
             Listed::Accepted(payment, by) => accepted_view(payment, by),
         })
         .collect();
-    Ok(Json(PaymentList {
+    let mut list = PaymentList {
         items,
         next_after: page.next.map(|cursor| cursor.to_string()),
-    }))
+    };
+    if query.scope.unwrap_or_default() == Scope::Cluster {
+        // The same query of every other member, for its partitions.
+        let numbers = [query.since, query.until].map(|at| at.map(|at| at.to_string()));
+        let limit_text = limit.to_string();
+        let texts = [
+            ("status", filter.status.map(PaymentStatus::as_str)),
+            ("from", filter.from.as_deref()),
+            ("to", filter.to.as_deref()),
+            ("since", numbers[0].as_deref()),
+            ("until", numbers[1].as_deref()),
+            ("after", query.after.as_deref()),
+            ("limit", Some(limit_text.as_str())),
+        ];
+        let asked: Vec<(&str, &str)> = (texts.into_iter())
+            .filter_map(|(name, value)| value.map(|value| (name, value)))
+            .collect();
+        let pages =
+            forward::gather_all::<PaymentList>(&state, "/api/v1/payments", &asked, &headers);
+        if let Some(pages) = pages.await? {
+            list = merge_pages(std::iter::once(list).chain(pages), limit);
+        }
+    }
+    Ok(Json(list))
+}
+
+/// Members' pages merged into one: the newest `limit`, and only down to
+/// where the member that stopped highest stopped (below it, that member's
+/// next payments are not in its page).
+fn merge_pages(pages: impl Iterator<Item = PaymentList>, limit: usize) -> PaymentList {
+    let key = |view: &PaymentView| Cursor {
+        at_ms: view.accepted_at,
+        id: view.id.clone(),
+    };
+    let mut bound: Option<Cursor> = None;
+    let mut items = Vec::new();
+    for page in pages {
+        let stopped = page.next_after.as_deref().and_then(Cursor::parse);
+        bound = bound.max(stopped);
+        items.extend(page.items);
+    }
+    items.retain(|view| bound.as_ref().is_none_or(|b| key(view) >= *b));
+    items.sort_by_key(|view| std::cmp::Reverse(key(view)));
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(key)
+    } else {
+        bound
+    };
+    PaymentList {
+        items,
+        next_after: next.map(|cursor| cursor.to_string()),
+    }
 }
