@@ -133,9 +133,10 @@ pub async fn layer(
         .map_or(parts.uri.path(), |p| p.as_str());
     let print = idempotency::fingerprint(parts.method.as_str(), path, &bytes);
     let Some(_claim) = state.keys_in_flight.claim(&key) else {
-        return ApiError::Conflict(format!(
-            "a call with Idempotency-Key {key} is being answered; retry once it is"
-        ))
+        return ApiError::ConflictAs(
+            "idempotency_key_in_use",
+            format!("a call with Idempotency-Key {key} is being answered; retry once it is"),
+        )
         .into_response();
     };
     match idempotency::find(&state.runtime, &key) {

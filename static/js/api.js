@@ -82,7 +82,23 @@ export async function api(method, path, body, extraHeaders = {}) {
 }
 
 export const get = (path) => api('GET', path);
-export const post = (path, body, headers) => api('POST', path, body, headers);
+/**
+ * POSTs; a call with an `Idempotency-Key` that finds the same key's first
+ * call still being answered (409 `idempotency_key_in_use`) waits and asks
+ * again, up to 5 s, and gets the first call's answer.
+ */
+export async function post(path, body, headers) {
+  const keyed = Boolean(headers?.['Idempotency-Key']);
+  for (let waited = 0; ; waited += 100) {
+    try {
+      return await api('POST', path, body, headers);
+    } catch (error) {
+      const inUse = keyed && error instanceof ApiError && error.code === 'idempotency_key_in_use';
+      if (!inUse || waited >= 5000) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+}
 
 /**
  * A new `Idempotency-Key`: the same key sent again gets the first answer,
