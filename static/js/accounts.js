@@ -80,7 +80,11 @@ export function createAccounts({ onPaymentClick }) {
 
   function row(account) {
     const last = account.last_payment_id;
-    return h('tr', { dataset: { id: account.id }, title: `opened ${time(account.opened_at)}, updated ${time(account.updated_at)}` },
+    const closed = account.closed_at
+      ? `, closed ${time(account.closed_at)}${account.emptied_by ? ` (emptied by ${account.emptied_by})` : ''}`
+      : '';
+    const closing = account.closing ? `, closing: its balance moves to ${account.closing.transfer_to}` : '';
+    return h('tr', { dataset: { id: account.id }, title: `opened ${time(account.opened_at)}, updated ${time(account.updated_at)}${closed}${closing}` },
       h('td', { class: 'mono id-cell' }, account.id),
       h('td', { class: 'r num' }, money(account.balance)),
       h('td', null, h('span', { class: `pill pill-${account.status}` }, account.status)),
