@@ -19,7 +19,7 @@ use super::{Runtime, RuntimeError};
 use crate::model::{partition_for, PaymentRef, PaymentStatus, Submitter};
 use crate::pipeline::inflight::{Inflight, PaymentState};
 use crate::pipeline::Processor;
-use crate::store::{block_entries, decode_row, row_key};
+use crate::store::{decode_row, plain_entries, row_key};
 
 /// Most blocks of payments one page reads (about 15 payments each).
 pub const MAX_BLOCKS_PER_PAGE: usize = 2_000;
@@ -276,7 +276,7 @@ impl Runtime {
                 continue; // Forgotten by retention since the index was read.
             };
             let block = crate::store::block_key(Inflight::TABLE, partition, seq);
-            for (id, row) in block_entries(&block, &bytes)? {
+            for (id, row) in plain_entries(&block, &bytes)? {
                 if page.seen.contains(&id) {
                     continue;
                 }

@@ -13,7 +13,9 @@ use super::core::Core;
 use super::RuntimeError;
 use crate::model::SourceTopic;
 use crate::pipeline::Processor;
-use crate::store::{decode_row, find_in_block, row_key, BlockIndex, Checkpoint, StoredBytes};
+use crate::store::{
+    block_key, decode_row, decompress, find_in_block, row_key, BlockIndex, Checkpoint, StoredBytes,
+};
 
 /// A cached state row; `dirty` rows are newer than the store.
 pub(super) struct Row<S> {
@@ -157,7 +159,9 @@ impl<P: Processor> TaskView<P> {
     }
 
     /// Row `key` of block `seq`, read from memory when the block is kept
-    /// there (and kept there once read and decoded, for a packed table).
+    /// there (and kept there once read, for a packed table). Kept blocks
+    /// stay compressed, as stored: a third of the memory, for a
+    /// decompression of about a microsecond per lookup.
     pub(super) fn row_in_block(
         &self,
         core: &Core,
@@ -165,19 +169,21 @@ impl<P: Processor> TaskView<P> {
         key: &str,
     ) -> Result<Option<StoredBytes>, RuntimeError> {
         let (table, partition) = (P::TABLE, self.partition);
-        if let Some(bytes) = self.blocks.read().expect("blocks lock").bytes(seq) {
-            return Ok(find_in_block((table, partition, seq), &bytes, key)?);
-        }
-        // `None`: deleted since the index was read.
-        let Some(bytes) = core.store.block_bytes(table, partition, seq)? else {
-            return Ok(None);
+        let held = self.blocks.read().expect("blocks lock").bytes(seq);
+        let stored = match held {
+            Some(stored) => stored,
+            None => {
+                // `None`: deleted since the index was read.
+                let Some(stored) = core.store.block_stored(table, partition, seq)? else {
+                    return Ok(None);
+                };
+                let mut blocks = self.blocks.write().expect("blocks lock");
+                blocks.keep_bytes(seq, &stored);
+                stored
+            }
         };
-        let found = find_in_block((table, partition, seq), &bytes, key)?;
-        self.blocks
-            .write()
-            .expect("blocks lock")
-            .keep_bytes(seq, &bytes);
-        Ok(found)
+        let plain = decompress(&block_key(table, partition, seq), &stored)?;
+        Ok(find_in_block((table, partition, seq), &plain, key)?)
     }
 
     /// Records that `key` exists in the store (called for rows found at start).

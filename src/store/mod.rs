@@ -21,8 +21,8 @@ use crate::model::SourceTopic;
 mod blocks;
 mod raw;
 pub use blocks::{
-    block_entries, block_key, dead_copies, find_in_block, head_key, pack,
-    prefixes as block_prefixes, Block, BlockIndex, Head,
+    block_entries, block_key, dead_copies, decompress, find_in_block, head_key, pack,
+    plain_entries, prefixes as block_prefixes, Block, BlockIndex, Head,
 };
 pub use raw::{RawRow, TableSize};
 
@@ -57,7 +57,7 @@ impl StoreError {
 }
 
 /// Layout version of rows and log records; bumped when either changes.
-pub const FORMAT: u32 = 9;
+pub const FORMAT: u32 = 10;
 const FORMAT_KEY: &str = "m/format";
 
 fn sled_error(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {

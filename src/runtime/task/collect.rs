@@ -30,23 +30,23 @@ impl<P: Processor> TaskLoop<P> {
                 head_key(P::TABLE, partition, seq),
             );
             let held = self.task.blocks.read().expect("blocks lock").bytes(seq);
-            let bytes = match held {
-                Some(bytes) => Some(bytes),
-                None => store.block_bytes(P::TABLE, partition, seq)?,
+            let stored = match held {
+                Some(stored) => Some(stored),
+                None => store.block_stored(P::TABLE, partition, seq)?,
             };
-            let (Some(bytes), Some(head_bytes)) = (bytes, store.raw_get(&head_at)?) else {
+            let (Some(stored), Some(head_bytes)) = (stored, store.raw_get(&head_at)?) else {
                 continue;
             };
             let head: Head = decode_row(&head_at, &head_bytes)?;
             if live > 0 {
-                for (key, row) in block_entries(&block, &bytes)? {
+                for (key, row) in block_entries(&block, &stored)? {
                     if self.is_newest_copy(&key, seq)? {
                         // A packed table's rows carry time 0 (kept for good).
                         changed.packed.push((key, 0, row));
                     }
                 }
             }
-            changed.removed.push((block, bytes));
+            changed.removed.push((block, stored));
             changed.removed.push((head_at, head_bytes.into()));
             let keys = head.rows.into_iter().map(|(key, _)| key).collect();
             changed.collected.push((seq, keys));

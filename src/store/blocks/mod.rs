@@ -24,6 +24,11 @@
 //! Retention deletes a block once all its rows are past it, and rewrites a
 //! block without its expired rows when only some are, so the store never
 //! holds a row retention let go.
+//!
+//! A block is stored compressed (Snappy): rows of one table repeat most of
+//! their bytes (ids with a shared prefix, accounts, principals, lineage), and
+//! sled's writes grow with the bytes it is given. A packed table's blocks
+//! kept in memory stay compressed too; a lookup decompresses its block.
 
 use serde::{Deserialize, Serialize};
 
@@ -48,8 +53,25 @@ pub struct Head {
 pub struct Block {
     pub seq: u64,
     pub head: Head,
-    /// Encoded rows, sorted by key.
+    /// Encoded rows, sorted by key, as stored (compressed).
     pub bytes: StoredBytes,
+}
+
+/// A block's bytes as the store keeps them.
+fn compress(plain: &[u8]) -> StoredBytes {
+    let stored = snap::raw::Encoder::new().compress_vec(plain);
+    StoredBytes::from(stored.expect("Snappy compresses any input into a Vec"))
+}
+
+/// A block's plain bytes from what the store keeps under `key`.
+pub fn decompress(key: &str, stored: &[u8]) -> Result<StoredBytes, StoreError> {
+    let plain = snap::raw::Decoder::new().decompress_vec(stored);
+    plain
+        .map(StoredBytes::from)
+        .map_err(|error| StoreError::Corrupt {
+            key: key.to_owned(),
+            reason: format!("block not Snappy-compressed: {error}"),
+        })
 }
 
 /// The store's key prefixes of blocks and of their heads.
@@ -109,14 +131,13 @@ pub fn pack(mut rows: Vec<(String, i64, StoredBytes)>, next_seq: &mut u64) -> Ve
 
 fn encode_block(seq: u64, rows: &[(String, i64, StoredBytes)]) -> Block {
     let entries: Vec<(&str, &[u8])> = rows.iter().map(|(k, _, r)| (k.as_str(), &r[..])).collect();
+    let plain = postcard::to_allocvec(&entries).expect("postcard into a Vec is infallible");
     Block {
         seq,
         head: Head {
             rows: rows.iter().map(|(k, at, _)| (k.clone(), *at)).collect(),
         },
-        bytes: StoredBytes::from(
-            postcard::to_allocvec(&entries).expect("postcard into a Vec is infallible"),
-        ),
+        bytes: compress(&plain),
     }
 }
 
@@ -243,7 +264,7 @@ impl BlockIndex {
         }
     }
 
-    /// Block `seq`'s bytes, when kept in memory.
+    /// Block `seq`'s bytes as stored (compressed), when kept in memory.
     pub fn bytes(&self, seq: u64) -> Option<StoredBytes> {
         self.blocks.get(&seq).and_then(|meta| meta.bytes.clone())
     }
@@ -408,8 +429,13 @@ pub fn find_in_block(
         .map(|at| StoredBytes::from(rows[at].1)))
 }
 
-/// Every row of the block stored as `bytes` under `block`: (key, encoded row).
-pub fn block_entries(block: &str, bytes: &[u8]) -> Result<Vec<(String, StoredBytes)>, StoreError> {
+/// Every row of the block stored as `stored` under `block`: (key, encoded row).
+pub fn block_entries(block: &str, stored: &[u8]) -> Result<Vec<(String, StoredBytes)>, StoreError> {
+    plain_entries(block, &decompress(block, stored)?)
+}
+
+/// Every row of block `block` from its plain bytes: (key, encoded row).
+pub fn plain_entries(block: &str, bytes: &[u8]) -> Result<Vec<(String, StoredBytes)>, StoreError> {
     let rows = decode_block(block, bytes)?;
     Ok(rows
         .into_iter()
@@ -418,7 +444,19 @@ pub fn block_entries(block: &str, bytes: &[u8]) -> Result<Vec<(String, StoredByt
 }
 
 impl Store {
-    /// Block `seq`'s bytes (`None`: deleted since the index was read).
+    /// Block `seq`'s bytes as stored, compressed (`None`: deleted since the
+    /// index was read).
+    pub fn block_stored(
+        &self,
+        table: &str,
+        partition: u32,
+        seq: u64,
+    ) -> Result<Option<StoredBytes>, StoreError> {
+        let block = block_key(table, partition, seq);
+        (self.db.get(&block)).map_err(sled_error(format!("get {block}")))
+    }
+
+    /// Block `seq`'s plain bytes (`None`: deleted since the index was read).
     pub fn block_bytes(
         &self,
         table: &str,
@@ -426,9 +464,8 @@ impl Store {
         seq: u64,
     ) -> Result<Option<StoredBytes>, StoreError> {
         let block = block_key(table, partition, seq);
-        self.db
-            .get(&block)
-            .map_err(sled_error(format!("get {block}")))
+        let stored = (self.db.get(&block)).map_err(sled_error(format!("get {block}")))?;
+        stored.map(|stored| decompress(&block, &stored)).transpose()
     }
 
     /// Adds to `batch` what retention does to block `seq`: deleted when
@@ -455,19 +492,13 @@ impl Store {
             batch.remove(head_at.as_bytes());
             return Ok((gone, None));
         }
-        let bytes = self
-            .db
-            .get(&block)
-            .map_err(sled_error(format!("get {block}")))?;
-        let bytes = bytes.unwrap_or_default();
+        let bytes = self.block_bytes(table, partition, seq)?.unwrap_or_default();
         let rows = decode_block(&block, &bytes)?;
         let keep: std::collections::HashSet<&str> = kept.iter().map(|(k, _)| k.as_str()).collect();
         let rest: Vec<(&str, &[u8])> = rows.into_iter().filter(|(k, _)| keep.contains(k)).collect();
         let head = Head { rows: kept };
-        batch.insert(
-            block.as_bytes(),
-            postcard::to_allocvec(&rest).expect("postcard into a Vec is infallible"),
-        );
+        let plain = postcard::to_allocvec(&rest).expect("postcard into a Vec is infallible");
+        batch.insert(block.as_bytes(), compress(&plain));
         batch.insert(
             head_at.as_bytes(),
             postcard::to_allocvec(&head).expect("postcard into a Vec is infallible"),
@@ -493,8 +524,8 @@ impl Store {
         blocks.sort_by(|a, b| a.0.cmp(&b.0));
         let mut rows = std::collections::BTreeMap::new();
         for (_, key, value) in &blocks {
-            for (k, row) in decode_block(key, value)? {
-                rows.insert(k.to_owned(), StoredBytes::from(row));
+            for (k, row) in block_entries(key, value)? {
+                rows.insert(k, row);
             }
         }
         Ok(rows)

@@ -146,3 +146,34 @@ fn dead_copies_are_counted_after_a_start_and_found_for_collection() {
     );
     assert_eq!(index.to_collect(1, 0), vec![(0, 0)]);
 }
+
+// A block is stored compressed and read back plain; stored bytes that are
+// not a compressed block are refused as corrupt, not misread.
+#[test]
+fn blocks_are_stored_compressed() {
+    let rows: Vec<_> = (0..15)
+        .map(|n| row(&format!("payment-{n:04}"), 7))
+        .collect();
+    let (_dir, store, blocks, _) = stored(rows);
+    assert_eq!(blocks, 1);
+    let raw = store.raw_get(&block_key("p", 0, 0)).unwrap().unwrap();
+    let plain = store.block_bytes("p", 0, 0).unwrap().unwrap();
+    assert!(
+        raw.len() * 3 < plain.len(),
+        "{} stored for {} plain",
+        raw.len(),
+        plain.len()
+    );
+    assert_eq!(block_entries("b/p/000/0", &raw).unwrap().len(), 15);
+    assert_eq!(
+        row_of(&store, 0, "payment-0003"),
+        Some(StoredBytes::from(vec![7u8; 100]))
+    );
+    let mut batch = Batch::default();
+    batch.insert(block_key("p", 0, 0).as_bytes(), plain.to_vec());
+    store.apply(batch).unwrap();
+    assert!(matches!(
+        store.block_bytes("p", 0, 0),
+        Err(StoreError::Corrupt { .. })
+    ));
+}
