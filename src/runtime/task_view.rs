@@ -169,21 +169,23 @@ impl<P: Processor> TaskView<P> {
         key: &str,
     ) -> Result<Option<StoredBytes>, RuntimeError> {
         let (table, partition) = (P::TABLE, self.partition);
+        let block = block_key(table, partition, seq);
         let held = self.blocks.read().expect("blocks lock").bytes(seq);
-        let stored = match held {
-            Some(stored) => stored,
-            None => {
-                // `None`: deleted since the index was read.
-                let Some(stored) = core.store.block_stored(table, partition, seq)? else {
-                    return Ok(None);
-                };
-                let mut blocks = self.blocks.write().expect("blocks lock");
-                blocks.keep_bytes(seq, &stored);
-                stored
-            }
+        if let Some(stored) = held {
+            let plain = decompress(&block, &stored)?;
+            return Ok(find_in_block((table, partition, seq), &plain, key)?);
+        }
+        // `None`: deleted since the index was read.
+        let Some(stored) = core.store.block_stored(table, partition, seq)? else {
+            return Ok(None);
         };
-        let plain = decompress(&block_key(table, partition, seq), &stored)?;
-        Ok(find_in_block((table, partition, seq), &plain, key)?)
+        // Kept only once it reads: a damaged block is read again from the
+        // store after a repair, not served from memory.
+        let plain = decompress(&block, &stored)?;
+        let found = find_in_block((table, partition, seq), &plain, key)?;
+        let mut blocks = self.blocks.write().expect("blocks lock");
+        blocks.keep_bytes(seq, &stored);
+        Ok(found)
     }
 
     /// Records that `key` exists in the store (called for rows found at start).
