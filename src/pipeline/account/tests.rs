@@ -314,3 +314,38 @@ fn a_transfer_admission_would_refuse_is_a_dead_letter() {
     );
     assert_eq!(state, before);
 }
+
+// Money a late refund put back in a closed account leaves by another close
+// with a destination; if that transfer comes back, the account is closed again.
+#[test]
+fn a_closed_account_with_money_is_emptied_by_another_close() {
+    let (mut state, mut stats) = opened(0);
+    let close = Event::CloseAccount {
+        account: "a".into(),
+        at_ms: 0,
+    };
+    Accounts::handle(&mut state, &mut stats, close, &ctx()).unwrap();
+    state.as_mut().unwrap().balance_cents = 40; // as a late refund leaves it
+    stats.balance_sum_cents = 40;
+    let emit = Accounts::handle(&mut state, &mut stats, close_to("b"), &ctx());
+    let Event::PaymentSubmitted(transfer) = emit.unwrap().unwrap().event else {
+        panic!("expected the transfer");
+    };
+    assert_eq!(transfer.amount_cents, 40);
+    let debit = Event::Debit {
+        payment: transfer.clone(),
+        lineage: vec![],
+    };
+    Accounts::handle(&mut state, &mut stats, debit, &ctx()).unwrap();
+    let refund = Event::Refund {
+        payment: transfer,
+        reason: Reason::AccountClosed,
+        lineage: vec![],
+    };
+    Accounts::handle(&mut state, &mut stats, refund, &ctx()).unwrap();
+    let account = state.unwrap();
+    assert_eq!(
+        (account.status, account.balance_cents),
+        (AccountStatus::Closed, 40)
+    );
+}
