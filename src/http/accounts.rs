@@ -201,14 +201,11 @@ async fn open_account(
         at_ms: now_ms(),
     };
     state.runtime.check_space()?;
-    state.runtime.append_account_events(vec![event]).await?;
-    let deadline = tokio::time::Instant::now() + OPEN_WAIT;
-    while tokio::time::Instant::now() < deadline {
+    if state.runtime.apply_account_event(event, OPEN_WAIT).await? {
         if let Some(account) = state.runtime.account(&request.id)? {
             let view = serde_json::to_value(AccountView::from(account)).expect("serializable");
             return Ok((StatusCode::CREATED, Json(view)));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let change = AccountChange::accepted(request.id);
     Ok((

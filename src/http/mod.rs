@@ -154,6 +154,19 @@ pub fn api(state: State) -> (Router, utoipa::openapi::OpenApi) {
     (router.with_state(state), api)
 }
 
+/// Refuses a negative time filter (`since`, `until`: ms since the epoch).
+pub fn check_times(times: [(&str, Option<i64>); 2]) -> Result<(), error::ApiError> {
+    match times
+        .into_iter()
+        .find(|(_, at)| at.is_some_and(|at| at < 0))
+    {
+        Some((name, _)) => Err(error::ApiError::BadRequest(format!(
+            "{name} must be ≥ 0 (ms since the epoch)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// States in the OpenAPI document the rules the handlers check on
 /// parameters, with this instance's limits: `limit` is 1 to
 /// `limits.max_page_items`; ids (path `id`s, `from`, `to`, an account

@@ -150,13 +150,6 @@ async fn list_dead_letters(
         }
     };
     use crate::runtime::dead_letter::{CLASSES, PROCESSORS};
-    let one_of = |what: &str, value: &Option<String>, allowed: &[&str]| match value {
-        Some(text) if !allowed.contains(&text.as_str()) => Err(ApiError::BadRequest(format!(
-            "{what} {text:?} is not one of {}",
-            allowed.join(", ")
-        ))),
-        _ => Ok(()),
-    };
     let topics = state.runtime.topics();
     let inputs = [
         &topics.incoming,
@@ -462,13 +455,7 @@ async fn audit_log(
             "before must be a seq between 0 and 9223372036854775807".into(),
         ));
     }
-    for (name, at) in [("since", query.since), ("until", query.until)] {
-        if at.is_some_and(|at| at < 0) {
-            return Err(ApiError::BadRequest(format!(
-                "{name} must be ≥ 0 (ms since the epoch)"
-            )));
-        }
-    }
+    super::check_times([("since", query.since), ("until", query.until)])?;
     if let (Some(since), Some(until)) = (query.since, query.until) {
         if since > until {
             return Err(ApiError::BadRequest("since must not be after until".into()));

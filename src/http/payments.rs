@@ -456,13 +456,7 @@ async fn list_payments(
             validate_id(id).map_err(|e| ApiError::BadRequest(format!("{name} {e}")))?;
         }
     }
-    for (name, at) in [("since", query.since), ("until", query.until)] {
-        if at.is_some_and(|at| at < 0) {
-            return Err(ApiError::BadRequest(format!(
-                "{name} must be ≥ 0 (ms since the epoch)"
-            )));
-        }
-    }
+    super::check_times([("since", query.since), ("until", query.until)])?;
     let filter = PaymentFilter {
         status: query.status.map(Into::into),
         from: query.from,

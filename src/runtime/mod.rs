@@ -240,8 +240,12 @@ impl Runtime {
 
     /// Appends account events (open, deposit, close) to `payment.inflight`,
     /// each keyed and partitioned by its account, sourced so that a copy of
-    /// one is never applied twice (see `own_writes`).
-    pub async fn append_account_events(&self, events: Vec<Event>) -> Result<(), RuntimeError> {
+    /// one is never applied twice (see `own_writes`). Returns the offset of
+    /// the last record appended.
+    pub async fn append_account_events(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<Option<u64>, RuntimeError> {
         let keyed = events
             .into_iter()
             .map(|event| {
@@ -252,8 +256,7 @@ impl Runtime {
         let core = &self.core;
         core.own_writes
             .append(core, SourceTopic::Inflight, keyed)
-            .await?;
-        Ok(())
+            .await
     }
 
     /// Appends one account event like [`Self::append_account_events`] and
@@ -266,11 +269,9 @@ impl Runtime {
     ) -> Result<bool, RuntimeError> {
         let account = Accounts::state_key(&event).expect("account events have an account");
         let partition = partition_for(account, self.core.config.log.partitions);
-        let keyed = vec![(account.to_owned(), event)];
-        let core = &self.core;
-        let appended = core.own_writes.append(core, SourceTopic::Inflight, keyed);
-        let offset = appended.await?.expect("one record appended");
-        let task = &core.accounts[partition as usize];
+        let appended = self.append_account_events(vec![event]).await?;
+        let offset = appended.expect("one record appended");
+        let task = &self.core.accounts[partition as usize];
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let position = (task.positions.lock().expect("positions lock"))

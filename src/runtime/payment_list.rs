@@ -147,13 +147,11 @@ impl Runtime {
             at_ms: until.saturating_add(1),
             id: String::new(),
         });
-        let before = match (after.cloned(), until) {
-            (Some(a), Some(u)) => a.min(u),
-            (a, u) => a.or(u).unwrap_or(Cursor {
-                at_ms: i64::MAX,
-                id: String::new(),
-            }),
-        };
+        let before = [after.cloned(), until].into_iter().flatten().min();
+        let before = before.unwrap_or(Cursor {
+            at_ms: i64::MAX,
+            id: String::new(),
+        });
         let mut page = Filling {
             filter,
             before,
@@ -193,15 +191,13 @@ impl Runtime {
         if more {
             found.pop_first();
         }
-        let next = match frontier {
-            Some(frontier) if !more => Some(frontier),
-            _ => more
-                .then(|| found.first_key_value())
-                .flatten()
-                .map(|((at_ms, id), _)| Cursor {
-                    at_ms: *at_ms,
-                    id: id.clone(),
-                }),
+        // More than a page: after the last one; else where the blocks stopped, if they did.
+        let next = match found.first_key_value() {
+            Some(((at_ms, id), _)) if more => Some(Cursor {
+                at_ms: *at_ms,
+                id: id.clone(),
+            }),
+            _ => frontier,
         };
         Ok(PaymentPage {
             items: found.into_values().rev().collect(),

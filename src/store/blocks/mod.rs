@@ -463,8 +463,8 @@ impl Store {
         partition: u32,
         seq: u64,
     ) -> Result<Option<StoredBytes>, StoreError> {
+        let stored = self.block_stored(table, partition, seq)?;
         let block = block_key(table, partition, seq);
-        let stored = (self.db.get(&block)).map_err(sled_error(format!("get {block}")))?;
         stored.map(|stored| decompress(&block, &stored)).transpose()
     }
 
